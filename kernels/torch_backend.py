@@ -1,0 +1,147 @@
+"""The PyTorch backend: gather, one grouped matmul (``torch._grouped_mm``), scatter.
+
+This is the CPU path. Nothing here reads a tensor value on the host, except the per-expert
+loop used where ``_grouped_mm`` cannot run the dtype (float64, or a torch build without it),
+which reads the E+1 expert offsets once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .plan import RowLayout
+
+_ALIGN_BYTES = 16  # _grouped_mm wants every non-unit stride to be a multiple of 16 bytes
+
+
+def source_rows(layout: int, sorted_indices: Tensor, fan_out: int) -> Tensor | None:
+    """Row of a ``layout`` tensor that holds grouped row ``i`` (None: row ``i`` itself)."""
+    if layout == RowLayout.GROUPED:
+        return None
+    if layout == RowLayout.ASSIGNMENT:
+        return sorted_indices
+    return torch.div(sorted_indices, fan_out, rounding_mode="floor")
+
+
+def to_grouped(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int) -> Tensor:
+    rows = source_rows(layout, sorted_indices, fan_out)
+    return t if rows is None else t.index_select(0, rows)
+
+
+def from_grouped(t: Tensor, layout: int, sorted_indices: Tensor) -> Tensor:
+    """Put grouped rows into ``layout`` (GROUPED or ASSIGNMENT)."""
+    if layout == RowLayout.GROUPED:
+        return t
+    return torch.empty_like(t).index_copy_(0, sorted_indices, t)
+
+
+def _grouped_mm_runs(t: Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if t.device.type == "cpu":
+        return t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if t.device.type == "cuda":
+        return t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device) >= (9, 0)
+    return False
+
+
+def _mm_operand(t: Tensor) -> Tensor:
+    """``t``, or a copy of it, laid out as ``_grouped_mm`` accepts: every non-unit stride a
+    multiple of 16 bytes. A misaligned last (reduction) dimension is zero-padded, so both
+    operands of one product must go through here."""
+    multiple = _ALIGN_BYTES // t.element_size()
+    pad = -t.shape[-1] % multiple
+    if pad:
+        return F.pad(t, (0, pad))
+    aligned = t.data_ptr() % _ALIGN_BYTES == 0 and all(
+        stride == 1 or (stride * t.element_size()) % _ALIGN_BYTES == 0
+        for stride, size in zip(t.stride(), t.shape, strict=True)
+        if size > 1
+    )
+    return t if aligned else t.contiguous()
+
+
+def _offsets_int32(expert_offsets: Tensor) -> Tensor:
+    return expert_offsets[1:].to(torch.int32)
+
+
+def _host_bounds(expert_offsets: Tensor) -> list[int]:
+    return expert_offsets.tolist()
+
+
+def grouped_matmul(x_grouped: Tensor, weight: Tensor, expert_offsets: Tensor) -> Tensor:
+    """``out[i] = x_grouped[i] @ weight[e(i)].T`` for grouped rows; ``[R, out]``, x's dtype."""
+    rows, num_out = x_grouped.shape[0], weight.shape[1]
+    if rows == 0:
+        return x_grouped.new_zeros(0, num_out)
+    if _grouped_mm_runs(x_grouped):
+        out = torch._grouped_mm(
+            _mm_operand(x_grouped),
+            _mm_operand(weight).transpose(-2, -1),
+            offs=_offsets_int32(expert_offsets),
+        )
+        return out.contiguous()
+    out = x_grouped.new_empty(rows, num_out)
+    bounds = _host_bounds(expert_offsets)
+    for expert, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        torch.mm(x_grouped[start:end], weight[expert].t(), out=out[start:end])
+    return out
+
+
+def grouped_weight_grad(
+    x_grouped: Tensor, dy_grouped: Tensor, expert_offsets: Tensor, num_experts: int
+) -> Tensor:
+    """``dW[e] = Σ_{rows i of e} dy_grouped[i]ᵀ x_grouped[i]``: ``[E, out, in]``, x's dtype."""
+    num_out, num_in = dy_grouped.shape[1], x_grouped.shape[1]
+    if x_grouped.shape[0] == 0:
+        return x_grouped.new_zeros(num_experts, num_out, num_in)
+    if _grouped_mm_runs(x_grouped):
+        dw = torch._grouped_mm(
+            _mm_operand(dy_grouped).t(), _mm_operand(x_grouped), offs=_offsets_int32(expert_offsets)
+        )
+        return dw[:, :num_out, :num_in].contiguous()
+    dw = x_grouped.new_zeros(num_experts, num_out, num_in)
+    bounds = _host_bounds(expert_offsets)
+    for expert, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        torch.mm(dy_grouped[start:end].t(), x_grouped[start:end], out=dw[expert])
+    return dw
+
+
+def gather_gemm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    sorted_indices: Tensor,
+    sorted_experts: Tensor,
+    expert_offsets: Tensor,
+    fan_out: int,
+    x_layout: int,
+    y_layout: int,
+) -> Tensor:
+    """``y[row(i)] = x[row(i)] @ weight[e(i)].T (+ bias[e(i)])`` with rows placed per layout."""
+    x_grouped = to_grouped(x, x_layout, sorted_indices, fan_out)
+    y_grouped = grouped_matmul(x_grouped, weight, expert_offsets)
+    if bias is not None:
+        y_grouped = y_grouped + bias.index_select(0, sorted_experts)
+    return from_grouped(y_grouped, y_layout, sorted_indices)
+
+
+def weight_grad(
+    x: Tensor,
+    dy: Tensor,
+    sorted_indices: Tensor,
+    expert_offsets: Tensor,
+    num_experts: int,
+    fan_out: int,
+    x_layout: int,
+    y_layout: int,
+) -> Tensor:
+    """``dW[e] = Σ_i dy[row(i)]ᵀ x[row(i)]`` over grouped rows of expert e: ``[E, out, in]``."""
+    return grouped_weight_grad(
+        to_grouped(x, x_layout, sorted_indices, fan_out),
+        to_grouped(dy, y_layout, sorted_indices, fan_out),
+        expert_offsets,
+        num_experts,
+    )
