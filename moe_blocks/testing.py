@@ -1,0 +1,146 @@
+"""Testing helpers, public so that anyone can test an expert kernel the way we test ours.
+
+- :func:`reference_expert_linear`: the float64 oracle, a plain loop over assignments.
+- Hypothesis strategies: :func:`routings` (random, skewed, empty experts, T=0, k=E) and
+  :func:`feature_dims` (sizes that are not multiples of any block size).
+- :func:`tolerances`: the comparison tolerances we use per dtype.
+
+Example::
+
+    from hypothesis import given
+    from moe_blocks.testing import routings, reference_expert_linear
+
+    @given(routings())
+    def test_my_kernel(routing):
+        ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor
+
+__all__ = ["Routing", "feature_dims", "reference_expert_linear", "routings", "tolerances"]
+
+
+def reference_expert_linear(
+    x: Tensor,
+    weight: Tensor,
+    expert_idx: Tensor,
+    *,
+    bias: Tensor | None = None,
+    gates: Tensor | None = None,
+    sorted_indices: Tensor | None = None,
+    grouped_in: bool = False,
+    grouped_out: bool = False,
+) -> Tensor:
+    """What ``expert_linear`` computes, in float64, one assignment at a time.
+
+    ``sorted_indices`` (the grouped order) is needed with ``grouped_in`` or ``grouped_out``.
+    Differentiable: call it on float64 leaves to get reference gradients.
+    """
+    num_tokens, top_k = expert_idx.shape
+    x, weight = x.double(), weight.double()
+    bias = bias.double() if bias is not None else None
+    order = sorted_indices.tolist() if sorted_indices is not None else None
+    position = {assignment: row for row, assignment in enumerate(order or [])}
+
+    rows = []
+    for assignment in range(num_tokens * top_k):
+        token, slot = divmod(assignment, top_k)
+        expert = int(expert_idx[token, slot])
+        if grouped_in:
+            x_row = x[position[assignment]]
+        elif x.shape[0] == num_tokens * top_k:
+            x_row = x[assignment]
+        else:
+            x_row = x[token]
+        y_row = weight[expert] @ x_row
+        if bias is not None:
+            y_row = y_row + bias[expert]
+        rows.append(y_row)
+    y = torch.stack(rows) if rows else x.new_zeros(0, weight.shape[1])
+
+    if gates is not None:
+        gates = gates.double()
+        out = [
+            sum(gates[token, slot] * y[token * top_k + slot] for slot in range(top_k))
+            for token in range(num_tokens)
+        ]
+        return torch.stack(out) if out else x.new_zeros(0, weight.shape[1])
+    if grouped_out:
+        return y[order] if order else y
+    return y
+
+
+@dataclass(frozen=True)
+class Routing:
+    """A routing of ``T`` tokens to ``k`` distinct experts each out of ``num_experts``."""
+
+    expert_idx: Tensor  # [T, k] int64
+    num_experts: int
+    kind: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_idx.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_idx.shape[1]
+
+
+ROUTING_KINDS = ("uniform", "one_expert_hot", "few_experts")
+
+
+@st.composite
+def routings(
+    draw,
+    *,
+    min_tokens: int = 0,
+    max_tokens: int = 48,
+    max_experts: int = 64,
+    kinds: tuple[str, ...] = ROUTING_KINDS,
+) -> Routing:
+    """Routings with T in [min_tokens, max_tokens] (0 included by default), E in
+    [1, max_experts], k in [1, E], each token's k experts distinct.
+
+    Kinds: ``uniform`` (random scores), ``one_expert_hot`` (every token picks one expert),
+    ``few_experts`` (all tokens use only k or k+1 experts; the rest get nothing).
+    """
+    num_experts = draw(st.integers(1, max_experts))
+    top_k = draw(st.one_of(st.integers(1, min(num_experts, 4)), st.integers(1, num_experts)))
+    num_tokens = draw(st.integers(min_tokens, max_tokens))
+    kind = draw(st.sampled_from(kinds))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    scores = torch.rand(num_tokens, num_experts, generator=generator)
+    if kind == "one_expert_hot":
+        scores[:, draw(st.integers(0, num_experts - 1))] += 2.0
+    elif kind == "few_experts":
+        used = min(num_experts, top_k + draw(st.integers(0, 1)))
+        chosen = torch.randperm(num_experts, generator=generator)[:used]
+        scores[:, chosen] += 2.0
+    expert_idx = scores.topk(top_k, dim=1).indices
+    return Routing(expert_idx=expert_idx, num_experts=num_experts, kind=kind)
+
+
+def feature_dims(max_value: int = 160) -> st.SearchStrategy[int]:
+    """Feature sizes, favouring ones that are not multiples of any block size."""
+    odd = [size for size in (1, 7, 16, 100, 129) if size <= max_value]
+    return st.one_of(st.sampled_from(odd), st.integers(1, max_value))
+
+
+def tolerances(dtype: torch.dtype) -> dict[str, float]:
+    """``atol``/``rtol`` for comparing a ``dtype`` result with the float64 reference, for
+    results of unit scale (multiply ``atol`` by the reference's largest magnitude otherwise).
+    They allow accumulation in fp32 and one or two roundings to ``dtype``."""
+    base = {
+        torch.float64: 1e-10,
+        torch.float32: 1e-4,
+        torch.float16: 4e-3,
+        torch.bfloat16: 2.5e-2,
+    }[dtype]
+    return {"atol": base, "rtol": base}

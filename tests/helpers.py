@@ -1,0 +1,33 @@
+"""Shared test utilities: building inputs with chosen memory layouts and comparing results."""
+
+import torch
+
+from moe_blocks.testing import tolerances
+
+LAYOUTS = ("contiguous", "transposed", "sliced")
+
+
+def make_tensor(shape, dtype, layout="contiguous", generator=None, scale=1.0):
+    """A random tensor of ``shape`` stored contiguously, with its last two dims transposed in
+    memory, or as every other column of a wider tensor."""
+    shape = tuple(shape)
+    if layout == "transposed" and len(shape) >= 2:
+        swapped = shape[:-2] + (shape[-1], shape[-2])
+        base = torch.randn(swapped, generator=generator) * scale
+        return base.to(dtype).transpose(-1, -2)
+    if layout == "sliced":
+        wide = shape[:-1] + (2 * shape[-1] + 1,)
+        base = torch.randn(wide, generator=generator) * scale
+        return base.to(dtype)[..., 1::2]
+    return (torch.randn(shape, generator=generator) * scale).to(dtype)
+
+
+def assert_matches(actual, expected, dtype, what):
+    """``actual`` (any dtype) against the float64 ``expected``, with ``dtype``'s tolerances
+    scaled by the largest expected magnitude."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    tol = tolerances(dtype)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.double(), expected, atol=tol["atol"] * scale, rtol=tol["rtol"], msg=lambda m: f"{what}: {m}"
+    )

@@ -1,0 +1,72 @@
+import pytest
+import torch
+from hypothesis import given
+
+from moe_blocks.kernels import plan_dispatch
+from moe_blocks.testing import routings
+
+
+@given(routings(max_tokens=200))
+def test_plan_groups_every_assignment_by_expert(routing):
+    plan = plan_dispatch(routing.expert_idx, routing.num_experts)
+    num_assignments = routing.num_tokens * routing.top_k
+    flat = routing.expert_idx.reshape(-1)
+
+    assert sorted(plan.sorted_indices.tolist()) == list(range(num_assignments))
+    grouped_experts = flat[plan.sorted_indices]
+    assert torch.equal(grouped_experts, plan.sorted_experts)
+    assert bool((grouped_experts[1:] >= grouped_experts[:-1]).all())
+    counts = torch.bincount(flat, minlength=routing.num_experts)
+    assert torch.equal(plan.tokens_per_expert, counts)
+    assert plan.expert_offsets[0] == 0
+    assert torch.equal(plan.expert_offsets[1:], counts.cumsum(0))
+    for expert in range(routing.num_experts):
+        start, end = plan.expert_offsets[expert], plan.expert_offsets[expert + 1]
+        assert bool((plan.sorted_experts[start:end] == expert).all())
+
+
+@given(routings(max_tokens=50))
+def test_plan_is_stable_within_an_expert(routing):
+    plan = plan_dispatch(routing.expert_idx, routing.num_experts)
+    for expert in range(routing.num_experts):
+        start, end = plan.expert_offsets[expert], plan.expert_offsets[expert + 1]
+        ids = plan.sorted_indices[start:end]
+        assert bool((ids[1:] > ids[:-1]).all())
+
+
+def test_plan_accepts_any_integer_dtype():
+    idx = torch.tensor([[0, 2], [1, 2]], dtype=torch.int32)
+    plan = plan_dispatch(idx, 3)
+    assert plan.sorted_indices.dtype == torch.int64
+    assert plan.tokens_per_expert.tolist() == [1, 1, 2]
+
+
+def test_plan_does_not_modify_its_input():
+    idx = torch.randint(0, 5, (20, 2), dtype=torch.int32)
+    before = idx.clone()
+    plan_dispatch(idx, 5)
+    assert torch.equal(idx, before)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([[0.0, 1.0]]), torch.tensor([[True, False]])])
+def test_plan_rejects_non_integer_expert_idx(bad):
+    with pytest.raises(TypeError, match="expert_idx"):
+        plan_dispatch(bad, 2)
+
+
+@pytest.mark.parametrize("value", [-1, 4])
+def test_plan_rejects_out_of_range_experts(value):
+    idx = torch.tensor([[0, 1], [2, value]])
+    with pytest.raises(ValueError, match="expert_idx"):
+        plan_dispatch(idx, 4)
+
+
+def test_plan_rejects_bad_shapes_and_counts():
+    with pytest.raises(ValueError, match="expert_idx"):
+        plan_dispatch(torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match="num_experts"):
+        plan_dispatch(torch.tensor([[0]]), 0)
+    with pytest.raises(ValueError, match="num_experts"):
+        plan_dispatch(torch.tensor([[0]]), 2.0)
+    with pytest.raises(TypeError, match="expert_idx"):
+        plan_dispatch([[0, 1]], 2)
