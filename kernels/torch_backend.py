@@ -47,20 +47,30 @@ def _grouped_mm_runs(t: Tensor) -> bool:
     return False
 
 
-def _mm_operand(t: Tensor) -> Tensor:
-    """``t``, or a copy of it, laid out as ``_grouped_mm`` accepts: every non-unit stride a
-    multiple of 16 bytes. A misaligned last (reduction) dimension is zero-padded, so both
-    operands of one product must go through here."""
-    multiple = _ALIGN_BYTES // t.element_size()
-    pad = -t.shape[-1] % multiple
+def _layout_accepted(matrix: Tensor) -> bool:
+    """Whether ``_grouped_mm`` takes ``matrix`` as it is: row- or column-major in its last two
+    dims with the leading stride a multiple of 16 bytes, and 16-byte aligned data."""
+    multiple = _ALIGN_BYTES // matrix.element_size()
+    (rows, cols), (row_stride, col_stride) = matrix.shape[-2:], matrix.stride()[-2:]
+    if col_stride == 1 and row_stride >= max(1, cols):
+        leading = row_stride
+    elif row_stride == 1 and col_stride >= max(1, rows):
+        leading = col_stride
+    else:
+        return False
+    return leading % multiple == 0 and matrix.data_ptr() % _ALIGN_BYTES == 0
+
+
+def _mm_operand(t: Tensor, transposed: bool = False) -> Tensor:
+    """``t``, or a copy of it, such that ``_grouped_mm`` accepts it (``t.mT`` if
+    ``transposed``). A last dimension whose size is not a multiple of 16 bytes is zero-padded,
+    so both operands sharing that (reduction) dimension must go through here."""
+    pad = -t.shape[-1] % (_ALIGN_BYTES // t.element_size())
     if pad:
         return F.pad(t, (0, pad))
-    aligned = t.data_ptr() % _ALIGN_BYTES == 0 and all(
-        stride == 1 or (stride * t.element_size()) % _ALIGN_BYTES == 0
-        for stride, size in zip(t.stride(), t.shape, strict=True)
-        if size > 1
-    )
-    return t if aligned else t.contiguous()
+    if _layout_accepted(t.mT if transposed else t):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)  # canonical strides
 
 
 def _offsets_int32(expert_offsets: Tensor) -> Tensor:
@@ -79,7 +89,7 @@ def grouped_matmul(x_grouped: Tensor, weight: Tensor, expert_offsets: Tensor) ->
     if _grouped_mm_runs(x_grouped):
         out = torch._grouped_mm(
             _mm_operand(x_grouped),
-            _mm_operand(weight).transpose(-2, -1),
+            _mm_operand(weight, transposed=True).mT,
             offs=_offsets_int32(expert_offsets),
         )
         return out.contiguous()
@@ -99,7 +109,7 @@ def grouped_weight_grad(
         return x_grouped.new_zeros(num_experts, num_out, num_in)
     if _grouped_mm_runs(x_grouped):
         dw = torch._grouped_mm(
-            _mm_operand(dy_grouped).t(), _mm_operand(x_grouped), offs=_offsets_int32(expert_offsets)
+            _mm_operand(dy_grouped, transposed=True).t(), _mm_operand(x_grouped), offs=_offsets_int32(expert_offsets)
         )
         return dw[:, :num_out, :num_in].contiguous()
     dw = x_grouped.new_zeros(num_experts, num_out, num_in)

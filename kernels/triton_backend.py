@@ -41,8 +41,8 @@ WEIGHT_GRAD_CONFIGS = [
     (128, 64, 64, 32, 4, 4),
 ]
 # The interpreter runs one small configuration: every program instance costs host time there.
-INTERPRET_GEMM_CONFIG = (32, 32, 32, 4, 1)
-INTERPRET_WEIGHT_GRAD_CONFIG = (64, 32, 32, 32, 4, 1)
+INTERPRET_GEMM_CONFIG = (32, 64, 64, 4, 1)
+INTERPRET_WEIGHT_GRAD_CONFIG = (64, 64, 64, 32, 4, 1)
 
 
 def _gemm_configs() -> list[triton.Config]:

@@ -103,16 +103,20 @@ def routings(
     min_tokens: int = 0,
     max_tokens: int = 48,
     max_experts: int = 64,
+    max_assignments: int | None = None,
     kinds: tuple[str, ...] = ROUTING_KINDS,
 ) -> Routing:
     """Routings with T in [min_tokens, max_tokens] (0 included by default), E in
-    [1, max_experts], k in [1, E], each token's k experts distinct.
+    [1, max_experts], k in [1, E], each token's k experts distinct, and at most
+    ``max_assignments`` assignments T*k if given (T shrinks to fit, never below min_tokens).
 
     Kinds: ``uniform`` (random scores), ``one_expert_hot`` (every token picks one expert),
     ``few_experts`` (all tokens use only k or k+1 experts; the rest get nothing).
     """
     num_experts = draw(st.integers(1, max_experts))
     top_k = draw(st.one_of(st.integers(1, min(num_experts, 4)), st.integers(1, num_experts)))
+    if max_assignments is not None:
+        max_tokens = max(min_tokens, min(max_tokens, max_assignments // top_k))
     num_tokens = draw(st.integers(min_tokens, max_tokens))
     kind = draw(st.sampled_from(kinds))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))

@@ -15,8 +15,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @st.composite
-def problems(draw, max_tokens, max_experts, max_dim):
-    routing = draw(routings(max_tokens=max_tokens, max_experts=max_experts))
+def problems(draw, max_tokens, max_experts, max_dim, max_assignments=None):
+    routing = draw(
+        routings(max_tokens=max_tokens, max_experts=max_experts, max_assignments=max_assignments)
+    )
     grouped_in = draw(st.booleans())
     grouped_out = draw(st.booleans())
     return {
@@ -96,6 +98,6 @@ def test_torch_backend_matches_reference(problem):
 
 
 @pytest.mark.usefixtures("poisoned_memory")
-@given(problems(max_tokens=24, max_experts=64, max_dim=100))
+@given(problems(max_tokens=24, max_experts=64, max_dim=100, max_assignments=96))
 def test_triton_backend_matches_reference(problem):
     check_against_reference(problem, "triton")
