@@ -24,7 +24,7 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TORCH_DTYPES = _TRITON_DTYPES + (torch.float64,)
 
-_auto_backend: Optional[str] = None
+_auto_backend: str | None = None
 
 
 def _register(name: str, impl: ModuleType) -> tuple:
@@ -32,7 +32,7 @@ def _register(name: str, impl: ModuleType) -> tuple:
     def gather_gemm(
         x: Tensor,
         weight: Tensor,
-        bias: Optional[Tensor],
+        bias: Optional[Tensor],  # noqa: UP045 (custom_op schema inference needs Optional)
         sorted_indices: Tensor,
         sorted_experts: Tensor,
         expert_offsets: Tensor,
@@ -164,7 +164,9 @@ def _check_inputs(x, weight, plan, bias, gates, grouped_in, grouped_out, backend
     _check_tensor("bias", bias, optional=True)
     _check_tensor("gates", gates, optional=True)
     if not isinstance(plan, DispatchPlan):
-        raise TypeError(f"plan must be a DispatchPlan from plan_dispatch, got {type(plan).__name__}")
+        raise TypeError(
+            f"plan must be a DispatchPlan from plan_dispatch, got {type(plan).__name__}"
+        )
     for flag_name, flag in (("grouped_in", grouped_in), ("grouped_out", grouped_out)):
         if not isinstance(flag, bool):
             raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
@@ -195,9 +197,7 @@ def _check_inputs(x, weight, plan, bias, gates, grouped_in, grouped_out, backend
         raise ValueError(
             f"weight in-features {weight.shape[2]} differ from x features {x.shape[1]}"
         )
-    allowed_rows = (
-        {num_tokens * top_k} if grouped_in else {num_tokens, num_tokens * top_k}
-    )
+    allowed_rows = {num_tokens * top_k} if grouped_in else {num_tokens, num_tokens * top_k}
     if x.shape[0] not in allowed_rows:
         layout = "T*k (grouped_in=True)" if grouped_in else "T or T*k"
         raise ValueError(
@@ -221,8 +221,8 @@ def expert_linear(
     weight: Tensor,
     plan: DispatchPlan,
     *,
-    bias: Optional[Tensor] = None,
-    gates: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    gates: Tensor | None = None,
     grouped_in: bool = False,
     grouped_out: bool = False,
     backend: str = "auto",

@@ -13,6 +13,8 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
+_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
 
 class RowLayout(IntEnum):
     """How the rows of an activation tensor relate to grouped row ``i``.
@@ -77,9 +79,7 @@ def plan_dispatch(expert_idx: Tensor, num_experts: int) -> DispatchPlan:
     """
     if not isinstance(expert_idx, Tensor):
         raise TypeError(f"expert_idx must be a torch.Tensor, got {type(expert_idx).__name__}")
-    if expert_idx.dtype.is_floating_point or expert_idx.dtype.is_complex or (
-        expert_idx.dtype == torch.bool
-    ):
+    if expert_idx.dtype not in _INTEGER_DTYPES:
         raise TypeError(f"expert_idx must have an integer dtype, got {expert_idx.dtype}")
     if expert_idx.dim() != 2:
         raise ValueError(f"expert_idx must be 2-D [T, k], got shape {tuple(expert_idx.shape)}")

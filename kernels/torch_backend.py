@@ -109,7 +109,9 @@ def grouped_weight_grad(
         return x_grouped.new_zeros(num_experts, num_out, num_in)
     if _grouped_mm_runs(x_grouped):
         dw = torch._grouped_mm(
-            _mm_operand(dy_grouped, transposed=True).t(), _mm_operand(x_grouped), offs=_offsets_int32(expert_offsets)
+            _mm_operand(dy_grouped, transposed=True).t(),
+            _mm_operand(x_grouped),
+            offs=_offsets_int32(expert_offsets),
         )
         return dw[:, :num_out, :num_in].contiguous()
     dw = x_grouped.new_zeros(num_experts, num_out, num_in)

@@ -190,7 +190,9 @@ def weight_grad_kernel(
             dy_t = dy_t.to(tl.float32)
             x_tile = x_tile.to(tl.float32)
         acc = tl.dot(dy_t, x_tile, acc, input_precision=PRECISION)
-    dw_ptrs = dw_ptr + expert * stride_dwe + cols_n[:, None] * stride_dwn + cols_k[None, :] * stride_dwk
+    dw_ptrs = (
+        dw_ptr + expert * stride_dwe + cols_n[:, None] * stride_dwn + cols_k[None, :] * stride_dwk
+    )
     tl.atomic_add(dw_ptrs, acc, mask=n_mask[:, None] & k_mask[None, :])
 
 

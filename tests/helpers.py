@@ -29,5 +29,9 @@ def assert_matches(actual, expected, dtype, what):
     tol = tolerances(dtype)
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     torch.testing.assert_close(
-        actual.double(), expected, atol=tol["atol"] * scale, rtol=tol["rtol"], msg=lambda m: f"{what}: {m}"
+        actual.double(),
+        expected,
+        atol=tol["atol"] * scale,
+        rtol=tol["rtol"],
+        msg=lambda message: f"{what}: {message}",
     )

@@ -47,9 +47,7 @@ def test_bad_input_raises_naming_the_argument(backend):
     for error, name, overrides in cases:
         args = {"x": x, "weight": weight, "plan": plan, "backend": backend} | overrides
         with pytest.raises(error, match=name):
-            expert_linear(
-                args.pop("x"), args.pop("weight"), args.pop("plan"), **args
-            )
+            expert_linear(args.pop("x"), args.pop("weight"), args.pop("plan"), **args)
 
 
 def test_triton_rejects_float64():
