@@ -1,7 +1,34 @@
 """moe-blocks: Mixture-of-Experts building blocks for PyTorch on one sparse-dispatch kernel."""
 
+from .experts import ParallelExperts
 from .kernels import DispatchPlan, expert_linear, plan_dispatch, use_backend
+from .losses import (
+    attach_aux_loss,
+    load_balancing_loss,
+    mutual_information_loss,
+    router_z_loss,
+)
+from .moa import KVCache, MoA
+from .moe_mlp import MoEMLP
+from .router import RouterOutput, TopKRouter, router_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["DispatchPlan", "expert_linear", "plan_dispatch", "use_backend", "__version__"]
+__all__ = [
+    "DispatchPlan",
+    "KVCache",
+    "MoA",
+    "MoEMLP",
+    "ParallelExperts",
+    "RouterOutput",
+    "TopKRouter",
+    "__version__",
+    "attach_aux_loss",
+    "expert_linear",
+    "load_balancing_loss",
+    "mutual_information_loss",
+    "plan_dispatch",
+    "router_stats",
+    "router_z_loss",
+    "use_backend",
+]

@@ -1,0 +1,212 @@
+"""MoA: Mixture of Attention heads (ModuleFormer, JetMoE), with RoPE and a KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .experts import ParallelExperts
+from .losses import attach_aux_loss
+from .router import TopKRouter
+
+
+def rotary_cos_sin(
+    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """RoPE tables for integer ``positions[...]``: cos and sin of shape ``[..., head_dim]``
+    (frequencies repeated over the two halves, the rotate-half convention), computed in fp32."""
+    inv_freq = 1.0 / (
+        theta
+        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
+    angles = positions[..., None].float() * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE: ``x·cos + rotate_half(x)·sin`` (cos, sin broadcast against x)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of one MoA layer, ``[B, T_cached, num_kv_heads, head_dim]`` each (RoPE
+    applied), grown as tokens are decoded. Pass the same object to every forward call of one
+    sequence batch."""
+
+    def __init__(self) -> None:
+        self.key: Tensor | None = None
+        self.value: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key is None else self.key.shape[1]
+
+    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``key``/``value`` ``[B, T_new, kv, hd]``; return everything cached."""
+        if self.key is None:
+            self.key, self.value = key, value
+        else:
+            self.key = torch.cat((self.key, key), dim=1)
+            self.value = torch.cat((self.value, value), dim=1)
+        return self.key, self.value
+
+
+class MoA(nn.Module):
+    """Mixture of Attention heads: ``forward(x[B, T, d_model]) -> [B, T, d_model]``.
+
+    Each of ``num_experts`` attention experts owns a query projection (``num_kv_heads`` heads
+    of ``head_dim``) and an output projection; each token uses ``top_k`` of them, so it has
+    ``top_k · num_kv_heads`` query heads. Keys and values come from one shared projection
+    ``kv_proj`` (keys first, then values) and are tiled across the k slots: query head
+    ``j·num_kv_heads + i`` (slot j) attends with KV head ``i``, as JetMoE does. RoPE (rotate
+    half) on queries and keys, causal attention through ``F.scaled_dot_product_attention`` with
+    scale ``1/sqrt(head_dim)``, an optional padding mask, a :class:`KVCache` for decoding. The
+    k expert outputs are combined with the router's gates, then a shared ``bias`` is added.
+
+    Args:
+        d_model: model width. num_experts, top_k: E and k.
+        head_dim: per-head size (even, for RoPE); default ``d_model // (top_k · num_kv_heads)``,
+            which then must divide exactly.
+        num_kv_heads: KV heads (= query heads per expert).
+        rope_theta: RoPE base (10000). attention_dropout: dropout on attention weights in
+            training. bias: the shared output bias (JetMoE has one).
+        backend: the kernel backend. **router_options: passed to :class:`TopKRouter`.
+
+    Parameters are named as in the JetMoE checkpoint: ``router.layer.weight``,
+    ``input_linear.weight [E, kv·hd, d]``, ``output_linear.weight [E, d, kv·hd]``, ``bias``,
+    ``kv_proj.weight [2·kv·hd, d]``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        head_dim: int | None = None,
+        num_kv_heads: int = 1,
+        *,
+        rope_theta: float = 10000.0,
+        attention_dropout: float = 0.0,
+        bias: bool = True,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **router_options,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.router = TopKRouter(d_model, num_experts, top_k, **router_options, **factory)
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
+            raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+        if head_dim is None:
+            heads = top_k * num_kv_heads
+            if d_model % heads:
+                raise ValueError(
+                    f"d_model ({d_model}) must be divisible by top_k * num_kv_heads ({heads}) "
+                    "when head_dim is not given"
+                )
+            head_dim = d_model // heads
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2:
+            raise ValueError(f"head_dim must be an int >= 2, got {head_dim!r}")
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+        self.d_model, self.top_k, self.head_dim, self.num_kv_heads = (
+            d_model,
+            top_k,
+            head_dim,
+            num_kv_heads,
+        )
+        self.rope_theta, self.attention_dropout = rope_theta, attention_dropout
+        projection = num_kv_heads * head_dim
+        self.input_linear = ParallelExperts(
+            num_experts, d_model, projection, backend=backend, **factory
+        )
+        self.output_linear = ParallelExperts(
+            num_experts, projection, d_model, backend=backend, **factory
+        )
+        self.kv_proj = nn.Linear(d_model, 2 * projection, bias=False, **factory)
+        self.bias = nn.Parameter(torch.zeros(d_model, **factory)) if bias else None
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Args:
+        x: ``[B, T, d_model]``.
+        attention_mask: ``[B, T_past + T]``, nonzero/True for real tokens, 0/False for
+            padding (keys that no query may attend to). Rows of padding queries that would see
+            no key at all attend to every key instead (their outputs are meaningless, finite).
+        kv_cache: keys and values of the earlier tokens; updated in place.
+        position_ids: ``[B, T]`` or ``[T]`` RoPE positions; default ``T_past + arange(T)``.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be [B, T, d_model={self.d_model}], got {tuple(x.shape)}")
+        batch, length, _ = x.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        kv_heads, head_dim, top_k = self.num_kv_heads, self.head_dim, self.top_k
+
+        tokens = x.reshape(-1, self.d_model)
+        route = self.router(tokens)
+        query = self.input_linear(tokens, route.plan)  # [B*T*k, kv*hd], assignment order
+        query = query.view(batch, length, top_k, kv_heads, head_dim)
+        key, value = self.kv_proj(x).view(batch, length, 2, kv_heads, head_dim).unbind(2)
+
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=x.device)
+        cos, sin = rotary_cos_sin(position_ids, head_dim, self.rope_theta, query.dtype)
+        cos = cos.expand(batch, length, head_dim) if cos.dim() == 2 else cos
+        sin = sin.expand(batch, length, head_dim) if sin.dim() == 2 else sin
+        query = apply_rotary(query, cos[:, :, None, None], sin[:, :, None, None])
+        key = apply_rotary(key, cos[:, :, None], sin[:, :, None])
+        if kv_cache is not None:
+            key, value = kv_cache.update(key, value)
+
+        # Heads ordered (kv head i, slot j) so that SDPA's grouped-query attention, which gives
+        # query head h the KV head h // top_k, pairs slot j's head i with KV head i.
+        query = query.permute(0, 3, 2, 1, 4).reshape(batch, kv_heads * top_k, length, head_dim)
+        mask = self._mask(attention_mask, batch, length, past + length, x.device)
+        attended = F.scaled_dot_product_attention(
+            query,
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attn_mask=mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=mask is None and length > 1,
+            scale=head_dim**-0.5,
+            enable_gqa=top_k > 1,
+        )
+        attended = attended.view(batch, kv_heads, top_k, length, head_dim).permute(0, 3, 2, 1, 4)
+        attended = attended.reshape(batch * length * top_k, kv_heads * head_dim)
+        out = self.output_linear(attended, route.plan, gates=route.gates)
+        if self.bias is not None:
+            out = out + self.bias
+        out = attach_aux_loss(out, self.router.aux_loss_coef * route.aux_loss)
+        return out.view(batch, length, self.d_model)
+
+    @staticmethod
+    def _mask(
+        attention_mask: Tensor | None, batch: int, length: int, total: int, device
+    ) -> Tensor | None:
+        """Boolean ``[B, 1, T, T_total]`` mask (True = attend), or None for plain causal."""
+        if attention_mask is None and total == length:
+            return None
+        past = total - length
+        query_pos = torch.arange(past, total, device=device)[:, None]
+        causal = torch.arange(total, device=device)[None, :] <= query_pos  # [T, T_total]
+        mask = causal[None].expand(batch, length, total)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, total):
+                raise ValueError(
+                    f"attention_mask must be [B, T_past + T] = {(batch, total)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
+            mask = mask | ~mask.any(-1, keepdim=True)
+        return mask[:, None]

@@ -1,0 +1,181 @@
+"""TopKRouter: a linear gate, fp32 logits, top-k selection, gates, the dispatch plan and the
+router's auxiliary loss and statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import DispatchPlan, plan_dispatch
+from .losses import (
+    BALANCE_LOSSES,
+    load_balancing_loss,
+    mutual_information_loss,
+    router_z_loss,
+)
+
+SCORE_MODES = ("topk_softmax", "softmax_topk", "sigmoid")
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """What a router decided for N tokens.
+
+    logits: ``[N, E]`` fp32. expert_idx: ``[N, k]`` int64, distinct per token. gates:
+    ``[N, k]`` fp32 weights of the chosen experts. plan: the :class:`DispatchPlan` of
+    ``expert_idx``. aux_loss: scalar, the configured balance loss plus ``z_loss_weight`` times
+    the z-loss, differentiable in the logits (not yet multiplied by ``aux_loss_coef``).
+    """
+
+    logits: Tensor
+    expert_idx: Tensor
+    gates: Tensor
+    plan: DispatchPlan
+    aux_loss: Tensor
+
+
+class TopKRouter(nn.Module):
+    """Route each token to ``top_k`` of ``num_experts`` experts.
+
+    Args:
+        d_model: token feature size.
+        num_experts: E.
+        top_k: k, in ``[1, E]``.
+        score: how gates come from logits.
+            ``"topk_softmax"`` (JetMoE, default): top-k of the logits, softmax over the k picked
+            (gates sum to 1). ``"softmax_topk"`` (Mixtral, ModuleFormer): softmax over all E,
+            keep the top k probabilities (sum ≤ 1; 1 with ``renormalize``). ``"sigmoid"``
+            (DeepSeek-V3): independent sigmoid scores, top k (renormalised with ``renormalize``).
+        renormalize: divide the kept scores by their sum (``softmax_topk`` and ``sigmoid``).
+        balance_loss: ``"switch"`` (default), ``"mutual_information"`` or ``"none"``.
+        z_loss_weight: weight of the router z-loss inside the aux loss (JetMoE: 0.1).
+        aux_loss_coef: how much of the aux loss a block adds to the gradient (JetMoE: 0.01).
+        bias_update_rate: if set, DeepSeek-V3's auxiliary-loss-free balancing: a per-expert
+            bias added to the scores only to *choose* experts (gates use the unbiased scores),
+            moved by ``bias_update_rate`` towards balance each time
+            :meth:`update_selection_bias` is called (once per optimiser step).
+
+    After each forward, the detached statistics ``last_aux_loss``, ``last_balance_loss``,
+    ``last_z_loss`` and ``last_tokens_per_expert`` hold the values of that batch.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        score: str = "topk_softmax",
+        renormalize: bool = False,
+        balance_loss: str = "switch",
+        z_loss_weight: float = 0.1,
+        aux_loss_coef: float = 0.01,
+        bias_update_rate: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("num_experts", num_experts)
+        _check_positive_int("top_k", top_k)
+        if top_k > num_experts:
+            raise ValueError(f"top_k ({top_k}) must not exceed num_experts ({num_experts})")
+        if score not in SCORE_MODES:
+            raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
+        if balance_loss not in BALANCE_LOSSES:
+            raise ValueError(f"balance_loss must be one of {BALANCE_LOSSES}, got {balance_loss!r}")
+        if bias_update_rate is not None and bias_update_rate <= 0:
+            raise ValueError(f"bias_update_rate must be positive, got {bias_update_rate}")
+        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
+        self.score, self.renormalize = score, renormalize
+        self.balance_loss, self.z_loss_weight = balance_loss, z_loss_weight
+        self.aux_loss_coef, self.bias_update_rate = aux_loss_coef, bias_update_rate
+        self.layer = nn.Linear(d_model, num_experts, bias=False, device=device, dtype=dtype)
+        stats = {"device": device, "dtype": torch.float32}
+        if bias_update_rate is not None:
+            self.register_buffer("selection_bias", torch.zeros(num_experts, **stats))
+            self.register_buffer("load_since_update", torch.zeros(num_experts, **stats))
+        else:
+            self.selection_bias = None
+        for name in ("last_aux_loss", "last_balance_loss", "last_z_loss"):
+            self.register_buffer(name, torch.zeros((), **stats), persistent=False)
+        self.register_buffer(
+            "last_tokens_per_expert",
+            torch.zeros(num_experts, device=device, dtype=torch.int64),
+            persistent=False,
+        )
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """Route ``x[N, d_model]``."""
+        if x.dim() != 2 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be [N, d_model={self.d_model}], got {tuple(x.shape)}")
+        logits = self.layer(x).float()
+        if self.score == "topk_softmax":
+            scores = logits
+        elif self.score == "softmax_topk":
+            scores = torch.softmax(logits, dim=-1)
+        else:
+            scores = torch.sigmoid(logits)
+        choice = scores if self.selection_bias is None else scores + self.selection_bias
+        expert_idx = choice.topk(self.top_k, dim=-1).indices
+        picked = scores.gather(1, expert_idx)
+        if self.score == "topk_softmax":
+            gates = torch.softmax(picked, dim=-1)
+        elif self.renormalize:
+            gates = picked / picked.sum(-1, keepdim=True).clamp_min(torch.finfo(picked.dtype).tiny)
+        else:
+            gates = picked
+        plan = plan_dispatch(expert_idx, self.num_experts)
+        aux_loss = self._aux_loss(logits, expert_idx, plan)
+        return RouterOutput(logits, expert_idx, gates, plan, aux_loss)
+
+    def _aux_loss(self, logits: Tensor, expert_idx: Tensor, plan: DispatchPlan) -> Tensor:
+        if self.balance_loss == "switch":
+            balance = load_balancing_loss(logits, expert_idx, self.num_experts)
+        elif self.balance_loss == "mutual_information":
+            balance = mutual_information_loss(logits)
+        else:
+            balance = logits.new_zeros(())
+        z_loss = router_z_loss(logits)
+        aux_loss = balance + self.z_loss_weight * z_loss
+        with torch.no_grad():
+            self.last_aux_loss.copy_(aux_loss)
+            self.last_balance_loss.copy_(balance)
+            self.last_z_loss.copy_(z_loss)
+            self.last_tokens_per_expert.copy_(plan.tokens_per_expert)
+            if self.selection_bias is not None and self.training:
+                self.load_since_update.add_(plan.tokens_per_expert)
+        return aux_loss
+
+    @torch.no_grad()
+    def update_selection_bias(self) -> None:
+        """Auxiliary-loss-free balancing step (DeepSeek-V3): raise the selection bias of
+        experts that got fewer than the mean number of tokens since the last call, lower it
+        for those that got more, by ``bias_update_rate``; then reset the load count."""
+        if self.selection_bias is None:
+            raise RuntimeError("update_selection_bias needs TopKRouter(bias_update_rate=...)")
+        load = self.load_since_update
+        self.selection_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+        load.zero_()
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def router_stats(model: nn.Module) -> dict:
+    """Detached statistics of every :class:`TopKRouter` in ``model`` after its last forward:
+    the sums of aux loss, balance loss and z-loss over routers, and tokens per expert by router
+    name. For logging."""
+    routers = {name: m for name, m in model.named_modules() if isinstance(m, TopKRouter)}
+    total = {
+        key: sum(float(getattr(r, f"last_{key}")) for r in routers.values())
+        for key in ("aux_loss", "balance_loss", "z_loss")
+    }
+    total["tokens_per_expert"] = {
+        name: r.last_tokens_per_expert.tolist() for name, r in routers.items()
+    }
+    return total
