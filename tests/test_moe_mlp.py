@@ -1,0 +1,174 @@
+"""MoEMLP: equivariance, independence of tokens, the E=1 case, gradients, the aux loss, parity
+with transformers' JetMoeMoE, both backends, torch.compile, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moe_blocks import MoEMLP, use_backend
+
+
+@st.composite
+def mlp_cases(draw):
+    experts = draw(st.integers(1, 8))
+    return {
+        "d_model": draw(st.integers(1, 24)),
+        "d_hidden": draw(st.integers(1, 24)),
+        "experts": experts,
+        "top_k": draw(st.integers(1, experts)),
+        "tokens": draw(st.integers(1, 24)),
+        "glu": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def _mlp(case, **options):
+    torch.manual_seed(case["seed"])
+    mlp = MoEMLP(
+        case["d_model"], case["d_hidden"], case["experts"], case["top_k"], glu=case["glu"],
+        **options,
+    )  # fmt: skip
+    with torch.no_grad():
+        mlp.bias.normal_()
+    return mlp, torch.randn(case["tokens"], case["d_model"])
+
+
+@given(mlp_cases())
+def test_permuting_tokens_permutes_outputs_and_tokens_are_independent(case):
+    mlp, x = _mlp(case)
+    out = mlp(x)
+    perm = torch.randperm(case["tokens"])
+    torch.testing.assert_close(mlp(x[perm]), out[perm])
+    for token in range(min(3, case["tokens"])):
+        torch.testing.assert_close(mlp(x[token : token + 1])[0], out[token])
+    batched = mlp(x.view(1, case["tokens"], 1, case["d_model"]))
+    torch.testing.assert_close(batched.view_as(out), out)
+
+
+def test_one_expert_is_a_plain_glu_mlp():
+    torch.manual_seed(0)
+    mlp = MoEMLP(16, 24, 1, 1)
+    x = torch.randn(3, 5, 16)
+    w_in, w_out = mlp.input_linear.weight[0], mlp.output_linear.weight[0]
+    gate, up = (x @ w_in.T).chunk(2, dim=-1)
+    expected = (F.silu(gate) * up) @ w_out.T + mlp.bias
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_gradients_reach_router_and_every_used_expert():
+    torch.manual_seed(0)
+    mlp = MoEMLP(16, 8, 6, 2)
+    x = torch.randn(40, 16, requires_grad=True)
+    mlp(x).square().sum().backward()
+    used = mlp.router.last_tokens_per_expert > 0
+    assert used.sum() >= 2
+    for weight in (mlp.input_linear.weight, mlp.output_linear.weight):
+        per_expert = weight.grad.flatten(1).abs().sum(1)
+        assert bool((per_expert[used] > 0).all())
+        assert bool((per_expert[~used] == 0).all())
+    assert mlp.router.layer.weight.grad.abs().sum() > 0
+    assert x.grad.abs().sum() > 0
+
+
+def test_aux_loss_reaches_the_router_through_the_returned_tensor_alone():
+    torch.manual_seed(0)
+    x = torch.randn(30, 12)
+    grads = {}
+    for coef in (0.0, 0.5):
+        torch.manual_seed(1)
+        mlp = MoEMLP(12, 8, 4, 2, aux_loss_coef=coef)
+        mlp(x).sum().backward()
+        grads[coef] = mlp.router.layer.weight.grad.clone()
+        aux = mlp.router(x).aux_loss
+        (aux_grad,) = torch.autograd.grad(aux, mlp.router.layer.weight)
+        assert mlp.router.last_aux_loss.item() == pytest.approx(aux.item())
+    torch.testing.assert_close(grads[0.5], grads[0.0] + 0.5 * aux_grad)
+    assert not torch.allclose(grads[0.5], grads[0.0])
+
+
+JETMOE_CASES = [
+    dict(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    dict(hidden_size=24, intermediate_size=20, num_local_experts=8, num_experts_per_tok=3),
+    dict(hidden_size=16, intermediate_size=8, num_local_experts=1, num_experts_per_tok=1),
+    dict(hidden_size=40, intermediate_size=16, num_local_experts=5, num_experts_per_tok=5),
+]
+
+
+@pytest.mark.parametrize("case", JETMOE_CASES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_matches_transformers_jetmoe_moe(case, backend):
+    from transformers import JetMoeConfig
+    from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoE
+
+    torch.manual_seed(0)
+    config = JetMoeConfig(vocab_size=10, num_hidden_layers=1, kv_channels=8, **case)
+    reference = JetMoeMoE(config)
+    for param in reference.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    ours = MoEMLP(
+        case["hidden_size"],
+        case["intermediate_size"],
+        case["num_local_experts"],
+        case["num_experts_per_tok"],
+        backend=backend,
+        aux_loss_coef=0.0,
+    )  # fmt: skip  (transformers' module has no aux loss in its gradient)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 7, case["hidden_size"], requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, expected = ours(x), reference(x_ref)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    ref_params = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, ref_params[name].grad, atol=1e-5, rtol=1e-5)
+
+
+def test_backends_agree_on_outputs_and_gradients():
+    results = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        mlp = MoEMLP(20, 12, 5, 2)
+        x = torch.randn(2, 9, 20, requires_grad=True)
+        with use_backend(backend):
+            out = mlp(x)
+            out.square().sum().backward()
+        results[backend] = [out.detach(), x.grad] + [p.grad for p in mlp.parameters()]
+    for ours, theirs in zip(results["torch"], results["triton"], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mlp = MoEMLP(16, 8, 4, 2)
+    x = torch.randn(3, 5, 16)
+    compiled = torch.compile(mlp, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    compiled_grads = [p.grad.clone() for p in mlp.parameters()]
+    mlp.zero_grad()
+    expected = mlp(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(compiled_grads, [p.grad for p in mlp.parameters()], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="top_k"):
+        MoEMLP(8, 8, 4, 5)
+    with pytest.raises(ValueError, match="top_k"):
+        MoEMLP(8, 8, 4, 0)
+    with pytest.raises(ValueError, match="d_hidden"):
+        MoEMLP(8, 0, 4, 2)
+    with pytest.raises(ValueError, match="activation"):
+        MoEMLP(8, 8, 4, 2, activation="swish2")
+    with pytest.raises(ValueError, match="d_model"):
+        MoEMLP(8, 8, 4, 2)(torch.randn(3, 7))

@@ -1,0 +1,185 @@
+"""TopKRouter's score modes and balancing bias; the Switch, z- and mutual-information losses
+against float64 references written here."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moe_blocks import (
+    TopKRouter,
+    load_balancing_loss,
+    mutual_information_loss,
+    router_stats,
+    router_z_loss,
+)
+
+SCORES = ("topk_softmax", "softmax_topk", "sigmoid")
+
+
+@st.composite
+def router_cases(draw):
+    experts = draw(st.integers(1, 16))
+    return {
+        "experts": experts,
+        "top_k": draw(st.integers(1, experts)),
+        "tokens": draw(st.integers(1, 40)),
+        "d_model": draw(st.integers(1, 24)),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def _router(case, **options):
+    torch.manual_seed(case["seed"])
+    router = TopKRouter(case["d_model"], case["experts"], case["top_k"], **options)
+    x = torch.randn(case["tokens"], case["d_model"])
+    return router, x
+
+
+@given(router_cases(), st.sampled_from(SCORES), st.booleans())
+def test_router_picks_the_top_k_scores_and_makes_gates(case, score, renormalize):
+    router, x = _router(case, score=score, renormalize=renormalize)
+    out = router(x)
+    logits = x.double() @ router.layer.weight.double().T
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits.double(), logits, atol=1e-5, rtol=1e-5)
+    scores = {
+        "topk_softmax": out.logits,
+        "softmax_topk": out.logits.softmax(-1),
+        "sigmoid": out.logits.sigmoid(),
+    }[score]
+    chosen = scores.gather(1, out.expert_idx)
+    for token in range(case["tokens"]):
+        assert len(set(out.expert_idx[token].tolist())) == case["top_k"]
+        others = [e for e in range(case["experts"]) if e not in out.expert_idx[token].tolist()]
+        if others:
+            assert chosen[token].min() >= scores[token, others].max()
+    if score == "topk_softmax":
+        expected_gates = chosen.softmax(-1)
+    elif renormalize:
+        expected_gates = chosen / chosen.sum(-1, keepdim=True)
+    else:
+        expected_gates = chosen
+    torch.testing.assert_close(out.gates, expected_gates)
+    sums = out.gates.sum(-1)
+    if score == "topk_softmax" or renormalize:
+        torch.testing.assert_close(sums, torch.ones_like(sums))
+    elif score == "softmax_topk":
+        assert bool((sums <= 1 + 1e-6).all())
+    assert torch.equal(out.plan.expert_idx, out.expert_idx)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_ties_never_duplicate_an_expert(score):
+    router = TopKRouter(8, 6, 4, score=score)
+    torch.nn.init.zeros_(router.layer.weight)  # every logit ties
+    out = router(torch.randn(10, 8))
+    for row in out.expert_idx.tolist():
+        assert len(set(row)) == 4
+
+
+def test_selection_bias_changes_choice_not_gate_values():
+    torch.manual_seed(0)
+    router = TopKRouter(8, 4, 1, score="sigmoid", bias_update_rate=0.5)
+    x = torch.randn(32, 8)
+    before = router(x)
+    router.selection_bias[2] = 100.0
+    after = router(x)
+    assert bool((after.expert_idx == 2).all())
+    assert not bool((before.expert_idx == 2).all())
+    expected = after.logits.sigmoid()[:, 2:3]
+    torch.testing.assert_close(after.gates, expected)
+
+
+def test_update_selection_bias_moves_towards_balance():
+    router = TopKRouter(4, 4, 1, bias_update_rate=0.1)
+    router.train()
+    router.load_since_update.copy_(torch.tensor([10.0, 0.0, 5.0, 5.0]))
+    router.update_selection_bias()
+    torch.testing.assert_close(router.selection_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    assert router.load_since_update.sum() == 0
+    router(torch.randn(6, 4))
+    assert router.load_since_update.sum() == 6
+    with pytest.raises(RuntimeError, match="bias_update_rate"):
+        TopKRouter(4, 4, 1).update_selection_bias()
+
+
+def test_router_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="top_k"):
+        TopKRouter(8, 4, 5)
+    with pytest.raises(ValueError, match="top_k"):
+        TopKRouter(8, 4, 0)
+    with pytest.raises(ValueError, match="score"):
+        TopKRouter(8, 4, 2, score="softmax")
+    with pytest.raises(ValueError, match="balance_loss"):
+        TopKRouter(8, 4, 2, balance_loss="gshard")
+    with pytest.raises(ValueError, match="d_model"):
+        TopKRouter(8, 4, 2)(torch.randn(3, 7))
+
+
+def _switch_reference(logits, expert_idx, experts):
+    probs = torch.softmax(logits, -1)
+    counts = torch.tensor([(expert_idx == e).sum().item() for e in range(experts)])
+    return experts * sum(
+        counts[e] / expert_idx.numel() * probs[:, e].mean() for e in range(experts)
+    )
+
+
+def test_switch_loss_is_one_at_perfect_balance_and_grows_with_skew():
+    experts, tokens = 4, 8
+    uniform_logits = torch.zeros(tokens, experts)
+    balanced = torch.arange(tokens * 2).view(tokens, 2) % experts
+    assert load_balancing_loss(uniform_logits, balanced, experts).item() == pytest.approx(1.0)
+    skewed_logits = torch.zeros(tokens, experts)
+    skewed_logits[:, 0] = 3.0
+    skewed_idx = torch.stack([torch.zeros(tokens), torch.ones(tokens)], 1).long()
+    assert load_balancing_loss(skewed_logits, skewed_idx, experts).item() > 1.5
+
+
+@given(router_cases())
+def test_loss_values_and_gradients_match_float64_references(case):
+    torch.manual_seed(case["seed"])
+    experts, top_k = case["experts"], case["top_k"]
+    logits = (torch.randn(case["tokens"], experts) * 3).requires_grad_()
+    expert_idx = logits.detach().topk(top_k).indices
+    reference = logits.detach().double().requires_grad_()
+    pairs = [
+        (load_balancing_loss(logits, expert_idx, experts),
+         _switch_reference(reference, expert_idx, experts)),
+        (router_z_loss(logits), torch.logsumexp(reference, -1).pow(2).mean()),
+        (mutual_information_loss(logits), _mi_reference(reference)),
+    ]  # fmt: skip
+    for ours, expected in pairs:
+        (grad,) = torch.autograd.grad(ours, logits)
+        (expected_grad,) = torch.autograd.grad(expected, reference)
+        torch.testing.assert_close(ours.double(), expected.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad.double(), expected_grad, atol=1e-5, rtol=1e-4)
+
+
+def _mi_reference(logits):
+    probs = torch.softmax(logits, -1)
+    conditional = sum(-(p * p.log()).sum() for p in probs) / len(probs)
+    marginal = probs.mean(0)
+    return conditional - (-(marginal * marginal.log()).sum())
+
+
+def test_mutual_information_loss_bounds():
+    experts = 4
+    confident = torch.eye(experts).repeat(3, 1) * 50.0  # each token sure, experts balanced
+    assert mutual_information_loss(confident).item() == pytest.approx(-math.log(experts), 1e-4)
+    assert mutual_information_loss(torch.zeros(5, experts)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_router_stats_sum_over_a_model():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": TopKRouter(8, 4, 2), "b": TopKRouter(8, 4, 1)})
+    x = torch.randn(10, 8)
+    outs = [model["a"](x), model["b"](x)]
+    stats = router_stats(model)
+    assert stats["aux_loss"] == pytest.approx(sum(o.aux_loss.item() for o in outs), rel=1e-6)
+    assert stats["tokens_per_expert"]["a"] == outs[0].plan.tokens_per_expert.tolist()
+    assert sum(stats["tokens_per_expert"]["b"]) == 10
+    z = sum(router_z_loss(o.logits).item() for o in outs)
+    assert stats["z_loss"] == pytest.approx(z, rel=1e-6)
