@@ -1,0 +1,214 @@
+"""MoA: causality, the E=1/k=1 case against plain multi-head attention written here, KV-cache
+decoding, the padding mask, parity with transformers' JetMoeAttention, both backends,
+torch.compile, bad input."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moe_blocks import KVCache, MoA, use_backend
+
+
+@st.composite
+def moa_cases(draw):
+    experts = draw(st.integers(1, 6))
+    return {
+        "d_model": draw(st.integers(1, 24)),
+        "experts": experts,
+        "top_k": draw(st.integers(1, experts)),
+        "head_dim": 2 * draw(st.integers(1, 6)),
+        "kv_heads": draw(st.integers(1, 3)),
+        "batch": draw(st.integers(1, 2)),
+        "length": draw(st.integers(2, 10)),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def _moa(case, **options):
+    torch.manual_seed(case["seed"])
+    moa = MoA(
+        case["d_model"], case["experts"], case["top_k"], head_dim=case["head_dim"],
+        num_kv_heads=case["kv_heads"], **options,
+    )  # fmt: skip
+    with torch.no_grad():
+        for param in moa.parameters():
+            param.normal_(std=0.3)
+    x = torch.randn(case["batch"], case["length"], case["d_model"])
+    return moa, x
+
+
+@given(moa_cases(), st.data())
+def test_changing_a_later_token_never_changes_an_earlier_output(case, data):
+    moa, x = _moa(case)
+    out = moa(x)
+    position = data.draw(st.integers(1, case["length"] - 1))
+    changed = x.clone()
+    changed[:, position:] = torch.randn_like(changed[:, position:])
+    torch.testing.assert_close(moa(changed)[:, :position], out[:, :position])
+
+
+@given(moa_cases(), st.data())
+def test_decoding_with_the_kv_cache_matches_the_full_forward(case, data):
+    moa, x = _moa(case)
+    full = moa(x)
+    cache = KVCache()
+    prefill = data.draw(st.integers(1, case["length"]))
+    pieces = [moa(x[:, :prefill], kv_cache=cache)]
+    for position in range(prefill, case["length"]):
+        pieces.append(moa(x[:, position : position + 1], kv_cache=cache))
+    assert cache.length == case["length"]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def _rope(t, positions, theta=10000.0):
+    """Rotate-half RoPE written out pair by pair: dims i and i + d/2 rotate by pos·θ^(-2i/d)."""
+    half = t.shape[-1] // 2
+    out = t.clone()
+    for i in range(half):
+        angle = positions.double() * theta ** (-2 * i / t.shape[-1])
+        cos, sin = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
+        a, b = t[..., :, i], t[..., :, i + half]
+        out[..., :, i] = a * cos.squeeze(-1) - b * sin.squeeze(-1)
+        out[..., :, i + half] = b * cos.squeeze(-1) + a * sin.squeeze(-1)
+    return out
+
+
+def test_one_expert_top_1_is_plain_multi_head_attention():
+    torch.manual_seed(0)
+    heads, head_dim, d_model, length = 3, 8, 20, 7
+    moa = MoA(d_model, 1, 1, head_dim=head_dim, num_kv_heads=heads)
+    with torch.no_grad():
+        moa.bias.normal_()
+    x = torch.randn(2, length, d_model, dtype=torch.float64)
+    w_q = moa.input_linear.weight[0].double()
+    w_o = moa.output_linear.weight[0].double()
+    w_k, w_v = moa.kv_proj.weight.double().chunk(2, dim=0)
+    split = lambda t: t.view(2, length, heads, head_dim).transpose(1, 2)  # noqa: E731
+    positions = torch.arange(length)
+    q, k, v = _rope(split(x @ w_q.T), positions), _rope(split(x @ w_k.T), positions), split(x @ w_v.T)
+    scores = q @ k.transpose(-1, -2) / head_dim**0.5
+    scores = scores.masked_fill(torch.ones(length, length).triu(1).bool(), float("-inf"))
+    attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, length, heads * head_dim)
+    expected = attended @ w_o.T + moa.bias.double()
+    torch.testing.assert_close(moa(x.float()).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@given(moa_cases(), st.data())
+def test_padding_is_never_attended(case, data):
+    moa, x = _moa(case)
+    pad = data.draw(st.integers(1, case["length"] - 1))
+    mask = torch.ones(case["batch"], case["length"], dtype=torch.bool)
+    mask[0, :pad] = False  # left padding in the first sequence
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = moa(x, attention_mask=mask, position_ids=positions)
+    assert torch.isfinite(out).all()
+    noisy = x.clone()
+    noisy[0, :pad] = torch.randn_like(noisy[0, :pad]) * 10
+    torch.testing.assert_close(
+        moa(noisy, attention_mask=mask, position_ids=positions)[0, pad:], out[0, pad:]
+    )
+    alone = moa(x[:1, pad:])  # the same real tokens, unpadded, at positions 0..
+    torch.testing.assert_close(out[0, pad:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+JETMOE_CASES = [
+    dict(hidden_size=32, num_local_experts=4, num_experts_per_tok=2, kv_channels=8,
+         num_key_value_heads=2),
+    dict(hidden_size=24, num_local_experts=3, num_experts_per_tok=3, kv_channels=4,
+         num_key_value_heads=3),
+    dict(hidden_size=16, num_local_experts=1, num_experts_per_tok=1, kv_channels=16,
+         num_key_value_heads=1),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", JETMOE_CASES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_matches_transformers_jetmoe_attention(case, backend):
+    from transformers import JetMoeConfig
+    from transformers.models.jetmoe.modeling_jetmoe import (
+        JetMoeAttention,
+        JetMoeRotaryEmbedding,
+    )
+
+    torch.manual_seed(0)
+    config = JetMoeConfig(vocab_size=10, num_hidden_layers=1, intermediate_size=8, **case)
+    config._attn_implementation = "sdpa"
+    reference = JetMoeAttention(config, layer_idx=0)
+    for param in reference.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    ours = MoA(
+        case["hidden_size"], case["num_local_experts"], case["num_experts_per_tok"],
+        head_dim=case["kv_channels"], num_kv_heads=case["num_key_value_heads"],
+        backend=backend, aux_loss_coef=0.0,
+    )  # fmt: skip
+    ours.load_state_dict(
+        {name.replace("experts.", ""): t for name, t in reference.state_dict().items()}
+    )
+    x = torch.randn(2, 9, case["hidden_size"], requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    cos_sin = JetMoeRotaryEmbedding(config)(x_ref, torch.arange(9)[None])
+    expected = reference(x_ref, attention_mask=None, position_embeddings=cos_sin)[0]
+    out = ours(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    ref_params = {n.replace("experts.", ""): p for n, p in reference.named_parameters()}
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, ref_params[name].grad, atol=1e-5, rtol=1e-5)
+
+
+def test_backends_agree_on_outputs_and_gradients():
+    results = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        moa = MoA(24, 4, 2, head_dim=6, num_kv_heads=2)
+        x = torch.randn(2, 5, 24, requires_grad=True)
+        with use_backend(backend):
+            out = moa(x)
+            out.square().sum().backward()
+        results[backend] = [out.detach(), x.grad] + [p.grad for p in moa.parameters()]
+    for ours, theirs in zip(results["torch"], results["triton"], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    moa = MoA(16, 4, 2, head_dim=4, num_kv_heads=2)
+    x = torch.randn(2, 6, 16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    compiled = torch.compile(moa, fullgraph=True)
+    for kwargs in ({}, {"attention_mask": mask}):
+        out = compiled(x, **kwargs)
+        out.sum().backward()
+        compiled_grads = [p.grad.clone() for p in moa.parameters()]
+        moa.zero_grad()
+        expected = moa(x, **kwargs)
+        expected.sum().backward()
+        torch.testing.assert_close(out, expected)
+        for got, want in zip(compiled_grads, [p.grad for p in moa.parameters()], strict=True):
+            torch.testing.assert_close(got, want)
+        moa.zero_grad()
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="divisible"):
+        MoA(30, 4, 2, num_kv_heads=4)
+    with pytest.raises(ValueError, match="even"):
+        MoA(32, 4, 2, head_dim=5, num_kv_heads=2)
+    with pytest.raises(ValueError, match="top_k"):
+        MoA(32, 4, 5, head_dim=4)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        MoA(32, 4, 2, head_dim=4, num_kv_heads=0)
+    moa = MoA(32, 4, 2, head_dim=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="d_model"):
+        moa(torch.randn(2, 3, 31))
+    with pytest.raises(ValueError, match="d_model"):
+        moa(torch.randn(3, 32))
+    with pytest.raises(ValueError, match="attention_mask"):
+        moa(torch.randn(2, 3, 32), attention_mask=torch.ones(2, 4))
