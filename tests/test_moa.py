@@ -86,7 +86,11 @@ def test_one_expert_top_1_is_plain_multi_head_attention():
     w_k, w_v = moa.kv_proj.weight.double().chunk(2, dim=0)
     split = lambda t: t.view(2, length, heads, head_dim).transpose(1, 2)  # noqa: E731
     positions = torch.arange(length)
-    q, k, v = _rope(split(x @ w_q.T), positions), _rope(split(x @ w_k.T), positions), split(x @ w_v.T)
+    q, k, v = (
+        _rope(split(x @ w_q.T), positions),
+        _rope(split(x @ w_k.T), positions),
+        split(x @ w_v.T),
+    )
     scores = q @ k.transpose(-1, -2) / head_dim**0.5
     scores = scores.masked_fill(torch.ones(length, length).triu(1).bool(), float("-inf"))
     attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, length, heads * head_dim)
