@@ -225,17 +225,23 @@ class JetMoEForCausalLM(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.model = JetMoEModel(config, **factory)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 
     # initialisation ---------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings``, make the LM head share the embedding matrix (again:
+        ``to_empty`` and loading replace parameters)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """JetMoE's initialisation: every projection, expert and embedding ~ N(0,
         initializer_range), norms 1, biases 0. After building on ``meta``, call
         ``model.to_empty(device=...)`` and then this."""
+        self.tie_weights()
         std = self.config.initializer_range
         for name, param in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
@@ -452,8 +458,7 @@ class JetMoEForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
         model.load_state_dict(state, strict=False, assign=True)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
+        model.tie_weights()
         _materialize_buffers(model, device)
         return model
 

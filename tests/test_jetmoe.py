@@ -1,0 +1,301 @@
+"""JetMoE assembled from the blocks, against transformers' JetMoeForCausalLM (the oracle):
+checkpoints both ways, logits (fp32 and bf16, with and without padding), greedy generation,
+cached decoding, parameter counts, training features, bad checkpoints and input."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from moe_blocks import KVCache
+from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
+
+transformers = pytest.importorskip("transformers")
+
+
+@st.composite
+def tiny_configs(draw):
+    experts = draw(st.integers(1, 5))
+    return dict(
+        vocab_size=draw(st.integers(8, 120)),
+        hidden_size=draw(st.sampled_from([16, 24, 32, 48])),
+        num_hidden_layers=draw(st.integers(1, 3)),
+        num_local_experts=experts,
+        num_experts_per_tok=draw(st.integers(1, experts)),
+        num_key_value_heads=draw(st.integers(1, 3)),
+        kv_channels=draw(st.sampled_from([4, 8, 16])),
+        intermediate_size=draw(st.integers(4, 64)),
+        tie_word_embeddings=draw(st.booleans()),
+        rms_norm_eps=draw(st.sampled_from([1e-5, 1e-6])),
+        initializer_range=0.1,
+    )
+
+
+def hf_model(config_kwargs, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.JetMoeConfig(**config_kwargs)
+    return transformers.JetMoeForCausalLM(config).eval()
+
+
+def assert_logits_close(ours, theirs, rtol):
+    scale = theirs.abs().max().clamp_min(1e-6)
+    assert ((ours.float() - theirs.float()).abs().max() / scale).item() <= rtol
+
+
+@settings(max_examples=12)
+@given(tiny_configs(), st.integers(0, 2**31 - 1))
+def test_transformers_checkpoint_loads_with_the_same_logits(tmp_path_factory, config_kwargs, seed):
+    reference = hf_model(config_kwargs, seed)
+    directory = tmp_path_factory.mktemp("hf")
+    reference.save_pretrained(directory)
+    ours = JetMoEForCausalLM.from_pretrained(directory).eval()
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config_kwargs["vocab_size"], (2, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in the first row
+    with torch.no_grad():
+        assert_logits_close(ours(ids).logits, reference(ids).logits, 1e-4)
+        ours_masked = ours(ids, attention_mask=mask).logits
+        theirs_masked = reference(ids, attention_mask=mask).logits
+    assert_logits_close(ours_masked[0, 3:], theirs_masked[0, 3:], 1e-4)
+    assert_logits_close(ours_masked[1], theirs_masked[1], 1e-4)
+
+
+@settings(max_examples=8)
+@given(tiny_configs(), st.integers(0, 2**31 - 1))
+def test_our_checkpoint_loads_in_transformers_with_the_same_logits(
+    tmp_path_factory, config_kwargs, seed
+):
+    torch.manual_seed(seed)
+    config = JetMoEConfig(**config_kwargs)
+    ours = JetMoEForCausalLM(config).eval()
+    directory = tmp_path_factory.mktemp("ours")
+    ours.save_pretrained(directory)
+    reference = transformers.JetMoeForCausalLM.from_pretrained(directory).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert_logits_close(ours(ids).logits, reference(ids).logits, 1e-4)
+
+
+def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(tmp_path):
+    """bf16 rounding (and the odd routing flip it causes) moves logits; ours must stay as close
+    to the fp32 logits as transformers' own bf16 run does."""
+    kwargs = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_local_experts=4,
+                  num_experts_per_tok=2, num_key_value_heads=2, kv_channels=16,
+                  intermediate_size=64, initializer_range=0.05)  # fmt: skip
+    reference = hf_model(kwargs)
+    reference.save_pretrained(tmp_path)
+    ours = JetMoEForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = reference(ids).logits
+        theirs = reference.to(torch.bfloat16)(ids).logits.float()
+        ours_logits = ours(ids).logits
+    assert ours_logits.dtype == torch.bfloat16
+    ours_error = (ours_logits.float() - exact).abs().mean()
+    their_error = (theirs - exact).abs().mean()
+    assert ours_error <= 1.5 * their_error + 1e-3
+    assert ours_error / exact.abs().mean() < 0.02
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    kwargs = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_local_experts=3,
+                  num_experts_per_tok=2, num_key_value_heads=2, kv_channels=8,
+                  intermediate_size=24, initializer_range=0.2)  # fmt: skip
+    reference = hf_model(kwargs)
+    reference.save_pretrained(tmp_path)
+    ours = JetMoEForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(2))
+    expected = reference.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=12), expected)
+
+
+def test_cached_decoding_matches_the_full_forward():
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=2)).eval()
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        caches = [KVCache() for _ in range(2)]
+        pieces = [model(ids[:, :4], kv_caches=caches).logits]
+        for t in range(4, 10):
+            pieces.append(model(ids[:, t : t + 1], kv_caches=caches).logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=1)).eval()
+    prompt = torch.randint(0, 256, (2, 3))
+    runs = [
+        model.generate(prompt, 6, do_sample=True, top_k=1,
+                       generator=torch.Generator().manual_seed(seed))
+        for seed in (0, 1)
+    ]  # fmt: skip
+    assert torch.equal(runs[0], runs[1])  # top_k=1 sampling is greedy
+    assert torch.equal(runs[0], model.generate(prompt, 6))
+    sampled = [
+        model.generate(prompt, 6, do_sample=True, top_p=0.9,
+                       generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]  # fmt: skip
+    assert torch.equal(sampled[0], sampled[1])
+
+
+def test_published_size_on_meta():
+    with torch.device("meta"):
+        model = JetMoEForCausalLM(JetMoEConfig.from_preset("jetmoe-8b"))
+    assert model.num_parameters() == 8_522_237_952
+    assert model.num_parameters(active=True) == 2_331_445_248
+    config = JetMoEConfig.from_preset("jetmoe-8b")
+    assert (config.num_hidden_layers, config.hidden_size, config.num_local_experts) == (24, 2048, 8)
+    assert (config.num_key_value_heads, config.kv_channels, config.intermediate_size) == (
+        16,
+        128,
+        5632,
+    )
+
+
+def test_meta_build_then_materialise_initialises_like_jetmoe():
+    config = JetMoEConfig.from_preset("tiny", hidden_size=256, intermediate_size=512)
+    with torch.device("meta"):
+        model = JetMoEForCausalLM(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    experts = model.model.layers[0].mlp.input_linear.weight
+    assert experts.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+    assert bool((model.model.layers[0].input_layernorm.weight == 1).all())
+    assert bool((model.model.layers[0].mlp.bias == 0).all())
+    ids = torch.randint(0, 256, (1, 5))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_loss_is_shifted_cross_entropy_plus_router_losses():
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=2))
+    ids = torch.randint(0, 256, (2, 8))
+    labels = ids.clone()
+    labels[0, 5:] = -100
+    out = model(ids, labels=labels)
+    expected_lm = F.cross_entropy(out.logits[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.lm_loss, expected_lm)
+    routers = model.routers()
+    assert len(routers) == 4  # MoA and MoE in each of 2 layers
+    per_router = [r.last_balance_loss + model.config.z_loss_coef * r.last_z_loss for r in routers]
+    torch.testing.assert_close(out.aux_loss, model.config.aux_loss_coef * sum(per_router))
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = JetMoEForCausalLM(
+            JetMoEConfig.from_preset("tiny", num_hidden_layers=2), gradient_checkpointing=flag
+        )
+        ids = torch.randint(0, 256, (2, 8))
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for without, with_ in zip(*grads, strict=True):
+        torch.testing.assert_close(with_, without)
+
+
+@pytest.mark.slow
+def test_a_layer_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=1))
+    layer = model.model.layers[0]
+    x = torch.randn(2, 6, 128)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_bf16_training_step_runs_and_learns():
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(
+        JetMoEConfig.from_preset("tiny", num_hidden_layers=1), dtype=torch.bfloat16
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 256, (4, 16))
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def _saved(tmp_path):
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=1))
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def test_sharded_checkpoints_round_trip(tmp_path):
+    model = _saved(tmp_path / "one")
+    model.save_pretrained(tmp_path / "sharded", max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = JetMoEForCausalLM.from_pretrained(tmp_path / "sharded")
+    ids = torch.randint(0, 256, (1, 6))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    reference = transformers.JetMoeForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    with torch.no_grad():
+        assert_logits_close(model(ids).logits, reference(ids).logits, 1e-4)
+
+
+def test_bad_checkpoints_name_the_file_and_key(tmp_path):
+    _saved(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(str(weights))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        JetMoEForCausalLM.from_pretrained(tmp_path / "nowhere")
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type"):
+        JetMoEForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    key = "model.layers.0.mlp.input_linear.weight"
+    save_file({**state, key: state[key][:, :-1].contiguous()}, str(weights))
+    with pytest.raises(ValueError, match=r"model\.safetensors.*input_linear.*shape"):
+        JetMoEForCausalLM.from_pretrained(tmp_path)
+
+    save_file({k: v for k, v in state.items() if k != key}, str(weights))
+    with pytest.raises(ValueError, match="input_linear"):
+        JetMoEForCausalLM.from_pretrained(tmp_path)
+
+    save_file({**state, "model.layers.0.extra.weight": state[key].clone()}, str(weights))
+    with pytest.raises(ValueError, match="extra"):
+        JetMoEForCausalLM.from_pretrained(tmp_path)
+
+    weights.unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="safetensors"):
+        JetMoEForCausalLM.from_pretrained(tmp_path)
+
+
+def test_bad_input_ids():
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=1))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[1, 256]]))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(TypeError, match="input_ids"):
+        model(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="preset"):
+        JetMoEConfig.from_preset("jetmoe-70b")
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        JetMoEConfig(num_local_experts=2, num_experts_per_tok=3)
