@@ -1,5 +1,7 @@
+"""``python -m moe_blocks``: the moe-blocks command line (moe_blocks.models.cli)."""
+
 import sys
 
-from .cli import main
+from moe_blocks.models.cli import main
 
 sys.exit(main())

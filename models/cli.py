@@ -1,0 +1,255 @@
+"""The ``moe-blocks`` command line (also ``python -m moe_blocks``).
+
+Subcommands:
+    train     train a JetMoE-style model from a preset on text (default: the Python standard
+              library's sources, as bytes), with progress, validation, checkpoints, a JSON log
+              and a PNG of the loss curves and expert loads.
+    generate  sample from a trained checkpoint given a prompt.
+    info      a preset's architecture, total and active parameters, FLOPs per token.
+    demo      an expert MLP built from two expert_linear calls, checked against the float64
+              reference and timed.
+
+It lives in the top layer (models/) because it drives the reference model; moe_blocks' own
+modules never import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moe_blocks.kernels import expert_linear, plan_dispatch, resolve_backend
+
+
+def _glu_experts(x, w_in, w_out, plan, gates):
+    hidden = expert_linear(x, w_in, plan, grouped_out=True)
+    gate, up = hidden.chunk(2, dim=-1)
+    return expert_linear(F.silu(gate) * up, w_out, plan, grouped_in=True, gates=gates)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from moe_blocks.testing import reference_expert_linear
+
+    for name in ("tokens", "d_model", "d_ffn", "experts", "top_k", "repeats"):
+        if getattr(args, name) < 1:
+            print(
+                f"moe-blocks demo: --{name.replace('_', '-')} must be at least 1", file=sys.stderr
+            )
+            return 2
+    if args.top_k > args.experts:
+        print("moe-blocks demo: --top-k must not exceed --experts", file=sys.stderr)
+        return 2
+
+    torch.manual_seed(args.seed)
+    tokens, d_model, d_ffn = args.tokens, args.d_model, args.d_ffn
+    experts, top_k = args.experts, args.top_k
+    router = torch.randn(d_model, experts)
+    x = torch.randn(tokens, d_model)
+    logits = x @ router
+    top_logits, expert_idx = logits.topk(top_k, dim=-1)
+    gates = top_logits.softmax(-1)
+    plan = plan_dispatch(expert_idx, experts)
+    w_in = torch.randn(experts, 2 * d_ffn, d_model) * d_model**-0.5
+    w_out = torch.randn(experts, d_model, d_ffn) * d_ffn**-0.5
+    print(
+        f"moe-blocks demo: {tokens} tokens, d_model {d_model}, {experts} experts of "
+        f"ffn {d_ffn}, top-{top_k}, backend {resolve_backend('auto', x.device)}"
+    )
+    print(f"tokens per expert: {plan.tokens_per_expert.tolist()}")
+
+    out = _glu_experts(x, w_in, w_out, plan, gates)
+    hidden = reference_expert_linear(x, w_in, expert_idx)
+    gate, up = hidden.chunk(2, dim=-1)
+    expected = reference_expert_linear(F.silu(gate) * up, w_out, expert_idx, gates=gates)
+    error = ((out.double() - expected).abs().max() / expected.abs().max()).item()
+    print(f"max relative error against the float64 reference: {error:.2e}")
+
+    params = [t.requires_grad_() for t in (x, w_in, w_out)]
+    fwd = _median_ms(lambda: _glu_experts(x, w_in, w_out, plan, gates), args.repeats)
+
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        _glu_experts(x, w_in, w_out, plan, gates).sum().backward()
+
+    both = _median_ms(fwd_bwd, args.repeats)
+    flops = 2 * tokens * top_k * d_model * d_ffn * 3
+    print(
+        f"forward {fwd:.1f} ms ({flops / fwd / 1e6:.1f} GFLOP/s), "
+        f"forward+backward {both:.1f} ms (median of {args.repeats}, fp32)"
+    )
+    return 0 if error < 1e-4 else 1
+
+
+def info(args: argparse.Namespace) -> int:
+    from .jetmoe import JetMoEConfig, JetMoEForCausalLM
+
+    config = JetMoEConfig.from_preset(args.preset)
+    with torch.device("meta"):
+        model = JetMoEForCausalLM(config)
+    total, active = model.num_parameters(), model.num_parameters(active=True)
+    embedding = config.vocab_size * config.hidden_size
+    attention_width = config.num_experts_per_tok * config.num_key_value_heads * config.kv_channels
+    # Forward FLOPs per token: 2 per active weight used in a matmul (the embedding is a lookup;
+    # the LM head is a matmul even when tied), plus QK^T and AV over a context of --context.
+    matmul_weights = active - embedding + config.vocab_size * config.hidden_size
+    attention = 4 * config.num_hidden_layers * args.context * attention_width
+    forward = 2 * matmul_weights + attention
+    rows = [
+        ("preset", args.preset),
+        ("layers", config.num_hidden_layers),
+        ("d_model (hidden_size)", config.hidden_size),
+        (
+            "experts, top-k (MoA and MoE)",
+            f"{config.num_local_experts}, {config.num_experts_per_tok}",
+        ),
+        ("KV heads x head size", f"{config.num_key_value_heads} x {config.kv_channels}"),
+        ("query heads per token", config.num_experts_per_tok * config.num_key_value_heads),
+        ("expert ffn size", config.intermediate_size),
+        ("vocabulary", config.vocab_size),
+        ("tied embeddings", config.tie_word_embeddings),
+        ("parameters", f"{total:,}"),
+        ("active parameters per token", f"{active:,} (with the embedding)"),
+        (f"forward FLOPs per token (context {args.context})", _flops(forward)),
+        ("training FLOPs per token (3x forward)", _flops(3 * forward)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _flops(value: float) -> str:
+    return f"{value / 1e9:,.2f} GFLOP" if value >= 1e9 else f"{value / 1e6:,.2f} MFLOP"
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from .train import TrainSettings, train
+
+    settings = TrainSettings(
+        preset=args.preset, data=args.data, out=args.out, steps=args.steps,
+        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, schedule=args.schedule,
+        warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
+    )  # fmt: skip
+    result = train(settings, resume=args.resume, progress=not args.quiet)
+    lm = [entry["lm_loss"] for entry in result.log if "lm_loss" in entry]
+    print(
+        f"validation: {result.start_bpb:.3f} -> {result.final_bpb:.3f} bits per byte"
+        f" after {len(lm)} steps; last train loss {lm[-1] if lm else float('nan'):.3f} nats"
+    )
+    print(
+        f"checkpoint: {result.out / 'checkpoint'}  log: {result.out / 'log.json'}  "
+        f"plot: {result.out / 'training.png'}"
+    )
+    if result.interrupted:
+        print("interrupted: checkpoint saved; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from .jetmoe import JetMoEForCausalLM
+    from .train import TrainingError
+
+    try:
+        model = JetMoEForCausalLM.from_pretrained(args.checkpoint).eval()
+    except (FileNotFoundError, ValueError) as error:
+        raise TrainingError(f"--checkpoint: {error}") from None
+    if model.config.vocab_size != 256:
+        raise TrainingError(
+            f"--checkpoint {args.checkpoint}: vocabulary {model.config.vocab_size}, "
+            "not a byte-level model trained by moe-blocks"
+        )
+    prompt = args.prompt.encode()
+    if not prompt:
+        raise TrainingError("--prompt must not be empty")
+    ids = torch.tensor([list(prompt)])
+    generator = torch.Generator().manual_seed(args.seed)
+    out = model.generate(
+        ids,
+        args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=max(args.temperature, 1e-6),
+        top_k=args.top_k,
+        generator=generator,
+    )
+    sys.stdout.write(bytes(out[0].tolist()).decode("utf-8", errors="replace") + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .jetmoe import JetMoEConfig
+    from .train import TrainingError
+
+    presets = list(JetMoEConfig.PRESETS)
+    parser = argparse.ArgumentParser(prog="moe-blocks", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_parser = commands.add_parser("train", help="train a JetMoE-style model on text")
+    train_parser.add_argument("--preset", default="tiny", help=f"one of {presets} (default tiny)")
+    train_parser.add_argument("--data", help="a text file or folder (default: Python's stdlib)")
+    train_parser.add_argument("--out", default="runs/tiny", help="output folder")
+    train_parser.add_argument("--steps", type=int, default=600)
+    train_parser.add_argument("--batch-size", type=int, default=16)
+    train_parser.add_argument("--seq-len", type=int, default=128)
+    train_parser.add_argument("--lr", type=float, default=3e-3)
+    train_parser.add_argument("--schedule", default="wsd", help="wsd (default) or cosine")
+    train_parser.add_argument("--warmup-steps", type=int, default=30)
+    train_parser.add_argument("--eval-every", type=int, default=100)
+    train_parser.add_argument("--checkpoint-every", type=int, default=200)
+    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    train_parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_parser.set_defaults(handler=train_command)
+
+    generate_parser = commands.add_parser("generate", help="sample from a trained checkpoint")
+    generate_parser.add_argument("--checkpoint", default="runs/tiny/checkpoint")
+    generate_parser.add_argument("--prompt", default="def ")
+    generate_parser.add_argument("--max-new-tokens", type=int, default=300)
+    generate_parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    generate_parser.add_argument("--top-k", type=int, default=None)
+    generate_parser.add_argument("--seed", type=int, default=0)
+    generate_parser.set_defaults(handler=generate_command)
+
+    info_parser = commands.add_parser("info", help="a preset's size and cost")
+    info_parser.add_argument("preset", nargs="?", default="jetmoe-8b", choices=presets)
+    info_parser.add_argument("--context", type=int, default=4096, help="tokens of context")
+    info_parser.set_defaults(handler=info)
+
+    demo_parser = commands.add_parser("demo", help="a short demo of the expert kernel")
+    demo_parser.add_argument("--tokens", type=int, default=512)
+    demo_parser.add_argument("--d-model", type=int, default=512)
+    demo_parser.add_argument("--d-ffn", type=int, default=704)
+    demo_parser.add_argument("--experts", type=int, default=8)
+    demo_parser.add_argument("--top-k", type=int, default=2)
+    demo_parser.add_argument("--repeats", type=int, default=5)
+    demo_parser.add_argument("--seed", type=int, default=0)
+    demo_parser.set_defaults(handler=demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except TrainingError as error:
+        print(f"moe-blocks {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""Training a JetMoE-style byte-level language model: the corpus, the loop, checkpoints, the
+log and the plot. ``moe-blocks train`` (models/cli.py) is the command-line face of
+:func:`train`.
+
+The default corpus is the running interpreter's own standard library (``*.py`` files read as
+bytes, vocabulary 256): no download, no tokenizer. Files are sorted by path and split into
+train and validation by a stable hash of the path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sysconfig
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .jetmoe import JetMoEConfig, JetMoEForCausalLM
+
+VOCAB = 256  # bytes
+VALIDATION_PERCENT = 5
+SEPARATOR = b"\n\n"
+
+
+class TrainingError(Exception):
+    """A problem with the user's input, reported as one line by the CLI."""
+
+
+# --------------------------------------------------------------------------------------------
+# Corpus
+
+
+@dataclass
+class Corpus:
+    train: torch.Tensor  # uint8 bytes
+    validation: torch.Tensor
+    description: str
+
+
+def _in_validation(relative_path: str) -> bool:
+    return zlib.crc32(relative_path.encode()) % 100 < VALIDATION_PERCENT
+
+
+def _join(paths: list[Path]) -> torch.Tensor:
+    data = SEPARATOR.join(path.read_bytes() for path in paths)
+    return (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.empty(0, dtype=torch.uint8)
+    )
+
+
+def load_corpus_files() -> list[Path]:
+    """The running interpreter's standard-library ``*.py`` files, sorted by path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(
+        path
+        for path in root.rglob("*.py")
+        if not {"site-packages", "__pycache__"} & set(path.relative_to(root).parts)
+    )
+
+
+def load_corpus(data: str | Path | None) -> Corpus:
+    """The standard library's Python sources (``data=None``), every file under a folder, or one
+    file. Folders are split by a stable hash of each file's relative path; a single file by
+    position (its last 5 % is validation)."""
+    if data is None:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = load_corpus_files()
+        description = f"Python {sysconfig.get_python_version()} standard library ({root})"
+    else:
+        root = Path(data)
+        if not root.exists():
+            raise TrainingError(f"--data {data}: no such file or folder")
+        if root.is_file():
+            content = root.read_bytes()
+            if len(content) < 2:
+                raise TrainingError(f"--data {data}: the file is empty")
+            cut = len(content) - max(1, len(content) * VALIDATION_PERCENT // 100)
+            whole = torch.frombuffer(bytearray(content), dtype=torch.uint8)
+            return Corpus(whole[:cut], whole[cut:], f"{root} ({len(content):,} bytes)")
+        files = sorted(path for path in root.rglob("*") if path.is_file())
+        description = str(root)
+    relative = [path.relative_to(root).as_posix() for path in files]
+    train_files = [p for p, r in zip(files, relative, strict=True) if not _in_validation(r)]
+    val_files = [p for p, r in zip(files, relative, strict=True) if _in_validation(r)]
+    if not val_files and len(train_files) > 1:
+        val_files = [train_files.pop()]
+    train, validation = _join(train_files), _join(val_files)
+    if train.numel() < 2:
+        raise TrainingError(f"--data {data}: no training text found")
+    if validation.numel() < 2:
+        validation = train[-max(2, train.numel() // 20) :]
+    return Corpus(
+        train,
+        validation,
+        f"{description}: {len(files)} files, {train.numel():,} + {validation.numel():,} bytes",
+    )
+
+
+def batch_at(
+    data: torch.Tensor, step: int, seed: int, batch_size: int, length: int
+) -> torch.Tensor:
+    """Windows ``[batch_size, length + 1]`` for one step, a function of (seed, step) only, so a
+    resumed run sees the same data order."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    span = data.numel() - length - 1
+    starts = torch.randint(0, max(1, span), (batch_size,), generator=generator)
+    return _windows(data, starts, length)
+
+
+def _windows(data: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    offsets = torch.arange(length + 1)
+    index = (starts[:, None] + offsets).clamp_max(data.numel() - 1)
+    return data[index].long()
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and schedule
+
+
+@dataclass
+class TrainSettings:
+    preset: str = "tiny"
+    data: str | None = None
+    out: str = "runs/tiny"
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    schedule: str = "wsd"  # warmup-stable-decay (JetMoE, MiniCPM) or cosine
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    seed: int = 0
+    threads: int | None = None
+    overrides: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise TrainingError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {value}"
+                )
+        if self.lr <= 0:
+            raise TrainingError(f"--lr must be positive, got {self.lr}")
+        if self.schedule not in ("wsd", "cosine"):
+            raise TrainingError(f"--schedule must be wsd or cosine, got {self.schedule}")
+        if self.preset not in JetMoEConfig.PRESETS:
+            raise TrainingError(
+                f"unknown preset {self.preset!r}; presets: {', '.join(JetMoEConfig.PRESETS)}"
+            )
+
+
+def learning_rate(settings: TrainSettings, step: int) -> float:
+    """Linear warmup, then WSD (constant, then linear decay over the last ``decay_fraction``)
+    or cosine, down to ``min_lr_ratio · lr``."""
+    peak, floor = settings.lr, settings.lr * settings.min_lr_ratio
+    if step < settings.warmup_steps:
+        return peak * (step + 1) / settings.warmup_steps
+    if settings.schedule == "cosine":
+        progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = settings.steps * (1 - settings.decay_fraction)
+    if step < decay_start:
+        return peak
+    progress = (step - decay_start) / max(1, settings.steps - decay_start)
+    return peak + (floor - peak) * min(1.0, progress)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: the model in the Hugging Face layout, the trainer state beside it
+
+
+def save_checkpoint(
+    directory: Path, model, optimizer, settings: TrainSettings, step: int, log: list
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                tensors[f"{names[id(param)]}::{key}"] = (
+                    value.detach().clone().contiguous().reshape(value.shape)
+                )
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    state = {"format": "moe-blocks-train/1", "step": step, "settings": asdict(settings)}
+    (directory / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+    (directory / "log.json").write_text(json.dumps(log) + "\n")
+
+
+def load_trainer_state(directory: Path) -> dict:
+    state_file = directory / "trainer_state.json"
+    if not state_file.is_file():
+        raise TrainingError(
+            f"{directory} holds no moe-blocks training checkpoint ({state_file.name} missing)"
+        )
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError:
+        raise TrainingError(f"{state_file} is not valid JSON") from None
+    if state.get("format") != "moe-blocks-train/1":
+        raise TrainingError(f"{state_file} was not written by moe-blocks train")
+    return state
+
+
+def _restore_optimizer(directory: Path, model, optimizer) -> None:
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        name, state_key = key.split("::")
+        optimizer.state[params[name]][state_key] = value
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+@torch.no_grad()
+def evaluate(model, corpus: Corpus, settings: TrainSettings) -> float:
+    """Validation loss in bits per byte on fixed windows spread over the validation text."""
+    model.eval()
+    count = settings.eval_batches * settings.batch_size
+    span = max(1, corpus.validation.numel() - settings.seq_len - 1)
+    starts = torch.linspace(0, span - 1, count).long()
+    total = 0.0
+    for chunk in starts.split(settings.batch_size):
+        window = _windows(corpus.validation, chunk, settings.seq_len)
+        logits = model(window[:, :-1]).logits
+        total += F.cross_entropy(
+            logits.reshape(-1, VOCAB).float(), window[:, 1:].reshape(-1)
+        ).item() * len(chunk)
+    model.train()
+    return total / count / math.log(2)
+
+
+def router_names(model) -> list[str]:
+    names = []
+    for index, _ in enumerate(model.model.layers):
+        names += [f"layer {index} MoA", f"layer {index} MoE"]
+    return names
+
+
+def _router_loads(model) -> list[list[int]]:
+    return [
+        router.last_tokens_per_expert.tolist()
+        for layer in model.model.layers
+        for router in (layer.self_attention.router, layer.mlp.router)
+    ]
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    log: list
+    start_bpb: float
+    final_bpb: float
+    interrupted: bool
+
+
+def train(settings: TrainSettings, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train, evaluate, checkpoint, log and plot into ``settings.out``.
+
+    ``resume``: continue from ``out/checkpoint`` (same data order: batches depend on seed and
+    step only). A KeyboardInterrupt saves a checkpoint and returns with ``interrupted``."""
+    settings.check()
+    out = Path(settings.out)
+    checkpoint_dir = out / "checkpoint"
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    corpus = load_corpus(settings.data)
+    log: list[dict] = []
+    start_step = 0
+    if resume:
+        state = load_trainer_state(checkpoint_dir)
+        saved = TrainSettings(**state["settings"])
+        for name in ("preset", "batch_size", "seq_len", "seed", "data", "overrides"):
+            if getattr(saved, name) != getattr(settings, name):
+                flag = name.replace("_", "-")
+                raise TrainingError(
+                    f"--resume: --{flag} differs from the checkpoint's ({getattr(saved, name)})"
+                )
+        model = JetMoEForCausalLM.from_pretrained(checkpoint_dir)
+        start_step = state["step"]
+        log = json.loads((checkpoint_dir / "log.json").read_text())
+    else:
+        torch.manual_seed(settings.seed)
+        model = JetMoEForCausalLM(JetMoEConfig.from_preset(settings.preset, **settings.overrides))
+    model.train()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.dim() < 2 or name.endswith("layernorm.weight") else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=settings.lr,
+        betas=(0.9, 0.95),
+    )
+    if resume:
+        _restore_optimizer(checkpoint_dir, model, optimizer)
+
+    start_bpb = log[0]["val_bpb"] if log else evaluate(model, corpus, settings)
+    if not log:
+        log.append({"step": 0, "val_bpb": start_bpb})
+    tokens_per_step = settings.batch_size * settings.seq_len
+    bar = _progress_bar(settings.steps, start_step, progress)
+    interrupted = False
+    step = start_step
+    try:
+        while step < settings.steps:
+            started = time.perf_counter()
+            lr = learning_rate(settings, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            window = batch_at(
+                corpus.train, step, settings.seed, settings.batch_size, settings.seq_len
+            )
+            output = model(window, labels=window)  # shifted inside: seq_len targets
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            elapsed = time.perf_counter() - started
+            entry = {
+                "step": step,
+                "loss": output.loss.item(),
+                "lm_loss": output.lm_loss.item(),
+                "aux_loss": output.aux_loss.item(),
+                "lr": lr,
+                "tokens_per_s": tokens_per_step / elapsed,
+                "tokens_per_expert": _router_loads(model),
+            }
+            if step % settings.eval_every == 0 or step == settings.steps:
+                entry["val_bpb"] = evaluate(model, corpus, settings)
+            log.append(entry)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{entry['lm_loss']:.3f}",
+                tok_s=f"{entry['tokens_per_s']:.0f}",
+                lr=f"{lr:.2e}",
+                val_bpb=f"{_last_bpb(log):.3f}",
+            )
+            if step % settings.checkpoint_every == 0 and step < settings.steps:
+                save_checkpoint(checkpoint_dir, model, optimizer, settings, step, log)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    save_checkpoint(checkpoint_dir, model, optimizer, settings, step, log)
+    (out / "log.json").write_text(json.dumps(log) + "\n")
+    plot_run(log, router_names(model), out / "training.png")
+    return TrainResult(out, log, start_bpb, _last_bpb(log), interrupted)
+
+
+def _last_bpb(log: list[dict]) -> float:
+    return next(entry["val_bpb"] for entry in reversed(log) if "val_bpb" in entry)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The plot
+
+
+def plot_run(log: list[dict], routers: list[str], path: Path) -> None:
+    """Loss curves (train LM loss and validation, in bits per byte) and a heatmap of the share
+    of tokens each expert received, per router, over the whole run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in log if "lm_loss" in e]
+    train_bpb = [e["lm_loss"] / math.log(2) for e in log if "lm_loss" in e]
+    val = [(e["step"], e["val_bpb"]) for e in log if "val_bpb" in e]
+    loads = torch.tensor(
+        [e["tokens_per_expert"] for e in log if "tokens_per_expert" in e], dtype=torch.float64
+    )
+    figure, (curves, heat) = plt.subplots(
+        1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.3, 1]}
+    )
+    curves.plot(steps, train_bpb, lw=0.8, alpha=0.7, label="train (LM loss)")
+    curves.plot([s for s, _ in val], [b for _, b in val], "o-", label="validation")
+    curves.set_xlabel("step")
+    curves.set_ylabel("bits per byte")
+    curves.set_title("Loss")
+    curves.grid(alpha=0.3)
+    curves.legend()
+    if loads.numel():
+        share = loads.sum(0)
+        share = share / share.sum(-1, keepdim=True).clamp_min(1)
+        image = heat.imshow(share.numpy(), cmap="viridis", aspect="auto", vmin=0)
+        heat.set_yticks(range(len(routers)), routers)
+        heat.set_xticks(range(share.shape[1]), [f"expert {e}" for e in range(share.shape[1])])
+        for (row, col), value in zip(
+            [(r, c) for r in range(share.shape[0]) for c in range(share.shape[1])],
+            share.flatten().tolist(),
+            strict=True,
+        ):
+            heat.text(col, row, f"{value:.2f}", ha="center", va="center", color="w", fontsize=8)
+        figure.colorbar(image, ax=heat, label="share of the router's assignments")
+    heat.set_title("Tokens per expert (whole run)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
