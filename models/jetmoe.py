@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_blocks import KVCache, MoA, MoEMLP, TopKRouter
+from moe_blocks.router import check_positive_int
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -70,9 +71,7 @@ class JetMoEConfig:
             "vocab_size", "hidden_size", "num_hidden_layers", "num_local_experts",
             "num_experts_per_tok", "num_key_value_heads", "kv_channels", "intermediate_size",
         ):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"JetMoEConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"JetMoEConfig.{name}", getattr(self, name))
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must not exceed "

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .experts import ParallelExperts
 from .losses import attach_aux_loss
-from .router import TopKRouter
+from .router import TopKRouter, check_positive_int
 
 
 def rotary_cos_sin(
@@ -99,8 +99,7 @@ class MoA(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.router = TopKRouter(d_model, num_experts, top_k, **router_options, **factory)
-        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
-            raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+        check_positive_int("num_kv_heads", num_kv_heads)
         if head_dim is None:
             heads = top_k * num_kv_heads
             if d_model % heads:
@@ -109,8 +108,7 @@ class MoA(nn.Module):
                     "when head_dim is not given"
                 )
             head_dim = d_model // heads
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2:
-            raise ValueError(f"head_dim must be an int >= 2, got {head_dim!r}")
+        check_positive_int("head_dim", head_dim)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
         self.d_model, self.top_k, self.head_dim, self.num_kv_heads = (

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .experts import ParallelExperts
 from .losses import attach_aux_loss
-from .router import TopKRouter
+from .router import TopKRouter, check_positive_int
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -68,8 +68,7 @@ class MoEMLP(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.router = TopKRouter(d_model, num_experts, top_k, **router_options, **factory)
-        if isinstance(d_hidden, bool) or not isinstance(d_hidden, int) or d_hidden < 1:
-            raise ValueError(f"d_hidden must be a positive int, got {d_hidden!r}")
+        check_positive_int("d_hidden", d_hidden)
         self.d_model, self.d_hidden, self.glu = d_model, d_hidden, glu
         self.activation = resolve_activation(activation)
         expanded = 2 * d_hidden if glu else d_hidden

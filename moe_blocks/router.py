@@ -77,9 +77,9 @@ class TopKRouter(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("num_experts", num_experts)
-        _check_positive_int("top_k", top_k)
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_experts", num_experts)
+        check_positive_int("top_k", top_k)
         if top_k > num_experts:
             raise ValueError(f"top_k ({top_k}) must not exceed num_experts ({num_experts})")
         if score not in SCORE_MODES:
@@ -161,7 +161,8 @@ class TopKRouter(nn.Module):
         load.zero_()
 
 
-def _check_positive_int(name: str, value) -> None:
+def check_positive_int(name: str, value) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an int >= 1 (bools rejected)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 

@@ -7,7 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moe_blocks import KVCache, MoA, use_backend
+from moe_blocks import KVCache, MoA
+
+from .helpers import assert_backends_agree
 
 
 @st.composite
@@ -165,17 +167,7 @@ def test_matches_transformers_jetmoe_attention(case, backend):
 
 
 def test_backends_agree_on_outputs_and_gradients():
-    results = {}
-    for backend in ("torch", "triton"):
-        torch.manual_seed(0)
-        moa = MoA(24, 4, 2, head_dim=6, num_kv_heads=2)
-        x = torch.randn(2, 5, 24, requires_grad=True)
-        with use_backend(backend):
-            out = moa(x)
-            out.square().sum().backward()
-        results[backend] = [out.detach(), x.grad] + [p.grad for p in moa.parameters()]
-    for ours, theirs in zip(results["torch"], results["triton"], strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert_backends_agree(lambda: MoA(24, 4, 2, head_dim=6, num_kv_heads=2), (2, 5, 24))
 
 
 @pytest.mark.slow

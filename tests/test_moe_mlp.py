@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moe_blocks import MoEMLP, use_backend
+from moe_blocks import MoEMLP
+
+from .helpers import assert_backends_agree
 
 
 @st.composite
@@ -130,17 +132,7 @@ def test_matches_transformers_jetmoe_moe(case, backend):
 
 
 def test_backends_agree_on_outputs_and_gradients():
-    results = {}
-    for backend in ("torch", "triton"):
-        torch.manual_seed(0)
-        mlp = MoEMLP(20, 12, 5, 2)
-        x = torch.randn(2, 9, 20, requires_grad=True)
-        with use_backend(backend):
-            out = mlp(x)
-            out.square().sum().backward()
-        results[backend] = [out.detach(), x.grad] + [p.grad for p in mlp.parameters()]
-    for ours, theirs in zip(results["torch"], results["triton"], strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert_backends_agree(lambda: MoEMLP(20, 12, 5, 2), (2, 9, 20))
 
 
 @pytest.mark.slow
