@@ -1,0 +1,477 @@
+"""Benchmarks of the blocks beside their baselines, shared by ``moe-blocks bench``, the
+pytest-benchmark suites in ``benches/`` and ``benches/gpu_check.py``.
+
+Every case builds each implementation with the same random weights and input and times the
+same work. Implementations:
+
+- ``moe_blocks``: our block (MoEMLP, MoA, a JetMoE layer), on the default backend.
+- ``transformers``: transformers' JetMoe module with the same weights: the per-expert loop
+  most MoE code runs today.
+- ``grouped_mm``: (MLP only) a plain autograd pipeline: sort, gather, ``torch._grouped_mm``,
+  SiLU-GLU, ``torch._grouped_mm``, gate-weighted ``index_add``.
+- ``dense``: the roofline: dense layers with the same matmul FLOPs and no routing (T·k rows
+  through one dense expert-sized MLP; for attention, one dense projection as wide as the k
+  experts' together).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_blocks import MoA, MoEMLP
+
+from .jetmoe import JetMoEConfig, JetMoEDecoderLayer
+
+# Model shapes (d_model, d_ffn, experts, top_k) at full size, and scaled for a 2-core CPU.
+SHAPES = {
+    "jetmoe-8b": (2048, 5632, 8, 2),
+    "mixtral": (4096, 14336, 8, 2),
+    "fine-grained": (1024, 256, 64, 8),
+    "deepseek-v3": (7168, 2048, 256, 8),
+}
+CPU_SHAPES = {
+    "jetmoe-8b": (1024, 2816, 8, 2),
+    "mixtral": (1024, 3584, 8, 2),
+    "fine-grained": (1024, 256, 64, 8),
+    "deepseek-v3": (896, 256, 64, 8),
+}
+TINY_SHAPES = {name: (32, 16, experts, k) for name, (_, _, experts, k) in CPU_SHAPES.items()}
+HEAD_DIM = 128  # attention: JetMoE's head size, kv heads = d_model / (top_k * head size)
+SUITES = ("mlp", "moa", "layer")
+IMPLEMENTATIONS = ("moe_blocks", "transformers", "grouped_mm", "dense")
+
+
+def shapes_for(device: str, tiny: bool = False) -> dict[str, tuple[int, int, int, int]]:
+    if tiny:
+        return TINY_SHAPES
+    return SHAPES if device == "cuda" else CPU_SHAPES
+
+
+def attention_dims(d_model: int, top_k: int) -> tuple[int, int]:
+    """(num_kv_heads, head_dim) for an MoA of ``d_model``: heads of 128 (fewer for small
+    models), ``top_k · kv_heads · head_dim = d_model`` as in JetMoE-8B."""
+    head_dim = min(HEAD_DIM, max(2, d_model // (2 * top_k)))
+    head_dim -= head_dim % 2
+    return max(1, d_model // (top_k * head_dim)), head_dim
+
+
+@dataclass
+class Case:
+    suite: str
+    shape: str
+    tokens: int
+    dtype: str
+    device: str
+    dims: tuple[int, int, int, int]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[self.dtype]
+
+    def hf_config(self):
+        from transformers import JetMoeConfig
+
+        d_model, d_ffn, experts, top_k = self.dims
+        kv_heads, head_dim = attention_dims(d_model, top_k)
+        config = JetMoeConfig(
+            vocab_size=16, hidden_size=d_model, intermediate_size=d_ffn, num_hidden_layers=1,
+            num_local_experts=experts, num_experts_per_tok=top_k, num_key_value_heads=kv_heads,
+            kv_channels=head_dim,
+        )  # fmt: skip
+        config._attn_implementation = "sdpa"
+        return config
+
+    def matmul_flops(self, backward: bool) -> float:
+        """Matmul FLOPs of the routed work (forward; ×3 with backward)."""
+        d_model, d_ffn, experts, top_k = self.dims
+        rows = self.tokens * top_k
+        if self.suite == "mlp":
+            forward = 2 * rows * d_model * 3 * d_ffn
+        else:
+            kv_heads, head_dim = attention_dims(d_model, top_k)
+            width = kv_heads * head_dim
+            projections = 2 * rows * d_model * 2 * width + 2 * self.tokens * d_model * 2 * width
+            attention = 2 * 2 * top_k * kv_heads * head_dim * self.tokens * self.tokens / 2
+            forward = projections + attention
+            if self.suite == "layer":
+                forward += 2 * rows * d_model * 3 * d_ffn
+        return forward * (3 if backward else 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations: each returns a callable module taking x [1, T, d_model]
+
+
+class GroupedMMExperts(nn.Module):
+    """The plain pipeline people write with ``torch._grouped_mm`` (no custom kernel)."""
+
+    def __init__(self, router: nn.Linear, top_k: int, w_in: Tensor, w_out: Tensor, bias: Tensor):
+        super().__init__()
+        self.router, self.top_k = router, top_k
+        self.w_in, self.w_out, self.bias = (
+            nn.Parameter(w_in),
+            nn.Parameter(w_out),
+            nn.Parameter(bias),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        logits = self.router(tokens).float()
+        top_logits, expert_idx = logits.topk(self.top_k, dim=-1)
+        gates = top_logits.softmax(-1).to(x.dtype)
+        flat = expert_idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.w_in.shape[0])
+        offsets = counts.cumsum(0).to(torch.int32)
+        rows = tokens[order // self.top_k]
+        hidden = torch._grouped_mm(rows, self.w_in.transpose(-2, -1), offs=offsets)
+        gate, up = hidden.chunk(2, dim=-1)
+        out = torch._grouped_mm(
+            (F.silu(gate) * up).contiguous(), self.w_out.transpose(-2, -1), offs=offsets
+        )
+        out = out * gates.reshape(-1)[order, None]
+        result = torch.zeros_like(tokens).index_add(0, order // self.top_k, out)
+        return (result + self.bias).view_as(x)
+
+
+class DenseMLP(nn.Module):
+    """Roofline: T·k rows through one GLU MLP of the expert's size (the routed FLOPs)."""
+
+    def __init__(self, d_model: int, d_ffn: int, top_k: int, **factory) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.w_in = nn.Linear(d_model, 2 * d_ffn, bias=False, **factory)
+        self.w_out = nn.Linear(d_ffn, d_model, bias=False, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1]).repeat(self.top_k, 1)
+        gate, up = self.w_in(rows).chunk(2, dim=-1)
+        out = self.w_out(F.silu(gate) * up)
+        return out.view(self.top_k, *x.shape).sum(0)
+
+
+class DenseAttention(nn.Module):
+    """Roofline: causal attention with the k experts' query heads as one dense projection."""
+
+    def __init__(self, d_model: int, top_k: int, kv_heads: int, head_dim: int, **factory) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = top_k * kv_heads, kv_heads, head_dim
+        self.q = nn.Linear(d_model, self.heads * head_dim, bias=False, **factory)
+        self.kv = nn.Linear(d_model, 2 * kv_heads * head_dim, bias=False, **factory)
+        self.o = nn.Linear(self.heads * head_dim, d_model, bias=False, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        q = self.q(x).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(batch, length, 2, self.kv_heads, self.head_dim).unbind(2)
+        out = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        return self.o(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def build(case: Case, impl: str) -> tuple[nn.Module | None, Tensor]:
+    """The implementation ``impl`` of ``case`` (None where it does not apply) and its input."""
+    d_model, d_ffn, experts, top_k = case.dims
+    device, dtype = case.device, case.torch_dtype
+    torch.manual_seed(0)
+    x = torch.randn(1, case.tokens, d_model, device=device, dtype=dtype)
+    config = case.hf_config()
+    kv_heads, head_dim = config.num_key_value_heads, config.kv_channels
+    factory = {"device": device, "dtype": dtype}
+    if impl == "dense":
+        if case.suite == "mlp":
+            return DenseMLP(d_model, d_ffn, top_k, **factory), x
+        if case.suite == "moa":
+            return DenseAttention(d_model, top_k, kv_heads, head_dim, **factory), x
+        return None, x
+    reference = _reference(case, config).to(device, dtype)
+    if impl == "transformers":
+        return _wrap_reference(case, reference, config, x), x
+    state = reference.state_dict()
+    if impl == "grouped_mm":
+        if case.suite != "mlp" or not _grouped_mm_runs(device, dtype):
+            return None, x
+        module = GroupedMMExperts(
+            reference.router.layer, top_k, state["input_linear.weight"],
+            state["output_linear.weight"],
+            state["bias"],
+        )  # fmt: skip
+        return module, x
+    if case.suite == "mlp":
+        ours = MoEMLP(d_model, d_ffn, experts, top_k, **factory)
+    elif case.suite == "moa":
+        ours = MoA(d_model, experts, top_k, head_dim=head_dim, num_kv_heads=kv_heads, **factory)
+        state = {k.replace("experts.", ""): v for k, v in state.items()}
+    else:
+        ours = JetMoEDecoderLayer(_our_config(config), **factory)
+        state = {
+            k.replace("self_attention.experts.", "self_attention."): v for k, v in state.items()
+        }
+    ours.load_state_dict(state)
+    return ours, x
+
+
+def _reference(case: Case, config):
+    from transformers.models.jetmoe import modeling_jetmoe as hf
+
+    module = {
+        "mlp": lambda: hf.JetMoeMoE(config),
+        "moa": lambda: hf.JetMoeAttention(config, layer_idx=0),
+        "layer": lambda: hf.JetMoeDecoderLayer(config, layer_idx=0),
+    }[case.suite]()
+    for param in module.parameters():
+        nn.init.normal_(param, std=0.02)
+    return module
+
+
+def _wrap_reference(case: Case, reference, config, x: Tensor):
+    if case.suite == "mlp":
+        return reference
+    from transformers.models.jetmoe.modeling_jetmoe import JetMoeRotaryEmbedding
+
+    positions = torch.arange(case.tokens, device=x.device)[None]
+    cos_sin = JetMoeRotaryEmbedding(config).to(x.device)(x, positions)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = reference
+
+        def forward(self, h):
+            out = self.inner(h, attention_mask=None, position_embeddings=cos_sin)
+            return out[0] if isinstance(out, tuple) else out
+
+    return Wrapped()
+
+
+def _our_config(config) -> JetMoEConfig:
+    return JetMoEConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=1,
+        num_local_experts=config.num_local_experts, num_experts_per_tok=config.num_experts_per_tok,
+        num_key_value_heads=config.num_key_value_heads, kv_channels=config.kv_channels,
+        intermediate_size=config.intermediate_size,
+    )  # fmt: skip
+
+
+def _grouped_mm_runs(device: str, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)
+    return dtype in (torch.float32, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+def step_function(module: nn.Module, x: Tensor, backward: bool):
+    """The callable that one timing repetition runs."""
+    if not backward:
+
+        def forward_only():
+            with torch.no_grad():
+                return module(x)
+
+        return forward_only
+    x = x.detach().requires_grad_()
+
+    def forward_backward():
+        for param in module.parameters():
+            param.grad = None
+        x.grad = None
+        out = module(x)
+        out.backward(torch.ones_like(out))
+        return out
+
+    return forward_backward
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_median_ms(
+    fn, device: str, *, min_repeats: int = 3, max_repeats: int = 50, budget_s: float = 1.5
+) -> float:
+    fn()
+    _sync(device)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_repeats or (
+        len(times) < max_repeats and time.perf_counter() - started < budget_s
+    ):
+        begin = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def memory_mb(module: nn.Module, x: Tensor, device: str) -> float:
+    """Forward+backward memory: on CUDA the peak allocated above the inputs and weights; on CPU
+    the bytes of the tensors autograd saved for backward (what training must keep)."""
+    step = step_function(module, x, backward=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    seen: dict[int, int] = {}
+
+    def pack(tensor: Tensor):
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(size for ptr, size in seen.items() if ptr not in parameters) / 2**20
+
+
+@dataclass
+class Result:
+    suite: str
+    shape: str
+    tokens: int
+    dtype: str
+    device: str
+    impl: str
+    backward: bool
+    median_ms: float
+    tflops: float
+    memory_mb: float | None
+    vs_dense: float | None = None
+    vs_transformers: float | None = None
+
+
+def run_case(
+    case: Case, backward: bool, impls=IMPLEMENTATIONS, measure_memory: bool = True, **timing
+) -> list[Result]:
+    results = []
+    for impl in impls:
+        module, x = build(case, impl)
+        if module is None:
+            continue
+        elapsed = time_median_ms(step_function(module, x, backward), case.device, **timing)
+        memory = memory_mb(module, x, case.device) if backward and measure_memory else None
+        tflops = case.matmul_flops(backward) / (elapsed / 1e3) / 1e12
+        results.append(
+            Result(
+                case.suite,
+                case.shape,
+                case.tokens,
+                case.dtype,
+                case.device,
+                impl,
+                backward,
+                elapsed,
+                tflops,
+                memory,
+            )
+        )
+        del module
+    times = {r.impl: r.median_ms for r in results}
+    for r in results:
+        if "dense" in times:
+            r.vs_dense = r.median_ms / times["dense"]
+        if "transformers" in times:
+            r.vs_transformers = times["transformers"] / r.median_ms
+    return results
+
+
+def run_suite(
+    suite: str,
+    shapes: list[str],
+    tokens: list[int],
+    dtypes: list[str],
+    device: str,
+    *,
+    tiny: bool = False,
+    passes=(False, True),
+    **timing,
+) -> list[Result]:
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
+    table = shapes_for(device, tiny)
+    results = []
+    for shape in shapes:
+        if shape not in table:
+            raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(table)}")
+        for count in tokens:
+            for dtype in dtypes:
+                case = Case(suite, shape, count, dtype, device, table[shape])
+                for backward in passes:
+                    results.append(run_case(case, backward, **timing))
+    return [r for group in results for r in group]
+
+
+def format_table(results: list[Result]) -> str:
+    header = (
+        f"{'suite':<6}{'shape':<14}{'tokens':>7} {'dtype':<5}{'pass':<9}{'impl':<13}"
+        f"{'ms':>10}{'TFLOP/s':>9}{'x dense':>9}{'x faster':>10}{'mem MB':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        passes = "fwd+bwd" if r.backward else "fwd"
+        lines.append(
+            f"{r.suite:<6}{r.shape:<14}{r.tokens:>7} {r.dtype:<5}{passes:<9}"
+            f"{r.impl:<13}{r.median_ms:>10.2f}{r.tflops:>9.3f}{_opt(r.vs_dense, 9, 2)}"
+            f"{_opt(r.vs_transformers, 10, 2)}{_opt(r.memory_mb, 9, 1)}"
+        )
+    return "\n".join(lines)
+
+
+def _opt(value: float | None, width: int, digits: int) -> str:
+    return " " * width if value is None else f"{value:>{width}.{digits}f}"
+
+
+def plot(results: list[Result], path) -> None:
+    """Throughput against tokens, one line per implementation, a panel per (suite, shape,
+    dtype, pass)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r.suite, r.shape, r.dtype, r.backward) for r in results})
+    columns = min(4, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    for ax, (suite, shape, dtype, backward) in zip(axes.flat, panels, strict=False):
+        for impl in IMPLEMENTATIONS:
+            points = sorted(
+                (r.tokens, r.tflops)
+                for r in results
+                if (r.suite, r.shape, r.dtype, r.backward, r.impl)
+                == (suite, shape, dtype, backward, impl)
+            )
+            if points:
+                ax.plot(*zip(*points), "o-", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{suite} {shape} {dtype} {'fwd+bwd' if backward else 'fwd'}", fontsize=9)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("TFLOP/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def to_json(results: list[Result]) -> list[dict]:
+    return [asdict(r) for r in results]
