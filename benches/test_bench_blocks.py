@@ -1,102 +1,44 @@
-"""MoEMLP and MoA forward and forward+backward beside transformers' JetMoe MoE and MoA modules
-holding the same weights (the per-expert loop most people run today).
+"""MoEMLP, MoA and one JetMoE layer, forward and forward+backward, beside transformers' JetMoe
+modules with the same weights, a torch._grouped_mm pipeline (MLP) and the dense roofline.
+Cases and implementations come from moe_blocks.models.bench (also behind `moe-blocks bench`).
 
     python -m pytest benches/test_bench_blocks.py --benchmark-warmup=on --benchmark-min-rounds=5
 """
 
 import pytest
-import torch
 
-from moe_blocks import MoA, MoEMLP
+from moe_blocks.models import bench
 
 from .conftest import DEVICE, TINY
 
-# (batch, length, d_model, ffn, experts, top_k, kv_heads, head_dim), scaled to 2 CPU cores.
-SHAPES = {
-    "jetmoe-like": (2, 256, 1024, 1408, 8, 2, 8, 64),
-    "fine-grained": (2, 256, 512, 128, 32, 4, 4, 32),
-}
-if TINY:
-    SHAPES = {"tiny": (1, 8, 32, 16, 4, 2, 2, 8)}
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SHAPES = (
+    ["jetmoe-8b", "mixtral", "fine-grained", "deepseek-v3"]
+    if DEVICE == "cuda"
+    else ["jetmoe-8b", "fine-grained"]
+)
+TOKENS = [8, 4096] if DEVICE == "cuda" else [8, 512]
+DTYPES = ["bf16"] if DEVICE == "cuda" else ["bf16", "fp32"]
 
 
-def _config(shape):
-    from transformers import JetMoeConfig
-
-    _, _, d_model, ffn, experts, top_k, kv_heads, head_dim = shape
-    config = JetMoeConfig(
-        vocab_size=16, hidden_size=d_model, intermediate_size=ffn, num_hidden_layers=1,
-        num_local_experts=experts, num_experts_per_tok=top_k, num_key_value_heads=kv_heads,
-        kv_channels=head_dim,
-    )  # fmt: skip
-    config._attn_implementation = "sdpa"
-    return config
-
-
-def build(block, impl, shape, dtype):
-    """The block (ours or transformers') with shared random weights, and its input."""
-    from transformers.models.jetmoe.modeling_jetmoe import (
-        JetMoeAttention,
-        JetMoeMoE,
-        JetMoeRotaryEmbedding,
-    )
-
-    batch, length, d_model, ffn, experts, top_k, kv_heads, head_dim = shape
-    torch.manual_seed(0)
-    config = _config(shape)
-    reference = JetMoeMoE(config) if block == "mlp" else JetMoeAttention(config, layer_idx=0)
-    for param in reference.parameters():
-        torch.nn.init.normal_(param, std=0.02)
-    reference = reference.to(DEVICE, dtype)
-    x = torch.randn(batch, length, d_model, device=DEVICE, dtype=dtype)
-    if impl == "transformers":
-        if block == "mlp":
-            return reference, x
-        cos_sin = JetMoeRotaryEmbedding(config).to(DEVICE)(x, torch.arange(length)[None])
-        run = lambda h: reference(h, attention_mask=None, position_embeddings=cos_sin)[0]  # noqa: E731
-        return run, x
-    if block == "mlp":
-        ours = MoEMLP(d_model, ffn, experts, top_k)
-        state = reference.state_dict()
-    else:
-        ours = MoA(d_model, experts, top_k, head_dim=head_dim, num_kv_heads=kv_heads)
-        state = {k.replace("experts.", ""): v for k, v in reference.state_dict().items()}
-    ours = ours.to(DEVICE, dtype)
-    ours.load_state_dict(state)
-    return ours, x
+def _cases():
+    table = bench.shapes_for(DEVICE, TINY)
+    for suite in bench.SUITES:
+        for shape in SHAPES:
+            for tokens in TOKENS[:1] if TINY else TOKENS:
+                for dtype in DTYPES:
+                    case = bench.Case(suite, shape, tokens, dtype, DEVICE, table[shape])
+                    for impl in bench.IMPLEMENTATIONS:
+                        if bench.applies(case, impl):
+                            yield pytest.param(
+                                case, impl, id=f"{suite}-{shape}-{tokens}-{dtype}-{impl}"
+                            )
 
 
-def _params():
-    for block in ("mlp", "moa"):
-        for shape_name in SHAPES:
-            for dtype_name in DTYPES:
-                yield pytest.param(
-                    block, shape_name, dtype_name, id=f"{block}-{shape_name}-{dtype_name}"
-                )
-
-
-@pytest.mark.parametrize("impl", ["moe_blocks", "transformers"])
-@pytest.mark.parametrize("block,shape_name,dtype_name", list(_params()))
-def test_forward(benchmark, impl, block, shape_name, dtype_name):
-    benchmark.group = f"{block} forward {shape_name} {dtype_name}"
-    module, x = build(block, impl, SHAPES[shape_name], DTYPES[dtype_name])
-    with torch.no_grad():
-        out = benchmark(module, x)
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("case,impl", list(_cases()))
+def test_block(benchmark, case, impl, backward):
+    module, x = bench.build(case, impl)
+    passes = "fwd+bwd" if backward else "fwd"
+    benchmark.group = f"{case.suite} {case.shape} {case.tokens} tokens {case.dtype} {passes}"
+    out = benchmark(bench.step_function(module, x, backward))
     assert out.shape == x.shape
-
-
-@pytest.mark.parametrize("impl", ["moe_blocks", "transformers"])
-@pytest.mark.parametrize("block,shape_name,dtype_name", list(_params()))
-def test_forward_backward(benchmark, impl, block, shape_name, dtype_name):
-    benchmark.group = f"{block} forward+backward {shape_name} {dtype_name}"
-    module, x = build(block, impl, SHAPES[shape_name], DTYPES[dtype_name])
-    x.requires_grad_()
-
-    def step():
-        x.grad = None
-        out = module(x)
-        out.backward(torch.ones_like(out))
-
-    benchmark(step)
-    assert x.grad is not None

@@ -177,8 +177,18 @@ class DenseAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(batch, length, -1))
 
 
-def build(case: Case, impl: str) -> tuple[nn.Module | None, Tensor]:
-    """The implementation ``impl`` of ``case`` (None where it does not apply) and its input."""
+def applies(case: Case, impl: str) -> bool:
+    """Whether ``impl`` exists for ``case``: the grouped_mm pipeline is an MLP and needs a
+    dtype/device ``_grouped_mm`` runs; there is no dense roofline for a whole layer."""
+    if impl == "grouped_mm":
+        return case.suite == "mlp" and _grouped_mm_runs(case.device, case.torch_dtype)
+    if impl == "dense":
+        return case.suite != "layer"
+    return True
+
+
+def build(case: Case, impl: str) -> tuple[nn.Module, Tensor]:
+    """The implementation ``impl`` of ``case`` (see :func:`applies`) and its input."""
     d_model, d_ffn, experts, top_k = case.dims
     device, dtype = case.device, case.torch_dtype
     torch.manual_seed(0)
@@ -189,16 +199,12 @@ def build(case: Case, impl: str) -> tuple[nn.Module | None, Tensor]:
     if impl == "dense":
         if case.suite == "mlp":
             return DenseMLP(d_model, d_ffn, top_k, **factory), x
-        if case.suite == "moa":
-            return DenseAttention(d_model, top_k, kv_heads, head_dim, **factory), x
-        return None, x
+        return DenseAttention(d_model, top_k, kv_heads, head_dim, **factory), x
     reference = _reference(case, config).to(device, dtype)
     if impl == "transformers":
         return _wrap_reference(case, reference, config, x), x
     state = reference.state_dict()
     if impl == "grouped_mm":
-        if case.suite != "mlp" or not _grouped_mm_runs(device, dtype):
-            return None, x
         module = GroupedMMExperts(
             reference.router.layer, top_k, state["input_linear.weight"],
             state["output_linear.weight"],
@@ -361,10 +367,8 @@ def run_case(
     case: Case, backward: bool, impls=IMPLEMENTATIONS, measure_memory: bool = True, **timing
 ) -> list[Result]:
     results = []
-    for impl in impls:
+    for impl in (impl for impl in impls if applies(case, impl)):
         module, x = build(case, impl)
-        if module is None:
-            continue
         elapsed = time_median_ms(step_function(module, x, backward), case.device, **timing)
         memory = memory_mb(module, x, case.device) if backward and measure_memory else None
         tflops = case.matmul_flops(backward) / (elapsed / 1e3) / 1e12
@@ -459,7 +463,7 @@ def plot(results: list[Result], path) -> None:
                 == (suite, shape, dtype, backward, impl)
             )
             if points:
-                ax.plot(*zip(*points), "o-", label=impl)
+                ax.plot(*zip(*points, strict=True), "o-", label=impl)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{suite} {shape} {dtype} {'fwd+bwd' if backward else 'fwd'}", fontsize=9)
         ax.set_xlabel("tokens")

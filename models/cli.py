@@ -6,6 +6,8 @@ Subcommands:
               and a PNG of the loss curves and expert loads.
     generate  sample from a trained checkpoint given a prompt.
     info      a preset's architecture, total and active parameters, FLOPs per token.
+    bench     time MoEMLP, MoA or a JetMoE layer beside transformers' modules, a grouped_mm
+              pipeline and the dense roofline; print a table, write JSON and a PNG.
     demo      an expert MLP built from two expert_linear calls, checked against the float64
               reference and timed.
 
@@ -193,6 +195,48 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_command(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from . import bench
+    from .train import TrainingError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        raise TrainingError(
+            f"--tokens must be comma-separated integers, got {args.tokens!r}"
+        ) from None
+    if any(t < 1 for t in tokens):
+        raise TrainingError("--tokens must be positive")
+    shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")
+    table = bench.shapes_for(device, args.tiny)
+    for shape in shapes:
+        if shape not in table:
+            raise TrainingError(f"unknown shape {shape!r}; shapes: {', '.join(table)}")
+    for dtype in dtypes:
+        if dtype not in ("bf16", "fp32", "fp16"):
+            raise TrainingError(f"--dtypes: {dtype!r} is not bf16, fp32 or fp16")
+    try:
+        import transformers  # noqa: F401  (the baselines)
+    except ImportError:
+        raise TrainingError("the baselines need transformers: pip install transformers") from None
+    passes = {"fwd": (False,), "fwd+bwd": (True,), "both": (False, True)}[args.passes]
+    results = bench.run_suite(
+        args.suite, shapes, tokens, dtypes, device, tiny=args.tiny, passes=passes,
+        max_repeats=args.repeats, budget_s=args.budget,
+    )  # fmt: skip
+    print(bench.format_table(results))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bench_{args.suite}.json").write_text(json.dumps(bench.to_json(results), indent=1))
+    bench.plot(results, out / f"bench_{args.suite}.png")
+    print(f"wrote {out / f'bench_{args.suite}.json'} and {out / f'bench_{args.suite}.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .jetmoe import JetMoEConfig
     from .train import TrainingError
@@ -232,6 +276,23 @@ def main(argv: list[str] | None = None) -> int:
     info_parser.add_argument("preset", nargs="?", default="jetmoe-8b", choices=presets)
     info_parser.add_argument("--context", type=int, default=4096, help="tokens of context")
     info_parser.set_defaults(handler=info)
+
+    bench_parser = commands.add_parser("bench", help="benchmark a block beside its baselines")
+    bench_parser.add_argument("--suite", default="mlp", choices=["mlp", "moa", "layer"])
+    bench_parser.add_argument(
+        "--shapes",
+        default="jetmoe-8b,fine-grained",
+        help="comma-separated: jetmoe-8b, mixtral, fine-grained, deepseek-v3",
+    )
+    bench_parser.add_argument("--tokens", default="8,256,2048", help="comma-separated counts")
+    bench_parser.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp32, fp16")
+    bench_parser.add_argument("--passes", default="both", choices=["fwd", "fwd+bwd", "both"])
+    bench_parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present")
+    bench_parser.add_argument("--repeats", type=int, default=20, help="at most this many timings")
+    bench_parser.add_argument("--budget", type=float, default=2.0, help="seconds per measurement")
+    bench_parser.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
+    bench_parser.add_argument("--out", default="runs/bench", help="folder for JSON and PNG")
+    bench_parser.set_defaults(handler=bench_command)
 
     demo_parser = commands.add_parser("demo", help="a short demo of the expert kernel")
     demo_parser.add_argument("--tokens", type=int, default=512)
