@@ -42,11 +42,13 @@ def assert_backends_agree(make_block, input_shape):
     and Triton backends, built twice from the same seed."""
     from moe_blocks import use_backend
 
+    from .conftest import DEVICE
+
     results = {}
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
-        block = make_block()
-        x = torch.randn(input_shape, requires_grad=True)
+        block = make_block().to(DEVICE)
+        x = torch.randn(input_shape).to(DEVICE).requires_grad_()
         with use_backend(backend):
             out = block(x)
             out.square().sum().backward()

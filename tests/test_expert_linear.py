@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from moe_blocks.kernels import expert_linear, plan_dispatch
 from moe_blocks.testing import feature_dims, reference_expert_linear, routings
 
+from .conftest import DEVICE
 from .helpers import LAYOUTS, assert_matches, make_tensor
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,15 +43,19 @@ def check_against_reference(problem, backend):
     num_tokens, top_k, num_experts = routing.num_tokens, routing.top_k, routing.num_experts
     d_in, d_out = problem["in_features"], problem["out_features"]
     gen = torch.Generator().manual_seed(problem["seed"])
-    plan = plan_dispatch(routing.expert_idx, num_experts)
+    plan = plan_dispatch(routing.expert_idx.to(DEVICE), num_experts)
 
     x_rows = num_tokens * top_k if problem["x_per_assignment"] else num_tokens
-    x = make_tensor((x_rows, d_in), dtype, problem["x_layout"], gen).requires_grad_()
-    weight = make_tensor(
-        (num_experts, d_out, d_in), dtype, problem["w_layout"], gen, scale=d_in**-0.5
-    ).requires_grad_()
+    x = make_tensor((x_rows, d_in), dtype, problem["x_layout"], gen).to(DEVICE).requires_grad_()
+    weight = (
+        make_tensor((num_experts, d_out, d_in), dtype, problem["w_layout"], gen, scale=d_in**-0.5)
+        .to(DEVICE)
+        .requires_grad_()
+    )
     bias = make_tensor((num_experts, d_out), dtype, generator=gen) if problem["with_bias"] else None
     gates = torch.rand(num_tokens, top_k, generator=gen) if problem["with_gates"] else None
+    bias = bias.to(DEVICE) if bias is not None else None
+    gates = gates.to(DEVICE) if gates is not None else None
     for tensor in (bias, gates):
         if tensor is not None:
             tensor.requires_grad_()
@@ -61,28 +66,30 @@ def check_against_reference(problem, backend):
         x, weight, plan, bias=bias, gates=gates, grouped_in=problem["grouped_in"],
         grouped_out=problem["grouped_out"], backend=backend,
     )  # fmt: skip
-    upstream = torch.randn(out.shape, generator=gen).to(out.dtype)
+    upstream = torch.randn(out.shape, generator=gen).to(DEVICE, out.dtype)
     (out * upstream).sum().backward()
 
     leaves = {
-        name: t.detach().double().requires_grad_() for name, t in inputs.items() if t is not None
+        name: t.detach().cpu().double().requires_grad_()
+        for name, t in inputs.items()
+        if t is not None
     }
     expected = reference_expert_linear(
         leaves["x"], leaves["weight"], routing.expert_idx, bias=leaves.get("bias"),
-        gates=leaves.get("gates"), sorted_indices=plan.sorted_indices,
+        gates=leaves.get("gates"), sorted_indices=plan.sorted_indices.cpu(),
         grouped_in=problem["grouped_in"], grouped_out=problem["grouped_out"],
     )  # fmt: skip
     if expected.requires_grad:  # an empty routing (T=0) depends on nothing
-        (expected * upstream.double()).sum().backward()
+        (expected * upstream.cpu().double()).sum().backward()
 
     assert out.dtype == dtype
-    assert_matches(out, expected.detach(), dtype, "output")
+    assert_matches(out.cpu(), expected.detach(), dtype, "output")
     for name, leaf in leaves.items():
         grad = inputs[name].grad
         assert grad is not None, f"no gradient for {name}"
         grad_dtype = torch.float32 if name == "gates" else dtype
         expected_grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        assert_matches(grad, expected_grad, max(grad_dtype, dtype, key=_eps), f"grad {name}")
+        assert_matches(grad.cpu(), expected_grad, max(grad_dtype, dtype, key=_eps), f"grad {name}")
     for name, before in snapshots.items():
         assert torch.equal(inputs[name].detach(), before), f"{name} was modified"
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from moe_blocks import KVCache, MoA
 
+from .conftest import DEVICE
 from .helpers import assert_backends_agree
 
 
@@ -151,9 +152,11 @@ def test_matches_transformers_jetmoe_attention(case, backend):
     ours.load_state_dict(
         {name.replace("experts.", ""): t for name, t in reference.state_dict().items()}
     )
-    x = torch.randn(2, 9, case["hidden_size"], requires_grad=True)
+    reference, ours = reference.to(DEVICE), ours.to(DEVICE)
+    x = torch.randn(2, 9, case["hidden_size"]).to(DEVICE).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
-    cos_sin = JetMoeRotaryEmbedding(config)(x_ref, torch.arange(9)[None])
+    positions = torch.arange(9, device=DEVICE)[None]
+    cos_sin = JetMoeRotaryEmbedding(config).to(DEVICE)(x_ref, positions)
     expected = reference(x_ref, attention_mask=None, position_embeddings=cos_sin)[0]
     out = ours(x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from moe_blocks import MoEMLP
 
+from .conftest import DEVICE
 from .helpers import assert_backends_agree
 
 
@@ -118,7 +119,8 @@ def test_matches_transformers_jetmoe_moe(case, backend):
         aux_loss_coef=0.0,
     )  # fmt: skip  (transformers' module has no aux loss in its gradient)
     ours.load_state_dict(reference.state_dict())
-    x = torch.randn(2, 7, case["hidden_size"], requires_grad=True)
+    reference, ours = reference.to(DEVICE), ours.to(DEVICE)
+    x = torch.randn(2, 7, case["hidden_size"]).to(DEVICE).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     out, expected = ours(x), reference(x_ref)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,218 @@
+"""The GPU check: one command for a machine with one H100/H200, under 8 minutes.
+
+    python benches/gpu_check.py --out OUT
+
+1. Makes moe_blocks importable without touching the machine's packages (an offline
+   ``pip install --no-deps --no-index --target``), and prints the versions it runs with.
+2. Runs the kernel and block tests on CUDA (Triton compiled for the card, not interpreted).
+3. The GPU suite: MoEMLP forward+backward at the JetMoE-8B and fine-grained shapes, bf16, 16k
+   tokens (and a decode-sized 8), beside transformers' JetMoe MoE, the torch._grouped_mm
+   pipeline and the dense cuBLAS roofline.
+4. One JetMoE-8B (random weights, bf16) forward+backward at a training batch, ours beside
+   transformers' JetMoeForCausalLM on the same GPU, each in its own process.
+5. Prints a short table last; writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.log``.
+
+``--tiny`` runs the same steps with tiny shapes on whatever device is there (CI runs it on CPU
+to keep the script working; its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(message: str, sink) -> None:
+    print(message, flush=True)
+    sink.write(message + "\n")
+    sink.flush()
+
+
+def ensure_importable(env: dict, sink) -> dict:
+    """moe_blocks importable in child processes: the installed one, or a private install."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import moe_blocks.kernels"], env=env, capture_output=True
+    )
+    if probe.returncode == 0:
+        return env
+    target = Path(tempfile.mkdtemp(prefix="moe_blocks_"))
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+               "--no-build-isolation", "--target", str(target), str(ROOT)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        log(f"could not install moe_blocks offline:\n{result.stderr[-2000:]}", sink)
+        raise SystemExit(1)
+    return env | {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), env.get("PYTHONPATH")]))}
+
+
+def run_child(code: str, arguments: list[str], env: dict, timeout: int, sink) -> dict | list:
+    """Run ``code`` in a fresh Python with ``arguments``; it prints one JSON line last."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code, *arguments], env=env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if result.stderr:
+        log(result.stderr[-8000:], sink)
+    if result.returncode != 0:
+        return {"error": result.stderr[-3000:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+VERSIONS = """
+import json, torch, triton, transformers
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+print(json.dumps({"torch": torch.__version__, "triton": triton.__version__,
+                  "transformers": transformers.__version__, "device": device,
+                  "python": __import__("sys").version.split()[0]}))
+"""
+
+SUITE = """
+import json, sys
+from moe_blocks.models import bench
+device, tiny, tokens = sys.argv[1], sys.argv[2] == "1", [int(t) for t in sys.argv[3].split(",")]
+results = bench.run_suite("mlp", ["jetmoe-8b", "fine-grained"], tokens, ["bf16"], device,
+                          tiny=tiny, passes=(True,), max_repeats=20, budget_s=3.0)
+print(bench.format_table(results), file=sys.stderr)
+print(json.dumps(bench.to_json(results)))
+"""
+
+MODEL = """
+import json, statistics, sys, time, torch
+which, device, tiny = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+batch, length = (2, 32) if tiny else (2, 2048)
+dtype = torch.bfloat16
+from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
+config = JetMoEConfig.from_preset("tiny" if tiny else "jetmoe-8b")
+torch.manual_seed(0)
+if which == "moe_blocks":
+    with torch.device("meta"):
+        model = JetMoEForCausalLM(config, dtype=dtype)
+    model.to_empty(device=device)
+    model.init_weights()
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = buffer.to(device)
+    step = lambda ids: model(ids, labels=ids).loss
+else:
+    import transformers
+    hf_config = transformers.JetMoeConfig(**{k: v for k, v in config.to_hf_dict().items()
+        if k not in ("architectures", "model_type", "rope_parameters", "num_attention_heads")})
+    hf_config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = transformers.JetMoeForCausalLM(hf_config).to(dtype)
+    step = lambda ids: model(input_ids=ids, labels=ids).loss
+ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+times = []
+for repeat in range(4):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(); start = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    step(ids).backward()
+    sync(); times.append((time.perf_counter() - start) * 1e3)
+peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+print(json.dumps({"impl": which, "tokens": batch * length, "peak_gib": peak, "parameters": count,
+                  "median_ms": statistics.median(times[1:])}))
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/gpu_check", help="folder for the JSON and log")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test)")
+    parser.add_argument("--skip-tests", action="store_true", help="benchmarks only")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    report["commit"] = commit.stdout.strip() or "unknown"
+    with open(out / "gpu_check.log", "w") as sink:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        env = ensure_importable(env, sink)
+        report["versions"] = run_child(VERSIONS, [], env, 120, sink)
+        log(f"versions: {report['versions']}  commit {report['commit']}", sink)
+        device = (
+            "cuda"
+            if "error" not in report["versions"] and report["versions"]["device"] != "cpu"
+            else "cpu"
+        )
+        tiny = args.tiny or device == "cpu"
+        if device == "cpu":
+            log("no CUDA device: running the tiny smoke test on CPU", sink)
+            env["TRITON_INTERPRET"] = "1"
+
+        if not args.skip_tests:
+            started = time.perf_counter()
+            tests = ["tests/test_plan.py", "tests/test_expert_linear.py", "tests/test_moe_mlp.py",
+                     "tests/test_moa.py"]  # fmt: skip
+            if tiny:
+                tests = ["tests/test_plan.py"]
+            result = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                cwd=ROOT, env=env | {"HYPOTHESIS_PROFILE": "gpu_check"}, capture_output=True,
+                text=True, timeout=300,
+            )  # fmt: skip
+            summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+            report["tests"] = {"returncode": result.returncode, "summary": summary,
+                               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+            log(result.stdout[-6000:] + result.stderr[-2000:], sink)
+            log(f"tests: {summary}", sink)
+
+        flag = "1" if tiny else "0"
+        tokens = "4,16" if tiny else "8,16384"
+        report["suite"] = run_child(SUITE, [device, flag, tokens], env, 300, sink)
+        report["model"] = []
+        for which in ("moe_blocks", "transformers"):
+            result = run_child(MODEL, [which, device, flag], env, 300, sink)
+            report["model"].append(result)
+            log(f"JetMoE forward+backward {which}: {result}", sink)
+
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+        log("\n" + summary_table(report), sink)
+    failed = report.get("tests", {}).get("returncode", 0) != 0 or "error" in report["suite"]
+    return 1 if failed else 0
+
+
+def summary_table(report: dict) -> str:
+    lines = [f"GPU check, commit {report['commit']}, {report['versions']}"]
+    if "tests" in report:
+        lines.append(f"tests on the device: {report['tests']['summary']}")
+    if isinstance(report["suite"], list):
+        header = ("MoEMLP fwd+bwd bf16", "tokens", "impl", "ms", "TFLOP/s", "x dense")
+        lines.append("{:<28}{:>7}{:>14}{:>10}{:>9}{:>9}".format(*header))
+        for row in report["suite"]:
+            lines.append(
+                f"{row['shape']:<28}{row['tokens']:>7}{row['impl']:>14}{row['median_ms']:>10.2f}"
+                f"{row['tflops']:>9.1f}{row['vs_dense']:>9.2f}"
+            )
+    for row in report["model"]:
+        if "error" in row:
+            lines.append(f"JetMoE fwd+bwd: error {row['error'][-300:]}")
+        else:
+            peak = f"{row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else "-"
+            lines.append(
+                f"JetMoE fwd+bwd {row['impl']:<13} {row['tokens']} tokens: "
+                f"{row['median_ms']:.1f} ms, peak {peak}"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
