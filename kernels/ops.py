@@ -79,6 +79,9 @@ def _register(name: str, impl: ModuleType) -> tuple:
         x, weight, sorted_indices, sorted_experts, expert_offsets = ctx.saved_tensors
         fan_out, x_layout, y_layout = ctx.fan_out, ctx.x_layout, ctx.y_layout
         dy = dy.contiguous()
+        if impl.COPIES_ROWS_TO_GROUPED and y_layout != RowLayout.GROUPED:
+            dy = torch_backend.to_grouped(dy, y_layout, sorted_indices, fan_out)
+            y_layout = RowLayout.GROUPED
         dx = dw = dbias = None
         if ctx.needs_input_grad[0]:
             # dx_row(i) = dy_row(i) @ weight[e(i)]; a token read k times sums its k rows.

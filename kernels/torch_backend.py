@@ -14,6 +14,9 @@ from torch import Tensor
 from .plan import RowLayout
 
 _ALIGN_BYTES = 16  # _grouped_mm wants every non-unit stride to be a multiple of 16 bytes
+# This backend copies rows into grouped order before each matmul, so the backward pass groups
+# the output gradient once and hands both products (dx and dW) the grouped copy.
+COPIES_ROWS_TO_GROUPED = True
 
 
 def source_rows(layout: int, sorted_indices: Tensor, fan_out: int) -> Tensor | None:

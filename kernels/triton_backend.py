@@ -23,6 +23,8 @@ from torch import Tensor
 from .plan import RowLayout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The kernels gather rows through the plan's indices themselves: no grouped copies needed.
+COPIES_ROWS_TO_GROUPED = False
 
 # Block configurations the autotuner chooses from on GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 GEMM_CONFIGS = [
