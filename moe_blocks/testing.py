@@ -23,13 +23,15 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
+from .kernels import DispatchPlan
+
 __all__ = ["Routing", "feature_dims", "reference_expert_linear", "routings", "tolerances"]
 
 
 def reference_expert_linear(
     x: Tensor,
     weight: Tensor,
-    expert_idx: Tensor,
+    expert_idx: Tensor | DispatchPlan,
     *,
     bias: Tensor | None = None,
     gates: Tensor | None = None,
@@ -39,9 +41,21 @@ def reference_expert_linear(
 ) -> Tensor:
     """What ``expert_linear`` computes, in float64, one assignment at a time.
 
-    ``sorted_indices`` (the grouped order) is needed with ``grouped_in`` or ``grouped_out``.
-    Differentiable: call it on float64 leaves to get reference gradients.
+    ``expert_idx`` is the routing ``[T, k]`` or a :class:`DispatchPlan` (whose
+    ``sorted_indices`` then serve as the grouped order unless given). ``sorted_indices`` (the
+    grouped order) is needed with ``grouped_in`` or ``grouped_out``. Differentiable: call it on
+    float64 leaves to get reference gradients.
     """
+    if isinstance(expert_idx, DispatchPlan):
+        if sorted_indices is None:
+            sorted_indices = expert_idx.sorted_indices
+        expert_idx = expert_idx.expert_idx
+    if (grouped_in or grouped_out) and sorted_indices is None:
+        raise ValueError("grouped_in/grouped_out need sorted_indices (or pass the plan)")
+    expert_idx, sorted_indices = (
+        expert_idx.cpu(),
+        (sorted_indices.cpu() if sorted_indices is not None else None),
+    )
     num_tokens, top_k = expert_idx.shape
     x, weight = x.double(), weight.double()
     bias = bias.double() if bias is not None else None
