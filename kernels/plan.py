@@ -87,7 +87,7 @@ def plan_dispatch(expert_idx: Tensor, num_experts: int) -> DispatchPlan:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     if expert_idx.shape[1] < 1:
         raise ValueError("expert_idx must have at least one column (k >= 1)")
-    _check_expert_range(expert_idx, num_experts)
+    check_index_range(expert_idx, num_experts, "expert_idx", "num_experts")
 
     expert_idx = expert_idx.to(torch.int64)
     flat = expert_idx.reshape(-1)
@@ -104,16 +104,19 @@ def plan_dispatch(expert_idx: Tensor, num_experts: int) -> DispatchPlan:
     )
 
 
-def _check_expert_range(expert_idx: Tensor, num_experts: int) -> None:
-    if expert_idx.numel() == 0:
+def check_index_range(values: Tensor, upper: int, name: str, bound: str) -> None:
+    """Require ``0 <= values < upper`` without a host synchronisation where one would cost:
+    ``ValueError`` naming ``name`` and ``bound`` on CPU; a device-side assertion on other
+    devices and under ``torch.compile``."""
+    if values.numel() == 0:
         return
-    if expert_idx.device.type == "cpu" and not torch.compiler.is_compiling():
-        low, high = torch.aminmax(expert_idx)
-        if low < 0 or high >= num_experts:
+    if values.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = torch.aminmax(values)
+        if low < 0 or high >= upper:
             raise ValueError(
-                f"expert_idx values must lie in [0, num_experts={num_experts}), "
+                f"{name} values must lie in [0, {bound}={upper}), "
                 f"got values in [{int(low)}, {int(high)}]"
             )
     else:
-        in_range = (expert_idx >= 0).all() & (expert_idx < num_experts).all()
-        torch._assert_async(in_range, "expert_idx values must lie in [0, num_experts)")
+        in_range = (values >= 0).all() & (values < upper).all()
+        torch._assert_async(in_range, f"{name} values must lie in [0, {bound})")

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_blocks import KVCache, MoA, MoEMLP, TopKRouter
+from moe_blocks.kernels.plan import check_index_range
 from moe_blocks.router import check_positive_int
 
 # --------------------------------------------------------------------------------------------
@@ -333,18 +334,7 @@ class JetMoEForCausalLM(nn.Module):
             raise TypeError("input_ids must be an integer tensor")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        if input_ids.numel() == 0:
-            return
-        vocab = self.config.vocab_size
-        if input_ids.device.type == "cpu":
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= vocab:
-                raise ValueError(
-                    f"input_ids must lie in [0, vocab_size={vocab}), got values in [{low}, {high}]"
-                )
-        else:
-            in_range = ((input_ids >= 0) & (input_ids < vocab)).all()
-            torch._assert_async(in_range, "input_ids must lie in [0, vocab_size)")
+        check_index_range(input_ids, self.config.vocab_size, "input_ids", "vocab_size")
 
     # generation -------------------------------------------------------------------------
     @torch.no_grad()
