@@ -91,7 +91,7 @@ def _register(name: str, impl: ModuleType) -> tuple:
                 fan_out, y_layout, RowLayout.ASSIGNMENT if fanned else x_layout,
             )  # fmt: skip
             if fanned:
-                dx = dx.view(-1, fan_out, x.shape[1]).sum(1)
+                dx = dx.view(x.shape[0], fan_out, x.shape[1]).sum(1)
         if ctx.needs_input_grad[1]:
             dw = weight_grad(
                 x, dy, sorted_indices, expert_offsets, weight.shape[0], fan_out,
@@ -121,12 +121,16 @@ if TRITON_AVAILABLE:
     _OPS["triton"] = _register("triton", _triton_impl())
 
 
+def _check_backend_name(name: str) -> None:
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Within the block, ``backend="auto"`` means ``name`` ("torch", "triton" or "auto")."""
     global _auto_backend
-    if name not in BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    _check_backend_name(name)
     previous = _auto_backend
     _auto_backend = None if name == "auto" else name
     try:
@@ -137,8 +141,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that ``backend`` means for tensors on ``device``."""
-    if backend not in BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+    _check_backend_name(backend)
     if backend == "auto":
         backend = _auto_backend or (
             "triton" if device.type == "cuda" and TRITON_AVAILABLE else "torch"
@@ -249,12 +252,15 @@ def expert_linear(
         the autocast dtype inside ``torch.autocast``. Differentiable in x, weight, bias, gates.
     """
     name = resolve_backend(backend, x.device) if isinstance(x, Tensor) else backend
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Like a matmul under autocast: floating inputs run in the autocast dtype.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = (
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (x, weight, bias)
+        )
     _check_inputs(x, weight, plan, bias, gates, grouped_in, grouped_out, name)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
 
     if grouped_in:
         x_layout = RowLayout.GROUPED

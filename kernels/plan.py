@@ -13,7 +13,7 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
-_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 class RowLayout(IntEnum):
@@ -79,12 +79,11 @@ def plan_dispatch(expert_idx: Tensor, num_experts: int) -> DispatchPlan:
     """
     if not isinstance(expert_idx, Tensor):
         raise TypeError(f"expert_idx must be a torch.Tensor, got {type(expert_idx).__name__}")
-    if expert_idx.dtype not in _INTEGER_DTYPES:
+    if expert_idx.dtype not in INTEGER_DTYPES:
         raise TypeError(f"expert_idx must have an integer dtype, got {expert_idx.dtype}")
     if expert_idx.dim() != 2:
         raise ValueError(f"expert_idx must be 2-D [T, k], got shape {tuple(expert_idx.shape)}")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    check_positive_int("num_experts", num_experts)
     if expert_idx.shape[1] < 1:
         raise ValueError("expert_idx must have at least one column (k >= 1)")
     check_index_range(expert_idx, num_experts, "expert_idx", "num_experts")
@@ -104,6 +103,12 @@ def plan_dispatch(expert_idx: Tensor, num_experts: int) -> DispatchPlan:
     )
 
 
+def check_positive_int(name: str, value) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an int >= 1 (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def check_index_range(values: Tensor, upper: int, name: str, bound: str) -> None:
     """Require ``0 <= values < upper`` without a host synchronisation where one would cost:
     ``ValueError`` naming ``name`` and ``bound`` on CPU; a device-side assertion on other
@@ -111,12 +116,12 @@ def check_index_range(values: Tensor, upper: int, name: str, bound: str) -> None
     if values.numel() == 0:
         return
     if values.device.type == "cpu" and not torch.compiler.is_compiling():
-        low, high = torch.aminmax(values)
+        low, high = (int(v) for v in torch.aminmax(values))  # Python ints: no dtype wrap-around
         if low < 0 or high >= upper:
             raise ValueError(
-                f"{name} values must lie in [0, {bound}={upper}), "
-                f"got values in [{int(low)}, {int(high)}]"
+                f"{name} values must lie in [0, {bound}={upper}), got values in [{low}, {high}]"
             )
     else:
-        in_range = (values >= 0).all() & (values < upper).all()
+        wide = values.to(torch.int64)
+        in_range = (wide >= 0).all() & (wide < upper).all()
         torch._assert_async(in_range, f"{name} values must lie in [0, {bound})")

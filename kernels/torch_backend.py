@@ -40,13 +40,15 @@ def from_grouped(t: Tensor, layout: int, sorted_indices: Tensor) -> Tensor:
     return torch.empty_like(t).index_copy_(0, sorted_indices, t)
 
 
-def _grouped_mm_runs(t: Tensor) -> bool:
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs ``dtype`` on ``device`` in this torch build."""
+    device = torch.device(device)
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if t.device.type == "cpu":
-        return t.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if t.device.type == "cuda":
-        return t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device) >= (9, 0)
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
     return False
 
 
@@ -87,9 +89,9 @@ def _host_bounds(expert_offsets: Tensor) -> list[int]:
 def grouped_matmul(x_grouped: Tensor, weight: Tensor, expert_offsets: Tensor) -> Tensor:
     """``out[i] = x_grouped[i] @ weight[e(i)].T`` for grouped rows; ``[R, out]``, x's dtype."""
     rows, num_out = x_grouped.shape[0], weight.shape[1]
-    if rows == 0:
-        return x_grouped.new_zeros(0, num_out)
-    if _grouped_mm_runs(x_grouped):
+    if rows == 0 or num_out == 0 or x_grouped.shape[1] == 0:
+        return x_grouped.new_zeros(rows, num_out)
+    if grouped_mm_runs(x_grouped.device, x_grouped.dtype):
         out = torch._grouped_mm(
             _mm_operand(x_grouped),
             _mm_operand(weight, transposed=True).mT,
@@ -108,9 +110,9 @@ def grouped_weight_grad(
 ) -> Tensor:
     """``dW[e] = Σ_{rows i of e} dy_grouped[i]ᵀ x_grouped[i]``: ``[E, out, in]``, x's dtype."""
     num_out, num_in = dy_grouped.shape[1], x_grouped.shape[1]
-    if x_grouped.shape[0] == 0:
+    if x_grouped.shape[0] == 0 or num_out == 0 or num_in == 0:
         return x_grouped.new_zeros(num_experts, num_out, num_in)
-    if _grouped_mm_runs(x_grouped):
+    if grouped_mm_runs(x_grouped.device, x_grouped.dtype):
         dw = torch._grouped_mm(
             _mm_operand(dy_grouped, transposed=True).t(),
             _mm_operand(x_grouped),

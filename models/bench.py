@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_blocks import MoA, MoEMLP
+from moe_blocks.kernels.torch_backend import grouped_mm_runs
 
 from .jetmoe import JetMoEConfig, JetMoEDecoderLayer
 
@@ -181,7 +182,7 @@ def applies(case: Case, impl: str) -> bool:
     """Whether ``impl`` exists for ``case``: the grouped_mm pipeline is an MLP and needs a
     dtype/device ``_grouped_mm`` runs; there is no dense roofline for a whole layer."""
     if impl == "grouped_mm":
-        return case.suite == "mlp" and _grouped_mm_runs(case.device, case.torch_dtype)
+        return case.suite == "mlp" and grouped_mm_runs(case.device, case.torch_dtype)
     if impl == "dense":
         return case.suite != "layer"
     return True
@@ -265,14 +266,6 @@ def _our_config(config) -> JetMoEConfig:
         num_key_value_heads=config.num_key_value_heads, kv_channels=config.kv_channels,
         intermediate_size=config.intermediate_size,
     )  # fmt: skip
-
-
-def _grouped_mm_runs(device: str, dtype: torch.dtype) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if device == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)
-    return dtype in (torch.float32, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------

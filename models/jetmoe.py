@@ -19,8 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_blocks import KVCache, MoA, MoEMLP, TopKRouter
-from moe_blocks.kernels.plan import check_index_range
-from moe_blocks.router import check_positive_int
+from moe_blocks.kernels.plan import INTEGER_DTYPES, check_index_range, check_positive_int
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -296,7 +295,7 @@ class JetMoEForCausalLM(nn.Module):
             raise ValueError(
                 f"kv_caches must hold one KVCache per layer ({self.config.num_hidden_layers})"
             )
-        hidden = self.model.embed_tokens(input_ids)
+        hidden = self.model.embed_tokens(input_ids.long())
         for index, layer in enumerate(self.model.layers):
             cache = kv_caches[index] if kv_caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -313,9 +312,7 @@ class JetMoEForCausalLM(nn.Module):
             labels[:, 1:].reshape(-1),
             ignore_index=-100,
         )
-        aux_loss = self.config.aux_loss_coef * sum(
-            router.last_aux_loss for router in self.routers()
-        )
+        aux_loss = sum(router.aux_loss_coef * router.last_aux_loss for router in self.routers())
         return CausalLMOutput(
             logits=logits,
             loss=lm_loss + aux_loss,
@@ -328,9 +325,7 @@ class JetMoEForCausalLM(nn.Module):
         return [m for m in self.modules() if isinstance(m, TopKRouter)]
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
-        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (
-            torch.int64, torch.int32, torch.int16, torch.uint8,
-        ):  # fmt: skip
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in INTEGER_DTYPES:
             raise TypeError("input_ids must be an integer tensor")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
@@ -361,6 +356,12 @@ class JetMoEForCausalLM(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be positive when sampling, got {temperature}")
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        ):
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         self._check_input_ids(input_ids)
         caches = [KVCache() for _ in self.model.layers]
         if attention_mask is None:

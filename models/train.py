@@ -26,6 +26,7 @@ from .jetmoe import JetMoEConfig, JetMoEForCausalLM
 VOCAB = 256  # bytes
 VALIDATION_PERCENT = 5
 SEPARATOR = b"\n\n"
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 class TrainingError(Exception):
@@ -58,7 +59,7 @@ def _join(paths: list[Path]) -> torch.Tensor:
 
 def load_corpus_files() -> list[Path]:
     """The running interpreter's standard-library ``*.py`` files, sorted by path."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = STDLIB
     return sorted(
         path
         for path in root.rglob("*.py")
@@ -71,7 +72,7 @@ def load_corpus(data: str | Path | None) -> Corpus:
     file. Folders are split by a stable hash of each file's relative path; a single file by
     position (its last 5 % is validation)."""
     if data is None:
-        root = Path(sysconfig.get_paths()["stdlib"])
+        root = STDLIB
         files = load_corpus_files()
         description = f"Python {sysconfig.get_python_version()} standard library ({root})"
     else:
@@ -110,9 +111,13 @@ def batch_at(
     """Windows ``[batch_size, length + 1]`` for one step, a function of (seed, step) only, so a
     resumed run sees the same data order."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    span = data.numel() - length - 1
-    starts = torch.randint(0, max(1, span), (batch_size,), generator=generator)
+    starts = torch.randint(0, _window_starts(data, length), (batch_size,), generator=generator)
     return _windows(data, starts, length)
+
+
+def _window_starts(data: torch.Tensor, length: int) -> int:
+    """How many windows of ``length + 1`` bytes fit (at least 1; short texts are clamped)."""
+    return max(1, data.numel() - length)
 
 
 def _windows(data: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
@@ -241,8 +246,8 @@ def evaluate(model, corpus: Corpus, settings: TrainSettings) -> float:
     """Validation loss in bits per byte on fixed windows spread over the validation text."""
     model.eval()
     count = settings.eval_batches * settings.batch_size
-    span = max(1, corpus.validation.numel() - settings.seq_len - 1)
-    starts = torch.linspace(0, span - 1, count).long()
+    last_start = _window_starts(corpus.validation, settings.seq_len) - 1
+    starts = torch.linspace(0, last_start, count).long()
     total = 0.0
     for chunk in starts.split(settings.batch_size):
         window = _windows(corpus.validation, chunk, settings.seq_len)
@@ -255,18 +260,13 @@ def evaluate(model, corpus: Corpus, settings: TrainSettings) -> float:
 
 
 def router_names(model) -> list[str]:
-    names = []
-    for index, _ in enumerate(model.model.layers):
-        names += [f"layer {index} MoA", f"layer {index} MoE"]
-    return names
+    """Labels of ``model.routers()``, in order: each layer's MoA router, then its MoE router."""
+    layers = range(len(model.model.layers))
+    return [f"layer {index} {block}" for index in layers for block in ("MoA", "MoE")]
 
 
 def _router_loads(model) -> list[list[int]]:
-    return [
-        router.last_tokens_per_expert.tolist()
-        for layer in model.model.layers
-        for router in (layer.self_attention.router, layer.mlp.router)
-    ]
+    return [router.last_tokens_per_expert.tolist() for router in model.routers()]
 
 
 @dataclass

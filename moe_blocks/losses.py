@@ -13,6 +13,11 @@ from torch import Tensor
 BALANCE_LOSSES = ("switch", "mutual_information", "none")
 
 
+def _zero_loss(logits: Tensor) -> Tensor:
+    """0.0 for an empty batch, still attached to ``logits``' graph."""
+    return logits.float().sum() * 0.0
+
+
 def load_balancing_loss(logits: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
     """Switch Transformer / GShard balance loss ``E · Σ_e f_e · P_e``.
 
@@ -34,7 +39,7 @@ def load_balancing_loss(logits: Tensor, expert_idx: Tensor, num_experts: int) ->
 def router_z_loss(logits: Tensor) -> Tensor:
     """ST-MoE router z-loss ``mean_n(logsumexp(logits_n)²)``: keeps router logits small."""
     if logits.shape[0] == 0:
-        return logits.sum() * 0.0
+        return _zero_loss(logits)
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
@@ -47,7 +52,7 @@ def mutual_information_loss(logits: Tensor) -> Tensor:
     ``[-log E, 0]``; ``-log E`` is reached by confident, perfectly balanced routing.
     """
     if logits.shape[0] == 0:
-        return logits.sum() * 0.0
+        return _zero_loss(logits)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     probs = log_probs.exp()
     conditional_entropy = -(probs * log_probs).sum(-1).mean()
@@ -76,7 +81,11 @@ class _AddAuxLossGradient(torch.autograd.Function):
 def attach_aux_loss(output: Tensor, aux_loss: Tensor) -> Tensor:
     """Return ``output`` unchanged, such that backpropagating through it also backpropagates
     ``aux_loss`` (as if it were added to the caller's loss), the way Megatron-LM attaches MoE
-    losses. Nothing is attached when gradients are off or ``aux_loss`` needs none."""
+    losses. Nothing is attached when gradients are off or ``aux_loss`` needs none.
+
+    The aux loss enters with weight 1 per backward pass, whatever the caller does to its own
+    loss: with a loss scaler (fp16 ``GradScaler``) or gradient accumulation over n
+    micro-batches, scale the blocks' ``aux_loss_coef`` to match (×S, or ÷n)."""
     if not (torch.is_grad_enabled() and aux_loss.requires_grad):
         return output
     return _AddAuxLossGradient.apply(output, aux_loss)

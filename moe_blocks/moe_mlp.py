@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import ParallelExperts
+from .kernels.plan import check_positive_int
 from .losses import attach_aux_loss
-from .router import TopKRouter, check_positive_int
+from .router import TopKRouter
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import DispatchPlan, plan_dispatch
+from .kernels.plan import check_positive_int
 from .losses import (
     BALANCE_LOSSES,
     load_balancing_loss,
@@ -159,12 +160,6 @@ class TopKRouter(nn.Module):
         load = self.load_since_update
         self.selection_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
         load.zero_()
-
-
-def check_positive_int(name: str, value) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is an int >= 1 (bools rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def router_stats(model: nn.Module) -> dict:

@@ -138,3 +138,29 @@ def test_row_offsets_past_2_31_elements(backend):
     plan = plan_dispatch(torch.tensor([[0], [1], [1]]), 2)
     expected = reference_expert_linear(x, weight, plan.expert_idx)
     assert_matches(expert_linear(x, weight, plan, backend=backend), expected, torch.float16, "y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d_in, d_out", [(0, 5), (8, 0), (0, 0)])
+def test_zero_width_features(backend, d_in, d_out):
+    plan, x, weight = _setup(d_in=max(d_in, 1), d_out=max(d_out, 1))
+    x = torch.randn(6, d_in, requires_grad=True)
+    weight = torch.randn(4, d_out, d_in, requires_grad=True)
+    bias = torch.randn(4, d_out, requires_grad=True)
+    gates = torch.rand(6, 2, requires_grad=True)
+    out = expert_linear(x, weight, plan, bias=bias, gates=gates, backend=backend)
+    expected = reference_expert_linear(x, weight, plan, bias=bias, gates=gates)
+    assert_matches(out, expected.detach(), torch.float32, "output")
+    out.sum().backward()
+    assert x.grad.shape == x.shape and weight.grad.shape == weight.shape
+    assert bias.grad.shape == bias.shape and gates.grad.shape == gates.shape
+
+
+def test_narrow_integer_routings_are_range_checked_without_wrapping():
+    idx = torch.tensor([[0, 255], [17, 3]], dtype=torch.uint8)
+    plan = plan_dispatch(idx, 256)  # 256 would wrap to 0 in uint8 arithmetic
+    assert plan.tokens_per_expert[255] == 1
+    small = torch.tensor([[0, 100]], dtype=torch.int8)
+    assert plan_dispatch(small, 300).tokens_per_expert[100] == 1  # 300 wraps to 44 in int8
+    with pytest.raises(ValueError, match="expert_idx"):
+        plan_dispatch(torch.tensor([[0, 120]], dtype=torch.int8), 100)

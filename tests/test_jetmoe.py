@@ -191,6 +191,16 @@ def test_loss_is_shifted_cross_entropy_plus_router_losses():
     torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
 
 
+def test_model_runs_under_autocast():
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=1))
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for flag in (False, True):
@@ -297,5 +307,11 @@ def test_bad_input_ids():
         model(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="preset"):
         JetMoEConfig.from_preset("jetmoe-70b")
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(torch.tensor([[1, 2]]), 3, do_sample=True, top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(torch.tensor([[1, 2]]), 3, do_sample=True, top_p=1.5)
+    narrow = torch.tensor([[0, 255, 7]], dtype=torch.uint8)  # vocab 256 must not wrap to 0
+    torch.testing.assert_close(model(narrow).logits, model(narrow.long()).logits)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         JetMoEConfig(num_local_experts=2, num_experts_per_tok=3)

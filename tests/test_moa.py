@@ -211,3 +211,14 @@ def test_bad_input():
         moa(torch.randn(3, 32))
     with pytest.raises(ValueError, match="attention_mask"):
         moa(torch.randn(2, 3, 32), attention_mask=torch.ones(2, 4))
+
+
+def test_runs_under_autocast_with_fp32_weights():
+    torch.manual_seed(0)
+    moa = MoA(16, 4, 2, head_dim=4, num_kv_heads=2)
+    x = torch.randn(2, 5, 16)
+    expected = moa(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moa(x)
+    # The experts run in bf16; the shared fp32 bias then promotes the sum (as in transformers).
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)

@@ -166,3 +166,16 @@ def test_bad_input():
         MoEMLP(8, 8, 4, 2, activation="swish2")
     with pytest.raises(ValueError, match="d_model"):
         MoEMLP(8, 8, 4, 2)(torch.randn(3, 7))
+
+
+def test_runs_under_autocast_with_fp32_weights():
+    torch.manual_seed(0)
+    mlp = MoEMLP(16, 8, 4, 2)
+    x = torch.randn(2, 5, 16)
+    expected = mlp(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp(x)
+    # The experts run in bf16; the shared fp32 bias then promotes the sum (as in transformers).
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    assert mlp.input_linear.weight.grad.dtype == torch.float32

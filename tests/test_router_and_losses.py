@@ -165,6 +165,13 @@ def _mi_reference(logits):
     return conditional - (-(marginal * marginal.log()).sum())
 
 
+def test_switch_loss_accepts_any_integer_expert_idx():
+    logits = torch.randn(6, 4)
+    idx = logits.topk(2).indices
+    expected = load_balancing_loss(logits, idx, 4)
+    torch.testing.assert_close(load_balancing_loss(logits, idx.to(torch.int32), 4), expected)
+
+
 def test_mutual_information_loss_bounds():
     experts = 4
     confident = torch.eye(experts).repeat(3, 1) * 50.0  # each token sure, experts balanced

@@ -112,6 +112,7 @@ def test_info_prints_the_published_size(capsys):
         (["train", "--preset", "jetmoe-1t"], "unknown preset"),
         (["train", "--batch-size", "0"], "--batch-size"),
         (["generate", "--checkpoint", "/nonexistent"], "--checkpoint"),
+        (["bench", "--tiny", "--shapes", "gpt-5"], "unknown shape"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, capsys):
