@@ -100,9 +100,6 @@ if which == "moe_blocks":
         model = JetMoEForCausalLM(config, dtype=dtype)
     model.to_empty(device=device)
     model.init_weights()
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = buffer.to(device)
     step = lambda ids: model(ids, labels=ids).loss
 else:
     import transformers

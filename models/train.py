@@ -205,9 +205,7 @@ def save_checkpoint(
     for group in optimizer.param_groups:
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
-                tensors[f"{names[id(param)]}::{key}"] = (
-                    value.detach().clone().contiguous().reshape(value.shape)
-                )
+                tensors[f"{names[id(param)]}::{key}"] = value.detach().contiguous()
     save_file(tensors, str(directory / "optimizer.safetensors"))
     state = {"format": "moe-blocks-train/1", "step": step, "settings": asdict(settings)}
     (directory / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
