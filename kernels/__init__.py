@@ -6,7 +6,14 @@
 # stays empty: importing its modules a second time would register the torch.library ops twice,
 # which corrupts the dispatcher.
 if __name__ == "moe_blocks.kernels":
-    from .ops import BACKENDS, TRITON_AVAILABLE, expert_linear, resolve_backend, use_backend
+    from .ops import (
+        BACKENDS,
+        TRITON_AVAILABLE,
+        expert_linear,
+        gather_scores,
+        resolve_backend,
+        use_backend,
+    )
     from .plan import DispatchPlan, RowLayout, plan_dispatch
 
     __all__ = [
@@ -15,6 +22,7 @@ if __name__ == "moe_blocks.kernels":
         "DispatchPlan",
         "RowLayout",
         "expert_linear",
+        "gather_scores",
         "plan_dispatch",
         "resolve_backend",
         "use_backend",

@@ -51,7 +51,7 @@ class Variant:
         if "INNER_M" in c:
             tile += f"/{c['INNER_M']}"
         layouts = f"{_LAYOUT_NAMES[c['X_LAYOUT']]}->{_LAYOUT_NAMES[c['Y_LAYOUT']]}"
-        extra = "+bias" if c.get("HAS_BIAS") else ""
+        extra = ("+bias" if c.get("HAS_BIAS") else "") + ("+gates" if c["HAS_GATES"] else "")
         precision = " tf32" if c["PRECISION"] == "tf32" else ""
         return (
             f"{self.kernel} {_DTYPE_NAMES[self.dtype]}{precision} {tile} "
@@ -85,20 +85,28 @@ class Build:
 
 def variants() -> list[Variant]:
     """Every configuration the autotuner may pick, for each dtype, in the common layout; every
-    layout combination at the first configuration; and fp32 with TF32 allowed."""
+    layout combination at the first configuration; gated rows (a TOKEN output or a gated TOKEN
+    ``dy``) at every configuration in bf16; and fp32 with TF32 allowed."""
     from . import triton_backend as tb
 
     found = []
-    common = {"E_POW2": 8, "UPCAST": False}
+    common = {"E_POW2": 8, "UPCAST": False, "HAS_GATES": False}
     for dtype in _DTYPE_NAMES:
         for m, n, k, warps, stages in tb.GEMM_CONFIGS:
             tiles = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
             layout = {"X_LAYOUT": 2, "Y_LAYOUT": 1, "HAS_BIAS": False, "PRECISION": "ieee"}
             found.append(Variant("gather_gemm", dtype, common | tiles | layout, warps, stages))
+            if dtype == "bfloat16":  # MoEMLP's output: grouped rows, gated, token sums
+                gated = {"X_LAYOUT": 0, "Y_LAYOUT": 1, "HAS_BIAS": False, "HAS_GATES": True}
+                constexprs = common | tiles | gated | {"PRECISION": "ieee"}
+                found.append(Variant("gather_gemm", dtype, constexprs, warps, stages))
         for m, n, k, inner, warps, stages in tb.WEIGHT_GRAD_CONFIGS:
             tiles = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "INNER_M": inner}
             layout = {"X_LAYOUT": 2, "Y_LAYOUT": 1, "PRECISION": "ieee"}
             found.append(Variant("weight_grad", dtype, common | tiles | layout, warps, stages))
+            if dtype == "bfloat16":  # its weight gradient: grouped x, gated token dy
+                gated = {"X_LAYOUT": 0, "Y_LAYOUT": 2, "HAS_GATES": True, "PRECISION": "ieee"}
+                found.append(Variant("weight_grad", dtype, common | tiles | gated, warps, stages))
     m, n, k, warps, stages = tb.GEMM_CONFIGS[0]
     tiles = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
     for x_layout in (0, 1, 2):
@@ -132,7 +140,7 @@ def _signature(kernel, variant: Variant) -> tuple[dict, dict, dict]:
     """Argument types, constexprs and divisibility hints as the runtime would specialise a
     launch on contiguous tensors whose sizes are multiples of 16."""
     element = _DTYPE_NAMES[variant.dtype]
-    float_pointers = {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "dy_ptr"}
+    float_pointers = {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "dy_ptr"}  # g_ptr: fp32 gates
     unit_strides = {"stride_xk", "stride_wk", "stride_bn", "stride_yn", "stride_dyn", "stride_dwk"}
     signature, constexprs, attrs = {}, dict(variant.constexprs), {}
     for index, name in enumerate(kernel.arg_names):
@@ -142,7 +150,7 @@ def _signature(kernel, variant: Variant) -> tuple[dict, dict, dict]:
         if name in unit_strides:
             signature[name], constexprs[name] = "constexpr", 1
             continue
-        if name == "dw_ptr":
+        if name in ("dw_ptr", "g_ptr"):
             signature[name] = "*fp32"
         elif name in float_pointers:
             signature[name] = f"*{element}"

@@ -3,8 +3,10 @@
 Each backend (``torch``, ``triton``) provides two kernels, ``gather_gemm`` and ``weight_grad``.
 Here they become custom ops ``moe_blocks::<backend>_gather_gemm`` and
 ``moe_blocks::<backend>_weight_grad`` with fake implementations (for ``torch.compile``) and one
-autograd formula shared by both backends. The gate-weighted sum over the k slots is a plain
-``bmm`` around the op, so autograd handles the gates.
+autograd formula shared by both backends. The gate-weighted sum over a token's k rows is part of
+the op (TOKEN output layout), and its backward needs no saved output: the gates' gradient is
+``<dy_row(a) @ weight[e], x_row(a)>``, formed from the input gradient the backward computes
+anyway.
 """
 
 import contextlib
@@ -33,6 +35,7 @@ def _register(name: str, impl: ModuleType) -> tuple:
         x: Tensor,
         weight: Tensor,
         bias: Optional[Tensor],  # noqa: UP045 (custom_op schema inference needs Optional)
+        gates: Optional[Tensor],  # noqa: UP045
         sorted_indices: Tensor,
         sorted_experts: Tensor,
         expert_offsets: Tensor,
@@ -41,19 +44,23 @@ def _register(name: str, impl: ModuleType) -> tuple:
         y_layout: int,
     ) -> Tensor:
         return impl.gather_gemm(
-            x, weight, bias, sorted_indices, sorted_experts, expert_offsets,
+            x, weight, bias, gates, sorted_indices, sorted_experts, expert_offsets,
             fan_out, x_layout, y_layout,
         )  # fmt: skip
 
     @gather_gemm.register_fake
-    def _(x, weight, bias, sorted_indices, sorted_experts, expert_offsets, fan_out, x_layout,
-          y_layout):  # fmt: skip
-        return x.new_empty(sorted_indices.shape[0], weight.shape[1])
+    def _(x, weight, bias, gates, sorted_indices, sorted_experts, expert_offsets, fan_out,
+          x_layout, y_layout):  # fmt: skip
+        rows = sorted_indices.shape[0]
+        if y_layout == RowLayout.TOKEN:
+            rows = rows // fan_out
+        return x.new_empty(rows, weight.shape[1])
 
     @torch.library.custom_op(f"moe_blocks::{name}_weight_grad", mutates_args=())
     def weight_grad(
         x: Tensor,
         dy: Tensor,
+        gates: Optional[Tensor],  # noqa: UP045
         sorted_indices: Tensor,
         expert_offsets: Tensor,
         num_experts: int,
@@ -62,52 +69,91 @@ def _register(name: str, impl: ModuleType) -> tuple:
         y_layout: int,
     ) -> Tensor:
         return impl.weight_grad(
-            x, dy, sorted_indices, expert_offsets, num_experts, fan_out, x_layout, y_layout
-        )
+            x, dy, gates, sorted_indices, expert_offsets, num_experts, fan_out, x_layout,
+            y_layout,
+        )  # fmt: skip
 
     @weight_grad.register_fake
-    def _(x, dy, sorted_indices, expert_offsets, num_experts, fan_out, x_layout, y_layout):
+    def _(x, dy, gates, sorted_indices, expert_offsets, num_experts, fan_out, x_layout, y_layout):
         return x.new_empty(num_experts, dy.shape[1], x.shape[1])
 
     def setup_context(ctx, inputs, output):
-        x, weight, bias, sorted_indices, sorted_experts, expert_offsets = inputs[:6]
-        ctx.fan_out, ctx.x_layout, ctx.y_layout = inputs[6:]
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, sorted_indices, sorted_experts, expert_offsets)
+        ctx.fan_out, ctx.x_layout, ctx.y_layout = inputs[7:]
+        ctx.save_for_backward(*inputs[:7])
 
     def backward(ctx, dy):
-        x, weight, sorted_indices, sorted_experts, expert_offsets = ctx.saved_tensors
-        fan_out, x_layout, y_layout = ctx.fan_out, ctx.x_layout, ctx.y_layout
+        x, weight, bias, gates, sorted_indices, sorted_experts, expert_offsets = ctx.saved_tensors
+        plan = (sorted_indices, sorted_experts, expert_offsets, ctx.fan_out)
+        x_layout, y_layout = ctx.x_layout, ctx.y_layout
+        needs = ctx.needs_input_grad
         dy = dy.contiguous()
-        if impl.COPIES_ROWS_TO_GROUPED and y_layout != RowLayout.GROUPED:
-            dy = torch_backend.to_grouped(dy, y_layout, sorted_indices, fan_out)
-            y_layout = RowLayout.GROUPED
-        dx = dw = dbias = None
-        if ctx.needs_input_grad[0]:
-            # dx_row(i) = dy_row(i) @ weight[e(i)]; a token read k times sums its k rows.
-            fanned = x_layout == RowLayout.TOKEN
-            dx = gather_gemm(
-                dy, weight.transpose(1, 2), None, sorted_indices, sorted_experts, expert_offsets,
-                fan_out, y_layout, RowLayout.ASSIGNMENT if fanned else x_layout,
-            )  # fmt: skip
-            if fanned:
-                dx = dx.view(x.shape[0], fan_out, x.shape[1]).sum(1)
-        if ctx.needs_input_grad[1]:
+        dx = dw = dbias = dgates = None
+        if gates is None and needs[0]:
+            # dx_row(a) = dy_row(a) @ weight[e(a)]; a TOKEN x sums its k rows.
+            dx = gather_gemm(dy, weight.mT, None, None, *plan, y_layout, x_layout)
+        elif gates is not None and (needs[0] or needs[3]):
+            dx, dgates = _gated_input_grads(gather_gemm, x, weight, gates, dy, plan, x_layout,
+                                            y_layout, needs[3])  # fmt: skip
+            dx = dx if needs[0] else None
+        if needs[1]:
             dw = weight_grad(
-                x, dy, sorted_indices, expert_offsets, weight.shape[0], fan_out,
+                x, dy, gates, sorted_indices, expert_offsets, weight.shape[0], ctx.fan_out,
                 x_layout, y_layout,
             )  # fmt: skip
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dy_grouped = torch_backend.to_grouped(dy, y_layout, sorted_indices, fan_out)
-            dbias = (
-                dy.new_zeros(weight.shape[:2], dtype=torch.float32)
-                .index_add_(0, sorted_experts, dy_grouped.float())
-                .to(weight.dtype)
-            )
-        return dx, dw, dbias, None, None, None, None, None, None
+        if bias is not None and (needs[2] or needs[3]):
+            dbias, bias_dgates = _bias_grads(bias, gates, dy, plan, y_layout)
+            if dgates is not None:
+                dgates = dgates + bias_dgates.to(dgates.dtype)
+        return dx, dw, dbias, dgates, None, None, None, None, None, None
 
     gather_gemm.register_autograd(backward, setup_context=setup_context)
     return gather_gemm, weight_grad
+
+
+def _gated_input_grads(gather_gemm, x, weight, gates, dy, plan, x_layout, y_layout, need_gates):
+    """dx and dgates of ``y_a = gates[a] · x_row(a) @ weight[e(a)].T``, from ``u_a = dy_row(a) @
+    weight[e(a)]`` (``dx_row(a) = gates[a] · u_a``, ``dgates[a] = <u_a, x_row(a)>``, plus the
+    bias term added by the caller), so no forward output is saved."""
+    sorted_indices, fan_out = plan[0], plan[3]
+    u_layout = RowLayout.ASSIGNMENT if x_layout == RowLayout.TOKEN else x_layout
+    u = gather_gemm(dy, weight.mT, None, None, *plan, y_layout, u_layout)
+    per_row = fan_out if x_layout == RowLayout.TOKEN else 1  # rows of u per row of x
+    u_by_x_row = u.view(x.shape[0], per_row, u.shape[1])
+    gates_of_u = gates[sorted_indices] if u_layout == RowLayout.GROUPED else gates
+    dgates = None
+    if need_gates:
+        dots = torch.linalg.vecdot(u_by_x_row, x[:, None, :]).view(-1)
+        dgates = _to_assignment_order(dots, u_layout, sorted_indices).to(gates.dtype)
+    wide = torch_backend.accumulation_dtype(u.dtype)
+    if x_layout == RowLayout.TOKEN:
+        terms = u_by_x_row * gates.view(x.shape[0], per_row, 1).to(wide)
+        dx = terms.sum(1).to(u.dtype)
+    else:
+        dx = u.mul_(gates_of_u[:, None].to(u.dtype))  # same dtypes: the fast in-place kernel
+    return dx, dgates
+
+
+def _bias_grads(bias, gates, dy, plan, y_layout) -> tuple[Tensor, Tensor | None]:
+    """dbias[e] = Σ_a g_a · dy_row(a) over the assignments of e, and (with gates) the bias part
+    of dgates[a] = <dy_row(a), bias[e(a)]>."""
+    sorted_indices, sorted_experts, _, fan_out = plan
+    wide = torch_backend.accumulation_dtype(dy.dtype)
+    dy_grouped = torch_backend.to_grouped(dy, y_layout, sorted_indices, fan_out).to(wide)
+    bias_dgates = None
+    if gates is not None:
+        bias_rows = bias.index_select(0, sorted_experts).to(wide)
+        bias_dots = (dy_grouped * bias_rows).sum(1)
+        bias_dgates = _to_assignment_order(bias_dots, RowLayout.GROUPED, sorted_indices)
+        dy_grouped = dy_grouped * gates[sorted_indices, None].to(wide)
+    dbias = dy_grouped.new_zeros(bias.shape).index_add_(0, sorted_experts, dy_grouped)
+    return dbias.to(bias.dtype), bias_dgates
+
+
+def _to_assignment_order(values: Tensor, layout: int, sorted_indices: Tensor) -> Tensor:
+    """Per-assignment values given in ``layout`` order (GROUPED or ASSIGNMENT)."""
+    if layout != RowLayout.GROUPED:
+        return values
+    return torch.empty_like(values).index_copy_(0, sorted_indices, values)
 
 
 def _triton_impl() -> ModuleType:
@@ -119,6 +165,51 @@ def _triton_impl() -> ModuleType:
 _OPS = {"torch": _register("torch", torch_backend)}
 if TRITON_AVAILABLE:
     _OPS["triton"] = _register("triton", _triton_impl())
+
+
+@torch.library.custom_op("moe_blocks::gather_scores", mutates_args=())
+def _gather_scores(scores: Tensor, expert_idx: Tensor) -> Tensor:
+    return scores.gather(1, expert_idx)
+
+
+@_gather_scores.register_fake
+def _(scores, expert_idx):
+    return scores.new_empty(expert_idx.shape)
+
+
+@torch.library.custom_op("moe_blocks::scatter_scores", mutates_args=())
+def _scatter_scores(grad: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
+    return grad.new_zeros(grad.shape[0], num_experts).scatter_add_(1, expert_idx, grad)
+
+
+@_scatter_scores.register_fake
+def _(grad, expert_idx, num_experts):
+    return grad.new_empty(grad.shape[0], num_experts)
+
+
+def _gather_scores_setup(ctx, inputs, output):
+    scores, expert_idx = inputs
+    ctx.num_experts = scores.shape[1]
+    ctx.save_for_backward(expert_idx)
+
+
+def _gather_scores_backward(ctx, grad):
+    (expert_idx,) = ctx.saved_tensors
+    return _scatter_scores(grad.contiguous(), expert_idx, ctx.num_experts), None
+
+
+_gather_scores.register_autograd(_gather_scores_backward, setup_context=_gather_scores_setup)
+
+
+def gather_scores(scores: Tensor, expert_idx: Tensor) -> Tensor:
+    """``scores.gather(1, expert_idx)``: each token's scores of its chosen experts
+    (``[T, E]``, ``[T, k]`` int64 -> ``[T, k]``), differentiable in ``scores``.
+
+    An opaque custom op on purpose: torch 2.13's Inductor (CPU) fused the gather's backward
+    scatter into the kernel that adds it to the router's other logit gradients (the aux losses)
+    and read the buffer before the scatter wrote it: the router got no gate gradient under
+    ``torch.compile``. Behind the op the scatter is one call Inductor cannot fuse."""
+    return _gather_scores(scores, expert_idx)
 
 
 def _check_backend_name(name: str) -> None:
@@ -268,14 +359,14 @@ def expert_linear(
         x_layout = RowLayout.ASSIGNMENT
     else:
         x_layout = RowLayout.TOKEN
-    y_layout = RowLayout.GROUPED if grouped_out else RowLayout.ASSIGNMENT
+    if gates is not None:
+        y_layout = RowLayout.TOKEN
+    else:
+        y_layout = RowLayout.GROUPED if grouped_out else RowLayout.ASSIGNMENT
     gather_gemm = _OPS[name][0]
     with torch.autocast(device_type, enabled=False):
-        y = gather_gemm(
-            x, weight, bias, plan.sorted_indices, plan.sorted_experts, plan.expert_offsets,
+        return gather_gemm(
+            x, weight, bias, None if gates is None else gates.contiguous().view(-1),
+            plan.sorted_indices, plan.sorted_experts, plan.expert_offsets,
             plan.top_k, int(x_layout), int(y_layout),
         )  # fmt: skip
-    if gates is None:
-        return y
-    slots = y.view(plan.num_tokens, plan.top_k, y.shape[1])
-    return torch.bmm(gates.to(y.dtype).unsqueeze(1), slots).squeeze(1)

@@ -1,8 +1,15 @@
-"""The PyTorch backend: gather, one grouped matmul (``torch._grouped_mm``), scatter.
+"""The PyTorch backend: each expert's rows gathered, multiplied and placed, expert by expert.
 
-This is the CPU path. Nothing here reads a tensor value on the host, except the per-expert
-loop used where ``_grouped_mm`` cannot run the dtype (float64, or a torch build without it),
-which reads the E+1 expert offsets once.
+On CPU (and on CUDA where ``torch._grouped_mm`` cannot run the dtype) it loops over the experts
+that have rows: gather that expert's rows of ``x`` (a small copy that stays in cache), one
+``mm``, then place the result: in grouped order, in assignment order, or, for TOKEN output,
+times the gates and added into an fp32 per-token sum. No full-size gathered copy of ``x`` or of
+the output is ever made: on CPU a fresh allocation that large costs more than the copy itself
+(page faults), and such copies were a quarter of a block's time. The loop reads the E+1 expert
+offsets on the host (free on CPU).
+
+On CUDA, where ``_grouped_mm`` runs the dtype (bf16 on sm_90+), the same steps run once over
+all rows with one ``_grouped_mm``, with no host reads.
 """
 
 from __future__ import annotations
@@ -14,13 +21,11 @@ from torch import Tensor
 from .plan import RowLayout
 
 _ALIGN_BYTES = 16  # _grouped_mm wants every non-unit stride to be a multiple of 16 bytes
-# This backend copies rows into grouped order before each matmul, so the backward pass groups
-# the output gradient once and hands both products (dx and dW) the grouped copy.
-COPIES_ROWS_TO_GROUPED = True
 
 
 def source_rows(layout: int, sorted_indices: Tensor, fan_out: int) -> Tensor | None:
-    """Row of a ``layout`` tensor that holds grouped row ``i`` (None: row ``i`` itself)."""
+    """Row of a ``layout`` tensor that holds each of the given grouped rows (None: GROUPED,
+    the rows themselves)."""
     if layout == RowLayout.GROUPED:
         return None
     if layout == RowLayout.ASSIGNMENT:
@@ -29,15 +34,14 @@ def source_rows(layout: int, sorted_indices: Tensor, fan_out: int) -> Tensor | N
 
 
 def to_grouped(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int) -> Tensor:
+    """The ``layout`` tensor ``t`` in grouped row order (``t`` itself if GROUPED)."""
     rows = source_rows(layout, sorted_indices, fan_out)
     return t if rows is None else t.index_select(0, rows)
 
 
-def from_grouped(t: Tensor, layout: int, sorted_indices: Tensor) -> Tensor:
-    """Put grouped rows into ``layout`` (GROUPED or ASSIGNMENT)."""
-    if layout == RowLayout.GROUPED:
-        return t
-    return torch.empty_like(t).index_copy_(0, sorted_indices, t)
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype TOKEN outputs are summed in: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
@@ -78,58 +82,50 @@ def _mm_operand(t: Tensor, transposed: bool = False) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)  # canonical strides
 
 
-def _offsets_int32(expert_offsets: Tensor) -> Tensor:
-    return expert_offsets[1:].to(torch.int32)
+def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int) -> tuple[list, list]:
+    """Runs of grouped rows: their experts and sizes. One run of all rows (expert None, one
+    ``_grouped_mm``) on CUDA where ``_grouped_mm`` runs ``dtype``, with no host read; else one
+    run per expert, empty ones included, from the offsets read on the host."""
+    device = expert_offsets.device
+    if device.type == "cuda" and grouped_mm_runs(device, dtype):
+        return [None], [num_rows]
+    return list(range(expert_offsets.shape[0] - 1)), expert_offsets.diff().tolist()
 
 
-def _host_bounds(expert_offsets: Tensor) -> list[int]:
-    return expert_offsets.tolist()
+def _run_rows(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int, sizes: list):
+    """For each run in turn, its rows of the ``layout`` tensor ``t``: views for GROUPED,
+    otherwise gathered one run at a time, so only one run's copy exists at once."""
+    rows = source_rows(layout, sorted_indices, fan_out)
+    if rows is None:
+        yield from t.split(sizes)
+    else:
+        for run in rows.split(sizes):
+            yield t.index_select(0, run)
 
 
-def grouped_matmul(x_grouped: Tensor, weight: Tensor, expert_offsets: Tensor) -> Tensor:
-    """``out[i] = x_grouped[i] @ weight[e(i)].T`` for grouped rows; ``[R, out]``, x's dtype."""
-    rows, num_out = x_grouped.shape[0], weight.shape[1]
-    if rows == 0 or num_out == 0 or x_grouped.shape[1] == 0:
-        return x_grouped.new_zeros(rows, num_out)
-    if grouped_mm_runs(x_grouped.device, x_grouped.dtype):
-        out = torch._grouped_mm(
-            _mm_operand(x_grouped),
-            _mm_operand(weight, transposed=True).mT,
-            offs=_offsets_int32(expert_offsets),
-        )
-        return out.contiguous()
-    out = x_grouped.new_empty(rows, num_out)
-    bounds = _host_bounds(expert_offsets)
-    for expert, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        torch.mm(x_grouped[start:end], weight[expert].t(), out=out[start:end])
-    return out
-
-
-def grouped_weight_grad(
-    x_grouped: Tensor, dy_grouped: Tensor, expert_offsets: Tensor, num_experts: int
+def _matmul(
+    rows: Tensor, weight: Tensor, expert: int | None, expert_offsets: Tensor, out: Tensor | None
 ) -> Tensor:
-    """``dW[e] = Σ_{rows i of e} dy_grouped[i]ᵀ x_grouped[i]``: ``[E, out, in]``, x's dtype."""
-    num_out, num_in = dy_grouped.shape[1], x_grouped.shape[1]
-    if x_grouped.shape[0] == 0 or num_out == 0 or num_in == 0:
-        return x_grouped.new_zeros(num_experts, num_out, num_in)
-    if grouped_mm_runs(x_grouped.device, x_grouped.dtype):
-        dw = torch._grouped_mm(
-            _mm_operand(dy_grouped, transposed=True).t(),
-            _mm_operand(x_grouped),
-            offs=_offsets_int32(expert_offsets),
+    """``rows[i] @ weight[e(i)].T`` for the rows of one run, written into ``out`` if given."""
+    if expert is not None:
+        return torch.mm(rows, weight[expert].t(), out=out)
+    num_out = weight.shape[1]
+    if rows.shape[0] == 0 or num_out == 0 or rows.shape[1] == 0:
+        result = rows.new_zeros(rows.shape[0], num_out)
+    else:
+        result = torch._grouped_mm(
+            _mm_operand(rows),
+            _mm_operand(weight, transposed=True).mT,
+            offs=expert_offsets[1:].to(torch.int32),
         )
-        return dw[:, :num_out, :num_in].contiguous()
-    dw = x_grouped.new_zeros(num_experts, num_out, num_in)
-    bounds = _host_bounds(expert_offsets)
-    for expert, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        torch.mm(dy_grouped[start:end].t(), x_grouped[start:end], out=dw[expert])
-    return dw
+    return result.contiguous() if out is None else out.copy_(result)
 
 
 def gather_gemm(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
+    gates: Tensor | None,
     sorted_indices: Tensor,
     sorted_experts: Tensor,
     expert_offsets: Tensor,
@@ -137,17 +133,46 @@ def gather_gemm(
     x_layout: int,
     y_layout: int,
 ) -> Tensor:
-    """``y[row(i)] = x[row(i)] @ weight[e(i)].T (+ bias[e(i)])`` with rows placed per layout."""
-    x_grouped = to_grouped(x, x_layout, sorted_indices, fan_out)
-    y_grouped = grouped_matmul(x_grouped, weight, expert_offsets)
-    if bias is not None:
-        y_grouped = y_grouped + bias.index_select(0, sorted_experts)
-    return from_grouped(y_grouped, y_layout, sorted_indices)
+    """``y_a = x[row_X(a)] @ weight[e(a)].T (+ bias[e(a)])`` for every assignment ``a``, placed
+    by ``y_layout``: GROUPED ``[T*k, out]``, ASSIGNMENT ``[T*k, out]``, or TOKEN ``[T, out]``
+    where ``y[t] = Σ_j gates[t*k+j] · y_{t*k+j}`` (gates ``[T*k]``, 1 if None; summed in fp32).
+    ``gates`` are only given with TOKEN output.
+    """
+    num_rows, num_out = sorted_indices.shape[0], weight.shape[1]
+    experts, sizes = _runs(expert_offsets, x.dtype, num_rows)
+    targets = outs = gates_of_runs = None  # where each run's rows go
+    if y_layout == RowLayout.TOKEN:
+        y = x.new_zeros(num_rows // fan_out, num_out, dtype=accumulation_dtype(x.dtype))
+        targets = source_rows(y_layout, sorted_indices, fan_out).split(sizes)
+        if gates is not None:
+            gates_of_runs = gates[sorted_indices].to(y.dtype)[:, None].split(sizes)
+    else:
+        y = x.new_empty(num_rows, num_out)
+        if y_layout == RowLayout.ASSIGNMENT:
+            targets = sorted_indices.split(sizes)
+        else:
+            outs = y.split(sizes)
+    x_runs = _run_rows(x, x_layout, sorted_indices, fan_out, sizes)
+    for run, (expert, x_rows) in enumerate(zip(experts, x_runs, strict=True)):
+        if x_rows.shape[0] == 0:
+            continue
+        part = _matmul(x_rows, weight, expert, expert_offsets, outs[run] if outs else None)
+        if bias is not None:
+            part += bias[expert] if expert is not None else bias[sorted_experts]
+        if y_layout == RowLayout.ASSIGNMENT:
+            y.index_copy_(0, targets[run], part)
+        elif y_layout == RowLayout.TOKEN:
+            part = part.to(y.dtype)
+            if gates_of_runs is not None:
+                part *= gates_of_runs[run]
+            y.index_add_(0, targets[run], part)
+    return y.to(x.dtype)
 
 
 def weight_grad(
     x: Tensor,
     dy: Tensor,
+    gates: Tensor | None,
     sorted_indices: Tensor,
     expert_offsets: Tensor,
     num_experts: int,
@@ -155,10 +180,32 @@ def weight_grad(
     x_layout: int,
     y_layout: int,
 ) -> Tensor:
-    """``dW[e] = Σ_i dy[row(i)]ᵀ x[row(i)]`` over grouped rows of expert e: ``[E, out, in]``."""
-    return grouped_weight_grad(
-        to_grouped(x, x_layout, sorted_indices, fan_out),
-        to_grouped(dy, y_layout, sorted_indices, fan_out),
-        expert_offsets,
-        num_experts,
+    """``dW[e] = Σ_a g_a · dy[row_Y(a)]ᵀ x[row_X(a)]`` over the assignments ``a`` of expert e
+    (``g_a = gates[a]``, 1 if None; only given with a TOKEN ``dy``): ``[E, out, in]``, x's
+    dtype."""
+    num_rows, num_out, num_in = sorted_indices.shape[0], dy.shape[1], x.shape[1]
+    experts, sizes = _runs(expert_offsets, x.dtype, num_rows)
+    dw = x.new_empty(num_experts, num_out, num_in)
+    runs = zip(
+        experts,
+        _run_rows(x, x_layout, sorted_indices, fan_out, sizes),
+        _run_rows(dy, y_layout, sorted_indices, fan_out, sizes),
+        gates[sorted_indices, None].to(dy.dtype).split(sizes)
+        if gates is not None
+        else [None] * len(sizes),
+        strict=True,
     )
+    for expert, x_rows, dy_rows, run_gates in runs:
+        if run_gates is not None:  # a gathered copy (TOKEN rows): scaled in place
+            dy_rows.mul_(run_gates)
+        if expert is not None:
+            torch.mm(dy_rows.t(), x_rows, out=dw[expert])
+        elif num_rows == 0 or num_out == 0 or num_in == 0:
+            dw.zero_()
+        else:
+            dw = torch._grouped_mm(
+                _mm_operand(dy_rows, transposed=True).t(),
+                _mm_operand(x_rows),
+                offs=expert_offsets[1:].to(torch.int32),
+            )[:, :num_out, :num_in].contiguous()
+    return dw

@@ -23,8 +23,6 @@ from torch import Tensor
 from .plan import RowLayout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The kernels gather rows through the plan's indices themselves: no grouped copies needed.
-COPIES_ROWS_TO_GROUPED = False
 
 # Block configurations the autotuner chooses from on GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 GEMM_CONFIGS = [
@@ -97,17 +95,19 @@ def _rows_of(grouped_rows, assignment, fan_out, LAYOUT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["rows_bucket"])
 def gather_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, sorted_idx_ptr, offsets_ptr,
+    x_ptr, w_ptr, b_ptr, g_ptr, y_ptr, sorted_idx_ptr, offsets_ptr,
     N, K, num_experts, fan_out, rows_bucket,
     stride_xm, stride_xk,
     stride_we, stride_wn, stride_wk,
     stride_be, stride_bn,
     stride_ym, stride_yn,
     X_LAYOUT: tl.constexpr, Y_LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_GATES: tl.constexpr,
     E_POW2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """y[row_Y(i)] = x[row_X(i)] @ w[e(i)].T (+ b[e(i)]) for the grouped rows i of one tile."""
+    """y[row_Y(i)] = (x[row_X(i)] @ w[e(i)].T (+ b[e(i)])) (* g[a(i)]) for the grouped rows i
+    of one tile (a(i): the assignment of row i)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert, row_start, row_end = _tile_rows(pid_m, offsets_ptr, num_experts, E_POW2, BLOCK_M)
@@ -140,22 +140,26 @@ def gather_gemm_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + expert * stride_be + cols * stride_bn, mask=col_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
+    if HAS_GATES:
+        gate = tl.load(g_ptr + assignment, mask=row_mask, other=0.0)
+        acc *= gate.to(tl.float32)[:, None]
     y_ptrs = y_ptr + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["rows_bucket"])
 def weight_grad_kernel(
-    x_ptr, dy_ptr, dw_ptr, sorted_idx_ptr, offsets_ptr,
+    x_ptr, dy_ptr, g_ptr, dw_ptr, sorted_idx_ptr, offsets_ptr,
     N, K, num_experts, fan_out, rows_bucket,
     stride_xm, stride_xk,
     stride_dym, stride_dyn,
     stride_dwe, stride_dwn, stride_dwk,
-    X_LAYOUT: tl.constexpr, Y_LAYOUT: tl.constexpr,
+    X_LAYOUT: tl.constexpr, Y_LAYOUT: tl.constexpr, HAS_GATES: tl.constexpr,
     E_POW2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INNER_M: tl.constexpr,
 ):  # fmt: skip
-    """dw[e(i)] += dy[row_Y(i)]ᵀ x[row_X(i)] summed over the (up to BLOCK_M) rows of one tile.
+    """dw[e(i)] += (g[a(i)] ·) dy[row_Y(i)]ᵀ x[row_X(i)] summed over the (up to BLOCK_M) rows
+    of one tile.
 
     An expert's rows are split across tiles of BLOCK_M rows, so one expert holding most tokens
     still spreads over many programs; the partial sums meet in the fp32 ``dw`` by atomic add."""
@@ -183,6 +187,9 @@ def weight_grad_kernel(
             mask=n_mask[:, None] & row_mask[None, :],
             other=0.0,
         )
+        if HAS_GATES:  # scaled in fp32, rounded once to the dtype tl.dot takes
+            gate = tl.load(g_ptr + assignment, mask=row_mask, other=0.0).to(tl.float32)
+            dy_t = (dy_t.to(tl.float32) * gate[None, :]).to(dy_ptr.dtype.element_ty)
         x_tile = tl.load(
             x_ptr + x_rows[:, None] * stride_xm + cols_k[None, :] * stride_xk,
             mask=row_mask[:, None] & k_mask[None, :],
@@ -233,6 +240,7 @@ def gather_gemm(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
+    gates: Tensor | None,
     sorted_indices: Tensor,
     sorted_experts: Tensor,
     expert_offsets: Tensor,
@@ -240,34 +248,42 @@ def gather_gemm(
     x_layout: int,
     y_layout: int,
 ) -> Tensor:
-    """Same contract as :func:`torch_backend.gather_gemm`; ``sorted_experts`` is unused here."""
+    """Same contract as :func:`torch_backend.gather_gemm`; ``sorted_experts`` is unused here.
+    TOKEN output: the kernel writes each assignment's gated row, then a token's k rows are
+    summed (in fp32)."""
     del sorted_experts
     num_rows = sorted_indices.shape[0]
     num_experts, num_out, num_in = weight.shape
+    token_output = y_layout == RowLayout.TOKEN
     y = x.new_empty(num_rows, num_out)
-    if num_rows == 0 or num_out == 0:
-        return y
-    bias_arg = bias if bias is not None else weight  # never read when HAS_BIAS is False
-    grid = lambda meta: (
-        _row_tiles(num_rows, num_experts, meta["BLOCK_M"]),
-        triton.cdiv(num_out, meta["BLOCK_N"]),
-    )
-    gather_gemm_tuned[grid](
-        x, weight, bias_arg, y, sorted_indices, expert_offsets,
-        num_out, num_in, num_experts, fan_out, _rows_bucket(num_rows, num_experts),
-        x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1), weight.stride(2),
-        bias_arg.stride(0), bias_arg.stride(1),
-        y.stride(0), y.stride(1),
-        X_LAYOUT=int(x_layout), Y_LAYOUT=int(y_layout), HAS_BIAS=bias is not None,
-        **_common_constexprs(x.dtype, num_experts),
-    )  # fmt: skip
+    if num_rows and num_out:
+        bias_arg = bias if bias is not None else weight  # never read when HAS_BIAS is False
+        gates_arg = gates if gates is not None else weight  # never read when HAS_GATES is False
+        grid = lambda meta: (
+            _row_tiles(num_rows, num_experts, meta["BLOCK_M"]),
+            triton.cdiv(num_out, meta["BLOCK_N"]),
+        )
+        gather_gemm_tuned[grid](
+            x, weight, bias_arg, gates_arg, y, sorted_indices, expert_offsets,
+            num_out, num_in, num_experts, fan_out, _rows_bucket(num_rows, num_experts),
+            x.stride(0), x.stride(1),
+            weight.stride(0), weight.stride(1), weight.stride(2),
+            bias_arg.stride(0), bias_arg.stride(1),
+            y.stride(0), y.stride(1),
+            X_LAYOUT=int(x_layout),
+            Y_LAYOUT=int(RowLayout.ASSIGNMENT if token_output else y_layout),
+            HAS_BIAS=bias is not None, HAS_GATES=gates is not None,
+            **_common_constexprs(x.dtype, num_experts),
+        )  # fmt: skip
+    if token_output:
+        return y.view(num_rows // fan_out, fan_out, num_out).sum(1)
     return y
 
 
 def weight_grad(
     x: Tensor,
     dy: Tensor,
+    gates: Tensor | None,
     sorted_indices: Tensor,
     expert_offsets: Tensor,
     num_experts: int,
@@ -281,18 +297,19 @@ def weight_grad(
     dw = torch.zeros(num_experts, num_out, num_in, device=x.device, dtype=torch.float32)
     if num_rows == 0 or num_out == 0 or num_in == 0:
         return dw.to(x.dtype)
+    gates_arg = gates if gates is not None else dw  # never read when HAS_GATES is False
     grid = lambda meta: (
         _row_tiles(num_rows, num_experts, meta["BLOCK_M"]),
         triton.cdiv(num_out, meta["BLOCK_N"]),
         triton.cdiv(num_in, meta["BLOCK_K"]),
     )
     weight_grad_tuned[grid](
-        x, dy, dw, sorted_indices, expert_offsets,
+        x, dy, gates_arg, dw, sorted_indices, expert_offsets,
         num_out, num_in, num_experts, fan_out, _rows_bucket(num_rows, num_experts),
         x.stride(0), x.stride(1),
         dy.stride(0), dy.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2),
-        X_LAYOUT=int(x_layout), Y_LAYOUT=int(y_layout),
+        X_LAYOUT=int(x_layout), Y_LAYOUT=int(y_layout), HAS_GATES=gates is not None,
         **_common_constexprs(x.dtype, num_experts),
     )  # fmt: skip
     return dw.to(x.dtype)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .kernels import DispatchPlan, plan_dispatch
+from .kernels import DispatchPlan, gather_scores, plan_dispatch
 from .kernels.plan import check_positive_int
 from .losses import (
     BALANCE_LOSSES,
@@ -121,7 +121,7 @@ class TopKRouter(nn.Module):
             scores = torch.sigmoid(logits)
         choice = scores if self.selection_bias is None else scores + self.selection_bias
         expert_idx = choice.topk(self.top_k, dim=-1).indices
-        picked = scores.gather(1, expert_idx)
+        picked = gather_scores(scores, expert_idx)
         if self.score == "topk_softmax":
             gates = torch.softmax(picked, dim=-1)
         elif self.renormalize:

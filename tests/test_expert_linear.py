@@ -32,6 +32,8 @@ def problems(draw, max_tokens, max_experts, max_dim, max_assignments=None):
         "x_per_assignment": grouped_in or draw(st.booleans()),
         "with_bias": draw(st.booleans()),
         "with_gates": (not grouped_out) and draw(st.booleans()),
+        "gates_layout": draw(st.sampled_from(LAYOUTS)),
+        "gates_dtype": draw(st.sampled_from((torch.float32, torch.bfloat16))),
         "x_layout": draw(st.sampled_from(LAYOUTS)),
         "w_layout": draw(st.sampled_from(LAYOUTS)),
         "seed": draw(st.integers(0, 2**31 - 1)),
@@ -53,7 +55,11 @@ def check_against_reference(problem, backend):
         .requires_grad_()
     )
     bias = make_tensor((num_experts, d_out), dtype, generator=gen) if problem["with_bias"] else None
-    gates = torch.rand(num_tokens, top_k, generator=gen) if problem["with_gates"] else None
+    gates = None
+    if problem["with_gates"]:
+        gates = make_tensor(
+            (num_tokens, top_k), problem["gates_dtype"], problem["gates_layout"], gen
+        ).abs()
     bias = bias.to(DEVICE) if bias is not None else None
     gates = gates.to(DEVICE) if gates is not None else None
     for tensor in (bias, gates):
@@ -87,7 +93,8 @@ def check_against_reference(problem, backend):
     for name, leaf in leaves.items():
         grad = inputs[name].grad
         assert grad is not None, f"no gradient for {name}"
-        grad_dtype = torch.float32 if name == "gates" else dtype
+        assert grad.dtype == inputs[name].dtype, f"grad {name} has dtype {grad.dtype}"
+        grad_dtype = problem["gates_dtype"] if name == "gates" else dtype
         expected_grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         assert_matches(grad.cpu(), expected_grad, max(grad_dtype, dtype, key=_eps), f"grad {name}")
     for name, before in snapshots.items():
