@@ -299,21 +299,27 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_median_ms(
-    fn, device: str, *, min_repeats: int = 3, max_repeats: int = 50, budget_s: float = 1.5
-) -> float:
-    fn()
-    _sync(device)
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < min_repeats or (
-        len(times) < max_repeats and time.perf_counter() - started < budget_s
-    ):
-        begin = time.perf_counter()
+def time_medians_ms(
+    steps: dict, device: str, *, min_repeats: int = 3, max_repeats: int = 50, budget_s: float = 1.5
+) -> dict[str, float]:
+    """Median milliseconds of each callable in ``steps``, timed in rounds that run every one
+    of them once, so a slow spell on a shared machine slows them all alike and their ratios
+    hold. At least ``min_repeats`` rounds, then more while within ``budget_s`` per callable."""
+    for fn in steps.values():
         fn()
-        _sync(device)
-        times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    started, rounds = time.perf_counter(), 0
+    while rounds < min_repeats or (
+        rounds < max_repeats and time.perf_counter() - started < budget_s * len(steps)
+    ):
+        for name, fn in steps.items():
+            begin = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - begin) * 1e3)
+        rounds += 1
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def memory_mb(module: nn.Module, x: Tensor, device: str) -> float:
@@ -359,27 +365,35 @@ class Result:
 def run_case(
     case: Case, backward: bool, impls=IMPLEMENTATIONS, measure_memory: bool = True, **timing
 ) -> list[Result]:
+    """Time every implementation of ``case`` that applies. On CPU they are built together and
+    timed in alternating rounds (shared CPUs drift by 10-20 % within minutes; the ratios are
+    what the tables report). On a GPU one at a time: the full-size weights of all of them may
+    not fit together (DeepSeek-V3's experts are 22 GB per implementation in bf16)."""
+    applicable = [impl for impl in impls if applies(case, impl)]
+    groups = [applicable] if case.device == "cpu" else [[impl] for impl in applicable]
     results = []
-    for impl in (impl for impl in impls if applies(case, impl)):
-        module, x = build(case, impl)
-        elapsed = time_median_ms(step_function(module, x, backward), case.device, **timing)
-        memory = memory_mb(module, x, case.device) if backward and measure_memory else None
-        tflops = case.matmul_flops(backward) / (elapsed / 1e3) / 1e12
-        results.append(
-            Result(
-                case.suite,
-                case.shape,
-                case.tokens,
-                case.dtype,
-                case.device,
-                impl,
-                backward,
-                elapsed,
-                tflops,
-                memory,
+    for group in groups:
+        built = {impl: build(case, impl) for impl in group}
+        steps = {impl: step_function(module, x, backward) for impl, (module, x) in built.items()}
+        elapsed = time_medians_ms(steps, case.device, **timing)
+        for impl, (module, x) in built.items():
+            memory = memory_mb(module, x, case.device) if backward and measure_memory else None
+            tflops = case.matmul_flops(backward) / (elapsed[impl] / 1e3) / 1e12
+            results.append(
+                Result(
+                    case.suite,
+                    case.shape,
+                    case.tokens,
+                    case.dtype,
+                    case.device,
+                    impl,
+                    backward,
+                    elapsed[impl],
+                    tflops,
+                    memory,
+                )  # fmt: skip
             )
-        )
-        del module
+        del built, steps
     times = {r.impl: r.median_ms for r in results}
     for r in results:
         if "dense" in times:

@@ -58,3 +58,12 @@ def test_bench_command_writes_table_json_and_plot(tmp_path, capsys):
 def test_bench_command_rejects_bad_input(args, message, capsys):
     assert main(["bench", "--tiny", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_timing_runs_every_implementation_in_the_same_rounds():
+    order: list[str] = []
+    steps = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    medians = bench.time_medians_ms(steps, "cpu", min_repeats=4, max_repeats=4, budget_s=0.0)
+    assert set(medians) == {"a", "b", "c"} and all(m >= 0 for m in medians.values())
+    # one warm-up call each, then four rounds in which each runs once, in turn
+    assert order == ["a", "b", "c"] * 5
