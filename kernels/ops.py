@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from .plan import DispatchPlan, RowLayout
+from .plan import DispatchPlan, RowLayout, check_index_range
 
 BACKENDS = ("torch", "triton")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
@@ -209,6 +209,18 @@ def gather_scores(scores: Tensor, expert_idx: Tensor) -> Tensor:
     scatter into the kernel that adds it to the router's other logit gradients (the aux losses)
     and read the buffer before the scatter wrote it: the router got no gate gradient under
     ``torch.compile``. Behind the op the scatter is one call Inductor cannot fuse."""
+    _check_tensor("scores", scores)
+    _check_tensor("expert_idx", expert_idx)
+    if scores.dim() != 2 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a 2-D float tensor [T, E], got {scores.dtype} "
+                         f"{tuple(scores.shape)}")  # fmt: skip
+    if expert_idx.dtype != torch.int64 or expert_idx.dim() != 2:
+        raise ValueError(f"expert_idx must be a 2-D int64 tensor [T, k], got {expert_idx.dtype} "
+                         f"{tuple(expert_idx.shape)}")  # fmt: skip
+    if expert_idx.shape[0] != scores.shape[0]:
+        raise ValueError(f"expert_idx has {expert_idx.shape[0]} rows but scores has "
+                         f"{scores.shape[0]}")  # fmt: skip
+    check_index_range(expert_idx, scores.shape[1], "expert_idx", "num_experts")
     return _gather_scores(scores, expert_idx)
 
 

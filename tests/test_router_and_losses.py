@@ -232,3 +232,15 @@ def test_router_gradient_under_compile_with_aux_loss():
         grads.append(router.layer.weight.grad.clone())
         router.zero_grad()
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_gather_scores_rejects_bad_input():
+    scores = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="expert_idx"):
+        gather_scores(scores, torch.zeros(3, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="rows"):
+        gather_scores(scores, torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="num_experts"):
+        gather_scores(scores, torch.full((3, 2), 4))
+    with pytest.raises(ValueError, match="scores"):
+        gather_scores(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, 2, dtype=torch.int64))
