@@ -39,6 +39,7 @@ class Variant:
     constexprs: dict
     num_warps: int
     num_stages: int
+    y_dtype: str | None = None  # the output's dtype where it is not ``dtype`` (fp32 token sums)
 
     @property
     def expects_matrix_instructions(self) -> bool:
@@ -53,6 +54,8 @@ class Variant:
         layouts = f"{_LAYOUT_NAMES[c['X_LAYOUT']]}->{_LAYOUT_NAMES[c['Y_LAYOUT']]}"
         extra = ("+bias" if c.get("HAS_BIAS") else "") + ("+gates" if c["HAS_GATES"] else "")
         precision = " tf32" if c["PRECISION"] == "tf32" else ""
+        if self.y_dtype:
+            extra += f" y:{_DTYPE_NAMES[self.y_dtype]}"
         return (
             f"{self.kernel} {_DTYPE_NAMES[self.dtype]}{precision} {tile} "
             f"w{self.num_warps}s{self.num_stages} {layouts}{extra}"
@@ -85,8 +88,9 @@ class Build:
 
 def variants() -> list[Variant]:
     """Every configuration the autotuner may pick, for each dtype, in the common layout; every
-    layout combination at the first configuration; gated rows (a TOKEN output or a gated TOKEN
-    ``dy``) at every configuration in bf16; and fp32 with TF32 allowed."""
+    layout combination at the first configuration; gated rows (per-token output, written as
+    fp32 rows, and a gated per-token ``dy``) at every configuration in bf16 for grouped ``x``
+    (MoEMLP) and at the first for per-assignment ``x`` (MoA); and fp32 with TF32 allowed."""
     from . import triton_backend as tb
 
     found = []
@@ -96,10 +100,10 @@ def variants() -> list[Variant]:
             tiles = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
             layout = {"X_LAYOUT": 2, "Y_LAYOUT": 1, "HAS_BIAS": False, "PRECISION": "ieee"}
             found.append(Variant("gather_gemm", dtype, common | tiles | layout, warps, stages))
-            if dtype == "bfloat16":  # MoEMLP's output: grouped rows, gated, token sums
+            if dtype == "bfloat16":  # MoEMLP's output: grouped rows, gated, fp32 rows to sum
                 gated = {"X_LAYOUT": 0, "Y_LAYOUT": 1, "HAS_BIAS": False, "HAS_GATES": True}
                 constexprs = common | tiles | gated | {"PRECISION": "ieee"}
-                found.append(Variant("gather_gemm", dtype, constexprs, warps, stages))
+                found.append(Variant("gather_gemm", dtype, constexprs, warps, stages, "float32"))
         for m, n, k, inner, warps, stages in tb.WEIGHT_GRAD_CONFIGS:
             tiles = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "INNER_M": inner}
             layout = {"X_LAYOUT": 2, "Y_LAYOUT": 1, "PRECISION": "ieee"}
@@ -115,12 +119,18 @@ def variants() -> list[Variant]:
                 layout = {"X_LAYOUT": x_layout, "Y_LAYOUT": y_layout, "HAS_BIAS": has_bias}
                 constexprs = common | tiles | layout | {"PRECISION": "ieee"}
                 found.append(Variant("gather_gemm", "bfloat16", constexprs, warps, stages))
+    for x_layout, has_gates in ((1, True), (0, False)):  # MoA's gated output; a token fan-in
+        layout = {"X_LAYOUT": x_layout, "Y_LAYOUT": 1, "HAS_BIAS": False, "HAS_GATES": has_gates}
+        constexprs = common | tiles | layout | {"PRECISION": "ieee"}
+        found.append(Variant("gather_gemm", "bfloat16", constexprs, warps, stages, "float32"))
     m, n, k, inner, warps, stages = tb.WEIGHT_GRAD_CONFIGS[0]
     tiles = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "INNER_M": inner}
     for x_layout in (0, 1, 2):
         for y_layout in (0, 1):
             layout = {"X_LAYOUT": x_layout, "Y_LAYOUT": y_layout, "PRECISION": "ieee"}
             found.append(Variant("weight_grad", "bfloat16", common | tiles | layout, warps, stages))
+    gated = {"X_LAYOUT": 1, "Y_LAYOUT": 2, "HAS_GATES": True, "PRECISION": "ieee"}  # MoA's
+    found.append(Variant("weight_grad", "bfloat16", common | tiles | gated, warps, stages))
     tf32 = dict(found[0].constexprs, PRECISION="tf32")
     found.append(Variant("gather_gemm", "float32", tf32, found[0].num_warps, found[0].num_stages))
     return _unique(found)
@@ -150,7 +160,7 @@ def _signature(kernel, variant: Variant) -> tuple[dict, dict, dict]:
         if name in unit_strides:
             signature[name], constexprs[name] = "constexpr", 1
             continue
-        if name in ("dw_ptr", "g_ptr"):
+        if name in ("dw_ptr", "g_ptr") or (name == "y_ptr" and variant.y_dtype == "float32"):
             signature[name] = "*fp32"
         elif name in float_pointers:
             signature[name] = f"*{element}"

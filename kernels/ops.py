@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from .plan import DispatchPlan, RowLayout, check_index_range
+from .plan import DispatchPlan, RowLayout
 
 BACKENDS = ("torch", "triton")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
@@ -93,8 +93,7 @@ def _register(name: str, impl: ModuleType) -> tuple:
             dx = gather_gemm(dy, weight.mT, None, None, *plan, y_layout, x_layout)
         elif gates is not None and (needs[0] or needs[3]):
             dx, dgates = _gated_input_grads(gather_gemm, x, weight, gates, dy, plan, x_layout,
-                                            y_layout, needs[3])  # fmt: skip
-            dx = dx if needs[0] else None
+                                            y_layout, needs[0], needs[3])  # fmt: skip
         if needs[1]:
             dw = weight_grad(
                 x, dy, gates, sorted_indices, expert_offsets, weight.shape[0], ctx.fan_out,
@@ -110,26 +109,30 @@ def _register(name: str, impl: ModuleType) -> tuple:
     return gather_gemm, weight_grad
 
 
-def _gated_input_grads(gather_gemm, x, weight, gates, dy, plan, x_layout, y_layout, need_gates):
-    """dx and dgates of ``y_a = gates[a] · x_row(a) @ weight[e(a)].T``, from ``u_a = dy_row(a) @
-    weight[e(a)]`` (``dx_row(a) = gates[a] · u_a``, ``dgates[a] = <u_a, x_row(a)>``, plus the
-    bias term added by the caller), so no forward output is saved."""
+def _gated_input_grads(
+    gather_gemm, x, weight, gates, dy, plan, x_layout, y_layout, need_x, need_gates
+):
+    """dx and dgates (each None unless needed) of ``y_a = gates[a] · x_row(a) @ weight[e(a)].T``,
+    from ``u_a = dy_row(a) @ weight[e(a)]``: ``dx_row(a) = gates[a] · u_a`` and ``dgates[a] =
+    <u_a, x_row(a)>`` (the caller adds the bias term), so no forward output is saved."""
     sorted_indices, fan_out = plan[0], plan[3]
     u_layout = RowLayout.ASSIGNMENT if x_layout == RowLayout.TOKEN else x_layout
     u = gather_gemm(dy, weight.mT, None, None, *plan, y_layout, u_layout)
     per_row = fan_out if x_layout == RowLayout.TOKEN else 1  # rows of u per row of x
     u_by_x_row = u.view(x.shape[0], per_row, u.shape[1])
-    gates_of_u = gates[sorted_indices] if u_layout == RowLayout.GROUPED else gates
-    dgates = None
+    dx = dgates = None
     if need_gates:
         dots = torch.linalg.vecdot(u_by_x_row, x[:, None, :]).view(-1)
         dgates = _to_assignment_order(dots, u_layout, sorted_indices).to(gates.dtype)
-    wide = torch_backend.accumulation_dtype(u.dtype)
-    if x_layout == RowLayout.TOKEN:
+    if need_x and x_layout == RowLayout.TOKEN:
+        wide = torch_backend.accumulation_dtype(u.dtype)
         terms = u_by_x_row * gates.view(x.shape[0], per_row, 1).to(wide)
         dx = terms.sum(1).to(u.dtype)
-    else:
-        dx = u.mul_(gates_of_u[:, None].to(u.dtype))  # same dtypes: the fast in-place kernel
+    elif need_x:
+        gates_of_u = gates[sorted_indices] if u_layout == RowLayout.GROUPED else gates
+        scale = gates_of_u[:, None].to(u.dtype)  # same dtypes: the fast elementwise kernels
+        # In place unless a double backward recorded u (vecdot saved it for its own backward).
+        dx = u * scale if torch.is_grad_enabled() else u.mul_(scale)
     return dx, dgates
 
 
@@ -220,8 +223,7 @@ def gather_scores(scores: Tensor, expert_idx: Tensor) -> Tensor:
     if expert_idx.shape[0] != scores.shape[0]:
         raise ValueError(f"expert_idx has {expert_idx.shape[0]} rows but scores has "
                          f"{scores.shape[0]}")  # fmt: skip
-    check_index_range(expert_idx, scores.shape[1], "expert_idx", "num_experts")
-    return _gather_scores(scores, expert_idx)
+    return _gather_scores(scores, expert_idx)  # out-of-range indices: gather's own error
 
 
 def _check_backend_name(name: str) -> None:

@@ -196,8 +196,10 @@ def weight_grad(
         strict=True,
     )
     for expert, x_rows, dy_rows, run_gates in runs:
-        if run_gates is not None:  # a gathered copy (TOKEN rows): scaled in place
-            dy_rows.mul_(run_gates)
+        if run_gates is not None:  # in place on a gathered copy, never on a view of dy
+            dy_rows = (
+                dy_rows * run_gates if y_layout == RowLayout.GROUPED else dy_rows.mul_(run_gates)
+            )
         if expert is not None:
             torch.mm(dy_rows.t(), x_rows, out=dw[expert])
         elif num_rows == 0 or num_out == 0 or num_in == 0:

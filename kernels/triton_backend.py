@@ -249,13 +249,13 @@ def gather_gemm(
     y_layout: int,
 ) -> Tensor:
     """Same contract as :func:`torch_backend.gather_gemm`; ``sorted_experts`` is unused here.
-    TOKEN output: the kernel writes each assignment's gated row, then a token's k rows are
-    summed (in fp32)."""
+    TOKEN output: the kernel writes each assignment's gated row in fp32, then a token's k rows
+    are summed and rounded once to x's dtype."""
     del sorted_experts
     num_rows = sorted_indices.shape[0]
     num_experts, num_out, num_in = weight.shape
     token_output = y_layout == RowLayout.TOKEN
-    y = x.new_empty(num_rows, num_out)
+    y = x.new_empty(num_rows, num_out, dtype=torch.float32 if token_output else x.dtype)
     if num_rows and num_out:
         bias_arg = bias if bias is not None else weight  # never read when HAS_BIAS is False
         gates_arg = gates if gates is not None else weight  # never read when HAS_GATES is False
@@ -276,7 +276,7 @@ def gather_gemm(
             **_common_constexprs(x.dtype, num_experts),
         )  # fmt: skip
     if token_output:
-        return y.view(num_rows // fan_out, fan_out, num_out).sum(1)
+        return y.view(num_rows // fan_out, fan_out, num_out).sum(1).to(x.dtype)
     return y
 
 

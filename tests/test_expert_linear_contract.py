@@ -164,3 +164,23 @@ def test_narrow_integer_routings_are_range_checked_without_wrapping():
     assert plan_dispatch(small, 300).tokens_per_expert[100] == 1  # 300 wraps to 44 in int8
     with pytest.raises(ValueError, match="expert_idx"):
         plan_dispatch(torch.tensor([[0, 120]], dtype=torch.int8), 100)
+
+
+@pytest.mark.parametrize("layout", ["assignment", "grouped", "token"])
+def test_double_backward_through_gates(layout):
+    """Second derivatives through x and gates (a gradient penalty on the input), float64. (The
+    weight-gradient op has no derivative of its own: no double backward into the weights.)"""
+    torch.manual_seed(0)
+    tokens, top_k, experts, d_in, d_out = 5, 2, 3, 4, 3
+    plan = plan_dispatch(torch.randint(0, experts, (tokens, top_k)), experts)
+    rows = tokens if layout == "token" else tokens * top_k
+    x = torch.randn(rows, d_in, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(experts, d_out, d_in, dtype=torch.float64)
+    gates = torch.rand(tokens, top_k, dtype=torch.float64, requires_grad=True)
+
+    def f(x, gates):
+        return expert_linear(
+            x, weight, plan, gates=gates, grouped_in=layout == "grouped", backend="torch"
+        )
+
+    assert torch.autograd.gradgradcheck(f, (x, gates))
