@@ -106,11 +106,12 @@ def _run_rows(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int, size
 def _matmul(
     rows: Tensor, weight: Tensor, expert: int | None, expert_offsets: Tensor, out: Tensor | None
 ) -> Tensor:
-    """``rows[i] @ weight[e(i)].T`` for the rows of one run, written into ``out`` if given."""
+    """``rows[i] @ weight[e(i)].T`` for the (non-empty) rows of one run, written into ``out``
+    if given."""
     if expert is not None:
         return torch.mm(rows, weight[expert].t(), out=out)
     num_out = weight.shape[1]
-    if rows.shape[0] == 0 or num_out == 0 or rows.shape[1] == 0:
+    if num_out == 0 or rows.shape[1] == 0:  # _grouped_mm rejects zero-width operands
         result = rows.new_zeros(rows.shape[0], num_out)
     else:
         result = torch._grouped_mm(
