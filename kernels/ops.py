@@ -226,7 +226,8 @@ def gather_scores(scores: Tensor, expert_idx: Tensor) -> Tensor:
     return _gather_scores(scores, expert_idx)  # out-of-range indices: gather's own error
 
 
-def _check_backend_name(name: str) -> None:
+def check_backend_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is "auto" or one of :data:`BACKENDS`."""
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
 
@@ -235,7 +236,7 @@ def _check_backend_name(name: str) -> None:
 def use_backend(name: str) -> Iterator[None]:
     """Within the block, ``backend="auto"`` means ``name`` ("torch", "triton" or "auto")."""
     global _auto_backend
-    _check_backend_name(name)
+    check_backend_name(name)
     previous = _auto_backend
     _auto_backend = None if name == "auto" else name
     try:
@@ -246,7 +247,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that ``backend`` means for tensors on ``device``."""
-    _check_backend_name(backend)
+    check_backend_name(backend)
     if backend == "auto":
         backend = _auto_backend or (
             "triton" if device.type == "cuda" and TRITON_AVAILABLE else "torch"

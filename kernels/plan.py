@@ -7,6 +7,7 @@ sorted by expert (stable, so ascending assignment id within an expert).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -107,6 +108,15 @@ def check_positive_int(name: str, value) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is an int >= 1 (bools rejected)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_non_negative(name: str, value) -> None:
+    """Raise TypeError (not a real number) or ValueError (negative, NaN, infinite) naming
+    ``name`` unless ``value`` is a finite real number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
 def check_index_range(values: Tensor, upper: int, name: str, bound: str) -> None:

@@ -189,7 +189,8 @@ class JetMoEModel(nn.Module):
 @dataclass
 class CausalLMOutput:
     """logits ``[B, T, vocab]``. With labels: ``loss`` = ``lm_loss`` + ``aux_loss`` (the value;
-    the aux part reaches the gradient through the blocks, once), ``lm_loss`` the mean
+    the aux part reaches the gradient through the blocks, once per backward pass, times
+    :func:`moe_blocks.aux_loss_scale` when the loop scales its loss), ``lm_loss`` the mean
     cross-entropy of next-token prediction, ``aux_loss`` = ``aux_loss_coef`` · Σ over the MoA and
     MoE routers of every layer of (Switch loss + ``z_loss_coef`` · z-loss), detached."""
 
@@ -312,7 +313,7 @@ class JetMoEForCausalLM(nn.Module):
             labels[:, 1:].reshape(-1),
             ignore_index=-100,
         )
-        aux_loss = sum(router.aux_loss_coef * router.last_aux_loss for router in self.routers())
+        aux_loss = sum(router.last_aux_loss for router in self.routers())
         return CausalLMOutput(
             logits=logits,
             loss=lm_loss + aux_loss,

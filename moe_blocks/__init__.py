@@ -4,6 +4,7 @@ from .experts import ParallelExperts
 from .kernels import DispatchPlan, expert_linear, plan_dispatch, use_backend
 from .losses import (
     attach_aux_loss,
+    aux_loss_scale,
     load_balancing_loss,
     mutual_information_loss,
     router_z_loss,
@@ -24,6 +25,7 @@ __all__ = [
     "TopKRouter",
     "__version__",
     "attach_aux_loss",
+    "aux_loss_scale",
     "expert_linear",
     "load_balancing_loss",
     "mutual_information_loss",

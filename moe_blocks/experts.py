@@ -6,8 +6,10 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .kernels import DispatchPlan, expert_linear
+from .kernels.ops import check_backend_name
 
 
 class ParallelExperts(nn.Module):
@@ -29,6 +31,7 @@ class ParallelExperts(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_backend_name(backend)
         self.num_experts, self.in_features, self.out_features = (
             num_experts,
             in_features,
@@ -46,7 +49,10 @@ class ParallelExperts(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: Tensor, plan: DispatchPlan, **kwargs) -> Tensor:
-        return expert_linear(x, self.weight, plan, backend=self.backend, **kwargs)
+        # Under expert parallelism the weight is a DTensor sharded over experts: this rank runs
+        # its own experts, numbered locally by the plan.
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        return expert_linear(x, weight, plan, backend=self.backend, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, in={self.in_features}, out={self.out_features}"

@@ -7,8 +7,13 @@ return a scalar tensor differentiable in the logits.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
+
+from .kernels.plan import check_non_negative
 
 BALANCE_LOSSES = ("switch", "mutual_information", "none")
 
@@ -18,21 +23,29 @@ def _zero_loss(logits: Tensor) -> Tensor:
     return logits.float().sum() * 0.0
 
 
-def load_balancing_loss(logits: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
+def load_balancing_loss(
+    logits: Tensor, expert_idx: Tensor, num_experts: int, *, tokens_per_expert: Tensor | None = None
+) -> Tensor:
     """Switch Transformer / GShard balance loss ``E · Σ_e f_e · P_e``.
 
     ``f_e`` is the fraction of the N·k assignments routed to expert e (not differentiable),
     ``P_e`` the mean softmax probability of e over the N tokens. It is exactly 1.0 when both are
     uniform and grows as routing concentrates. An empty batch gives 0.
+
+    ``tokens_per_expert``: optional ``[E]`` assignment counts to take ``f_e`` from instead of
+    counting ``expert_idx`` (e.g. summed over the ranks of an expert-parallel group).
     """
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     probs = torch.softmax(logits.float(), dim=-1)
-    counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
-    counts.scatter_add_(
-        0, expert_idx.reshape(-1), torch.ones_like(expert_idx.reshape(-1), dtype=torch.float32)
-    )
-    fraction = counts / expert_idx.numel()
+    if tokens_per_expert is None:
+        counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
+        counts.scatter_add_(
+            0, expert_idx.reshape(-1), torch.ones_like(expert_idx.reshape(-1), dtype=torch.float32)
+        )
+    else:
+        counts = tokens_per_expert.float()
+    fraction = counts / counts.sum()
     return num_experts * (fraction * probs.mean(0)).sum()
 
 
@@ -63,29 +76,74 @@ def mutual_information_loss(logits: Tensor) -> Tensor:
     return conditional_entropy - marginal_entropy
 
 
+_aux_loss_scale: float | Tensor = 1.0
+
+
+@contextlib.contextmanager
+def aux_loss_scale(scale: float | Tensor) -> Iterator[None]:
+    """Blocks whose forward runs inside this context send ``scale · aux_loss`` into the gradient
+    of each backward pass through their output, instead of ``1 · aux_loss``.
+
+    Set it to the factor by which your training loop scales the loss it backpropagates, so that
+    the aux gradient stays exactly that of adding the aux loss to the unscaled loss:
+
+    - gradient accumulation over n micro-batches (``(loss / n).backward()``): ``1 / n``;
+    - a loss scaler (``scaler.scale(loss).backward()``): ``scaler.get_scale()`` (a float, or the
+      scaler's 0-dim scale tensor to avoid reading it on the host);
+    - both: their product. ``0`` leaves the aux loss out of the gradient.
+
+    The scale is read when the block runs forward (so the context must enclose the forward; it
+    may also enclose the backward). Contexts nest; the innermost wins.
+
+    Args:
+        scale: a finite float >= 0, or a 0-dim floating-point tensor.
+    """
+    global _aux_loss_scale
+    if isinstance(scale, Tensor):
+        if scale.dim() != 0 or not scale.is_floating_point():
+            raise ValueError(
+                f"scale must be a float or a 0-dim floating-point tensor, got {scale.dtype} "
+                f"tensor of shape {tuple(scale.shape)}"
+            )
+    else:
+        check_non_negative("scale", scale)
+    previous = _aux_loss_scale
+    _aux_loss_scale = scale
+    try:
+        yield
+    finally:
+        _aux_loss_scale = previous
+
+
 class _AddAuxLossGradient(torch.autograd.Function):
-    """Identity on ``output``; in backward, also sends gradient 1 into ``aux_loss``."""
+    """Identity on ``output``; in backward, also sends gradient ``scale`` into ``aux_loss``."""
 
     @staticmethod
-    def forward(ctx, output: Tensor, aux_loss: Tensor) -> Tensor:
+    def forward(ctx, output: Tensor, aux_loss: Tensor, scale: float | Tensor) -> Tensor:
         ctx.aux_shape = aux_loss.shape
         ctx.aux_dtype = aux_loss.dtype
+        ctx.scale = scale
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        scale = ctx.scale
+        if isinstance(scale, Tensor):
+            scale = scale.to(device=grad_output.device, dtype=ctx.aux_dtype)
         aux_grad = torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad_output.device)
-        return grad_output, aux_grad
+        return grad_output, aux_grad * scale, None
 
 
 def attach_aux_loss(output: Tensor, aux_loss: Tensor) -> Tensor:
-    """Return ``output`` unchanged, such that backpropagating through it also backpropagates
-    ``aux_loss`` (as if it were added to the caller's loss), the way Megatron-LM attaches MoE
-    losses. Nothing is attached when gradients are off or ``aux_loss`` needs none.
+    """Return ``output`` unchanged, such that each backward pass through it also backpropagates
+    ``aux_loss``: exactly as if the caller had added ``aux_loss`` to the loss it backpropagates
+    (the way Megatron-LM attaches MoE losses). Nothing is attached when gradients are off or
+    ``aux_loss`` needs none.
 
-    The aux loss enters with weight 1 per backward pass, whatever the caller does to its own
-    loss: with a loss scaler (fp16 ``GradScaler``) or gradient accumulation over n
-    micro-batches, scale the blocks' ``aux_loss_coef`` to match (×S, or ÷n)."""
+    If the training loop scales its loss (gradient accumulation, fp16 loss scaling), run the
+    forward inside :func:`aux_loss_scale` with the same factor; the default factor is 1.
+    Backpropagating twice through one output (``retain_graph``) adds the aux loss twice, as
+    adding it to both losses would: sum the losses and backpropagate once instead."""
     if not (torch.is_grad_enabled() and aux_loss.requires_grad):
         return output
-    return _AddAuxLossGradient.apply(output, aux_loss)
+    return _AddAuxLossGradient.apply(output, aux_loss, _aux_loss_scale)

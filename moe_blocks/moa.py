@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import ParallelExperts
-from .kernels.plan import check_positive_int
+from .kernels.plan import INTEGER_DTYPES, check_index_range, check_positive_int
 from .losses import attach_aux_loss
-from .router import TopKRouter
+from .router import TopKRouter, check_input_dtype
 
 
 def rotary_cos_sin(
@@ -30,6 +30,20 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate-half RoPE: ``x·cos + rotate_half(x)·sin`` (cos, sin broadcast against x)."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def check_keep_mask(attention_mask: Tensor) -> None:
+    """Require a keep mask: bool, or integers that are all 0 or 1. A float mask is rejected (an
+    additive mask of zeros means "keep all", a keep mask of zeros "keep none": guessing would
+    silently break causality)."""
+    if attention_mask.dtype == torch.bool:
+        return
+    if attention_mask.dtype not in INTEGER_DTYPES:
+        raise TypeError(
+            f"attention_mask must be bool or integer (1 = real token, 0 = padding), got "
+            f"{attention_mask.dtype}; for an additive float mask m use (m == 0)"
+        )
+    check_index_range(attention_mask, 2, "attention_mask", "2 (a 0/1 mask)")
 
 
 class KVCache:
@@ -129,6 +143,14 @@ class MoA(nn.Module):
         self.kv_proj = nn.Linear(d_model, 2 * projection, bias=False, **factory)
         self.bias = nn.Parameter(torch.zeros(d_model, **factory)) if bias else None
 
+    def reset_parameters(self) -> None:
+        """Re-initialise the whole block: router, experts and ``kv_proj`` (as ``nn.Linear``),
+        bias 0 (e.g. after building on the meta device and ``to_empty``)."""
+        for module in self.children():
+            module.reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
     def forward(
         self,
         x: Tensor,
@@ -138,13 +160,15 @@ class MoA(nn.Module):
         position_ids: Tensor | None = None,
     ) -> Tensor:
         """Args:
-        x: ``[B, T, d_model]``.
-        attention_mask: ``[B, T_past + T]``, nonzero/True for real tokens, 0/False for
-            padding (keys that no query may attend to). Rows of padding queries that would see
-            no key at all attend to every key instead (their outputs are meaningless, finite).
+        x: ``[B, T, d_model]``, the block's dtype (any floating dtype under autocast).
+        attention_mask: ``[B, T_past + T]``, bool or integer: True/1 for real tokens,
+            False/0 for padding (keys that no query may attend to). Float (additive) masks are
+            rejected. Rows of padding queries that would see no key at all attend to every key
+            instead (their outputs are meaningless, finite).
         kv_cache: keys and values of the earlier tokens; updated in place.
         position_ids: ``[B, T]`` or ``[T]`` RoPE positions; default ``T_past + arange(T)``.
         """
+        check_input_dtype(x, self.kv_proj.weight.dtype)
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [B, T, d_model={self.d_model}], got {tuple(x.shape)}")
         batch, length, _ = x.shape
@@ -177,7 +201,7 @@ class MoA(nn.Module):
             value.transpose(1, 2),
             attn_mask=mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=mask is None and length > 1,
+            is_causal=mask is None,  # no cache, no padding: T queries over the same T keys
             scale=head_dim**-0.5,
             enable_gqa=top_k > 1,
         )
@@ -186,7 +210,7 @@ class MoA(nn.Module):
         out = self.output_linear(attended, route.plan, gates=route.gates)
         if self.bias is not None:
             out = out + self.bias
-        out = attach_aux_loss(out, self.router.aux_loss_coef * route.aux_loss)
+        out = attach_aux_loss(out, route.aux_loss)
         return out.view(batch, length, self.d_model)
 
     @staticmethod
@@ -206,6 +230,7 @@ class MoA(nn.Module):
                     f"attention_mask must be [B, T_past + T] = {(batch, total)}, "
                     f"got {tuple(attention_mask.shape)}"
                 )
+            check_keep_mask(attention_mask)
             mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
             mask = mask | ~mask.any(-1, keepdim=True)
         return mask[:, None]

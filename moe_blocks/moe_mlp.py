@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import ParallelExperts
-from .kernels.plan import check_positive_int
+from .kernels.plan import DispatchPlan, check_positive_int
 from .losses import attach_aux_loss
-from .router import TopKRouter
+from .router import RouterOutput, TopKRouter, check_input_dtype
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -48,7 +48,8 @@ class MoEMLP(nn.Module):
 
     Submodules ``router``, ``input_linear``, ``output_linear`` and the parameter ``bias`` are
     named as in the JetMoE checkpoint. The router's aux loss (times ``aux_loss_coef``) reaches
-    the gradient through the returned tensor; ``router.last_*`` hold the batch's statistics.
+    the gradient through the returned tensor (scaled by :func:`moe_blocks.aux_loss_scale` when
+    the training loop scales its loss); ``router.last_*`` hold the batch's statistics.
     """
 
     def __init__(
@@ -80,22 +81,47 @@ class MoEMLP(nn.Module):
             num_experts, d_hidden, d_model, backend=backend, **factory
         )
         self.bias = nn.Parameter(torch.zeros(d_model, **factory)) if bias else None
+        # How routed tokens reach the experts: None runs them all here (self.experts); expert
+        # parallelism (moe_blocks.parallel.ExpertParallel) installs a callable
+        # (mlp, tokens[T, d_model], route) -> [T, d_model] that exchanges them between ranks.
+        self.token_dispatcher: Callable[[MoEMLP, Tensor, RouterOutput], Tensor] | None = None
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the whole block: router, experts (as ``nn.Linear``), bias 0 (e.g. after
+        building on the meta device and ``to_empty``)."""
+        for module in self.children():
+            module.reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x[..., d_model]`` of the block's dtype (any floating dtype under autocast)."""
+        check_input_dtype(x, self.input_linear.weight.dtype)
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}"
             )
         tokens = x.reshape(-1, self.d_model)
         route = self.router(tokens)
-        hidden = self.input_linear(tokens, route.plan, grouped_out=True)
+        if self.token_dispatcher is None:
+            out = self.experts(tokens, route.plan, gates=route.gates)
+        else:
+            out = self.token_dispatcher(self, tokens, route)
+        if self.bias is not None:
+            out = out + self.bias
+        out = attach_aux_loss(out, route.aux_loss)
+        return out.view(x.shape)
+
+    def experts(self, rows: Tensor, plan: DispatchPlan, gates: Tensor | None = None) -> Tensor:
+        """The routed experts ``W_out[e] · act(W_in[e] · row)`` for each assignment of ``plan``.
+
+        ``rows`` are read as :func:`~moe_blocks.expert_linear` reads ``x`` (``[T, d_model]`` or
+        ``[T*k, d_model]``). Returns each token's gate-weighted sum ``[T, d_model]`` with
+        ``gates[T, k]``, else one row per assignment in assignment order ``[T*k, d_model]``."""
+        hidden = self.input_linear(rows, plan, grouped_out=True)
         if self.glu:
             gate, up = hidden.chunk(2, dim=-1)
             hidden = self.activation(gate) * up
         else:
             hidden = self.activation(hidden)
-        out = self.output_linear(hidden, route.plan, grouped_in=True, gates=route.gates)
-        if self.bias is not None:
-            out = out + self.bias
-        out = attach_aux_loss(out, self.router.aux_loss_coef * route.aux_loss)
-        return out.view(x.shape)
+        return self.output_linear(hidden, plan, grouped_in=True, gates=gates)

@@ -3,13 +3,14 @@ router's auxiliary loss and statistics."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .kernels import DispatchPlan, gather_scores, plan_dispatch
-from .kernels.plan import check_positive_int
+from .kernels.plan import check_non_negative, check_positive_int
 from .losses import (
     BALANCE_LOSSES,
     load_balancing_loss,
@@ -26,8 +27,8 @@ class RouterOutput:
 
     logits: ``[N, E]`` fp32. expert_idx: ``[N, k]`` int64, distinct per token. gates:
     ``[N, k]`` fp32 weights of the chosen experts. plan: the :class:`DispatchPlan` of
-    ``expert_idx``. aux_loss: scalar, the configured balance loss plus ``z_loss_weight`` times
-    the z-loss, differentiable in the logits (not yet multiplied by ``aux_loss_coef``).
+    ``expert_idx``. aux_loss: scalar, what this routing adds to the training loss:
+    ``aux_loss_coef · (balance loss + z_loss_weight · z-loss)``, differentiable in the logits.
     """
 
     logits: Tensor
@@ -51,15 +52,17 @@ class TopKRouter(nn.Module):
             (DeepSeek-V3): independent sigmoid scores, top k (renormalised with ``renormalize``).
         renormalize: divide the kept scores by their sum (``softmax_topk`` and ``sigmoid``).
         balance_loss: ``"switch"`` (default), ``"mutual_information"`` or ``"none"``.
-        z_loss_weight: weight of the router z-loss inside the aux loss (JetMoE: 0.1).
-        aux_loss_coef: how much of the aux loss a block adds to the gradient (JetMoE: 0.01).
+        z_loss_weight: weight of the router z-loss inside the aux loss (JetMoE: 0.1), >= 0.
+        aux_loss_coef: the weight of ``balance + z_loss_weight · z-loss`` in the training loss
+            (JetMoE: 0.01), >= 0. ``RouterOutput.aux_loss`` already includes it.
         bias_update_rate: if set, DeepSeek-V3's auxiliary-loss-free balancing: a per-expert
             bias added to the scores only to *choose* experts (gates use the unbiased scores),
             moved by ``bias_update_rate`` towards balance each time
             :meth:`update_selection_bias` is called (once per optimiser step).
 
-    After each forward, the detached statistics ``last_aux_loss``, ``last_balance_loss``,
-    ``last_z_loss`` and ``last_tokens_per_expert`` hold the values of that batch.
+    After each forward, the detached statistics hold the values of that batch:
+    ``last_aux_loss`` (weighted, as ``RouterOutput.aux_loss``), the unweighted
+    ``last_balance_loss`` and ``last_z_loss``, and ``last_tokens_per_expert``.
     """
 
     def __init__(
@@ -87,6 +90,8 @@ class TopKRouter(nn.Module):
             raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
         if balance_loss not in BALANCE_LOSSES:
             raise ValueError(f"balance_loss must be one of {BALANCE_LOSSES}, got {balance_loss!r}")
+        for name, value in (("z_loss_weight", z_loss_weight), ("aux_loss_coef", aux_loss_coef)):
+            check_non_negative(name, value)
         if bias_update_rate is not None and bias_update_rate <= 0:
             raise ValueError(f"bias_update_rate must be positive, got {bias_update_rate}")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
@@ -107,9 +112,21 @@ class TopKRouter(nn.Module):
             torch.zeros(num_experts, device=device, dtype=torch.int64),
             persistent=False,
         )
+        # Maps the batch's per-expert assignment counts [E] to the counts that the balance
+        # loss, the statistics and the selection-bias load use (None: the batch's own).
+        # Expert parallelism sets it to a sum over the EP group ("global" balancing).
+        self.reduce_tokens_per_expert: Callable[[Tensor], Tensor] | None = None
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the gate as ``nn.Linear`` does and zero the balancing state and the
+        statistics (e.g. after building on the meta device and ``to_empty``)."""
+        self.layer.reset_parameters()
+        for buffer in self.buffers(recurse=False):
+            buffer.zero_()
 
     def forward(self, x: Tensor) -> RouterOutput:
-        """Route ``x[N, d_model]``."""
+        """Route ``x[N, d_model]`` (the gate's dtype, or any floating dtype under autocast)."""
+        check_input_dtype(x, self.layer.weight.dtype)
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [N, d_model={self.d_model}], got {tuple(x.shape)}")
         logits = self.layer(x).float()
@@ -133,21 +150,26 @@ class TopKRouter(nn.Module):
         return RouterOutput(logits, expert_idx, gates, plan, aux_loss)
 
     def _aux_loss(self, logits: Tensor, expert_idx: Tensor, plan: DispatchPlan) -> Tensor:
+        tokens_per_expert = plan.tokens_per_expert
+        if self.reduce_tokens_per_expert is not None:
+            tokens_per_expert = self.reduce_tokens_per_expert(tokens_per_expert)
         if self.balance_loss == "switch":
-            balance = load_balancing_loss(logits, expert_idx, self.num_experts)
+            balance = load_balancing_loss(
+                logits, expert_idx, self.num_experts, tokens_per_expert=tokens_per_expert
+            )
         elif self.balance_loss == "mutual_information":
             balance = mutual_information_loss(logits)
         else:
             balance = logits.new_zeros(())
         z_loss = router_z_loss(logits)
-        aux_loss = balance + self.z_loss_weight * z_loss
+        aux_loss = self.aux_loss_coef * (balance + self.z_loss_weight * z_loss)
         with torch.no_grad():
             self.last_aux_loss.copy_(aux_loss)
             self.last_balance_loss.copy_(balance)
             self.last_z_loss.copy_(z_loss)
-            self.last_tokens_per_expert.copy_(plan.tokens_per_expert)
+            self.last_tokens_per_expert.copy_(tokens_per_expert)
             if self.selection_bias is not None and self.training:
-                self.load_since_update.add_(plan.tokens_per_expert)
+                self.load_since_update.add_(tokens_per_expert)
         return aux_loss
 
     @torch.no_grad()
@@ -163,10 +185,16 @@ class TopKRouter(nn.Module):
 
 
 def router_stats(model: nn.Module) -> dict:
-    """Detached statistics of every :class:`TopKRouter` in ``model`` after its last forward:
-    the sums of aux loss, balance loss and z-loss over routers, and tokens per expert by router
-    name. For logging."""
-    routers = {name: m for name, m in model.named_modules() if isinstance(m, TopKRouter)}
+    """Detached statistics of every :class:`TopKRouter` in ``model`` after its last forward,
+    for logging: ``aux_loss``, the sum over routers of what they added to the training loss
+    (each weighted by its ``aux_loss_coef``, as ``RouterOutput.aux_loss``); the unweighted sums
+    ``balance_loss`` and ``z_loss``; and ``tokens_per_expert`` by router name (names as in
+    ``model.named_modules()``, without the ``_orig_mod.`` that ``torch.compile`` adds)."""
+    routers = {
+        name.replace("_orig_mod.", ""): m
+        for name, m in model.named_modules()
+        if isinstance(m, TopKRouter)
+    }
     total = {
         key: sum(float(getattr(r, f"last_{key}")) for r in routers.values())
         for key in ("aux_loss", "balance_loss", "z_loss")
@@ -175,3 +203,18 @@ def router_stats(model: nn.Module) -> dict:
         name: r.last_tokens_per_expert.tolist() for name, r in routers.items()
     }
     return total
+
+
+def check_input_dtype(x, dtype: torch.dtype, name: str = "x") -> None:
+    """Raise TypeError naming ``name`` unless ``x`` is a floating-point tensor of the block's
+    parameter ``dtype``; under ``torch.autocast`` any floating dtype is accepted (autocast
+    casts it)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the block's parameters have dtype {dtype}: convert "
+            f"one of them (x.to({dtype}) or block.to({x.dtype})), or run under torch.autocast"
+        )

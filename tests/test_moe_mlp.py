@@ -87,7 +87,9 @@ def test_aux_loss_reaches_the_router_through_the_returned_tensor_alone():
         aux = mlp.router(x).aux_loss
         (aux_grad,) = torch.autograd.grad(aux, mlp.router.layer.weight)
         assert mlp.router.last_aux_loss.item() == pytest.approx(aux.item())
-    torch.testing.assert_close(grads[0.5], grads[0.0] + 0.5 * aux_grad)
+        unweighted = mlp.router.last_balance_loss + 0.1 * mlp.router.last_z_loss
+        assert aux.item() == pytest.approx(coef * unweighted.item())  # weighted by coef
+    torch.testing.assert_close(grads[0.5], grads[0.0] + aux_grad)
     assert not torch.allclose(grads[0.5], grads[0.0])
 
 
