@@ -15,8 +15,19 @@ from .router import RouterOutput, TopKRouter, router_stats
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # ExpertParallel needs torch.distributed.tensor, ~0.7 s to import: loaded on first use.
+    if name == "ExpertParallel":
+        from .parallel import ExpertParallel
+
+        return ExpertParallel
+    raise AttributeError(f"module 'moe_blocks' has no attribute {name!r}")
+
+
 __all__ = [
     "DispatchPlan",
+    "ExpertParallel",
     "KVCache",
     "MoA",
     "MoEMLP",

@@ -1,0 +1,192 @@
+"""Expert parallelism (moe_blocks.parallel) on gloo in spawned CPU processes: an expert-parallel
+MoEMLP gives the outputs and gradients of the single-process MoEMLP run on the concatenation of
+every rank's tokens. One spawn per world size runs every case, since start-up dominates."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_blocks import MoA, MoEMLP
+
+from .helpers import assert_matches
+
+D_MODEL, D_HIDDEN, TOP_K = 16, 8, 2
+
+
+def spawn(worker, world_size: int, *args) -> None:
+    """Run ``worker(rank, world_size, *args)`` in ``world_size`` processes joined by a gloo
+    process group on 127.0.0.1; an exception in any of them fails the caller (and ends the
+    others)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_entry, args=(world_size, port, worker, args), nprocs=world_size)
+
+
+def _entry(rank: int, world_size: int, port: int, worker, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+    )
+    try:
+        worker(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# The workers
+
+
+def _cases(world_size: int) -> list[tuple[str, list[int]]]:
+    """(routing, tokens on each rank): tokens differ per rank in every case."""
+    return [
+        ("random", [3 + 2 * rank for rank in range(world_size)]),
+        # every token's first choice is expert 0; the last expert gets no token anywhere
+        ("skewed", [4, 7, 5, 2][:world_size]),
+        # rank 1 (and rank 3) route no tokens at all, yet their experts serve the others
+        ("random", [5, 0, 6, 0][:world_size]),
+    ]
+
+
+def _reference(routing: str, num_experts: int, dtype: torch.dtype, seed: int) -> MoEMLP:
+    """The single-process block, the same on every rank; with "skewed" the router's first
+    feature column makes expert 0 everyone's top choice and the last expert nobody's."""
+    torch.manual_seed(seed)
+    block = MoEMLP(D_MODEL, D_HIDDEN, num_experts, TOP_K, aux_loss_coef=0.0, dtype=dtype)
+    if routing == "skewed":
+        with torch.no_grad():
+            column = torch.zeros(num_experts)
+            column[0], column[-1] = 4.0, -4.0
+            block.router.layer.weight[:, 0] = column.to(dtype)
+    return block
+
+
+def _inputs(routing: str, total: int, dtype: torch.dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(total, D_MODEL, generator=generator)
+    if routing == "skewed":
+        x[:, 0] = 3.0
+    grad_out = torch.randn(total, D_MODEL, generator=generator)
+    return x.to(dtype), grad_out.to(dtype)
+
+
+def _check_equivalence(mesh) -> None:
+    """Every case on the 1-D ``mesh`` (the EP group): each of its ranks runs its tokens through
+    the expert-parallel block, every rank also runs the reference on the group's batch."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from moe_blocks import ExpertParallel
+
+    rank, world_size = mesh.get_local_rank(), mesh.size()
+    num_experts = 2 * world_size
+    owned = slice(rank * 2, rank * 2 + 2)
+    for dtype in (torch.float32, torch.bfloat16):
+        for case, (routing, sizes) in enumerate(_cases(world_size)):
+            what = f"ep={world_size} {dtype} {routing} tokens {sizes}"
+            seed = 10 * case
+            reference = _reference(routing, num_experts, dtype, seed)
+            block = _reference(routing, num_experts, dtype, seed)
+            parallelize_module(block, mesh, ExpertParallel())
+            weight = block.input_linear.weight
+            assert isinstance(weight, DTensor) and weight.placements == (Shard(0),), what
+            assert weight.to_local().shape[0] == 2, what
+
+            x, grad_out = _inputs(routing, sum(sizes), dtype, seed)
+            mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+            x_full = x.clone().requires_grad_()
+            expected = reference(x_full)
+            (expected * grad_out).sum().backward()
+            x_mine = x[mine].clone().requires_grad_()
+            given = x_mine.detach().clone()
+            out = block(x_mine)
+            (out * grad_out[mine]).sum().backward()
+
+            counts = reference.router.last_tokens_per_expert
+            if routing == "skewed":  # the routing really is as skewed as the case says
+                assert counts[0] == sum(sizes) and counts[-1] == 0, (what, counts)
+            assert torch.equal(x_mine.detach(), given), f"{what}: the input was modified"
+            assert out.shape == x_mine.shape and out.dtype == dtype, what
+            assert_matches(out.detach(), expected[mine].detach().double(), dtype, f"{what} out")
+            assert_matches(x_mine.grad, x_full.grad[mine].double(), dtype, f"{what} x.grad")
+            for name in ("input_linear", "output_linear"):
+                local_grad = getattr(block, name).weight.grad.to_local()
+                full_grad = getattr(reference, name).weight.grad[owned]
+                assert_matches(local_grad, full_grad.double(), dtype, f"{what} {name} grad")
+            for name in ("router.layer.weight", "bias"):
+                summed = block.get_parameter(name).grad.clone()
+                dist.all_reduce(summed, group=mesh.get_group())
+                full_grad = reference.get_parameter(name).grad.double()
+                assert_matches(summed, full_grad, dtype, f"{what} {name} grad summed")
+            # "global" balancing: the counts are those of the whole batch, the Switch loss
+            # E·Σ f_e·P_e takes f_e from them and P_e from this rank's tokens
+            assert torch.equal(block.router.last_tokens_per_expert, counts), what
+            if sizes[rank]:
+                logits = block.router.layer(x_mine.detach()).double()
+                fraction = counts.double() / (sum(sizes) * TOP_K)
+                balance = num_experts * (fraction * logits.softmax(-1).mean(0)).sum()
+                assert_matches(block.router.last_balance_loss, balance, torch.float32, what)
+
+
+def _check_local_balance_and_errors(mesh) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from moe_blocks import ExpertParallel
+
+    rank, world_size = mesh.get_local_rank(), mesh.size()
+    torch.manual_seed(0)
+    block = MoEMLP(D_MODEL, D_HIDDEN, 4, TOP_K, aux_loss_coef=0.0)
+    parallelize_module(block, mesh, ExpertParallel(balance="local"))
+    x = torch.randn(3 + rank, D_MODEL)
+    block(x)
+    local = torch.bincount(block.router.layer(x).topk(TOP_K).indices.flatten(), minlength=4)
+    assert torch.equal(block.router.last_tokens_per_expert, local)
+
+    with pytest.raises(ValueError, match="already"):
+        parallelize_module(block, mesh, ExpertParallel())
+    with pytest.raises(ValueError, match="divisible"):
+        parallelize_module(MoEMLP(D_MODEL, D_HIDDEN, 3, TOP_K), mesh, ExpertParallel())
+    two_d = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "ep"))
+    with pytest.raises(ValueError, match="1-D"):
+        parallelize_module(MoEMLP(D_MODEL, D_HIDDEN, 4, TOP_K), two_d, ExpertParallel())
+    with pytest.raises(TypeError, match="MoEMLP"):
+        parallelize_module(MoA(D_MODEL, 4, TOP_K, head_dim=4), mesh, ExpertParallel())
+
+
+def _worker(rank: int, world_size: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    groups_of_two = init_device_mesh("cpu", (world_size // 2, 2), mesh_dim_names=("dp", "ep"))
+    _check_equivalence(groups_of_two["ep"])  # ep=2: two groups side by side
+    whole = init_device_mesh("cpu", (world_size,))
+    _check_equivalence(whole)  # ep=4
+    _check_local_balance_and_errors(whole)
+
+
+# --------------------------------------------------------------------------------------------
+# The tests
+
+
+def test_expert_parallel_equals_one_process():
+    """4 processes: at ep=2 (two EP groups) and ep=4, fp32 and bf16, random and skewed routing,
+    tokens differing per rank and ranks without tokens, the block's output and gradients equal
+    the single-process block's on the group's whole batch; then the "local" balance option and
+    the errors."""
+    spawn(_worker, 4)
+
+
+def test_expert_parallel_rejects_unknown_balance():
+    from moe_blocks import ExpertParallel
+
+    with pytest.raises(ValueError, match="balance"):
+        ExpertParallel(balance="per-expert")
