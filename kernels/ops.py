@@ -309,8 +309,8 @@ def _check_inputs(x, weight, plan, bias, gates, grouped_in, grouped_out, backend
         raise ValueError(
             f"weight in-features {weight.shape[2]} differ from x features {x.shape[1]}"
         )
-    allowed_rows = {num_tokens * top_k} if grouped_in else {num_tokens, num_tokens * top_k}
-    if x.shape[0] not in allowed_rows:
+    rows = x.shape[0]  # compared one by one: a set would make symbolic sizes concrete
+    if rows != num_tokens * top_k and (grouped_in or rows != num_tokens):
         layout = "T*k (grouped_in=True)" if grouped_in else "T or T*k"
         raise ValueError(
             f"x has {x.shape[0]} rows; the plan (T={num_tokens}, k={top_k}) needs {layout} rows"

@@ -116,22 +116,18 @@ def aux_loss_scale(scale: float | Tensor) -> Iterator[None]:
 
 
 class _AddAuxLossGradient(torch.autograd.Function):
-    """Identity on ``output``; in backward, also sends gradient ``scale`` into ``aux_loss``."""
+    """Identity on ``output``; in backward, also sends gradient 1 into ``aux_loss``."""
 
     @staticmethod
-    def forward(ctx, output: Tensor, aux_loss: Tensor, scale: float | Tensor) -> Tensor:
+    def forward(ctx, output: Tensor, aux_loss: Tensor) -> Tensor:
         ctx.aux_shape = aux_loss.shape
         ctx.aux_dtype = aux_loss.dtype
-        ctx.scale = scale
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        scale = ctx.scale
-        if isinstance(scale, Tensor):
-            scale = scale.to(device=grad_output.device, dtype=ctx.aux_dtype)
         aux_grad = torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad_output.device)
-        return grad_output, aux_grad * scale, None
+        return grad_output, aux_grad
 
 
 def attach_aux_loss(output: Tensor, aux_loss: Tensor) -> Tensor:
@@ -146,4 +142,4 @@ def attach_aux_loss(output: Tensor, aux_loss: Tensor) -> Tensor:
     adding it to both losses would: sum the losses and backpropagate once instead."""
     if not (torch.is_grad_enabled() and aux_loss.requires_grad):
         return output
-    return _AddAuxLossGradient.apply(output, aux_loss, _aux_loss_scale)
+    return _AddAuxLossGradient.apply(output, aux_loss * _aux_loss_scale)

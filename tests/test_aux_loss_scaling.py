@@ -89,9 +89,7 @@ def test_a_scaled_loss_unscaled_by_hand_equals_the_unscaled_run(kind):
     (_task_loss(out, target) * scale).backward()
     unscaled = {name: grad / scale for name, grad in _grads(block).items()}
     _assert_grads_equal(unscaled, _grads(plain))
-    aux_share = _grads(plain)["router.layer.weight"] - _explicit_grads_without_aux(
-        block, x, target
-    )
+    aux_share = _grads(plain)["router.layer.weight"] - _explicit_grads_without_aux(block, x, target)
     assert aux_share.abs().max() > 1e-4  # the aux loss is a visible part of this gradient
 
 
