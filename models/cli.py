@@ -16,9 +16,12 @@ modules never import it.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
+
+from moe_blocks import __version__
 
 
 def info(args: argparse.Namespace) -> int:
@@ -72,7 +75,7 @@ def train_command(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
     )  # fmt: skip
-    result = train(settings, resume=args.resume, progress=not args.quiet)
+    result = train(settings, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     lm = [entry["lm_loss"] for entry in result.log if "lm_loss" in entry]
     print(
         f"validation: {result.start_bpb:.3f} -> {result.final_bpb:.3f} bits per byte"
@@ -90,10 +93,18 @@ def train_command(args: argparse.Namespace) -> int:
 
 def generate_command(args: argparse.Namespace) -> int:
     from .jetmoe import JetMoEForCausalLM
-    from .train import TrainingError
+    from .train import TrainingError, check_positive_int, checkpoint_folder
 
+    if not args.temperature >= 0:
+        raise TrainingError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.threads is not None:
+        check_positive_int("--threads", args.threads)
+        torch.set_num_threads(args.threads)
+    prompt = args.prompt.encode()
+    if not prompt:
+        raise TrainingError("--prompt must not be empty")
     try:
-        model = JetMoEForCausalLM.from_pretrained(args.checkpoint).eval()
+        model = JetMoEForCausalLM.from_pretrained(checkpoint_folder(args.checkpoint)).eval()
     except (FileNotFoundError, ValueError) as error:
         raise TrainingError(f"--checkpoint: {error}") from None
     if model.config.vocab_size != 256:
@@ -101,9 +112,6 @@ def generate_command(args: argparse.Namespace) -> int:
             f"--checkpoint {args.checkpoint}: vocabulary {model.config.vocab_size}, "
             "not a byte-level model trained by moe-blocks"
         )
-    prompt = args.prompt.encode()
-    if not prompt:
-        raise TrainingError("--prompt must not be empty")
     ids = torch.tensor([list(prompt)])
     generator = torch.Generator().manual_seed(args.seed)
     try:
@@ -111,7 +119,7 @@ def generate_command(args: argparse.Namespace) -> int:
             ids,
             args.max_new_tokens,
             do_sample=args.temperature > 0,
-            temperature=max(args.temperature, 1e-6),
+            temperature=args.temperature,
             top_k=args.top_k,
             generator=generator,
         )
@@ -162,43 +170,98 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except flags and options that are unset by
+    default (their help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .jetmoe import JetMoEConfig
-    from .train import TrainingError
+    from .train import TrainingError, TrainSettings
 
     presets = list(JetMoEConfig.PRESETS)
-    parser = argparse.ArgumentParser(prog="moe-blocks", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = TrainSettings()
+    parser = argparse.ArgumentParser(
+        prog="moe-blocks", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter),
+    )
 
     train_parser = commands.add_parser("train", help="train a JetMoE-style model on text")
-    train_parser.add_argument("--preset", default="tiny", help=f"one of {presets} (default tiny)")
+    train_parser.add_argument("--preset", default=defaults.preset, help=", ".join(presets))
     train_parser.add_argument("--data", help="a text file or folder (default: Python's stdlib)")
-    train_parser.add_argument("--out", default="runs/tiny", help="output folder")
-    train_parser.add_argument("--steps", type=int, default=600)
-    train_parser.add_argument("--batch-size", type=int, default=16)
-    train_parser.add_argument("--seq-len", type=int, default=128)
-    train_parser.add_argument("--lr", type=float, default=3e-3)
-    train_parser.add_argument("--schedule", default="wsd", help="wsd (default) or cosine")
-    train_parser.add_argument("--warmup-steps", type=int, default=30)
-    train_parser.add_argument("--eval-every", type=int, default=100)
-    train_parser.add_argument("--checkpoint-every", type=int, default=200)
-    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.add_argument(
+        "--out", default=defaults.out, help="output folder: checkpoint/, log.json, training.png"
+    )
+    train_parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
+    train_parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="windows per step"
+    )
+    train_parser.add_argument(
+        "--seq-len", type=int, default=defaults.seq_len, help="bytes per window"
+    )
+    train_parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    train_parser.add_argument("--schedule", default=defaults.schedule, help="wsd or cosine")
+    train_parser.add_argument(
+        "--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warmup steps"
+    )
+    train_parser.add_argument(
+        "--eval-every", type=int, default=defaults.eval_every, help="validate every N steps"
+    )
+    train_parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=defaults.checkpoint_every,
+        help="save a checkpoint every N steps (and at the end, and on Ctrl-C)",
+    )
+    train_parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="initialisation and data order"
+    )
     train_parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    train_parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_parser.add_argument(
+        "--resume", action="store_true", help="continue the run in OUT up to --steps"
+    )
+    train_parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run in OUT, if there is one"
+    )
+    train_parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar (the summary still prints)"
+    )
     train_parser.set_defaults(handler=train_command)
 
     generate_parser = commands.add_parser("generate", help="sample from a trained checkpoint")
-    generate_parser.add_argument("--checkpoint", default="runs/tiny/checkpoint")
-    generate_parser.add_argument("--prompt", default="def ")
-    generate_parser.add_argument("--max-new-tokens", type=int, default=300)
-    generate_parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    generate_parser.add_argument("--top-k", type=int, default=None)
-    generate_parser.add_argument("--seed", type=int, default=0)
+    generate_parser.add_argument(
+        "--checkpoint",
+        default=defaults.out,
+        help="a run folder (train's --out) or the checkpoint folder in it",
+    )
+    generate_parser.add_argument("--prompt", default="def ", help="text to continue")
+    generate_parser.add_argument(
+        "--max-new-tokens", type=int, default=300, help="bytes to generate"
+    )
+    generate_parser.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy"
+    )
+    generate_parser.add_argument(
+        "--top-k", type=int, help="sample from the k likeliest bytes (default: all)"
+    )
+    generate_parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate_parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     generate_parser.set_defaults(handler=generate_command)
 
     info_parser = commands.add_parser("info", help="a preset's size and cost")
-    info_parser.add_argument("preset", nargs="?", default="jetmoe-8b", choices=presets)
+    info_parser.add_argument(
+        "preset", nargs="?", default="jetmoe-8b", choices=presets, help="the preset"
+    )
     info_parser.add_argument("--context", type=int, default=4096, help="tokens of context")
     info_parser.set_defaults(handler=info)
 

@@ -105,25 +105,34 @@ def load_corpus(data: str | Path | None) -> Corpus:
     )
 
 
+def check_window_fits(corpus: Corpus, data: str | None, seq_len: int) -> None:
+    """Both texts must hold at least one window of ``seq_len + 1`` bytes."""
+    for part, text in (("training", corpus.train), ("validation", corpus.validation)):
+        if text.numel() < seq_len + 1:
+            raise TrainingError(
+                f"--data {data}: the {part} text has {text.numel()} bytes, fewer than "
+                f"--seq-len + 1 ({seq_len + 1}); use a smaller --seq-len or more text"
+            )
+
+
 def batch_at(
     data: torch.Tensor, step: int, seed: int, batch_size: int, length: int
 ) -> torch.Tensor:
-    """Windows ``[batch_size, length + 1]`` for one step, a function of (seed, step) only, so a
-    resumed run sees the same data order."""
+    """Windows ``[batch_size, length + 1]`` (int64) of the uint8 text ``data`` (at least
+    ``length + 1`` bytes) for one step, a function of (seed, step) only, so a resumed run sees
+    the same data order."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, _window_starts(data, length), (batch_size,), generator=generator)
     return _windows(data, starts, length)
 
 
 def _window_starts(data: torch.Tensor, length: int) -> int:
-    """How many windows of ``length + 1`` bytes fit (at least 1; short texts are clamped)."""
-    return max(1, data.numel() - length)
+    """How many windows of ``length + 1`` bytes fit."""
+    return data.numel() - length
 
 
 def _windows(data: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
-    offsets = torch.arange(length + 1)
-    index = (starts[:, None] + offsets).clamp_max(data.numel() - 1)
-    return data[index].long()
+    return data[starts[:, None] + torch.arange(length + 1)].long()
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,12 +169,15 @@ class TrainSettings:
             "eval_batches",
             "checkpoint_every",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise TrainingError(
-                    f"--{name.replace('_', '-')} must be a positive integer, got {value}"
-                )
-        if self.lr <= 0:
+            check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+        if self.threads is not None:
+            check_positive_int("--threads", self.threads)
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
+            raise TrainingError(
+                f"--warmup-steps must be an integer from 0 to --steps ({self.steps}), "
+                f"got {self.warmup_steps}"
+            )
+        if not self.lr > 0:
             raise TrainingError(f"--lr must be positive, got {self.lr}")
         if self.schedule not in ("wsd", "cosine"):
             raise TrainingError(f"--schedule must be wsd or cosine, got {self.schedule}")
@@ -173,6 +185,12 @@ class TrainSettings:
             raise TrainingError(
                 f"unknown preset {self.preset!r}; presets: {', '.join(JetMoEConfig.PRESETS)}"
             )
+
+
+def check_positive_int(flag: str, value: object) -> None:
+    """A TrainingError naming ``flag`` unless ``value`` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TrainingError(f"{flag} must be a positive integer, got {value}")
 
 
 def learning_rate(settings: TrainSettings, step: int) -> float:
@@ -194,6 +212,16 @@ def learning_rate(settings: TrainSettings, step: int) -> float:
 # --------------------------------------------------------------------------------------------
 # Checkpoints: the model in the Hugging Face layout, the trainer state beside it
 
+CHECKPOINT_FORMAT = "moe-blocks-train/2"  # 2: tokens_per_expert keyed by router name
+RUN_FILES = ("checkpoint", "log.json", "training.png")  # what a run writes into --out
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """The checkpoint folder given either itself or the run folder (``--out``) holding it."""
+    path = Path(path)
+    inner = path / "checkpoint"
+    return inner if not (path / "config.json").exists() and inner.is_dir() else path
+
 
 def save_checkpoint(
     directory: Path, model, optimizer, settings: TrainSettings, step: int, log: list
@@ -207,7 +235,7 @@ def save_checkpoint(
             for key, value in optimizer.state.get(param, {}).items():
                 tensors[f"{names[id(param)]}::{key}"] = value.detach().contiguous()
     save_file(tensors, str(directory / "optimizer.safetensors"))
-    state = {"format": "moe-blocks-train/1", "step": step, "settings": asdict(settings)}
+    state = {"format": CHECKPOINT_FORMAT, "step": step, "settings": asdict(settings)}
     (directory / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
     (directory / "log.json").write_text(json.dumps(log) + "\n")
 
@@ -222,8 +250,11 @@ def load_trainer_state(directory: Path) -> dict:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError:
         raise TrainingError(f"{state_file} is not valid JSON") from None
-    if state.get("format") != "moe-blocks-train/1":
-        raise TrainingError(f"{state_file} was not written by moe-blocks train")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(
+            f"{state_file}: format {state.get('format')!r}, not {CHECKPOINT_FORMAT!r} "
+            "(written by another version of moe-blocks train, or by something else)"
+        )
     return state
 
 
@@ -240,14 +271,35 @@ def _restore_optimizer(directory: Path, model, optimizer) -> None:
 
 
 @torch.no_grad()
+def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) with weight decay on the matrices, none on norms and biases."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.dim() < 2 or name.endswith("layernorm.weight") else decay).append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=settings.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def validation_starts(corpus: Corpus, settings: TrainSettings) -> list[torch.Tensor]:
+    """Start offsets of the validation windows, ``eval_batches`` batches of ``batch_size``,
+    spread evenly over the validation text."""
+    count = settings.eval_batches * settings.batch_size
+    last_start = _window_starts(corpus.validation, settings.seq_len) - 1
+    return list(torch.linspace(0, last_start, count).long().split(settings.batch_size))
+
+
 def evaluate(model, corpus: Corpus, settings: TrainSettings) -> float:
     """Validation loss in bits per byte on fixed windows spread over the validation text."""
     model.eval()
     count = settings.eval_batches * settings.batch_size
-    last_start = _window_starts(corpus.validation, settings.seq_len) - 1
-    starts = torch.linspace(0, last_start, count).long()
     total = 0.0
-    for chunk in starts.split(settings.batch_size):
+    for chunk in validation_starts(corpus, settings):
         window = _windows(corpus.validation, chunk, settings.seq_len)
         logits = model(window[:, :-1]).logits
         total += F.cross_entropy(
@@ -263,8 +315,10 @@ def router_names(model) -> list[str]:
     return [f"layer {index} {block}" for index in layers for block in ("MoA", "MoE")]
 
 
-def _router_loads(model) -> list[list[int]]:
-    return [router.last_tokens_per_expert.tolist() for router in model.routers()]
+def _router_loads(model) -> dict[str, list[int]]:
+    """Each router's tokens per expert in the last forward, keyed by :func:`router_names`."""
+    loads = [router.last_tokens_per_expert.tolist() for router in model.routers()]
+    return dict(zip(router_names(model), loads, strict=True))
 
 
 @dataclass
@@ -276,28 +330,32 @@ class TrainResult:
     interrupted: bool
 
 
-def train(settings: TrainSettings, *, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    settings: TrainSettings, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> TrainResult:
     """Train, evaluate, checkpoint, log and plot into ``settings.out``.
 
     ``resume``: continue from ``out/checkpoint`` (same data order: batches depend on seed and
-    step only). A KeyboardInterrupt saves a checkpoint and returns with ``interrupted``."""
+    step only) up to ``settings.steps``, which must lie beyond the checkpoint's step.
+    ``overwrite``: replace a run already in ``out``; without it (or ``resume``) an existing run
+    is an error. Every input is checked before training starts. Prints a summary (corpus,
+    model size, steps, output folder) to stdout, then a progress bar to stderr when
+    ``progress``. A KeyboardInterrupt saves a checkpoint and returns with ``interrupted``."""
     settings.check()
     out = Path(settings.out)
     checkpoint_dir = out / "checkpoint"
+    state = _check_output(settings, resume=resume, overwrite=overwrite)
+    corpus = load_corpus(settings.data)
+    check_window_fits(corpus, settings.data, settings.seq_len)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrainingError(f"--out {out}: {error.strerror}") from None
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    corpus = load_corpus(settings.data)
     log: list[dict] = []
     start_step = 0
-    if resume:
-        state = load_trainer_state(checkpoint_dir)
-        saved = TrainSettings(**state["settings"])
-        for name in ("preset", "batch_size", "seq_len", "seed", "data", "overrides"):
-            if getattr(saved, name) != getattr(settings, name):
-                flag = name.replace("_", "-")
-                raise TrainingError(
-                    f"--resume: --{flag} differs from the checkpoint's ({getattr(saved, name)})"
-                )
+    if state is not None:
         model = JetMoEForCausalLM.from_pretrained(checkpoint_dir)
         start_step = state["step"]
         log = json.loads((checkpoint_dir / "log.json").read_text())
@@ -305,20 +363,11 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
         torch.manual_seed(settings.seed)
         model = JetMoEForCausalLM(JetMoEConfig.from_preset(settings.preset, **settings.overrides))
     model.train()
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.dim() < 2 or name.endswith("layernorm.weight") else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": settings.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=settings.lr,
-        betas=(0.9, 0.95),
-    )
-    if resume:
+    optimizer = make_optimizer(model, settings)
+    if state is not None:
         _restore_optimizer(checkpoint_dir, model, optimizer)
 
+    print(_summary(settings, corpus, model, start_step))
     start_bpb = log[0]["val_bpb"] if log else evaluate(model, corpus, settings)
     if not log:
         log.append({"step": 0, "val_bpb": start_bpb})
@@ -369,8 +418,59 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool = Tru
         bar.close()
     save_checkpoint(checkpoint_dir, model, optimizer, settings, step, log)
     (out / "log.json").write_text(json.dumps(log) + "\n")
-    plot_run(log, router_names(model), out / "training.png")
+    plot_run(log, out / "training.png")
     return TrainResult(out, log, start_bpb, _last_bpb(log), interrupted)
+
+
+def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> dict | None:
+    """Refuse an ``out`` that would fail after training or lose a run; with ``resume``, return
+    the checkpoint's trainer state once it agrees with ``settings``."""
+    out = Path(settings.out)
+    if resume and overwrite:
+        raise TrainingError("--resume and --overwrite exclude each other: continue or replace")
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a folder")
+    if not resume:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and not overwrite:
+            raise TrainingError(
+                f"--out {out} already holds a run ({', '.join(found)}): continue it with "
+                "--resume or replace it with --overwrite"
+            )
+        return None
+    state = load_trainer_state(out / "checkpoint")
+    saved = TrainSettings(**state["settings"])
+    for name in ("preset", "batch_size", "seq_len", "seed", "data", "overrides"):
+        if getattr(saved, name) != getattr(settings, name):
+            flag = name.replace("_", "-")
+            raise TrainingError(
+                f"--resume: --{flag} differs from the checkpoint's ({getattr(saved, name)})"
+            )
+    if settings.steps <= state["step"]:
+        raise TrainingError(
+            f"--resume: the checkpoint is at step {state['step']}; --steps {settings.steps} "
+            "must be above it to train further"
+        )
+    return state
+
+
+def _summary(settings: TrainSettings, corpus: Corpus, model, start_step: int) -> str:
+    """What is about to run, in four lines: corpus, model, steps, output folder."""
+    preset = f"preset {settings.preset}" + (
+        f" with {settings.overrides}" if settings.overrides else ""
+    )
+    resumed = f" (resuming at step {start_step} of {settings.steps})" if start_step else ""
+    return "\n".join(
+        [
+            f"corpus: {corpus.description}",
+            f"model:  {preset}, {model.num_parameters():,} parameters "
+            f"({model.num_parameters(active=True):,} active per token)",
+            f"steps:  {settings.steps - start_step} steps{resumed}, batch {settings.batch_size}"
+            f" x {settings.seq_len} bytes, lr {settings.lr:g} ({settings.schedule}, warmup "
+            f"{settings.warmup_steps})",
+            f"output: {settings.out}",
+        ]
+    )
 
 
 def _last_bpb(log: list[dict]) -> float:
@@ -387,9 +487,10 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 # The plot
 
 
-def plot_run(log: list[dict], routers: list[str], path: Path) -> None:
+def plot_run(log: list[dict], path: Path) -> None:
     """Loss curves (train LM loss and validation, in bits per byte) and a heatmap of the share
-    of tokens each expert received, per router, over the whole run."""
+    of tokens each expert received, per router (the keys of the entries'
+    ``tokens_per_expert``), over the whole run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,8 +499,10 @@ def plot_run(log: list[dict], routers: list[str], path: Path) -> None:
     steps = [e["step"] for e in log if "lm_loss" in e]
     train_bpb = [e["lm_loss"] / math.log(2) for e in log if "lm_loss" in e]
     val = [(e["step"], e["val_bpb"]) for e in log if "val_bpb" in e]
+    per_step = [e["tokens_per_expert"] for e in log if "tokens_per_expert" in e]
+    routers = list(per_step[0]) if per_step else []
     loads = torch.tensor(
-        [e["tokens_per_expert"] for e in log if "tokens_per_expert" in e], dtype=torch.float64
+        [[step_loads[name] for name in routers] for step_loads in per_step], dtype=torch.float64
     )
     figure, (curves, heat) = plt.subplots(
         1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.3, 1]}

@@ -1,15 +1,17 @@
 """`moe-blocks train / generate / info` end to end on tiny settings."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import moe_blocks
 from moe_blocks.models import train as train_module
 from moe_blocks.models.cli import main
-from moe_blocks.models.jetmoe import JetMoEForCausalLM
+from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
 
 FAST = ["--steps", "8", "--batch-size", "4", "--seq-len", "32", "--eval-every", "4",
         "--warmup-steps", "1", "--checkpoint-every", "4", "--quiet"]  # fmt: skip
@@ -26,13 +28,41 @@ def corpus(tmp_path):
     return folder
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if a training step starts (errors must come before any training)."""
+
+    def fail(*args):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_module, "batch_at", fail)
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(args):
     return main(["train", *args])
 
 
-def test_training_writes_checkpoint_log_and_plot_and_learns(tmp_path, corpus):
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_training_writes_checkpoint_log_and_plot_and_learns(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     assert run(["--data", str(corpus), "--out", str(out), *FAST]) == 0
+    summary = capsys.readouterr().out
+    model = JetMoEForCausalLM.from_pretrained(out / "checkpoint")
+    for fact in (str(corpus), "preset tiny", f"{model.num_parameters():,} parameters",
+                 "8 steps", str(out)):  # fmt: skip
+        assert fact in summary, fact
     for name in ("log.json", "training.png", "checkpoint/model.safetensors",
                  "checkpoint/config.json", "checkpoint/optimizer.safetensors"):  # fmt: skip
         assert (out / name).is_file(), name
@@ -41,6 +71,15 @@ def test_training_writes_checkpoint_log_and_plot_and_learns(tmp_path, corpus):
     steps = [entry for entry in log if "lm_loss" in entry]
     assert len(steps) == 8
     assert {"loss", "aux_loss", "lr", "tokens_per_s", "tokens_per_expert"} <= set(steps[0])
+    # Every token goes to top_k experts of each router: the counts of one step add up to that.
+    config = JetMoEConfig.from_preset("tiny")
+    layers = range(config.num_hidden_layers)
+    names = [f"layer {i} {block}" for i in layers for block in ("MoA", "MoE")]
+    for entry in steps:
+        assert list(entry["tokens_per_expert"]) == names
+        for counts in entry["tokens_per_expert"].values():
+            assert len(counts) == config.num_local_experts
+            assert sum(counts) == 4 * (32 + 1) * config.num_experts_per_tok
     validation = [entry["val_bpb"] for entry in log if "val_bpb" in entry]
     assert validation[-1] < validation[0]
     assert steps[-1]["lm_loss"] < steps[0]["lm_loss"]
@@ -90,14 +129,106 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, corpus, monkeypatch):
     assert run(["--data", str(corpus), "--out", str(out), "--resume", *FAST]) == 0
 
 
-def test_generate_samples_text(tmp_path, corpus, capsys):
+def test_generate_samples_text_from_the_run_or_checkpoint_folder(
+    tmp_path, corpus, capsys, restore_threads
+):
     out = tmp_path / "run"
     assert run(["--data", str(corpus), "--out", str(out), *FAST]) == 0
     capsys.readouterr()
-    assert main(["generate", "--checkpoint", str(out / "checkpoint"), "--prompt", "import ",
-                 "--max-new-tokens", "20"]) == 0  # fmt: skip
-    text = capsys.readouterr().out
-    assert text.startswith("import ") and len(text.encode()) >= 20
+    samples = []
+    for folder in (out, out / "checkpoint"):
+        assert main(["generate", "--checkpoint", str(folder), "--prompt", "import ",
+                     "--max-new-tokens", "20", "--threads", "1"]) == 0  # fmt: skip
+        samples.append(capsys.readouterr().out)
+        assert torch.get_num_threads() == 1
+    assert samples[0] == samples[1]
+    assert samples[0].startswith("import ") and len(samples[0].encode()) >= 20
+    for flag, bad in (("--temperature", "-0.5"), ("--threads", "0")):
+        assert main(["generate", "--checkpoint", str(out), flag, bad]) == 2
+        assert flag in one_line_error(capsys)
+
+
+def test_out_naming_a_file_fails_before_training(tmp_path, corpus, capsys, no_training):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    for out in (existing, existing / "run"):
+        assert run(["--data", str(corpus), "--out", str(out), *FAST]) == 2
+        assert "--out" in one_line_error(capsys)
+    assert existing.read_text() == "keep me"
+
+
+def test_an_existing_run_is_kept_unless_resumed_or_overwritten(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    two = ["--data", str(corpus), "--out", str(out), "--steps", "2", *FAST[2:]]
+    assert run(two) == 0
+    files = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    refusals = [
+        ([], ("--resume", "--overwrite")),
+        (["--resume", "--overwrite"], ("--resume", "--overwrite")),
+        (["--resume"], ("--steps", "step 2")),  # the checkpoint is already at step 2
+    ]
+    for flags, named in refusals:
+        assert run([*two, *flags]) == 2, flags
+        err = one_line_error(capsys)
+        assert all(name in err for name in named), err
+    assert files == {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    three = ["--data", str(corpus), "--out", str(out), "--steps", "3", *FAST[2:]]
+    assert run([*three, "--overwrite"]) == 0
+    log = json.loads((out / "log.json").read_text())
+    assert [entry["step"] for entry in log] == [0, 1, 2, 3]
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--warmup-steps", "9"], "--warmup-steps"),  # FAST trains 8 steps
+        (["--threads", "0"], "--threads"),
+        (["--threads", "-2"], "--threads"),
+    ],
+)
+def test_bad_training_settings_fail_before_training(
+    args, flag, tmp_path, corpus, capsys, no_training
+):
+    out = tmp_path / "run"
+    assert run(["--data", str(corpus), "--out", str(out), *FAST, *args]) == 2
+    assert flag in one_line_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("size, seq_len, part", [(20, 32, "training"), (1000, 64, "validation")])
+def test_text_shorter_than_a_window_is_an_error(size, seq_len, part, tmp_path, capsys, no_training):
+    # One file: its last 5 % is validation (50 bytes of 1000).
+    text = tmp_path / "short.txt"
+    text.write_bytes((b"0123456789" * 100)[:size])
+    out = tmp_path / "run"
+    assert run(["--data", str(text), "--out", str(out), *FAST, "--seq-len", str(seq_len)]) == 2
+    err = one_line_error(capsys)
+    assert "--seq-len" in err and part in err
+
+
+def test_help_shows_the_documented_defaults(capsys):
+    documented = {"train": {"--steps": "600", "--batch-size": "16", "--seq-len": "128",
+                            "--preset": "tiny", "--out": "runs/tiny"},
+                  "generate": {"--temperature": "0.8", "--checkpoint": "runs/tiny"}}  # fmt: skip
+    for command, defaults in documented.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        options = text[text.index("options:") :]
+        for flag, value in defaults.items():
+            # The option's help runs up to the next "--flag METAVAR".
+            help_text = re.search(rf" {flag} [A-Z_]+ (.*?)(?= --[a-z-]+ [A-Z_]+ |$)", options)
+            assert f"(default: {value})" in help_text.group(1), flag
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"moe-blocks {moe_blocks.__version__}"
 
 
 def test_info_prints_the_published_size(capsys):
@@ -115,10 +246,11 @@ def test_info_prints_the_published_size(capsys):
         (["bench", "--tiny", "--shapes", "gpt-5"], "unknown shape"),
     ],
 )
-def test_bad_input_is_one_line_and_nonzero(args, message, capsys):
+def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
+    if args[0] == "train":
+        args = [*args, "--out", str(tmp_path / "run")]
     assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert message in one_line_error(capsys)
 
 
 def test_empty_data_and_foreign_checkpoints(tmp_path, capsys):
@@ -126,7 +258,7 @@ def test_empty_data_and_foreign_checkpoints(tmp_path, capsys):
     empty.mkdir()
     assert main(["train", "--data", str(empty), "--out", str(tmp_path / "o")]) == 2
     (tmp_path / "blank.txt").write_text("")
-    assert main(["train", "--data", str(tmp_path / "blank.txt")]) == 2
+    assert main(["train", "--data", str(tmp_path / "blank.txt"), "--out", str(tmp_path / "o")]) == 2
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "checkpoint").mkdir()
