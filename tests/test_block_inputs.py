@@ -1,0 +1,142 @@
+"""What the blocks accept and refuse, and how they initialise: input dtypes, MoA's mask kinds,
+constructor validation, reset_parameters after a meta-device build, and the names and weights
+of router_stats."""
+
+import math
+
+import pytest
+import torch
+
+from moe_blocks import MoA, MoEMLP, ParallelExperts, TopKRouter, router_stats
+
+BLOCKS = {
+    "MoEMLP": (lambda **kw: MoEMLP(8, 6, 4, 2, **kw), (2, 3, 8)),
+    "MoA": (lambda **kw: MoA(8, 4, 2, head_dim=2, num_kv_heads=2, **kw), (2, 3, 8)),
+    "TopKRouter": (lambda **kw: TopKRouter(8, 4, 2, **kw), (6, 8)),
+}
+
+
+@pytest.mark.parametrize("kind", BLOCKS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64, torch.float16, torch.bfloat16])
+def test_an_input_of_another_dtype_gets_a_type_error_naming_x(kind, dtype):
+    make, shape = BLOCKS[kind]
+    block = make()
+    x = torch.randn(shape).to(dtype)
+    with pytest.raises(TypeError, match=r"^x (has dtype|must be a floating)"):
+        block(x)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        block(x.tolist())
+
+
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_autocast_still_accepts_another_floating_dtype(kind):
+    make, shape = BLOCKS[kind]
+    block = make()
+    x = torch.randn(shape)
+    expected = block(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x.to(torch.float16))
+    out = out.logits if kind == "TopKRouter" else out
+    expected = expected.logits if kind == "TopKRouter" else expected
+    scale = expected.abs().max().item()
+    assert (out.float() - expected).abs().max().item() <= 0.05 * scale
+
+
+def _moa_and_input():
+    torch.manual_seed(0)
+    moa = MoA(8, 4, 2, head_dim=2, num_kv_heads=2)
+    return moa, torch.randn(2, 5, 8)
+
+
+def test_moa_rejects_a_float_mask_and_never_breaks_causality():
+    moa, x = _moa_and_input()
+    additive_keep_all = torch.zeros(2, 5)  # "keep all" as an additive mask
+    with pytest.raises(TypeError, match="attention_mask"):
+        moa(x, attention_mask=additive_keep_all)
+    with pytest.raises(TypeError, match="attention_mask"):
+        moa(x, attention_mask=torch.ones(2, 5))
+
+
+def test_moa_integer_masks_must_be_zero_or_one_and_mean_what_bool_masks_mean():
+    moa, x = _moa_and_input()
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1, :2] = False
+    expected = moa(x, attention_mask=keep)
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        torch.testing.assert_close(moa(x, attention_mask=keep.to(dtype)), expected)
+    with pytest.raises(ValueError, match="attention_mask"):
+        moa(x, attention_mask=keep.long() * 2)
+    # Changing a later token never changes an earlier real token's output.
+    changed = x.clone()
+    changed[:, 3:] = torch.randn(2, 2, 8)
+    out = moa(changed, attention_mask=keep.long())
+    torch.testing.assert_close(out[:, :3][keep[:, :3]], expected[:, :3][keep[:, :3]])
+
+
+@pytest.mark.parametrize("kind", ["MoEMLP", "MoA"])
+@pytest.mark.parametrize("backend", ["Torch", "cuda", "", None])
+def test_a_bad_backend_is_rejected_by_the_constructor(kind, backend):
+    make, _ = BLOCKS[kind]
+    with pytest.raises(ValueError, match="backend"):
+        make(backend=backend)
+    with pytest.raises(ValueError, match="backend"):
+        ParallelExperts(4, 8, 6, backend=backend)
+
+
+@pytest.mark.parametrize("kind", BLOCKS)
+@pytest.mark.parametrize("name", ["aux_loss_coef", "z_loss_weight"])
+@pytest.mark.parametrize("value", [-1.0, -1e-9, math.nan, math.inf])
+def test_a_negative_or_non_finite_loss_weight_is_rejected(kind, name, value):
+    make, _ = BLOCKS[kind]
+    with pytest.raises(ValueError, match=name):
+        make(**{name: value})
+
+
+def test_a_loss_weight_that_is_not_a_number_is_a_type_error():
+    with pytest.raises(TypeError, match="aux_loss_coef"):
+        TopKRouter(8, 4, 2, aux_loss_coef="0.01")
+
+
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_reset_parameters_after_a_meta_build_and_to_empty(kind):
+    make, shape = BLOCKS[kind]
+    with torch.device("meta"):
+        block = make(bias_update_rate=0.1) if kind == "TopKRouter" else make()
+    torch.manual_seed(0)
+    block.to_empty(device="cpu")
+    for tensor in list(block.parameters()) + list(block.buffers()):
+        tensor.data.fill_(math.nan if tensor.is_floating_point() else -7)  # garbage
+    block.reset_parameters()
+    for name, param in block.named_parameters():
+        assert torch.isfinite(param).all(), name
+        if name == "bias":
+            assert torch.equal(param, torch.zeros_like(param))
+        else:  # nn.Linear's bound: U(-1/sqrt(in), 1/sqrt(in)), and not all equal
+            bound = 1 / math.sqrt(param.shape[-1])
+            assert param.abs().max() <= bound and param.std() > bound / 10, name
+    for name, buffer in block.named_buffers():
+        assert torch.equal(buffer, torch.zeros_like(buffer)), name
+    out = block(torch.randn(shape))
+    assert torch.isfinite(out.logits if kind == "TopKRouter" else out).all()
+
+
+def test_router_stats_aux_loss_is_weighted_like_the_gradient_and_names_survive_compile():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {"a": MoEMLP(8, 6, 4, 2, aux_loss_coef=0.5), "b": MoEMLP(8, 6, 4, 1, aux_loss_coef=0.02)}
+    )
+    x = torch.randn(10, 8)
+    model["b"](model["a"](x))
+    stats = router_stats(model)
+    weighted = sum(
+        block.router.aux_loss_coef
+        * (block.router.last_balance_loss + block.router.z_loss_weight * block.router.last_z_loss)
+        for block in model.values()
+    )
+    assert stats["aux_loss"] == pytest.approx(weighted.item(), rel=1e-6)
+    unweighted = sum(block.router.last_balance_loss for block in model.values())
+    assert stats["balance_loss"] == pytest.approx(unweighted.item(), rel=1e-6)
+    compiled = torch.compile(model["a"], backend="eager")
+    compiled(x)
+    names = router_stats(torch.nn.ModuleDict({"a": compiled}))["tokens_per_expert"]
+    assert list(names) == ["a.router"]
