@@ -76,20 +76,26 @@ def test_gradient_accumulation_equals_adding_the_aux_loss(kind, micro_batches):
     _assert_grads_equal(accumulated, _grads(one_pass))
 
 
-@pytest.mark.parametrize("kind", BLOCKS)
-def test_a_scaled_loss_unscaled_by_hand_equals_the_unscaled_run(kind):
-    torch.manual_seed(0)
+def _block_and_plain_run(kind, seed):
+    """A block, an input and target, and the gradients of a plain unscaled run of a copy."""
+    torch.manual_seed(seed)
     block = BLOCKS[kind]()
     x, target = torch.randn(2, 5, 12), torch.randn(2, 5, 12)
     plain = copy.deepcopy(block)
     _task_loss(plain(x), target).backward()
+    return block, x, target, _grads(plain)
+
+
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_a_scaled_loss_unscaled_by_hand_equals_the_unscaled_run(kind):
+    block, x, target, plain_grads = _block_and_plain_run(kind, seed=0)
     scale = 1024.0
     with aux_loss_scale(scale):
         out = block(x)
     (_task_loss(out, target) * scale).backward()
     unscaled = {name: grad / scale for name, grad in _grads(block).items()}
-    _assert_grads_equal(unscaled, _grads(plain))
-    aux_share = _grads(plain)["router.layer.weight"] - _explicit_grads_without_aux(block, x, target)
+    _assert_grads_equal(unscaled, plain_grads)
+    aux_share = plain_grads["router.layer.weight"] - _explicit_grads_without_aux(block, x, target)
     assert aux_share.abs().max() > 1e-4  # the aux loss is a visible part of this gradient
 
 
@@ -103,19 +109,14 @@ def _explicit_grads_without_aux(block, x, target):
 
 @pytest.mark.parametrize("kind", BLOCKS)
 def test_fp16_grad_scaler_on_cpu(kind):
-    torch.manual_seed(1)
-    block = BLOCKS[kind]()
-    x, target = torch.randn(2, 5, 12), torch.randn(2, 5, 12)
-    plain = copy.deepcopy(block)
-    _task_loss(plain(x), target).backward()
-
+    block, x, target, plain_grads = _block_and_plain_run(kind, seed=1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     optimizer = torch.optim.SGD(block.parameters(), lr=0.0)
     with aux_loss_scale(scaler.get_scale()):
         out = block(x)
     scaler.scale(_task_loss(out, target)).backward()
     scaler.unscale_(optimizer)
-    _assert_grads_equal(_grads(block), _grads(plain))
+    _assert_grads_equal(_grads(block), plain_grads)
 
 
 def test_the_scale_may_be_the_scalers_tensor_and_contexts_nest():
