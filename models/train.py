@@ -101,7 +101,7 @@ def load_corpus(data: str | Path | None) -> Corpus:
     return Corpus(
         train,
         validation,
-        f"{description}: {len(files)} files, {train.numel():,} + {validation.numel():,} bytes",
+        f"{description}: {len(files):,} files, {train.numel():,} + {validation.numel():,} bytes",
     )
 
 
@@ -459,15 +459,17 @@ def _summary(settings: TrainSettings, corpus: Corpus, model, start_step: int) ->
     preset = f"preset {settings.preset}" + (
         f" with {settings.overrides}" if settings.overrides else ""
     )
-    resumed = f" (resuming at step {start_step} of {settings.steps})" if start_step else ""
+    count = settings.steps - start_step
+    steps = f"{count} step{'s' * (count != 1)}"
+    if start_step:
+        steps += f" more ({start_step} -> {settings.steps})"
     return "\n".join(
         [
             f"corpus: {corpus.description}",
             f"model:  {preset}, {model.num_parameters():,} parameters "
             f"({model.num_parameters(active=True):,} active per token)",
-            f"steps:  {settings.steps - start_step} steps{resumed}, batch {settings.batch_size}"
-            f" x {settings.seq_len} bytes, lr {settings.lr:g} ({settings.schedule}, warmup "
-            f"{settings.warmup_steps})",
+            f"train:  {steps} of {settings.batch_size} x {settings.seq_len} bytes, "
+            f"lr {settings.lr:g} ({settings.schedule}, warmup {settings.warmup_steps})",
             f"output: {settings.out}",
         ]
     )

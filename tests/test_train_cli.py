@@ -96,12 +96,14 @@ def test_checkpoint_loads_in_transformers(tmp_path, corpus):
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_resume_continues_exactly_and_runs_are_deterministic(tmp_path, corpus):
+def test_resume_continues_exactly_and_runs_are_deterministic(tmp_path, corpus, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run(["--data", str(corpus), "--out", str(straight), *FAST]) == 0
     half = ["--steps", "4", *FAST[2:]]
     assert run(["--data", str(corpus), "--out", str(split), *half]) == 0
+    capsys.readouterr()
     assert run(["--data", str(corpus), "--out", str(split), "--resume", *FAST]) == 0
+    assert "4 steps more (4 -> 8)" in capsys.readouterr().out
     losses = [
         [e["lm_loss"] for e in json.loads((d / "log.json").read_text()) if "lm_loss" in e]
         for d in (straight, split)
