@@ -1,0 +1,499 @@
+"""Sharded training of the JetMoE model on torch.distributed: the parallelisation plan,
+gradient clipping over differently sharded parameters, sharded checkpoints (save, load at any
+world size) and the export to the Hugging Face layout.
+
+The plan (:func:`parallelize`) follows torchtitan's for MoE models. On a 2-D mesh
+``("dp", "ep")`` of ``dp × ep`` ranks, every rank is data-parallel (its own batch), and:
+
+- each layer's MoE MLP gets :class:`moe_blocks.parallel.ExpertParallel` over ``"ep"``: rank
+  ``(d, e)`` holds experts ``[e·E/ep, (e+1)·E/ep)`` and exchanges tokens with the other ranks of
+  its EP group;
+- FSDP2 (``fully_shard``) shards those experts further over ``"dp"`` (what remains), and every
+  other parameter (embedding, norms, MoA, routers, biases) over all ``dp × ep`` ranks, per
+  decoder layer and for the whole model;
+- gradients are averaged over all ranks: expert gradients, which already hold the sum over
+  the EP group's tokens, are divided by ``dp × ep`` rather than by ``dp``.
+
+MoA layers stay data-parallel (sharded by FSDP, not expert-parallel): their expert weights are
+small. A 1-D mesh means pure FSDP over all its ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import parallelize_module
+
+from moe_blocks.parallel import ExpertParallel
+
+from .jetmoe import JetMoEForCausalLM
+
+MESH_DIMS = ("dp", "ep")
+
+
+def parallelize(
+    model: JetMoEForCausalLM, mesh: DeviceMesh, *, balance: str = "global"
+) -> JetMoEForCausalLM:
+    """Shard ``model`` in place over ``mesh`` and return it.
+
+    Args:
+        model: a :class:`JetMoEForCausalLM` (on CPU, the mesh's device or ``meta``), built the
+            same way on every rank.
+        mesh: a 1-D mesh (pure FSDP over its ranks) or a 2-D mesh named ``("dp", "ep")`` (see
+            the module docstring); ``num_local_experts`` must be divisible by its ``ep`` size.
+        balance: ``ExpertParallel``'s ``balance`` (``"global"``: the MoE routers' balance
+            statistics count the whole EP group's tokens; ``"local"``: each rank's own).
+
+    Parameters become DTensors; the state-dict keys stay those of the unsharded model. Each
+    rank then runs the model on its own batch, and the gradients after ``backward`` are those
+    of the mean of all ranks' losses (equal batch sizes assumed, as for the loss).
+    """
+    if not isinstance(model, JetMoEForCausalLM):
+        raise TypeError(f"model must be a JetMoEForCausalLM, got {type(model).__name__}")
+    if not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"mesh must be a DeviceMesh, got {type(mesh).__name__}")
+    if mesh.ndim == 1:
+        shard_mesh = mesh
+    elif mesh.ndim == 2 and mesh.mesh_dim_names == MESH_DIMS:
+        shard_mesh = mesh._flatten("dp_ep")
+    else:
+        raise ValueError(
+            f"mesh must be 1-D (FSDP) or 2-D with dims named {MESH_DIMS}, got shape "
+            f"{tuple(mesh.shape)} with names {mesh.mesh_dim_names}"
+        )
+    for layer in model.model.layers:
+        if mesh.ndim == 2:
+            # src_data_rank=None: each rank keeps its own slice (no scatter), so ranks that
+            # built the model on the meta device need no data.
+            parallelize_module(
+                layer.mlp, mesh["ep"], ExpertParallel(balance=balance), src_data_rank=None
+            )
+            experts = fully_shard(
+                [layer.mlp.input_linear, layer.mlp.output_linear], mesh=mesh["dp"]
+            )
+            # Their gradients sum the EP group's tokens: average over all ranks, not over dp.
+            # Summed in the collective and divided after (gloo has no pre-multiplied sum).
+            experts[0].set_gradient_divide_factor(float(mesh.size()))
+            experts[0].set_force_sum_reduction_for_comms(True)
+        fully_shard(layer, mesh=shard_mesh)
+    fully_shard(model, mesh=shard_mesh)
+    return model
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model whose parameters are DTensors on
+    different meshes (experts on ``("dp", "ep")``, the rest on all ranks): the total 2-norm of
+    all gradients (a 0-dim fp32 tensor, the same on every rank) and, when it exceeds
+    ``max_norm``, every gradient scaled by ``max_norm / total``. Collective: every rank calls it.
+    """
+    by_mesh: dict[DeviceMesh | None, list[nn.Parameter]] = {}
+    for param in model.parameters():
+        if param.grad is not None:
+            by_mesh.setdefault(getattr(param, "device_mesh", None), []).append(param)
+    squares = []
+    for params in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    for params in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_sharded(
+    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, files: dict
+) -> None:
+    """Save ``model`` and ``optimizer`` with ``torch.distributed.checkpoint``: every rank writes
+    its own shards, rank 0 also the text ``files`` (name -> content, e.g. the trainer state).
+    Collective.
+
+    Consistent or absent, never partial: everything goes to ``<directory>.partial`` first;
+    after every rank has finished, rank 0 moves the previous checkpoint aside
+    (``<directory>.previous``), renames the new one to ``directory`` and deletes the previous.
+    A run killed in between leaves either the old checkpoint, or none at ``directory`` with
+    the old one complete at ``<directory>.previous``."""
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    partial, previous = _sibling(directory, "partial"), _sibling(directory, "previous")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(_state(model, optimizer), checkpoint_id=partial)
+    if rank == 0:
+        for name, content in files.items():
+            (partial / name).write_text(content)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(previous, ignore_errors=True)
+        if directory.exists():
+            directory.rename(previous)
+        partial.rename(directory)
+        shutil.rmtree(previous, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded(
+    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Load what :func:`save_sharded` wrote into ``model`` (and ``optimizer``), sharded as they
+    are now: the world size and mesh may differ from the saving run's (DCP reshards). A model
+    without a process group (one plain process) loads too. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = _state(model, optimizer)
+    dcp.load(state, checkpoint_id=Path(directory))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def export_hf(model: JetMoEForCausalLM, path: str | Path) -> None:
+    """Write a sharded (or plain) model in the Hugging Face layout: rank 0 gathers the full
+    weights on CPU and writes them with :meth:`JetMoEForCausalLM.save_pretrained`, so the
+    files equal those of the unsharded model. Collective; published as :func:`save_sharded`
+    publishes a checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if dist.get_rank() == 0:
+        with torch.device("meta"):
+            plain = JetMoEForCausalLM(model.config)
+        plain.load_state_dict(full, strict=False, assign=True)
+        plain.tie_weights()
+        path = Path(path)
+        partial = _sibling(path, "partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        plain.save_pretrained(partial)
+        shutil.rmtree(path, ignore_errors=True)
+        partial.rename(path)
+    dist.barrier()
+
+
+def _sibling(directory: Path, suffix: str) -> Path:
+    return directory.with_name(f"{directory.name}.{suffix}")
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Training: the body of ``torchrun --nproc-per-node N -m moe_blocks train --ep E``
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher that sets ``WORLD_SIZE``) started this process."""
+    return "WORLD_SIZE" in os.environ
+
+
+def is_sharded_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a checkpoint written by :func:`save_sharded`."""
+    return (Path(directory) / ".metadata").is_file()
+
+
+def init_distributed(ep: int = 1) -> tuple[DeviceMesh, torch.device]:
+    """Join the process group torchrun describes in the environment (a one-process group when
+    not started by torchrun; an existing group is used as it is): NCCL on CUDA, each process on
+    GPU ``LOCAL_RANK``; gloo on CPU. Returns the mesh for :func:`parallelize`, ``("dp", "ep")``
+    of ``world/ep × ep`` ranks (1-D ``("dp",)`` when ``ep`` is 1), and this process's device."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .train import TrainingError
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if launched_by_torchrun():
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size()
+    if world % ep:
+        raise TrainingError(
+            f"--ep {ep} must divide the number of processes ({world}: torchrun --nproc-per-node)"
+        )
+    if ep == 1:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("dp",)), device
+    return init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=MESH_DIMS), device
+
+
+def train_sharded(
+    settings,
+    *,
+    ep: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """:func:`moe_blocks.models.train.train` on every process of a torchrun job (or on one
+    process with a sharded checkpoint): the model :func:`parallelize`-d over ``world/ep × ep``
+    ranks, each rank training on its ``batch_size / world`` windows of every step's batch (the
+    same global batch as one process would use), the reported losses the means over all ranks.
+
+    Rank 0 alone prints, shows the progress bar and writes ``log.json`` and ``training.png``.
+    Checkpoints (``OUT/checkpoint``) are sharded (:func:`save_sharded`): ``resume`` works at any
+    world size and ``ep``. At the end, the model is also written in the Hugging Face layout to
+    ``OUT/model`` (:func:`export_hf`). SIGINT or SIGTERM (Ctrl-C; torchrun forwards it to every
+    rank) ends the run after the step all ranks agree on, with a checkpoint of that step.
+
+    Returns the :class:`~moe_blocks.models.train.TrainResult` on every rank.
+    """
+    from .train import TrainingError, check_positive_int
+
+    settings.check()
+    check_positive_int("--ep", ep)
+    created = not dist.is_initialized()
+    mesh, device = init_distributed(ep)
+    try:
+        return _train(mesh, device, settings, ep, resume=resume, overwrite=overwrite,
+                      progress=progress)  # fmt: skip
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(mesh, device, settings, ep: int, *, resume: bool, overwrite: bool, progress: bool):
+    from .jetmoe import JetMoEConfig
+    from .train import (
+        CHECKPOINT_FORMAT,
+        TrainingError,
+        TrainResult,
+        _check_output,
+        _last_bpb,
+        _progress_bar,
+        _summary,
+        batch_at,
+        check_window_fits,
+        learning_rate,
+        load_corpus,
+        make_optimizer,
+        plot_run,
+        router_names,
+    )
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    main = rank == 0
+    out = Path(settings.out)
+    checkpoint_dir = out / "checkpoint"
+    state = _check_output(settings, resume=resume, overwrite=overwrite)
+    if state is not None and not is_sharded_checkpoint(checkpoint_dir):
+        raise TrainingError(
+            f"--resume: {checkpoint_dir} was written by a one-process run; continue it with "
+            "moe-blocks train --resume (without torchrun)"
+        )
+    corpus = load_corpus(settings.data)
+    check_window_fits(corpus, settings.data, settings.seq_len)
+    if settings.batch_size % world:
+        raise TrainingError(
+            f"--batch-size {settings.batch_size} must be divisible by the number of processes "
+            f"({world}): each rank trains on an equal share of every batch"
+        )
+    config = JetMoEConfig.from_preset(settings.preset, **settings.overrides)
+    if config.num_local_experts % ep:
+        raise TrainingError(
+            f"--ep {ep} must divide the number of experts ({config.num_local_experts})"
+        )
+    dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrainingError(f"--out {out}: {error.strerror}") from None
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    model = JetMoEForCausalLM(config)  # the initial weights of a one-process run, on every rank
+    model.train()
+    parallelize(model, mesh)
+    optimizer = make_optimizer(model, settings)
+    log: list[dict] = []
+    start_step = 0
+    if state is not None:
+        load_sharded(checkpoint_dir, model, optimizer)
+        start_step = state["step"]
+        log = json.loads((checkpoint_dir / "log.json").read_text())
+    if main:
+        print(_summary(settings, corpus, model, start_step))
+        print(f"ranks:  {world} (data parallel {world // ep} x expert parallel {ep}) on {device}")
+
+    def checkpoint(step: int) -> None:
+        trainer_state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "settings": dataclasses.asdict(settings),
+            "sharded": {"world_size": world, "ep": ep},
+        }
+        files = {
+            "trainer_state.json": json.dumps(trainer_state, indent=1) + "\n",
+            "log.json": json.dumps(log) + "\n",
+        }
+        save_sharded(checkpoint_dir, model, optimizer, files)
+
+    rows = slice(rank * settings.batch_size // world, (rank + 1) * settings.batch_size // world)
+    names = router_names(model)
+    stop = _StopRequest()
+    bar = _progress_bar(settings.steps, start_step, progress and main)
+    step, stopping = start_step, False
+    with stop:
+        start_bpb = log[0]["val_bpb"] if log else _evaluate(model, corpus, settings, device)
+        if not log:
+            log.append({"step": 0, "val_bpb": start_bpb})
+        while step < settings.steps:
+            started = time.perf_counter()
+            lr = learning_rate(settings, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = batch_at(
+                corpus.train, step, settings.seed, settings.batch_size, settings.seq_len
+            )
+            window = batch[rows].to(device)
+            output = model(window, labels=window)
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            clip_grad_norm_(model, 1.0)
+            optimizer.step()
+            step += 1
+            losses, loads, stopping = _reduce_step(model, output, ep, stop.requested)
+            entry = {
+                "step": step,
+                "loss": losses[0],
+                "lm_loss": losses[1],
+                "aux_loss": losses[2],
+                "lr": lr,
+                "tokens_per_s": settings.batch_size
+                * settings.seq_len
+                / (time.perf_counter() - started),
+                "tokens_per_expert": dict(zip(names, loads, strict=True)),
+            }
+            if step % settings.eval_every == 0 or step == settings.steps:
+                entry["val_bpb"] = _evaluate(model, corpus, settings, device)
+            log.append(entry)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{entry['lm_loss']:.3f}",
+                tok_s=f"{entry['tokens_per_s']:.0f}",
+                lr=f"{lr:.2e}",
+                val_bpb=f"{_last_bpb(log):.3f}",
+            )
+            if stopping:
+                break
+            if step % settings.checkpoint_every == 0 and step < settings.steps:
+                checkpoint(step)
+        bar.close()
+        checkpoint(step)
+        export_hf(model, out / "model")
+    if main:
+        (out / "log.json").write_text(json.dumps(log) + "\n")
+        plot_run(log, out / "training.png")
+    return TrainResult(out, log, start_bpb, _last_bpb(log), stopping)
+
+
+def _reduce_step(model: JetMoEForCausalLM, output, ep: int, stop: bool):
+    """One all-reduce per step: the mean over ranks of (loss, LM loss, aux loss), the tokens
+    per expert of every router over all ranks, and whether any rank was asked to stop."""
+    routers = model.routers()
+    local = torch.cat(
+        [
+            torch.stack([output.loss.detach(), output.lm_loss.detach(),
+                         torch.as_tensor(output.aux_loss).detach()]).double().cpu(),
+            torch.stack([r.last_tokens_per_expert for r in routers]).double().cpu().flatten(),
+            torch.tensor([float(stop)], dtype=torch.float64),
+        ]
+    )  # fmt: skip
+    dist.all_reduce(local)
+    world = dist.get_world_size()
+    losses = (local[:3] / world).tolist()
+    loads = local[3:-1].view(len(routers), -1)
+    # The expert-parallel MoE routers already count their whole EP group ("global" balance).
+    shared = torch.tensor([r.reduce_tokens_per_expert is not None for r in routers])
+    loads[shared] /= ep
+    return losses, loads.round().long().tolist(), bool(local[-1] > 0)
+
+
+@torch.no_grad()
+def _evaluate(model: JetMoEForCausalLM, corpus, settings, device: torch.device) -> float:
+    """:func:`moe_blocks.models.train.evaluate` with each rank scoring its share of every
+    validation batch; collective."""
+    import math
+
+    import torch.nn.functional as F
+
+    from .train import VOCAB, _windows, validation_starts
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for chunk in validation_starts(corpus, settings):
+        window = _windows(corpus.validation, chunk.tensor_split(world)[rank], settings.seq_len)
+        window = window.to(device)
+        logits = model(window[:, :-1]).logits
+        loss = F.cross_entropy(
+            logits.reshape(-1, VOCAB).float(), window[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += torch.stack([loss.double().cpu(), torch.tensor(float(window[:, 1:].numel()))])
+    dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item() / math.log(2)
+
+
+class _StopRequest:
+    """While entered, SIGINT and SIGTERM set ``requested`` instead of interrupting: the
+    training loop stops after the step in which any rank saw one (ranks agree through the
+    per-step all-reduce), so every rank saves the same step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
