@@ -270,7 +270,6 @@ def _restore_optimizer(directory: Path, model, optimizer) -> None:
 # The loop
 
 
-@torch.no_grad()
 def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
     """AdamW (betas 0.9, 0.95) with weight decay on the matrices, none on norms and biases."""
     decay, no_decay = [], []
@@ -294,6 +293,7 @@ def validation_starts(corpus: Corpus, settings: TrainSettings) -> list[torch.Ten
     return list(torch.linspace(0, last_start, count).long().split(settings.batch_size))
 
 
+@torch.no_grad()
 def evaluate(model, corpus: Corpus, settings: TrainSettings) -> float:
     """Validation loss in bits per byte on fixed windows spread over the validation text."""
     model.eval()
