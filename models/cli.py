@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -67,6 +69,7 @@ def _flops(value: float) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from .parallel import is_sharded_checkpoint, launched_by_torchrun, train_sharded
     from .train import TrainSettings, train
 
     settings = TrainSettings(
@@ -75,7 +78,15 @@ def train_command(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
     )  # fmt: skip
-    result = train(settings, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    options = {"resume": args.resume, "overwrite": args.overwrite, "progress": not args.quiet}
+    resumes_sharded = args.resume and is_sharded_checkpoint(Path(args.out) / "checkpoint")
+    sharded = args.ep != 1 or launched_by_torchrun() or resumes_sharded
+    if sharded:
+        result = train_sharded(settings, ep=args.ep, **options)
+        if int(os.environ.get("RANK", 0)):  # rank 0 alone reports
+            return 130 if result.interrupted else 0
+    else:
+        result = train(settings, **options)
     lm = [entry["lm_loss"] for entry in result.log if "lm_loss" in entry]
     print(
         f"validation: {result.start_bpb:.3f} -> {result.final_bpb:.3f} bits per byte"
@@ -84,6 +95,7 @@ def train_command(args: argparse.Namespace) -> int:
     print(
         f"checkpoint: {result.out / 'checkpoint'}  log: {result.out / 'log.json'}  "
         f"plot: {result.out / 'training.png'}"
+        + (f"  model (Hugging Face layout): {result.out / 'model'}" if sharded else "")
     )
     if result.interrupted:
         print("interrupted: checkpoint saved; continue with --resume", file=sys.stderr)
@@ -235,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     train_parser.add_argument(
         "--quiet", action="store_true", help="no progress bar (the summary still prints)"
+    )
+    train_parser.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="expert-parallel size: under torchrun, shard the MoE experts over groups of EP "
+        "processes (the rest is data parallel); see docs/parallel.md",
     )
     train_parser.set_defaults(handler=train_command)
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -73,6 +74,12 @@ def _check_gradients(rank: int, world_size: int) -> None:
         torch.testing.assert_close(param.grad.full_tensor(), expected, msg=name, **TOLERANCE)
     expected_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
     torch.testing.assert_close(clip_grad_norm_(model, 1e9), expected_norm, **TOLERANCE)
+
+    with pytest.raises(TypeError, match="JetMoEForCausalLM"):
+        parallelize(reference.model, init_device_mesh("cpu", (world_size,)))
+    misnamed = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "dp"))
+    with pytest.raises(ValueError, match="names"):
+        parallelize(JetMoEForCausalLM(config), misnamed)
 
 
 def _resume_two_then_interrupt(rank: int, world_size: int, settings: TrainSettings) -> None:
@@ -144,3 +151,14 @@ def test_sharded_training_equals_one_process(tmp_path, monkeypatch):
     assert state["step"] == 4 and state["sharded"] == {"world_size": 2, "ep": 2}
     assert [entry["step"] for entry in two_log if "loss" in entry] == [1, 2, 3, 4]
     assert not (tmp_path / "resume2" / "checkpoint.partial").exists()
+
+
+def test_train_cli_rejects_bad_ep(tmp_path, capsys):
+    from moe_blocks.models.cli import main
+
+    args = ["train", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main([*args, "--ep", "2"]) == 2  # one process, not started by torchrun
+    assert "--ep 2 must divide the number of processes (1" in capsys.readouterr().err
+    assert main([*args, "--ep", "0"]) == 2
+    assert "--ep must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
