@@ -31,6 +31,10 @@ class JetMoEConfig:
 
     ``layer_rms_norm_eps``: transformers builds every layer's two RMSNorms with eps 1e-6 and
     uses ``rms_norm_eps`` only for the final norm; we do the same so that logits match.
+
+    ``expert_prior`` (ours, written to config.json only when true): every router has expert
+    priors (``TopKRouter(expert_prior=True)``), as after ``moe-blocks extend``. Transformers'
+    JetMoe has no such weights: it cannot run such a checkpoint faithfully.
     """
 
     vocab_size: int = 32000
@@ -54,6 +58,7 @@ class JetMoEConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
+    expert_prior: bool = False
 
     PRESETS = {
         # JetMoE-8B as published: 8,522,237,952 parameters, 2.2B active per token.
@@ -92,6 +97,8 @@ class JetMoEConfig:
         fields = dataclasses.asdict(self)
         for ours_only in ("rope_theta", "layer_rms_norm_eps", "z_loss_coef"):
             fields.pop(ours_only)
+        if not self.expert_prior:
+            fields.pop("expert_prior")
         return {
             "architectures": ["JetMoeForCausalLM"],
             "model_type": "jetmoe",
@@ -141,7 +148,11 @@ class JetMoEDecoderLayer(nn.Module):
 
     def __init__(self, config: JetMoEConfig, **factory) -> None:
         super().__init__()
-        router = {"aux_loss_coef": config.aux_loss_coef, "z_loss_weight": config.z_loss_coef}
+        router = {
+            "aux_loss_coef": config.aux_loss_coef,
+            "z_loss_weight": config.z_loss_coef,
+            "expert_prior": config.expert_prior,
+        }
         self.input_layernorm = RMSNorm(config.hidden_size, config.layer_rms_norm_eps, **factory)
         self.self_attention = MoA(
             config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
@@ -239,12 +250,12 @@ class JetMoEForCausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """JetMoE's initialisation: every projection, expert and embedding ~ N(0,
-        initializer_range), norms 1, biases 0. After building on ``meta``, call
+        initializer_range), norms 1, biases 0, expert priors 1. After building on ``meta``, call
         ``model.to_empty(device=...)`` and then this."""
         self.tie_weights()
         std = self.config.initializer_range
         for name, param in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            if name.endswith(("layernorm.weight", "expert_prior")) or name == "model.norm.weight":
                 param.fill_(1.0)
             elif name.endswith(".bias"):
                 param.zero_()

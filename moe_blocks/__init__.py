@@ -6,10 +6,20 @@ from .losses import (
     attach_aux_loss,
     aux_loss_scale,
     load_balancing_loss,
+    load_concentration_loss,
     mutual_information_loss,
     router_z_loss,
 )
 from .moa import KVCache, MoA
+from .modular import (
+    FrozenExperts,
+    ModularBlock,
+    add_experts,
+    expert_blocks,
+    expert_usage,
+    freeze_experts,
+    prune_experts,
+)
 from .moe_mlp import MoEMLP
 from .router import RouterOutput, TopKRouter, router_stats
 
@@ -28,19 +38,27 @@ def __getattr__(name: str):
 __all__ = [
     "DispatchPlan",
     "ExpertParallel",
+    "FrozenExperts",
     "KVCache",
     "MoA",
+    "ModularBlock",
     "MoEMLP",
     "ParallelExperts",
     "RouterOutput",
     "TopKRouter",
     "__version__",
+    "add_experts",
     "attach_aux_loss",
     "aux_loss_scale",
+    "expert_blocks",
     "expert_linear",
+    "expert_usage",
+    "freeze_experts",
     "load_balancing_loss",
+    "load_concentration_loss",
     "mutual_information_loss",
     "plan_dispatch",
+    "prune_experts",
     "router_stats",
     "router_z_loss",
     "use_backend",

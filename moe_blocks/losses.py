@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .kernels.plan import check_non_negative
 
-BALANCE_LOSSES = ("switch", "mutual_information", "none")
+BALANCE_LOSSES = ("switch", "mutual_information", "load_concentration", "none")
 
 
 def _zero_loss(logits: Tensor) -> Tensor:
@@ -24,7 +24,12 @@ def _zero_loss(logits: Tensor) -> Tensor:
 
 
 def load_balancing_loss(
-    logits: Tensor, expert_idx: Tensor, num_experts: int, *, tokens_per_expert: Tensor | None = None
+    logits: Tensor,
+    expert_idx: Tensor,
+    num_experts: int,
+    *,
+    tokens_per_expert: Tensor | None = None,
+    prior: Tensor | None = None,
 ) -> Tensor:
     """Switch Transformer / GShard balance loss ``E · Σ_e f_e · P_e``.
 
@@ -34,10 +39,20 @@ def load_balancing_loss(
 
     ``tokens_per_expert``: optional ``[E]`` assignment counts to take ``f_e`` from instead of
     counting ``expert_idx`` (e.g. summed over the ranks of an expert-parallel group).
+
+    ``prior``: optional ``[E]`` fp32 expert prior weights ``π_e >= 0`` (see
+    :class:`~moe_blocks.TopKRouter`): then ``P_e`` averages ``π_e·exp(l_e) / Σ_j π_j·exp(l_j)``,
+    computed in π (not in ``log π``), so that an expert with ``π_e = 0`` (never chosen) still
+    gets the finite gradient ``∂loss/∂π_e < 0`` that opens it.
     """
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    probs = torch.softmax(logits.float(), dim=-1)
+    logits = logits.float()
+    if prior is None:
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        weights = prior.clamp_min(0.0) * torch.exp(logits - logits.detach().amax(-1, keepdim=True))
+        probs = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     if tokens_per_expert is None:
         counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
         counts.scatter_add_(
@@ -56,6 +71,18 @@ def router_z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
+def _log_softmax(logits: Tensor) -> Tensor:
+    """``log_softmax`` in fp32 with ``-inf`` (a closed expert's logit) clamped to the most
+    negative float, so that ``p·log p`` is ``0``, not NaN, and its gradient finite."""
+    return torch.log_softmax(logits.float(), dim=-1).clamp_min(torch.finfo(torch.float32).min)
+
+
+def _marginal_entropy(probs: Tensor) -> Tensor:
+    """``H(mean_n p_n)``: the entropy of the batch's mean routing distribution."""
+    marginal = probs.mean(0)
+    return -(marginal * torch.log(marginal.clamp_min(torch.finfo(marginal.dtype).tiny))).sum()
+
+
 def mutual_information_loss(logits: Tensor) -> Tensor:
     """ModuleFormer's loss: the negative mutual information between tokens and experts,
     ``-(H(mean_n p_n) - mean_n H(p_n))`` with ``p_n = softmax(logits_n)``.
@@ -66,14 +93,25 @@ def mutual_information_loss(logits: Tensor) -> Tensor:
     """
     if logits.shape[0] == 0:
         return _zero_loss(logits)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = _log_softmax(logits)
     probs = log_probs.exp()
     conditional_entropy = -(probs * log_probs).sum(-1).mean()
-    marginal = probs.mean(0)
-    marginal_entropy = -(
-        marginal * torch.log(marginal.clamp_min(torch.finfo(marginal.dtype).tiny))
-    ).sum()
-    return conditional_entropy - marginal_entropy
+    return conditional_entropy - _marginal_entropy(probs)
+
+
+def load_concentration_loss(logits: Tensor) -> Tensor:
+    """ModuleFormer's load-concentration loss, for fine-tuning on one task before pruning:
+    ``H(mean_n p_n) = -Σ_e P_e · log P_e`` with ``P_e = mean_n softmax(logits_n)_e``, the
+    entropy of the batch's mean routing distribution.
+
+    Minimising it concentrates the batch's routing on few experts (the opposite of balancing),
+    so that the experts the task does not need receive no tokens and can be pruned. It lies in
+    ``[0, log E]``: 0 when every token puts all its probability on the same expert, ``log E``
+    when the experts are used evenly.
+    """
+    if logits.shape[0] == 0:
+        return _zero_loss(logits)
+    return _marginal_entropy(torch.softmax(logits.float(), dim=-1))
 
 
 _aux_loss_scale: float | Tensor = 1.0

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from .experts import ParallelExperts
 from .kernels.plan import INTEGER_DTYPES, check_index_range, check_positive_int
 from .losses import attach_aux_loss
+from .modular import ModularBlock
 from .router import TopKRouter, check_input_dtype
 
 
@@ -69,7 +70,7 @@ class KVCache:
         return self.key, self.value
 
 
-class MoA(nn.Module):
+class MoA(ModularBlock, nn.Module):
     """Mixture of Attention heads: ``forward(x[B, T, d_model]) -> [B, T, d_model]``.
 
     Each of ``num_experts`` attention experts owns a query projection (``num_kv_heads`` heads

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .experts import ParallelExperts
 from .kernels.plan import DispatchPlan, check_positive_int
 from .losses import attach_aux_loss
+from .modular import ModularBlock
 from .router import RouterOutput, TopKRouter, check_input_dtype
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -29,7 +30,7 @@ def resolve_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable
     return ACTIVATIONS[activation]
 
 
-class MoEMLP(nn.Module):
+class MoEMLP(ModularBlock, nn.Module):
     """``forward(x[..., d_model]) -> [..., d_model]``: each token goes through ``top_k`` of
     ``num_experts`` expert MLPs, weighted by its gates.
 
@@ -43,6 +44,16 @@ class MoEMLP(nn.Module):
         glu: gated linear unit experts (default True).
         bias: one shared output bias ``[d_model]`` added after the weighted sum (JetMoE).
         backend: the kernel backend ("auto", "torch", "triton").
+        num_shared_experts: s always-on experts (DeepSeek-V2/V3, Qwen2-MoE) whose output every
+            token adds to its routed output; default 0. s experts of width h compute exactly
+            what one dense MLP of width s·h does (the same activation and GLU as the routed
+            experts), which is how they are stored and run: ``shared_input_linear``
+            ``[2·s·h or s·h, d_model]`` and ``shared_output_linear`` ``[d_model, s·h]``, two
+            dense matmuls (faster than the routed kernel with every token on one expert; see
+            docs/modularity.md).
+        shared_d_hidden: h, the width of each shared expert (default ``d_hidden``).
+        shared_gate: scale the shared output by ``sigmoid(shared_gate(x))``, a per-token scalar
+            from a ``Linear(d_model, 1)`` (Qwen2-MoE's ``shared_expert_gate``).
         **router_options: passed to :class:`TopKRouter` (score, balance_loss, z_loss_weight,
             aux_loss_coef, bias_update_rate, ...).
 
@@ -63,6 +74,9 @@ class MoEMLP(nn.Module):
         glu: bool = True,
         bias: bool = True,
         backend: str = "auto",
+        num_shared_experts: int = 0,
+        shared_d_hidden: int | None = None,
+        shared_gate: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **router_options,
@@ -71,6 +85,14 @@ class MoEMLP(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.router = TopKRouter(d_model, num_experts, top_k, **router_options, **factory)
         check_positive_int("d_hidden", d_hidden)
+        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int):
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+        if num_shared_experts:
+            check_positive_int("num_shared_experts", num_shared_experts)
+            shared_d_hidden = d_hidden if shared_d_hidden is None else shared_d_hidden
+            check_positive_int("shared_d_hidden", shared_d_hidden)
+        elif shared_d_hidden is not None or shared_gate:
+            raise ValueError("shared_d_hidden and shared_gate need num_shared_experts >= 1")
         self.d_model, self.d_hidden, self.glu = d_model, d_hidden, glu
         self.activation = resolve_activation(activation)
         expanded = 2 * d_hidden if glu else d_hidden
@@ -80,6 +102,16 @@ class MoEMLP(nn.Module):
         self.output_linear = ParallelExperts(
             num_experts, d_hidden, d_model, backend=backend, **factory
         )
+        self.num_shared_experts = num_shared_experts
+        self.shared_input_linear = self.shared_output_linear = self.shared_gate = None
+        if num_shared_experts:
+            shared = num_shared_experts * shared_d_hidden
+            self.shared_input_linear = nn.Linear(
+                d_model, 2 * shared if glu else shared, bias=False, **factory
+            )
+            self.shared_output_linear = nn.Linear(shared, d_model, bias=False, **factory)
+            if shared_gate:
+                self.shared_gate = nn.Linear(d_model, 1, bias=False, **factory)
         self.bias = nn.Parameter(torch.zeros(d_model, **factory)) if bias else None
         # How routed tokens reach the experts: None runs them all here (self.experts); expert
         # parallelism (moe_blocks.parallel.ExpertParallel) installs a callable
@@ -87,7 +119,8 @@ class MoEMLP(nn.Module):
         self.token_dispatcher: Callable[[MoEMLP, Tensor, RouterOutput], Tensor] | None = None
 
     def reset_parameters(self) -> None:
-        """Re-initialise the whole block: router, experts (as ``nn.Linear``), bias 0 (e.g. after
+        """Re-initialise the whole block: router, experts and shared experts (as ``nn.Linear``),
+        bias 0 (e.g. after
         building on the meta device and ``to_empty``)."""
         for module in self.children():
             module.reset_parameters()
@@ -107,10 +140,27 @@ class MoEMLP(nn.Module):
             out = self.experts(tokens, route.plan, gates=route.gates)
         else:
             out = self.token_dispatcher(self, tokens, route)
+        if self.shared_input_linear is not None:
+            out = out + self.shared_experts(tokens)
         if self.bias is not None:
             out = out + self.bias
         out = attach_aux_loss(out, route.aux_loss)
         return out.view(x.shape)
+
+    def shared_experts(self, tokens: Tensor) -> Tensor:
+        """The shared experts' output for ``tokens[T, d_model]``: ``[T, d_model]``, times
+        ``sigmoid(shared_gate(tokens))`` when the block has a shared gate."""
+        out = self.shared_output_linear(self._activate(self.shared_input_linear(tokens)))
+        if self.shared_gate is not None:
+            out = torch.sigmoid(self.shared_gate(tokens)) * out
+        return out
+
+    def _activate(self, hidden: Tensor) -> Tensor:
+        """The activation: ``act(first half) * second half`` with GLU, else ``act(hidden)``."""
+        if self.glu:
+            gate, up = hidden.chunk(2, dim=-1)
+            return self.activation(gate) * up
+        return self.activation(hidden)
 
     def experts(self, rows: Tensor, plan: DispatchPlan, gates: Tensor | None = None) -> Tensor:
         """The routed experts ``W_out[e] · act(W_in[e] · row)`` for each assignment of ``plan``.
@@ -118,10 +168,5 @@ class MoEMLP(nn.Module):
         ``rows`` are read as :func:`~moe_blocks.expert_linear` reads ``x`` (``[T, d_model]`` or
         ``[T*k, d_model]``). Returns each token's gate-weighted sum ``[T, d_model]`` with
         ``gates[T, k]``, else one row per assignment in assignment order ``[T*k, d_model]``."""
-        hidden = self.input_linear(rows, plan, grouped_out=True)
-        if self.glu:
-            gate, up = hidden.chunk(2, dim=-1)
-            hidden = self.activation(gate) * up
-        else:
-            hidden = self.activation(hidden)
+        hidden = self._activate(self.input_linear(rows, plan, grouped_out=True))
         return self.output_linear(hidden, plan, grouped_in=True, gates=gates)

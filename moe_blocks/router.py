@@ -14,6 +14,7 @@ from .kernels.plan import check_non_negative, check_positive_int
 from .losses import (
     BALANCE_LOSSES,
     load_balancing_loss,
+    load_concentration_loss,
     mutual_information_loss,
     router_z_loss,
 )
@@ -25,7 +26,8 @@ SCORE_MODES = ("topk_softmax", "softmax_topk", "sigmoid")
 class RouterOutput:
     """What a router decided for N tokens.
 
-    logits: ``[N, E]`` fp32. expert_idx: ``[N, k]`` int64, distinct per token. gates:
+    logits: ``[N, E]`` fp32, plus ``log π_e`` when the router has expert priors (``-inf`` for
+    a closed expert). expert_idx: ``[N, k]`` int64, distinct per token. gates:
     ``[N, k]`` fp32 weights of the chosen experts. plan: the :class:`DispatchPlan` of
     ``expert_idx``. aux_loss: scalar, what this routing adds to the training loss:
     ``aux_loss_coef · (balance loss + z_loss_weight · z-loss)``, differentiable in the logits.
@@ -51,7 +53,10 @@ class TopKRouter(nn.Module):
             keep the top k probabilities (sum ≤ 1; 1 with ``renormalize``). ``"sigmoid"``
             (DeepSeek-V3): independent sigmoid scores, top k (renormalised with ``renormalize``).
         renormalize: divide the kept scores by their sum (``softmax_topk`` and ``sigmoid``).
-        balance_loss: ``"switch"`` (default), ``"mutual_information"`` or ``"none"``.
+        balance_loss: ``"switch"`` (default), ``"mutual_information"``,
+            ``"load_concentration"`` (ModuleFormer's, for fine-tuning before pruning: it
+            *concentrates* routing, see :func:`~moe_blocks.load_concentration_loss`) or
+            ``"none"``.
         z_loss_weight: weight of the router z-loss inside the aux loss (JetMoE: 0.1), >= 0.
         aux_loss_coef: the weight of ``balance + z_loss_weight · z-loss`` in the training loss
             (JetMoE: 0.01), >= 0. ``RouterOutput.aux_loss`` already includes it.
@@ -59,6 +64,12 @@ class TopKRouter(nn.Module):
             bias added to the scores only to *choose* experts (gates use the unbiased scores),
             moved by ``bias_update_rate`` towards balance each time
             :meth:`update_selection_bias` is called (once per optimiser step).
+        expert_prior: give the router a parameter ``expert_prior`` ``π[E]`` (fp32, ones): each
+            expert's probability is proportional to ``π_e·exp(logit_e)``, i.e. ``log π_e`` is
+            added to its logit in every score mode. ``π_e = 0`` closes expert e: it is never
+            chosen and changes no gate, yet the Switch balance loss (computed in π) gives it a
+            gradient that opens it. :func:`moe_blocks.add_experts` adds new experts closed
+            this way, which is what keeps a block's output unchanged when it grows.
 
     After each forward, the detached statistics hold the values of that batch:
     ``last_aux_loss`` (weighted, as ``RouterOutput.aux_loss``), the unweighted
@@ -77,6 +88,7 @@ class TopKRouter(nn.Module):
         z_loss_weight: float = 0.1,
         aux_loss_coef: float = 0.01,
         bias_update_rate: float | None = None,
+        expert_prior: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -100,6 +112,7 @@ class TopKRouter(nn.Module):
         self.aux_loss_coef, self.bias_update_rate = aux_loss_coef, bias_update_rate
         self.layer = nn.Linear(d_model, num_experts, bias=False, device=device, dtype=dtype)
         stats = {"device": device, "dtype": torch.float32}
+        self.expert_prior = nn.Parameter(torch.ones(num_experts, **stats)) if expert_prior else None
         if bias_update_rate is not None:
             self.register_buffer("selection_bias", torch.zeros(num_experts, **stats))
             self.register_buffer("load_since_update", torch.zeros(num_experts, **stats))
@@ -119,8 +132,10 @@ class TopKRouter(nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initialise the gate as ``nn.Linear`` does and zero the balancing state and the
-        statistics (e.g. after building on the meta device and ``to_empty``)."""
+        statistics (e.g. after building on the meta device and ``to_empty``); expert priors 1."""
         self.layer.reset_parameters()
+        if self.expert_prior is not None:
+            nn.init.ones_(self.expert_prior)
         for buffer in self.buffers(recurse=False):
             buffer.zero_()
 
@@ -129,7 +144,10 @@ class TopKRouter(nn.Module):
         check_input_dtype(x, self.layer.weight.dtype)
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [N, d_model={self.d_model}], got {tuple(x.shape)}")
-        logits = self.layer(x).float()
+        raw_logits = self.layer(x).float()
+        logits = raw_logits
+        if self.expert_prior is not None:
+            logits = raw_logits + _log_prior(self.expert_prior)
         if self.score == "topk_softmax":
             scores = logits
         elif self.score == "softmax_topk":
@@ -137,6 +155,8 @@ class TopKRouter(nn.Module):
         else:
             scores = torch.sigmoid(logits)
         choice = scores if self.selection_bias is None else scores + self.selection_bias
+        if self.expert_prior is not None:  # a closed expert's score 0 could win with a bias
+            choice = choice.masked_fill(self.expert_prior <= 0, float("-inf"))
         expert_idx = choice.topk(self.top_k, dim=-1).indices
         picked = gather_scores(scores, expert_idx)
         if self.score == "topk_softmax":
@@ -146,19 +166,27 @@ class TopKRouter(nn.Module):
         else:
             gates = picked
         plan = plan_dispatch(expert_idx, self.num_experts)
-        aux_loss = self._aux_loss(logits, expert_idx, plan)
+        aux_loss = self._aux_loss(raw_logits, logits, expert_idx, plan)
         return RouterOutput(logits, expert_idx, gates, plan, aux_loss)
 
-    def _aux_loss(self, logits: Tensor, expert_idx: Tensor, plan: DispatchPlan) -> Tensor:
+    def _aux_loss(
+        self, raw_logits: Tensor, logits: Tensor, expert_idx: Tensor, plan: DispatchPlan
+    ) -> Tensor:
         tokens_per_expert = plan.tokens_per_expert
         if self.reduce_tokens_per_expert is not None:
             tokens_per_expert = self.reduce_tokens_per_expert(tokens_per_expert)
         if self.balance_loss == "switch":
             balance = load_balancing_loss(
-                logits, expert_idx, self.num_experts, tokens_per_expert=tokens_per_expert
+                raw_logits,
+                expert_idx,
+                self.num_experts,
+                tokens_per_expert=tokens_per_expert,
+                prior=self.expert_prior,
             )
         elif self.balance_loss == "mutual_information":
             balance = mutual_information_loss(logits)
+        elif self.balance_loss == "load_concentration":
+            balance = load_concentration_loss(logits)
         else:
             balance = logits.new_zeros(())
         z_loss = router_z_loss(logits)
@@ -182,6 +210,13 @@ class TopKRouter(nn.Module):
         load = self.load_since_update
         self.selection_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
         load.zero_()
+
+
+def _log_prior(prior: Tensor) -> Tensor:
+    """``log π`` of expert priors ``π[E]``, ``-inf`` where ``π <= 0`` (closed experts), with a
+    zero (not NaN) gradient there."""
+    tiny = torch.finfo(prior.dtype).tiny
+    return torch.where(prior > 0, prior.clamp_min(tiny).log(), float("-inf"))
 
 
 def router_stats(model: nn.Module) -> dict:
