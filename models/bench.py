@@ -486,3 +486,220 @@ def plot(results: list[Result], path) -> None:
 
 def to_json(results: list[Result]) -> list[dict]:
     return [asdict(r) for r in results]
+
+
+# --------------------------------------------------------------------------------------------
+# Expert parallelism: ``moe-blocks bench --suite ep``
+
+EP_SIZES = (1, 2, 4)
+# The exchanges as the profiler names them on the calling side: the functional collectives'
+# launches and waits, and the backward nodes of the all-to-alls (which contain both).
+_EXCHANGES = (
+    "_c10d_functional::all_to_all_single",
+    "_c10d_functional::all_reduce",
+    "_c10d_functional::wait_tensor",
+    "GeneratedBackwardFor__c10d_functional_all_to_all_single_defaultBackward",
+)
+
+
+@dataclass
+class EPResult:
+    """MoEMLP forward+backward on ``tokens`` global tokens split over ``ep`` processes, each
+    with ``threads`` torch threads (``ep`` 0: the plain block in one process, no exchange).
+
+    ``median_ms``: median over rounds of the slowest rank's step. ``exchange_share``: the share
+    of the step a rank spends launching and waiting for the exchanges (mean over ranks; on
+    CUDA the NCCL kernels' device time). ``forward_bytes``/``backward_bytes``: the token rows
+    that go through ``all_to_all_single`` in one step, summed over ranks (the ``E`` counts and
+    the balance all-reduce left out), beside ``expected_bytes`` = ``2·T·k·d_model·bytes``;
+    ``crossing_bytes``: the part of both that leaves its rank."""
+
+    shape: str
+    tokens: int
+    dtype: str
+    device: str
+    ep: int
+    threads: int
+    median_ms: float
+    exchange_share: float | None = None
+    forward_bytes: int | None = None
+    backward_bytes: int | None = None
+    expected_bytes: int | None = None
+    crossing_bytes: int | None = None
+
+
+def run_ep(
+    shapes: list[str],
+    tokens: list[int],
+    dtypes: list[str],
+    device: str,
+    *,
+    tiny: bool = False,
+    eps: tuple[int, ...] = EP_SIZES,
+    max_repeats: int = 20,
+    budget_s: float = 2.0,
+) -> list[EPResult]:
+    """For each shape, token count and dtype: the plain MoEMLP in this process, then
+    ``ExpertParallel`` at each size in ``eps`` in as many spawned processes (gloo on CPU, the
+    threads of this process shared among them; NCCL on CUDA, one GPU each, sizes above the
+    GPU count skipped), the same global tokens split evenly."""
+    from .parallel import spawn_local
+
+    table = shapes_for(device, tiny)
+    if any(count % size for count in tokens for size in eps):
+        raise ValueError(f"--tokens must be divisible by every EP size {eps}, got {tokens}")
+    threads = torch.get_num_threads()
+    sizes = [s for s in eps if device == "cpu" or s <= torch.cuda.device_count()]
+    results = []
+    for shape in shapes:
+        if shape not in table:
+            raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(table)}")
+        for count in tokens:
+            for dtype in dtypes:
+                case = Case("mlp", shape, count, dtype, device, table[shape])
+                module, x = _ep_block(case, device)
+                step = step_function(module, x, backward=True)
+                timing = {"max_repeats": max_repeats, "budget_s": budget_s}
+                plain = time_medians_ms({"plain": step}, device, **timing)["plain"]
+                results.append(EPResult(shape, count, dtype, device, 0, threads, plain))
+                del module, x, step
+                for size in sizes:
+                    queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
+                    per_process = max(1, threads // size)
+                    backend = "nccl" if device == "cuda" else "gloo"
+                    spawn_local(_ep_worker, size, case, per_process, timing, queue,
+                                backend=backend)  # fmt: skip
+                    results.append(EPResult(**queue.get()))
+    return results
+
+
+def _ep_block(case: Case, device: str) -> tuple[MoEMLP, Tensor]:
+    """The MoEMLP of ``case`` (JetMoE's initialisation, seeded) and the global input
+    ``[1, T, d_model]``: the same on every rank and in the plain run."""
+    d_model, d_ffn, experts, top_k = case.dims
+    torch.manual_seed(0)
+    module = MoEMLP(d_model, d_ffn, experts, top_k, device=device, dtype=case.torch_dtype)
+    x = torch.randn(1, case.tokens, d_model, device=device, dtype=case.torch_dtype)
+    return module, x
+
+
+def _ep_worker(rank: int, size: int, case: Case, threads: int, timing: dict, queue) -> None:
+    result = measure_ep(case, threads, **timing)
+    if rank == 0:
+        queue.put(asdict(result))
+
+
+def measure_ep(case: Case, threads: int, *, max_repeats: int, budget_s: float) -> EPResult:
+    """On every rank of the default process group (the EP group): time ``case``'s MoEMLP
+    forward+backward under ``ExpertParallel`` with the global tokens split evenly, then profile
+    the exchanges. Collective; every rank returns the same :class:`EPResult`."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from moe_blocks import ExpertParallel
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(threads)
+    device = f"cuda:{rank}" if case.device == "cuda" else "cpu"
+    if case.device == "cuda":
+        torch.cuda.set_device(device)
+    module, x = _ep_block(case, device)
+    parallelize_module(module, init_device_mesh(case.device, (size,)), ExpertParallel())
+    mine = x.tensor_split(size, dim=1)[rank]
+    step = step_function(module, mine, backward=True)
+    step()
+
+    def timed() -> float:
+        dist.barrier()
+        begin = time.perf_counter()
+        step()
+        _sync(case.device)
+        return time.perf_counter() - begin
+
+    first = torch.tensor([timed()])
+    dist.all_reduce(first, op=dist.ReduceOp.MAX)  # every rank runs the same number of rounds
+    rounds = max(3, min(max_repeats, int(budget_s / first.item())))
+    slowest = torch.tensor([timed() for _ in range(rounds)])
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    share, sent = _profile_exchanges(step, case, rank)
+    totals = torch.tensor([share, *sent], dtype=torch.float64)
+    dist.all_reduce(totals)
+    d_model, _, _, top_k = case.dims
+    element = torch.empty((), dtype=case.torch_dtype).element_size()
+    return EPResult(
+        case.shape, case.tokens, case.dtype, case.device, size, threads,
+        median_ms=slowest.median().item() * 1e3, exchange_share=totals[0].item() / size,
+        forward_bytes=int(totals[1]), backward_bytes=int(totals[2]),
+        expected_bytes=2 * case.tokens * top_k * d_model * element,
+        crossing_bytes=int(totals[3]),
+    )  # fmt: skip
+
+
+def _profile_exchanges(step, case: Case, rank: int) -> tuple[float, list[float]]:
+    """Profile two steps: the share of their time spent in the exchanges, and per step the
+    token-row bytes this rank passes to ``all_to_all_single`` forward and backward and those
+    that leave it, read from the recorded collectives (shapes and split sizes)."""
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if case.device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    dist.barrier()
+    with profile(activities=activities, record_shapes=True) as profiler:
+        begin = time.perf_counter()
+        step()
+        step()
+        _sync(case.device)
+        elapsed_us = (time.perf_counter() - begin) * 1e6
+    events = profiler.events()
+    if case.device == "cuda":
+        exchange_us = sum(e.device_time_total for e in events if "nccl" in e.name.lower())
+    else:
+        exchange_us = sum(
+            e.cpu_time_total
+            for e in events
+            if e.name in _EXCHANGES and not _within(e, lambda p: p.name in _EXCHANGES)
+        )
+    element = torch.empty((), dtype=case.torch_dtype).element_size()
+    forward = backward = crossing = 0
+    for event in events:
+        shape = event.input_shapes[1] if event.name == "c10d::alltoall_base_" else []
+        if len(shape) != 2:  # the per-expert counts are 1-D
+            continue
+        nbytes = shape[0] * shape[1] * element
+        if _within(event, lambda p: p.name.startswith("autograd::engine")):
+            backward += nbytes
+        else:
+            forward += nbytes
+        splits = event.concrete_inputs[4]
+        crossing += sum(n for peer, n in enumerate(splits) if peer != rank) * shape[1] * element
+    return exchange_us / elapsed_us, [forward / 2, backward / 2, crossing / 2]
+
+
+def _within(event, predicate) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if predicate(parent):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def format_ep_table(results: list[EPResult]) -> str:
+    header = (
+        f"{'shape':<14}{'tokens':>7} {'dtype':<6}{'device':<7}{'ep':>3}{'threads':>8}"
+        f"{'ms':>10}{'exch %':>8}{'fwd MB':>9}{'bwd MB':>9}{'2TkdB MB':>10}{'cross MB':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        volumes = (r.forward_bytes, r.backward_bytes, r.expected_bytes, r.crossing_bytes)
+        megabytes = [None if v is None else v / 2**20 for v in volumes]
+        share = None if r.exchange_share is None else 100 * r.exchange_share
+        lines.append(
+            f"{r.shape:<14}{r.tokens:>7} {r.dtype:<6}{r.device:<7}"
+            f"{'-' if r.ep == 0 else r.ep:>3}{r.threads:>8}{r.median_ms:>10.2f}{_opt(share, 8, 1)}"
+            + "".join(_opt(v, w, 2) for v, w in zip(megabytes, (9, 9, 10, 10), strict=True))
+        )
+    return "\n".join(lines)

@@ -166,17 +166,24 @@ def bench_command(args: argparse.Namespace) -> int:
     except ImportError:
         raise TrainingError("the baselines need transformers: pip install transformers") from None
     passes = {"fwd": (False,), "fwd+bwd": (True,), "both": (False, True)}[args.passes]
+    timing = {"max_repeats": args.repeats, "budget_s": args.budget}
     try:
-        results = bench.run_suite(
-            args.suite, shapes, tokens, dtypes, device, tiny=args.tiny, passes=passes,
-            max_repeats=args.repeats, budget_s=args.budget,
-        )  # fmt: skip
+        if args.suite == "ep":  # MoEMLP fwd+bwd, expert-parallel over 1, 2 and 4 processes
+            results = bench.run_ep(shapes, tokens, dtypes, device, tiny=args.tiny, **timing)
+        else:
+            results = bench.run_suite(
+                args.suite, shapes, tokens, dtypes, device, tiny=args.tiny, passes=passes,
+                **timing,
+            )  # fmt: skip
     except ValueError as error:
         raise TrainingError(str(error)) from None
-    print(bench.format_table(results))
+    print(bench.format_ep_table(results) if args.suite == "ep" else bench.format_table(results))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bench_{args.suite}.json").write_text(json.dumps(bench.to_json(results), indent=1))
+    if args.suite == "ep":
+        print(f"wrote {out / 'bench_ep.json'}")
+        return 0
     bench.plot(results, out / f"bench_{args.suite}.png")
     print(f"wrote {out / f'bench_{args.suite}.json'} and {out / f'bench_{args.suite}.png'}")
     return 0
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     info_parser.set_defaults(handler=info)
 
     bench_parser = commands.add_parser("bench", help="benchmark a block beside its baselines")
-    bench_parser.add_argument("--suite", default="mlp", choices=["mlp", "moa", "layer"])
+    bench_parser.add_argument("--suite", default="mlp", choices=["mlp", "moa", "layer", "ep"])
     bench_parser.add_argument(
         "--shapes",
         default="jetmoe-8b,fine-grained",

@@ -113,6 +113,32 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
     return total
 
 
+def spawn_local(worker, nprocs: int, *args, backend: str = "gloo") -> None:
+    """Run ``worker(rank, nprocs, *args)`` in ``nprocs`` fresh processes on this machine,
+    joined by a ``backend`` process group (rendezvous through a file, no port to pick), with
+    ``torch.multiprocessing.spawn``; an exception in any of them is raised here and ends the
+    others. For tests and benchmarks on one machine: training runs under torchrun."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        store = f"file://{Path(folder) / 'store'}"
+        mp.spawn(_spawned, args=(nprocs, store, backend, worker, args), nprocs=nprocs)
+
+
+def _spawned(rank: int, nprocs: int, store: str, backend: str, worker, args) -> None:
+    from datetime import timedelta
+
+    dist.init_process_group(
+        backend, init_method=store, rank=rank, world_size=nprocs, timeout=timedelta(minutes=5)
+    )
+    try:
+        worker(rank, nprocs, *args)
+    finally:
+        dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 
