@@ -18,10 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from moe_blocks.models import train as train_module
-from moe_blocks.models.parallel import train_sharded
+from moe_blocks.models.parallel import spawn_local, train_sharded
 from moe_blocks.models.train import TrainSettings, train
-
-from .test_parallel import spawn
 
 TOLERANCE = {"atol": 2e-5, "rtol": 2e-5}
 # A small JetMoE (the tiny preset, narrower); aux_loss_coef 0: the MoA routers' balance
@@ -120,7 +118,7 @@ def test_sharded_training_equals_one_process(tmp_path, monkeypatch):
     single_next = train(_settings(tmp_path / "single", data, 3), resume=True, progress=False)
 
     # 4 ranks as dp 2 x ep 2, the same global batch of 8 windows (2 per rank).
-    spawn(_train_four, 4, _settings(tmp_path / "four", data, 2))
+    spawn_local(_train_four, 4, _settings(tmp_path / "four", data, 2))
     four_log = json.loads((tmp_path / "four" / "log.json").read_text())
     torch.testing.assert_close(_losses(four_log), _losses(single.log), **TOLERANCE)
     assert _trainer_state(tmp_path / "four")["sharded"] == {"world_size": 4, "ep": 2}
@@ -139,7 +137,7 @@ def test_sharded_training_equals_one_process(tmp_path, monkeypatch):
     # Resume the 4-rank checkpoint at 2 ranks and in one plain process: the step-3 loss.
     for world in (2, 1):
         shutil.copytree(tmp_path / "four", tmp_path / f"resume{world}")
-    spawn(_resume_two_then_interrupt, 2, _settings(tmp_path / "resume2", data, 3))
+    spawn_local(_resume_two_then_interrupt, 2, _settings(tmp_path / "resume2", data, 3))
     one = train_sharded(_settings(tmp_path / "resume1", data, 3), resume=True, progress=False)
     two_log = json.loads((tmp_path / "resume2" / "checkpoint" / "log.json").read_text())
     expected_next = _losses(single_next.log)[-1]
