@@ -3,7 +3,7 @@
 - :func:`reference_expert_linear`: the float64 oracle, a plain loop over assignments.
 - Hypothesis strategies: :func:`routings` (random, skewed, empty experts, T=0, k=E) and
   :func:`feature_dims` (sizes that are not multiples of any block size).
-- :func:`tolerances`: the comparison tolerances we use per dtype.
+- :func:`tolerances`: comparison tolerances from an error model (dtype, reduction length, k).
 
 Example::
 
@@ -25,7 +25,14 @@ from torch import Tensor
 
 from .kernels import DispatchPlan
 
-__all__ = ["Routing", "feature_dims", "reference_expert_linear", "routings", "tolerances"]
+__all__ = [
+    "Routing",
+    "feature_dims",
+    "reference_expert_linear",
+    "routings",
+    "tolerances",
+    "unit_roundoff",
+]
 
 
 def reference_expert_linear(
@@ -151,14 +158,39 @@ def feature_dims(max_value: int = 160) -> st.SearchStrategy[int]:
     return st.one_of(st.sampled_from(odd), st.integers(1, max_value))
 
 
-def tolerances(dtype: torch.dtype) -> dict[str, float]:
-    """``atol``/``rtol`` for comparing a ``dtype`` result with the float64 reference, for
-    results of unit scale (multiply ``atol`` by the reference's largest magnitude otherwise).
-    They allow accumulation in fp32 and one or two roundings to ``dtype``."""
-    base = {
-        torch.float64: 1e-10,
-        torch.float32: 1e-4,
-        torch.float16: 4e-3,
-        torch.bfloat16: 2.5e-2,
-    }[dtype]
-    return {"atol": base, "rtol": base}
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u = eps / 2``: the largest relative error of rounding a real number to ``dtype``."""
+    return torch.finfo(dtype).eps / 2
+
+
+def tolerances(
+    dtype: torch.dtype, *, reduction_length: int = 256, top_k: int = 1, roundings: int = 2
+) -> dict[str, float]:
+    """``atol``/``rtol`` for comparing a ``dtype`` result of ``expert_linear`` (or any product
+    accumulated in fp32) with the float64 reference, from a first-order error model.
+
+    The model: the inputs are exact in ``dtype``; a result sums ``reduction_length`` products,
+    then ``top_k`` rows, in the accumulation dtype (fp32; fp64 for fp64), which costs at most
+    ``(reduction_length + top_k) · u(accumulation)`` relative to the magnitude of the terms;
+    and it passes through ``roundings`` roundings to ``dtype``, each of which moves a value
+    ``v`` by at most ``u(dtype) · |v|`` (``u``: :func:`unit_roundoff`; a truncating store, as in
+    the Triton interpreter, moves it by up to ``2u · |v|``: count it twice). The coefficient
+
+        c = roundings · u(dtype) + (reduction_length + top_k) · u(accumulation)
+
+    is returned as both ``atol`` and ``rtol``, for ``|actual - expected| <= atol · scale +
+    rtol · |expected|`` with ``scale`` the reference's largest magnitude (at least 1): the
+    intermediates are taken to be no larger than ``scale``. The default ``roundings=2`` allows
+    a rounded intermediate (such as the rows of ``x @ weight.T`` before the bias or the gates)
+    besides the final rounding. bf16 with the defaults: c = 7.8e-3 + 1.5e-5.
+    """
+    if reduction_length < 0 or top_k < 1 or roundings < 0:
+        raise ValueError(
+            "tolerances needs reduction_length >= 0, top_k >= 1 and roundings >= 0; got "
+            f"reduction_length={reduction_length}, top_k={top_k}, roundings={roundings}"
+        )
+    accumulation = torch.promote_types(dtype, torch.float32)
+    coefficient = roundings * unit_roundoff(dtype) + (reduction_length + top_k) * unit_roundoff(
+        accumulation
+    )
+    return {"atol": coefficient, "rtol": coefficient}

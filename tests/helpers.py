@@ -22,11 +22,13 @@ def make_tensor(shape, dtype, layout="contiguous", generator=None, scale=1.0):
     return (torch.randn(shape, generator=generator) * scale).to(dtype)
 
 
-def assert_matches(actual, expected, dtype, what):
-    """``actual`` (any dtype) against the float64 ``expected``, with ``dtype``'s tolerances
-    scaled by the largest expected magnitude."""
+def assert_matches(actual, expected, dtype, what, *, reduction_length=256, top_k=1, roundings=2):
+    """``actual`` (any dtype) against the float64 ``expected``, within the error model of
+    :func:`moe_blocks.testing.tolerances` for ``dtype`` (a reduction of ``reduction_length``
+    products, a sum of ``top_k`` rows, ``roundings`` roundings to ``dtype``), scaled by the
+    largest expected magnitude."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    tol = tolerances(dtype)
+    tol = tolerances(dtype, reduction_length=reduction_length, top_k=top_k, roundings=roundings)
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     torch.testing.assert_close(
         actual.double(),

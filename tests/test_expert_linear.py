@@ -1,40 +1,68 @@
-"""expert_linear on both backends against the float64 reference: outputs and every gradient,
-for all grouped_in/grouped_out combinations, gates, bias, dtypes and memory layouts."""
+"""expert_linear on both backends against the float64 reference: outputs and every gradient.
+
+- Property tests, one per combination of the flags (x's memory layout, the rows x holds, the
+  output, bias): 54 combinations per backend, listed explicitly so each runs every time, with
+  Hypothesis drawing the routing, sizes, dtypes, gates and weight layout within each.
+- The torch backend's one-``_grouped_mm`` path (CUDA's) forced on CPU.
+- Experts whose rows span several row tiles of the Triton kernels.
+- The fp32-accumulation contract: a gate-weighted sum is rounded to the dtype once.
+"""
+
+import itertools
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_blocks.kernels import expert_linear, plan_dispatch
-from moe_blocks.testing import feature_dims, reference_expert_linear, routings
+from moe_blocks.kernels import expert_linear, plan_dispatch, torch_backend
+from moe_blocks.testing import (
+    Routing,
+    feature_dims,
+    reference_expert_linear,
+    routings,
+    unit_roundoff,
+)
 
 from .conftest import DEVICE
 from .helpers import LAYOUTS, assert_matches, make_tensor
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROWS_IN = ("token", "assignment", "grouped")  # x is [T, in] (read k times), [T*k, in], grouped
+OUTPUTS = ("assignment", "grouped", "gated")  # [T*k, out] in either order, or [T, out] summed
+BACKENDS = ("torch", "triton")
+
+
+def _combination(x_layout, rows_in, output, with_bias):
+    return {"x_layout": x_layout, "rows_in": rows_in, "output": output, "with_bias": with_bias}
+
+
+COMBINATIONS = [
+    pytest.param(_combination(*flags), id="-".join(map(str, flags)))
+    for flags in itertools.product(LAYOUTS, ROWS_IN, OUTPUTS, (False, True))
+]
+
+
+def per_combination(examples_at_default_profile: int) -> settings:
+    """A Hypothesis budget per flag combination that follows the active profile's
+    ``max_examples`` (40 by default; see tests/conftest.py). The first example Hypothesis tries
+    is the smallest (no tokens), so a budget is at least 2."""
+    scaled = settings.default.max_examples * examples_at_default_profile // 40
+    return settings(max_examples=max(2, scaled))
 
 
 @st.composite
-def problems(draw, max_tokens, max_experts, max_dim, max_assignments=None):
+def problems(draw, combination, max_tokens, max_experts, max_dim, max_assignments=None):
     routing = draw(
         routings(max_tokens=max_tokens, max_experts=max_experts, max_assignments=max_assignments)
     )
-    grouped_in = draw(st.booleans())
-    grouped_out = draw(st.booleans())
-    return {
+    return combination | {
         "routing": routing,
         "in_features": draw(feature_dims(max_dim)),
         "out_features": draw(feature_dims(max_dim)),
         "dtype": draw(st.sampled_from(DTYPES)),
-        "grouped_in": grouped_in,
-        "grouped_out": grouped_out,
-        "x_per_assignment": grouped_in or draw(st.booleans()),
-        "with_bias": draw(st.booleans()),
-        "with_gates": (not grouped_out) and draw(st.booleans()),
         "gates_layout": draw(st.sampled_from(LAYOUTS)),
         "gates_dtype": draw(st.sampled_from((torch.float32, torch.bfloat16))),
-        "x_layout": draw(st.sampled_from(LAYOUTS)),
         "w_layout": draw(st.sampled_from(LAYOUTS)),
         "seed": draw(st.integers(0, 2**31 - 1)),
     }
@@ -44,10 +72,12 @@ def check_against_reference(problem, backend):
     routing, dtype = problem["routing"], problem["dtype"]
     num_tokens, top_k, num_experts = routing.num_tokens, routing.top_k, routing.num_experts
     d_in, d_out = problem["in_features"], problem["out_features"]
+    grouped_in, grouped_out = problem["rows_in"] == "grouped", problem["output"] == "grouped"
+    gated = problem["output"] == "gated"
     gen = torch.Generator().manual_seed(problem["seed"])
     plan = plan_dispatch(routing.expert_idx.to(DEVICE), num_experts)
 
-    x_rows = num_tokens * top_k if problem["x_per_assignment"] else num_tokens
+    x_rows = num_tokens if problem["rows_in"] == "token" else num_tokens * top_k
     x = make_tensor((x_rows, d_in), dtype, problem["x_layout"], gen).to(DEVICE).requires_grad_()
     weight = (
         make_tensor((num_experts, d_out, d_in), dtype, problem["w_layout"], gen, scale=d_in**-0.5)
@@ -56,7 +86,7 @@ def check_against_reference(problem, backend):
     )
     bias = make_tensor((num_experts, d_out), dtype, generator=gen) if problem["with_bias"] else None
     gates = None
-    if problem["with_gates"]:
+    if gated:
         gates = make_tensor(
             (num_tokens, top_k), problem["gates_dtype"], problem["gates_layout"], gen
         ).abs()
@@ -69,8 +99,8 @@ def check_against_reference(problem, backend):
     snapshots = {name: t.detach().clone() for name, t in inputs.items() if t is not None}
 
     out = expert_linear(
-        x, weight, plan, bias=bias, gates=gates, grouped_in=problem["grouped_in"],
-        grouped_out=problem["grouped_out"], backend=backend,
+        x, weight, plan, bias=bias, gates=gates, grouped_in=grouped_in, grouped_out=grouped_out,
+        backend=backend,
     )  # fmt: skip
     upstream = torch.randn(out.shape, generator=gen).to(DEVICE, out.dtype)
     (out * upstream).sum().backward()
@@ -83,20 +113,37 @@ def check_against_reference(problem, backend):
     expected = reference_expert_linear(
         leaves["x"], leaves["weight"], routing.expert_idx, bias=leaves.get("bias"),
         gates=leaves.get("gates"), sorted_indices=plan.sorted_indices.cpu(),
-        grouped_in=problem["grouped_in"], grouped_out=problem["grouped_out"],
+        grouped_in=grouped_in, grouped_out=grouped_out,
     )  # fmt: skip
     if expected.requires_grad:  # an empty routing (T=0) depends on nothing
         (expected * upstream.cpu().double()).sum().backward()
 
+    # The error model of each result (moe_blocks.testing.tolerances): the products it sums and
+    # the rows it sums after that, in fp32. Roundings to the dtype: the output at most two (the
+    # torch backend rounds the rows of x @ weight.T before the bias and the gates; Triton's one
+    # truncating store counts as two); a gradient three (it also rounds an intermediate, such
+    # as dy @ weight before the gates or dy · gates before dy.T @ x).
+    has_bias = int(bias is not None)
+    reductions = {
+        "output": (d_in + has_bias, top_k if gated else 1),
+        "x": (d_out, top_k if problem["rows_in"] == "token" else 1),
+        "weight": (num_tokens, 1),  # an expert's rows: at most one per token
+        "bias": (num_tokens, 1),
+        "gates": (d_in + d_out + has_bias, 1),
+    }
     assert out.dtype == dtype
-    assert_matches(out.cpu(), expected.detach(), dtype, "output")
+    reduction_length, rows = reductions["output"]
+    assert_matches(out.cpu(), expected.detach(), dtype, "output",
+                   reduction_length=reduction_length, top_k=rows)  # fmt: skip
     for name, leaf in leaves.items():
         grad = inputs[name].grad
         assert grad is not None, f"no gradient for {name}"
         assert grad.dtype == inputs[name].dtype, f"grad {name} has dtype {grad.dtype}"
         grad_dtype = problem["gates_dtype"] if name == "gates" else dtype
         expected_grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        assert_matches(grad.cpu(), expected_grad, max(grad_dtype, dtype, key=_eps), f"grad {name}")
+        reduction_length, rows = reductions[name]
+        assert_matches(grad.cpu(), expected_grad, max(grad_dtype, dtype, key=_eps), f"grad {name}",
+                       reduction_length=reduction_length, top_k=rows, roundings=3)  # fmt: skip
     for name, before in snapshots.items():
         assert torch.equal(inputs[name].detach(), before), f"{name} was modified"
 
@@ -105,13 +152,103 @@ def _eps(dtype):
     return torch.finfo(dtype).eps
 
 
-@pytest.mark.usefixtures("poisoned_memory")
-@given(problems(max_tokens=40, max_experts=64, max_dim=160))
-def test_torch_backend_matches_reference(problem):
-    check_against_reference(problem, "torch")
+TORCH_PROBLEMS = dict(max_tokens=40, max_experts=64, max_dim=160, max_assignments=512)
+TRITON_PROBLEMS = dict(max_tokens=24, max_experts=64, max_dim=100, max_assignments=96)
 
 
 @pytest.mark.usefixtures("poisoned_memory")
-@given(problems(max_tokens=24, max_experts=64, max_dim=100, max_assignments=96))
-def test_triton_backend_matches_reference(problem):
-    check_against_reference(problem, "triton")
+@pytest.mark.parametrize("combination", COMBINATIONS)
+@per_combination(3)
+@given(data=st.data())
+def test_torch_backend_matches_reference(combination, data):
+    check_against_reference(data.draw(problems(combination, **TORCH_PROBLEMS)), "torch")
+
+
+@pytest.mark.usefixtures("poisoned_memory")
+@pytest.mark.parametrize("combination", COMBINATIONS)
+@per_combination(2)
+@given(data=st.data())
+def test_triton_backend_matches_reference(combination, data):
+    check_against_reference(data.draw(problems(combination, **TRITON_PROBLEMS)), "triton")
+
+
+@pytest.mark.usefixtures("poisoned_memory")
+@pytest.mark.parametrize("combination", COMBINATIONS)
+@per_combination(2)
+@given(data=st.data())
+def test_torch_backend_one_grouped_mm_path_matches_reference(combination, data):
+    """On CUDA (bf16, sm_90+) the torch backend runs all experts' rows through one
+    ``torch._grouped_mm`` call, with no host read; CPU's ``_grouped_mm`` runs the same call, so
+    the path is forced here by making ``_runs`` return that single run."""
+    problem = data.draw(problems(combination, **TORCH_PROBLEMS))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch_backend, "_runs", lambda offsets, dtype, rows: ([None], [rows]))
+        check_against_reference(problem, "torch")
+
+
+def _spanning_routing(seed: int) -> Routing:
+    """101 tokens, top-2 of 4 experts, with 1, 33, 67 and 101 rows: experts of one, two, three
+    and four 32-row tiles (Triton's gemm under the interpreter) and one or two 64-row tiles
+    (its weight gradient), most with a partial last tile. Tokens and slots are shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = 101
+    second = torch.tensor([0] + [1] * 33 + [2] * 67)
+    expert_idx = torch.stack((torch.full((tokens,), 3), second), dim=1)
+    swap = torch.rand(tokens, generator=gen) < 0.5
+    expert_idx = torch.where(swap[:, None], expert_idx.flip(1), expert_idx)
+    return Routing(expert_idx[torch.randperm(tokens, generator=gen)], 4, "spanning")
+
+
+@pytest.mark.usefixtures("poisoned_memory")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows_in", ROWS_IN)
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_experts_spanning_several_row_tiles(backend, rows_in, output):
+    """On a GPU every expert spans many row tiles; the property tests' few tokens fit one."""
+    routing = _spanning_routing(seed=len(rows_in) * 7 + len(output))
+    assert sorted(torch.bincount(routing.expert_idx.flatten()).tolist()) == [1, 33, 67, 101]
+    problem = _combination("contiguous", rows_in, output, with_bias=True) | {
+        "routing": routing, "in_features": 5, "out_features": 6, "dtype": torch.float32,
+        "gates_layout": "contiguous", "gates_dtype": torch.float32, "w_layout": "transposed",
+        "seed": 11,
+    }  # fmt: skip
+    check_against_reference(problem, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rows_in", ROWS_IN)
+def test_a_gated_sum_is_rounded_to_the_dtype_once(backend, dtype, rows_in):
+    """The fp32-accumulation contract: ``out[t] = Σ_j gates[t, j] · y[t*k+j]`` is summed in
+    fp32 and rounded to the dtype once. Small integers in x, weight and bias make every row
+    ``y`` exact in the dtype, so the only error allowed is that last rounding: one unit in the
+    last place of the dtype (round to nearest gives half of it; the Triton interpreter's
+    stores truncate) plus the fp32 sum's own error. Rounding the gated rows, or summing them
+    in the dtype, costs several units in the last place."""
+    tokens, top_k, experts, d_in, d_out = 48, 4, 6, 8, 16
+    gen = torch.Generator().manual_seed(3)
+    expert_idx = torch.rand(tokens, experts, generator=gen).topk(top_k).indices
+    plan = plan_dispatch(expert_idx.to(DEVICE), experts)
+    x_rows = tokens if rows_in == "token" else tokens * top_k
+    x = torch.randint(-3, 4, (x_rows, d_in), generator=gen).to(dtype)
+    weight = torch.randint(-3, 4, (experts, d_out, d_in), generator=gen).to(dtype)
+    bias = torch.randint(-3, 4, (experts, d_out), generator=gen).to(dtype)
+    gates = torch.rand(tokens, top_k, generator=gen)  # fp32, like the router's
+    out = expert_linear(
+        x.to(DEVICE), weight.to(DEVICE), plan, bias=bias.to(DEVICE), gates=gates.to(DEVICE),
+        grouped_in=rows_in == "grouped", backend=backend,
+    ).cpu()  # fmt: skip
+    exact = reference_expert_linear(
+        x, weight, plan, bias=bias, gates=gates, grouped_in=rows_in == "grouped"
+    )
+    magnitude = reference_expert_linear(
+        x.abs(), weight.abs(), plan, bias=bias.abs(), gates=gates, grouped_in=rows_in == "grouped"
+    )
+    largest = torch.maximum(exact.abs(), out.double().abs())
+    ulp = 2 * unit_roundoff(dtype) * torch.exp2(torch.floor(torch.log2(largest.clamp_min(1e-30))))
+    fp32_sum_error = (d_in + 1 + top_k) * unit_roundoff(torch.float32) * magnitude
+    excess = (out.double() - exact).abs() - (ulp + fp32_sum_error)
+    assert excess.max().item() <= 0, (
+        f"error beyond one rounding of the fp32 sum at {int((excess > 0).sum())} of "
+        f"{excess.numel()} elements; worst {(out.double() - exact).abs().max().item():.3g}"
+    )

@@ -1,12 +1,20 @@
 """The rest of expert_linear's contract: bad input, NaN containment, backend selection,
 torch.compile, autocast, and 64-bit indexing."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 from moe_blocks.kernels import expert_linear, plan_dispatch, resolve_backend, use_backend
 from moe_blocks.testing import reference_expert_linear
 
+from .conftest import DEVICE
 from .helpers import assert_matches
 
 BACKENDS = ("torch", "triton")
@@ -23,30 +31,43 @@ def _setup(num_tokens=6, top_k=2, num_experts=4, d_in=8, d_out=5, dtype=torch.fl
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input_raises_naming_the_argument(backend):
+    """Each bad argument is caught by its own check: the patterns are the checks' messages."""
     plan, x, weight = _setup()
     cases = [
-        (TypeError, "x", dict(x=x.long())),
-        (TypeError, "x", dict(x=x.numpy())),
-        (TypeError, "weight", dict(weight=weight.double())),
-        (TypeError, "plan", dict(plan=plan.expert_idx)),
-        (ValueError, "x", dict(x=x[:, :7])),
-        (ValueError, "x", dict(x=x[:5])),
-        (ValueError, "x", dict(x=x.view(2, 3, 8))),
-        (ValueError, "weight", dict(weight=weight[:3])),
-        (ValueError, "weight", dict(weight=weight[0])),
-        (ValueError, "bias", dict(bias=torch.zeros(4, 6))),
-        (TypeError, "bias", dict(bias=torch.zeros(4, 5, dtype=torch.float16))),
-        (ValueError, "gates", dict(gates=torch.rand(6, 3))),
-        (TypeError, "gates", dict(gates=torch.ones(6, 2, dtype=torch.int64))),
-        (ValueError, "gates", dict(gates=torch.rand(6, 2), grouped_out=True)),
-        (ValueError, "x", dict(x=torch.randn(6, 8), grouped_in=True)),
-        (TypeError, "grouped_in", dict(grouped_in=1)),
-        (ValueError, "backend", dict(backend="cuda")),
-        (ValueError, "weight is on meta", dict(weight=weight.to("meta"))),
-    ]
-    for error, name, overrides in cases:
+        (TypeError, "x must have dtype in", dict(x=x.long())),
+        (TypeError, "x must be a torch.Tensor", dict(x=x.numpy())),
+        (TypeError, "weight dtype torch.float64 differs from x dtype",
+         dict(weight=weight.double())),
+        (TypeError, "plan must be a DispatchPlan", dict(plan=plan.expert_idx)),
+        (ValueError, "weight in-features 8 differ from x features 7", dict(x=x[:, :7])),
+        (ValueError, r"x has 5 rows; the plan \(T=6, k=2\) needs T or T\*k rows", dict(x=x[:5])),
+        (ValueError, r"x must be 2-D \[rows, in\]", dict(x=x.view(2, 3, 8))),
+        (ValueError, "weight has 3 experts but the plan has num_experts=4",
+         dict(weight=weight[:3])),
+        (ValueError, r"weight must be 3-D \[E, out, in\]", dict(weight=weight[0])),
+        (ValueError, r"bias must have shape \[E, out\] = \(4, 5\), got \(4, 6\)",
+         dict(bias=torch.zeros(4, 6))),
+        (TypeError, "bias dtype torch.float16 differs from x dtype",
+         dict(bias=torch.zeros(4, 5, dtype=torch.float16))),
+        (ValueError, r"gates must have shape \[T, k\] = \(6, 2\), got \(6, 3\)",
+         dict(gates=torch.rand(6, 3))),
+        (TypeError, "gates must be a floating-point tensor",
+         dict(gates=torch.ones(6, 2, dtype=torch.int64))),
+        (ValueError, "gates cannot be combined with grouped_out=True",
+         dict(gates=torch.rand(6, 2), grouped_out=True)),
+        (ValueError, r"x has 6 rows; .* needs T\*k \(grouped_in=True\) rows",
+         dict(x=torch.randn(6, 8), grouped_in=True)),
+        (TypeError, "grouped_in must be a bool", dict(grouped_in=1)),
+        (ValueError, "backend must be one of", dict(backend="cuda")),
+        (ValueError, "weight is on meta but x is on cpu", dict(weight=weight.to("meta"))),
+        (ValueError, "gates is on meta but x is on cpu",
+         dict(gates=torch.rand(6, 2, device="meta"))),
+        (ValueError, "plan was built on meta but x is on cpu",
+         dict(plan=plan_dispatch(plan.expert_idx.to("meta"), 4))),
+    ]  # fmt: skip
+    for error, message, overrides in cases:
         args = {"x": x, "weight": weight, "plan": plan, "backend": backend} | overrides
-        with pytest.raises(error, match=name):
+        with pytest.raises(error, match=message):
             expert_linear(args.pop("x"), args.pop("weight"), args.pop("plan"), **args)
 
 
@@ -128,16 +149,93 @@ def test_autocast_runs_in_the_autocast_dtype(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_row_offsets_past_2_31_elements(backend):
-    """Rows whose element offset passes 2**31 (int32 index arithmetic would wrap around)."""
-    d_in, row_stride = 16, 2**30
-    storage = torch.empty(2 * row_stride + d_in, dtype=torch.float16)  # 4 GiB, barely touched
-    x = storage.as_strided((3, d_in), (row_stride, 1))
-    x.copy_(torch.randn(3, d_in).half())
-    weight = torch.randn(2, 8, d_in).half()
-    plan = plan_dispatch(torch.tensor([[0], [1], [1]]), 2)
-    expected = reference_expert_linear(x, weight, plan.expert_idx)
-    assert_matches(expert_linear(x, weight, plan, backend=backend), expected, torch.float16, "y")
+@pytest.mark.parametrize("rows_in", ["token", "assignment", "grouped"])
+def test_row_offsets_past_2_31_elements(backend, rows_in):
+    """x rows whose element offsets pass 2**31 (int32 index arithmetic would wrap around), in
+    each row layout, through the forward and the weight gradient (which reads x again). The
+    storage is 4 GiB of fp16, barely touched (on CPU never allocated beyond the rows used)."""
+    tokens, top_k, d_in = 3, 2, 16
+    plan = plan_dispatch(torch.tensor([[0, 1], [1, 0], [1, 0]], device=DEVICE), 2)
+    rows = tokens if rows_in == "token" else tokens * top_k
+    row_stride = (2**31 // (rows - 1) + 16) // 16 * 16  # the last row starts past 2**31
+    storage = torch.empty((rows - 1) * row_stride + d_in, dtype=torch.float16, device=DEVICE)
+    x = storage.as_strided((rows, d_in), (row_stride, 1))
+    x.copy_(torch.randn(rows, d_in).half())
+    weight = torch.randn(2, 8, d_in).half().to(DEVICE).requires_grad_()
+    grouped_in = rows_in == "grouped"
+    out = expert_linear(x, weight, plan, grouped_in=grouped_in, backend=backend)
+    upstream = torch.randn(out.shape).half()
+    (out * upstream.to(DEVICE)).sum().backward()
+    x_ref, weight_ref = x.cpu().double(), weight.detach().cpu().double().requires_grad_()
+    expected = reference_expert_linear(x_ref, weight_ref, plan, grouped_in=grouped_in)
+    (expected * upstream.double()).sum().backward()
+    assert_matches(out.cpu(), expected.detach(), torch.float16, "y", reduction_length=d_in)
+    assert_matches(weight.grad.cpu(), weight_ref.grad, torch.float16, "dW", reduction_length=6)
+
+
+_ROW_POINTERS = {"gather_gemm": ("x_ptr", "y_ptr"), "weight_grad": ("x_ptr", "dy_ptr")}
+_EXPERT_POINTERS = {"gather_gemm": ("w_ptr",), "weight_grad": ("dw_ptr",)}
+
+
+@pytest.mark.slow
+def test_compiled_kernels_address_rows_and_experts_in_64_bit():
+    """What the interpreter cannot show: in the Triton-IR compiled for sm_90, every row offset
+    added to an activation pointer and every expert offset added to a weight pointer is 64-bit,
+    in every row layout (a 32-bit offset wraps past 2**31 elements: 1 GiB of bf16 rows of
+    width 2048, or DeepSeek-V3's 2048 x 7168 x 256 expert weights)."""
+    code = textwrap.dedent(
+        """
+        import json, re, triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from moe_blocks.kernels import aot, triton_backend
+        wanted = {("gather_gemm", 0, 1), ("gather_gemm", 1, 0), ("gather_gemm", 2, 1),
+                  ("weight_grad", 0, 2), ("weight_grad", 1, 0), ("weight_grad", 2, 1)}
+        found = []
+        for variant in aot.variants():
+            key = (variant.kernel, variant.constexprs["X_LAYOUT"], variant.constexprs["Y_LAYOUT"])
+            if variant.dtype != "bfloat16" or key not in wanted:
+                continue
+            wanted.remove(key)
+            kernel = getattr(triton_backend, variant.kernel + "_kernel")
+            signature, constexprs, attrs = aot._signature(kernel, variant)
+            compiled = triton.compile(
+                ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
+            )
+            found.append([variant.kernel, variant.label, compiled.asm["ttir"]])
+        print(json.dumps(found))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    builds = json.loads(result.stdout.splitlines()[-1])
+    assert len(builds) == 6, [label for _, label, _ in builds]  # x and y rows of each kind
+    for kernel, label, ttir in builds:
+        offsets = _pointer_offset_widths(ttir)
+        for pointer in _ROW_POINTERS[kernel] + _EXPERT_POINTERS[kernel]:
+            assert offsets.get(pointer), f"{label}: no offset added to {pointer}"
+            assert offsets[pointer] == {"i64"}, f"{label}: {pointer} offsets are {offsets[pointer]}"
+
+
+def _pointer_offset_widths(ttir: str) -> dict[str, set[str]]:
+    """For each pointer argument of a Triton-IR function, the integer types of the offsets added
+    to it directly (``tt.addptr %arg``) or to its splat (``tt.splat %arg`` then ``tt.addptr``)."""
+    origin = {f"%{name}": name for name in re.findall(r"%(\w+_ptr): !tt\.ptr", ttir)}
+    for result, source in re.findall(r"(%[\w.]+) = tt\.splat (%[\w.]+) ", ttir):
+        if source in origin:
+            origin[result] = origin[source]
+    widths: dict[str, set[str]] = {}
+    addptr = r"= tt\.addptr (%[\w.]+), %[\w.]+ : [^,]+, (?:tensor<[\dx]+x)?(i\d+)"
+    for base, width in re.findall(addptr, ttir):
+        if base in origin:
+            widths.setdefault(origin[base], set()).add(width)
+    return widths
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,12 +246,19 @@ def test_zero_width_features(backend, d_in, d_out):
     weight = torch.randn(4, d_out, d_in, requires_grad=True)
     bias = torch.randn(4, d_out, requires_grad=True)
     gates = torch.rand(6, 2, requires_grad=True)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, gates)]
     out = expert_linear(x, weight, plan, bias=bias, gates=gates, backend=backend)
-    expected = reference_expert_linear(x, weight, plan, bias=bias, gates=gates)
+    expected = reference_expert_linear(*leaves[:2], plan, bias=leaves[2], gates=leaves[3])
     assert_matches(out, expected.detach(), torch.float32, "output")
-    out.sum().backward()
-    assert x.grad.shape == x.shape and weight.grad.shape == weight.shape
-    assert bias.grad.shape == bias.shape and gates.grad.shape == gates.shape
+    upstream = torch.randn(out.shape)
+    (out * upstream).sum().backward()
+    (expected * upstream.double()).sum().backward()
+    # d_in = 0: the output is the gated bias, so bias and gates still get gradients; d_out = 0:
+    # every gradient is zero.
+    for name, tensor, leaf in zip(("x", "weight", "bias", "gates"), (x, weight, bias, gates),
+                                  leaves, strict=True):  # fmt: skip
+        expected_grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        assert_matches(tensor.grad, expected_grad, torch.float32, f"grad {name}")
 
 
 def test_narrow_integer_routings_are_range_checked_without_wrapping():
