@@ -1,5 +1,7 @@
 """Shared test utilities: building inputs with chosen memory layouts and comparing results."""
 
+import copy
+
 import torch
 
 from moe_blocks.testing import tolerances
@@ -57,3 +59,34 @@ def assert_backends_agree(make_block, input_shape):
         results[backend] = [out.detach(), x.grad] + [p.grad for p in block.parameters()]
     for ours, theirs in zip(results["torch"], results["triton"], strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def assert_autocast_matches_rounded_inputs(block, x, *, roundings, dtype=torch.bfloat16):
+    """``block(x)`` under CPU autocast to ``dtype`` against the oracle of what autocast asks
+    for: the block in float64 with its parameters and ``x`` rounded to ``dtype`` (what autocast
+    feeds the matmuls), routed the same way (checked). The difference must stay within
+    :func:`moe_blocks.testing.tolerances` for ``dtype`` and ``roundings`` roundings on the way,
+    relative to the largest output."""
+    reference = copy.deepcopy(block).double()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.copy_(param.to(dtype))
+    routes = []
+    hooks = [
+        module.router.register_forward_hook(lambda m, i, out: routes.append(out.expert_idx))
+        for module in (block, reference)
+    ]
+    with torch.autocast("cpu", dtype=dtype):
+        out = block(x)
+    expected = reference(x.to(dtype).double())
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(routes[0], routes[1]), "autocast changed the routing: pick another seed"
+    tol = tolerances(dtype, reduction_length=x.shape[-1], roundings=roundings)
+    scale = expected.abs().max().item()
+    error = (out.double() - expected).abs()
+    bound = tol["atol"] * scale + tol["rtol"] * expected.abs()
+    assert bool((error <= bound).all()), (
+        f"autocast error {error.max().item():.3g} beyond the model's {roundings} roundings to "
+        f"{dtype} ({(error / bound).max().item():.2f} of the bound at worst)"
+    )

@@ -16,7 +16,7 @@ from moe_blocks import (
     router_z_loss,
 )
 from moe_blocks.kernels import expert_linear, gather_scores
-from moe_blocks.losses import attach_aux_loss
+from moe_blocks.losses import BALANCE_LOSSES, attach_aux_loss, load_concentration_loss
 
 SCORES = ("topk_softmax", "softmax_topk", "sigmoid")
 
@@ -165,6 +165,74 @@ def _mi_reference(logits):
     conditional = sum(-(p * p.log()).sum() for p in probs) / len(probs)
     marginal = probs.mean(0)
     return conditional - (-(marginal * marginal.log()).sum())
+
+
+def _concentration_reference(logits):
+    marginal = torch.softmax(logits, -1).mean(0)
+    return -(marginal * marginal.log()).sum()
+
+
+BALANCE_REFERENCES = {
+    "switch": _switch_reference,
+    "mutual_information": lambda logits, expert_idx, experts: _mi_reference(logits),
+    "load_concentration": lambda logits, expert_idx, experts: _concentration_reference(logits),
+    "none": lambda logits, expert_idx, experts: logits.sum() * 0.0,
+}
+
+
+def test_every_balance_loss_has_a_reference_here():
+    assert set(BALANCE_REFERENCES) == set(BALANCE_LOSSES)
+
+
+@pytest.mark.parametrize("balance_loss", list(BALANCE_REFERENCES))
+def test_router_aux_loss_is_the_chosen_balance_loss_plus_the_weighted_z_loss(balance_loss):
+    """Value and gradient of RouterOutput.aux_loss, ``aux_loss_coef · (balance + z_loss_weight
+    · z-loss)``, against float64 references of the configured balance loss."""
+    torch.manual_seed(0)
+    experts, coef, z_weight = 5, 0.7, 0.3
+    router = TopKRouter(
+        12, experts, 2, balance_loss=balance_loss, z_loss_weight=z_weight, aux_loss_coef=coef
+    )
+    x = torch.randn(20, 12)
+    out = router(x)
+    weight = router.layer.weight.detach().double().requires_grad_()
+    logits = x.double() @ weight.T
+    balance = BALANCE_REFERENCES[balance_loss](logits, out.expert_idx, experts)
+    expected = coef * (balance + z_weight * torch.logsumexp(logits, -1).square().mean())
+    torch.testing.assert_close(out.aux_loss.double(), expected.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        router.last_balance_loss.double(), balance.detach(), atol=1e-6, rtol=1e-5
+    )
+    (grad,) = torch.autograd.grad(out.aux_loss, router.layer.weight)
+    (expected_grad,) = torch.autograd.grad(expected, weight)
+    torch.testing.assert_close(grad.double(), expected_grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("balance_loss", BALANCE_LOSSES)
+def test_an_empty_batch_routes_nothing_and_adds_no_loss(balance_loss):
+    router = TopKRouter(8, 4, 2, balance_loss=balance_loss)
+    out = router(torch.randn(0, 8))
+    assert out.logits.shape == (0, 4) and out.expert_idx.shape == out.gates.shape == (0, 2)
+    assert out.plan.tokens_per_expert.tolist() == [0, 0, 0, 0]
+    assert out.aux_loss.item() == 0.0
+    (grad,) = torch.autograd.grad(out.aux_loss, router.layer.weight)
+    assert not grad.any()
+    stats = (router.last_aux_loss, router.last_balance_loss, router.last_z_loss)
+    assert [s.item() for s in stats] == [0.0, 0.0, 0.0]
+
+
+def test_losses_of_an_empty_batch_are_zero_with_zero_gradients():
+    logits = torch.zeros(0, 4, requires_grad=True)
+    losses = {
+        "switch": load_balancing_loss(logits, torch.zeros(0, 2, dtype=torch.int64), 4),
+        "z": router_z_loss(logits),
+        "mutual information": mutual_information_loss(logits),
+        "load concentration": load_concentration_loss(logits),
+    }
+    for name, loss in losses.items():
+        assert loss.item() == 0.0, name
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert grad.shape == (0, 4), name
 
 
 def test_switch_loss_accepts_any_integer_expert_idx():
