@@ -8,6 +8,10 @@ Subcommands:
     info      a preset's architecture, total and active parameters, FLOPs per token.
     bench     time MoEMLP, MoA or a JetMoE layer beside transformers' modules, a grouped_mm
               pipeline and the dense roofline; print a table, write JSON and a PNG.
+    extend    add experts to every MoA and MoE of a checkpoint, closed so that its outputs are
+              unchanged; train them with train --resume-from DIR --train-new-experts-only.
+    prune     keep the experts a corpus uses most, write the smaller model (Hugging Face
+              layout) and report its validation loss before and after.
 
 It lives in the top layer (models/) because it drives the reference model; moe_blocks' own
 modules never import it.
@@ -70,17 +74,24 @@ def _flops(value: float) -> str:
 
 def train_command(args: argparse.Namespace) -> int:
     from .parallel import is_sharded_checkpoint, launched_by_torchrun, train_sharded
-    from .train import TrainSettings, train
+    from .train import TrainingError, TrainSettings, train
 
     settings = TrainSettings(
         preset=args.preset, data=args.data, out=args.out, steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, schedule=args.schedule,
         warmup_steps=args.warmup_steps, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
+        resume_from=args.resume_from, train_new_experts_only=args.train_new_experts_only,
+        balance_loss=args.balance_loss,
     )  # fmt: skip
     options = {"resume": args.resume, "overwrite": args.overwrite, "progress": not args.quiet}
     resumes_sharded = args.resume and is_sharded_checkpoint(Path(args.out) / "checkpoint")
     sharded = args.ep != 1 or launched_by_torchrun() or resumes_sharded
+    if sharded and (args.resume_from or args.train_new_experts_only or args.balance_loss):
+        raise TrainingError(
+            "--resume-from, --train-new-experts-only and --balance-loss run in one process "
+            "only (not with --ep or torchrun)"
+        )
     if sharded:
         result = train_sharded(settings, ep=args.ep, **options)
         if int(os.environ.get("RANK", 0)):  # rank 0 alone reports
@@ -92,6 +103,9 @@ def train_command(args: argparse.Namespace) -> int:
         f"validation: {result.start_bpb:.3f} -> {result.final_bpb:.3f} bits per byte"
         f" after {len(lm)} steps; last train loss {lm[-1] if lm else float('nan'):.3f} nats"
     )
+    old = [entry["old_val_bpb"] for entry in result.log if "old_val_bpb" in entry]
+    if old:
+        print(f"validation on the old corpus: {old[0]:.3f} -> {old[-1]:.3f} bits per byte")
     print(
         f"checkpoint: {result.out / 'checkpoint'}  log: {result.out / 'log.json'}  "
         f"plot: {result.out / 'training.png'}"
@@ -189,6 +203,189 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def extend_command(args: argparse.Namespace) -> int:
+    import json
+
+    from moe_blocks import add_experts, expert_blocks, expert_usage
+
+    from . import train as training
+
+    training.check_positive_int("--add", args.add)
+    training.check_positive_int("--seq-len", args.seq_len)
+    source = training.checkpoint_folder(args.checkpoint)
+    out = _new_output_folder(args.out, args.overwrite)
+    model = _load(source, "CHECKPOINT")
+    known, data = training.previous_data(source)
+    blocks = expert_blocks(model)
+    base_experts = model.config.num_local_experts
+    windows = _validation_windows(model, args, data if args.data is None else args.data)
+    sources = {}
+    if args.init == "copy":
+        if args.data is None and not known:
+            raise training.TrainingError(
+                f"{source}: unknown training corpus; give --data to find the most used experts "
+                "to copy, or --init random"
+            )
+        usage = expert_usage(model, windows)
+        sources = {name: _most_used(usage[name], args.add) for name in blocks}
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        before = model(windows[0]).logits
+    parameters = model.num_parameters()
+    for name, block in blocks.items():
+        add_experts(block, args.add, init=args.init, source=sources.get(name))
+    model.config.num_local_experts += args.add
+    model.config.expert_prior = True
+    with torch.no_grad():
+        change = (model(windows[0]).logits - before).abs().max().item()
+    model.save_pretrained(out)
+    record = {
+        "format": training.EXTENSION_FORMAT, "base_experts": base_experts, "added": args.add,
+        "init": args.init, "sources": sources, "base_checkpoint": str(source),
+    }  # fmt: skip
+    if known:
+        record["previous_data"] = data
+    (out / training.EXTENSION_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    print(
+        f"experts: {base_experts} -> {model.config.num_local_experts} in each of "
+        f"{len(blocks)} blocks (MoA and MoE); parameters {parameters:,} -> "
+        f"{model.num_parameters():,}"
+    )
+    print(
+        f"new experts {base_experts}..{model.config.num_local_experts - 1} are closed (prior 0): "
+        f"max |change in logits| on {windows[0].numel():,} bytes = {change:.2g}"
+    )
+    print(f"wrote {out}; train them with: moe-blocks train --resume-from {out} "
+          "--train-new-experts-only --data NEW --out RUN")  # fmt: skip
+    return 0
+
+
+def prune_command(args: argparse.Namespace) -> int:
+    import json
+
+    from moe_blocks import expert_blocks, expert_usage, prune_experts
+
+    from . import train as training
+
+    for flag in ("--batches", "--batch-size", "--seq-len"):
+        training.check_positive_int(flag, getattr(args, flag[2:].replace("-", "_")))
+    if not 0 < args.keep_fraction <= 1:
+        raise training.TrainingError(
+            f"--keep-fraction must lie in (0, 1], got {args.keep_fraction}"
+        )
+    source = training.checkpoint_folder(args.checkpoint)
+    out = _new_output_folder(args.out, args.overwrite)
+    model = _load(source, "CHECKPOINT")
+    config = model.config
+    keep = round(config.num_local_experts * args.keep_fraction)
+    if keep < config.num_experts_per_tok:
+        raise training.TrainingError(
+            f"--keep-fraction {args.keep_fraction} keeps {keep} of {config.num_local_experts} "
+            f"experts, fewer than the {config.num_experts_per_tok} each token uses"
+        )
+    settings = training.TrainSettings(
+        batch_size=args.batch_size, seq_len=args.seq_len, eval_batches=args.batches
+    )
+    corpus = training.load_corpus(args.data)
+    training.check_window_fits(corpus, args.data, args.seq_len)
+    usage = expert_usage(
+        model,
+        [
+            training.batch_at(corpus.train, step, 0, args.batch_size, args.seq_len)[:, :-1]
+            for step in range(args.batches)
+        ],
+    )
+    bpb_before, parameters = training.evaluate(model, corpus, settings), model.num_parameters()
+    kept = {name: sorted(_most_used(counts, keep)) for name, counts in usage.items()}
+    lost = {
+        name: 1 - usage[name][kept[name]].sum().item() / max(1, usage[name].sum().item())
+        for name in usage
+    }
+    for name, block in expert_blocks(model).items():
+        prune_experts(block, kept[name])
+        prior = block.router.expert_prior
+        if prior is not None and bool((prior == 1).all()):
+            block.router.expert_prior = None  # all open at 1: the plain router, exactly
+    config.num_local_experts = keep
+    config.expert_prior = any(r.expert_prior is not None for r in model.routers())
+    bpb_after = training.evaluate(model, corpus, settings)
+    model.save_pretrained(out)
+    report = {
+        "data": args.data, "keep_fraction": args.keep_fraction, "kept_experts": kept,
+        "usage": {name: counts.tolist() for name, counts in usage.items()},
+        "share_of_assignments_lost": lost, "val_bpb_before": bpb_before,
+        "val_bpb_after": bpb_after, "parameters_before": parameters,
+        "parameters_after": model.num_parameters(),
+    }  # fmt: skip
+    (out / "prune.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(
+        f"experts: {len(usage[next(iter(usage))])} -> {keep} in each of {len(usage)} blocks; "
+        f"parameters {parameters:,} -> {model.num_parameters():,}"
+    )
+    print(
+        f"routed assignments on the usage windows that went to pruned experts: "
+        f"{max(lost.values()):.1%} at most (block), {sum(lost.values()) / len(lost):.1%} mean"
+    )
+    print(f"validation: {bpb_before:.3f} -> {bpb_after:.3f} bits per byte")
+    print(f"wrote {out} (config.json, model.safetensors, prune.json)")
+    return 0
+
+
+def _most_used(counts: torch.Tensor, n: int) -> list[int]:
+    """The ``n`` most used experts (ties to the lower id), cycling when ``n`` exceeds them."""
+    order = torch.argsort(-counts, stable=True).tolist()
+    return [order[i % len(order)] for i in range(n)]
+
+
+def _validation_windows(model, args: argparse.Namespace, data: str | None) -> list[torch.Tensor]:
+    """A few input windows ``[batch, seq_len]`` from the validation text of ``data``."""
+    from . import train as training
+
+    settings = training.TrainSettings(batch_size=8, seq_len=args.seq_len, eval_batches=4)
+    corpus = training.load_corpus(data)
+    training.check_window_fits(corpus, data, settings.seq_len)
+    return [
+        training._windows(corpus.validation, starts, settings.seq_len)[:, :-1]
+        for starts in training.validation_starts(corpus, settings)
+    ]
+
+
+def _load(folder, flag: str):
+    from .jetmoe import JetMoEForCausalLM
+    from .train import TrainingError
+
+    try:
+        return JetMoEForCausalLM.from_pretrained(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise TrainingError(f"{flag}: {error}") from None
+
+
+def _new_output_folder(path: str, overwrite: bool):
+    """``--out`` as a Path, refused if it is a file or already holds a model (unless
+    ``overwrite``); checked before any work."""
+    from pathlib import Path
+
+    from .train import TrainingError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a folder")
+    if (out / "config.json").exists() and not overwrite:
+        raise TrainingError(f"--out {out} already holds a model: choose another or --overwrite")
+    return out
+
+
+def _model_command(commands, name: str, summary: str, handler) -> argparse.ArgumentParser:
+    """A subcommand that reads CHECKPOINT and writes a model into --out (extend, prune)."""
+    parser = commands.add_parser(name, help=summary)
+    parser.add_argument("checkpoint", help="a run folder (train's --out) or checkpoint")
+    parser.add_argument("--out", required=True, help="folder for the new model")
+    parser.add_argument("--seq-len", type=int, default=128, help="bytes per window")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model in OUT")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each option's default, except flags and options that are unset by
     default (their help says what happens then)."""
@@ -256,6 +453,25 @@ def main(argv: list[str] | None = None) -> int:
         "--quiet", action="store_true", help="no progress bar (the summary still prints)"
     )
     train_parser.add_argument(
+        "--resume-from",
+        metavar="DIR",
+        help="start from this model (a run folder or checkpoint) with a fresh optimizer at step "
+        "0, instead of a preset; the corpus it was trained on, if known, is validated too "
+        "(old_val_bpb)",
+    )
+    train_parser.add_argument(
+        "--train-new-experts-only",
+        action="store_true",
+        help="with --resume-from a checkpoint written by moe-blocks extend: train only the "
+        "added experts (weights, gate rows, priors); everything else stays bit-identical",
+    )
+    train_parser.add_argument(
+        "--balance-loss",
+        choices=["switch", "mutual_information", "load_concentration", "none"],
+        help="every router's balance loss (default: the model's, switch); load_concentration "
+        "concentrates routing on few experts before pruning",
+    )
+    train_parser.add_argument(
         "--ep",
         type=int,
         default=1,
@@ -307,6 +523,45 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
     bench_parser.add_argument("--out", default="runs/bench", help="folder for JSON and PNG")
     bench_parser.set_defaults(handler=bench_command)
+
+    extend_parser = _model_command(
+        commands,
+        "extend",
+        "add experts to a checkpoint without changing its outputs",
+        extend_command,
+    )
+    extend_parser.add_argument(
+        "--add", type=int, required=True, help="experts to add to every MoA and MoE"
+    )
+    extend_parser.add_argument(
+        "--init",
+        choices=["copy", "random"],
+        default="copy",
+        help="copy the most used experts, or draw new ones at the existing weights' scale",
+    )
+    extend_parser.add_argument(
+        "--data",
+        help="text whose validation part picks the experts to copy (default: the checkpoint's "
+        "training corpus)",
+    )
+    extend_parser.add_argument("--seed", type=int, default=0, help="for --init random")
+
+    prune_parser = _model_command(
+        commands, "prune", "keep the experts a corpus uses most; write the smaller model",
+        prune_command,
+    )  # fmt: skip
+    prune_parser.add_argument(
+        "--data", help="the text whose usage decides (default: Python's stdlib)"
+    )
+    prune_parser.add_argument(
+        "--keep-fraction",
+        type=float,
+        required=True,
+        help="share of each block's experts to keep (the same count in every block: "
+        "JetMoE's config has one num_local_experts)",
+    )
+    prune_parser.add_argument("--batches", type=int, default=8, help="usage and validation batches")
+    prune_parser.add_argument("--batch-size", type=int, default=16, help="windows per batch")
 
     args = parser.parse_args(argv)
     try:

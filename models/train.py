@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from moe_blocks import FrozenExperts, expert_blocks, freeze_experts
+from moe_blocks.losses import BALANCE_LOSSES
+
 from .jetmoe import JetMoEConfig, JetMoEForCausalLM
 
 VOCAB = 256  # bytes
@@ -159,6 +162,9 @@ class TrainSettings:
     seed: int = 0
     threads: int | None = None
     overrides: dict = field(default_factory=dict)
+    resume_from: str | None = None  # start from this model (fresh optimizer, step 0)
+    train_new_experts_only: bool = False  # with resume_from: an extended checkpoint
+    balance_loss: str | None = None  # set every router's balance loss (None: the model's)
 
     def check(self) -> None:
         for name in (
@@ -184,6 +190,16 @@ class TrainSettings:
         if self.preset not in JetMoEConfig.PRESETS:
             raise TrainingError(
                 f"unknown preset {self.preset!r}; presets: {', '.join(JetMoEConfig.PRESETS)}"
+            )
+        if self.train_new_experts_only and self.resume_from is None:
+            raise TrainingError(
+                "--train-new-experts-only needs --resume-from DIR (a checkpoint written by "
+                "moe-blocks extend)"
+            )
+        if self.balance_loss is not None and self.balance_loss not in BALANCE_LOSSES:
+            raise TrainingError(
+                f"--balance-loss must be one of {', '.join(BALANCE_LOSSES)}, "
+                f"got {self.balance_loss!r}"
             )
 
 
@@ -347,6 +363,7 @@ def train(
     state = _check_output(settings, resume=resume, overwrite=overwrite)
     corpus = load_corpus(settings.data)
     check_window_fits(corpus, settings.data, settings.seq_len)
+    origin = load_origin(settings)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -359,18 +376,25 @@ def train(
         model = JetMoEForCausalLM.from_pretrained(checkpoint_dir)
         start_step = state["step"]
         log = json.loads((checkpoint_dir / "log.json").read_text())
+    elif origin is not None:
+        model = origin.load_model()
     else:
         torch.manual_seed(settings.seed)
         model = JetMoEForCausalLM(JetMoEConfig.from_preset(settings.preset, **settings.overrides))
     model.train()
+    frozen = prepare_model(model, settings, origin)
     optimizer = make_optimizer(model, settings)
+    if frozen is not None:
+        frozen.attach(optimizer)
     if state is not None:
         _restore_optimizer(checkpoint_dir, model, optimizer)
 
     print(_summary(settings, corpus, model, start_step))
-    start_bpb = log[0]["val_bpb"] if log else evaluate(model, corpus, settings)
+    if origin is not None:
+        print(origin.summary(settings))
     if not log:
-        log.append({"step": 0, "val_bpb": start_bpb})
+        log.append({"step": 0, **validate(model, corpus, settings, origin)})
+    start_bpb = log[0]["val_bpb"]
     tokens_per_step = settings.batch_size * settings.seq_len
     bar = _progress_bar(settings.steps, start_step, progress)
     interrupted = False
@@ -401,7 +425,7 @@ def train(
                 "tokens_per_expert": _router_loads(model),
             }
             if step % settings.eval_every == 0 or step == settings.steps:
-                entry["val_bpb"] = evaluate(model, corpus, settings)
+                entry.update(validate(model, corpus, settings, origin))
             log.append(entry)
             bar.update(1)
             bar.set_postfix(
@@ -440,7 +464,10 @@ def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> 
         return None
     state = load_trainer_state(out / "checkpoint")
     saved = TrainSettings(**state["settings"])
-    for name in ("preset", "batch_size", "seq_len", "seed", "data", "overrides"):
+    for name in (
+        "preset", "batch_size", "seq_len", "seed", "data", "overrides", "resume_from",
+        "train_new_experts_only", "balance_loss",
+    ):  # fmt: skip
         if getattr(saved, name) != getattr(settings, name):
             flag = name.replace("_", "-")
             raise TrainingError(
@@ -486,6 +513,123 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 # --------------------------------------------------------------------------------------------
+# Starting from another model: --resume-from, --train-new-experts-only, --balance-loss
+
+EXTENSION_FILE = "extension.json"  # written by moe-blocks extend beside the checkpoint
+EXTENSION_FORMAT = "moe-blocks-extend/1"
+
+
+def read_extension(checkpoint: Path) -> dict | None:
+    """The record ``moe-blocks extend`` wrote beside a checkpoint, or None."""
+    path = checkpoint / EXTENSION_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise TrainingError(f"{path} is not valid JSON") from None
+    if record.get("format") != EXTENSION_FORMAT:
+        raise TrainingError(f"{path}: format {record.get('format')!r}, not {EXTENSION_FORMAT!r}")
+    return record
+
+
+def previous_data(checkpoint: Path) -> tuple[bool, str | None]:
+    """``(known, data)``: the ``--data`` a checkpoint was trained on (None: the standard
+    library), from its extension record or its trainer state; ``known`` is False when neither
+    says."""
+    extension = read_extension(checkpoint)
+    if extension is not None and "previous_data" in extension:
+        return True, extension["previous_data"]
+    if (checkpoint / "trainer_state.json").is_file():
+        return True, load_trainer_state(checkpoint)["settings"]["data"]
+    return False, None
+
+
+@dataclass
+class Origin:
+    """Where a ``--resume-from`` run starts: the checkpoint, the experts that ``moe-blocks
+    extend`` added to it (if any) and the corpus it was trained on (when known and not the
+    run's own: the "old" corpus whose validation is logged too, as ``old_val_bpb``)."""
+
+    checkpoint: Path
+    new_experts: range | None
+    previous: Corpus | None
+    previous_name: str
+
+    def load_model(self) -> JetMoEForCausalLM:
+        try:
+            return JetMoEForCausalLM.from_pretrained(self.checkpoint)
+        except (FileNotFoundError, ValueError) as error:
+            raise TrainingError(f"--resume-from: {error}") from None
+
+    def summary(self, settings: TrainSettings) -> str:
+        lines = [f"from:   {self.checkpoint}"]
+        if settings.train_new_experts_only:
+            first, last = self.new_experts[0], self.new_experts[-1]
+            lines.append(
+                f"train:  only experts {first}..{last} of every MoA and MoE; the rest frozen"
+            )
+        if self.previous is not None:
+            lines.append(f"old:    {self.previous_name} (validated too, as old_val_bpb)")
+        return "\n".join(lines)
+
+
+def load_origin(settings: TrainSettings) -> Origin | None:
+    """Check ``--resume-from`` (and ``--train-new-experts-only``) before anything runs."""
+    if settings.resume_from is None:
+        return None
+    checkpoint = checkpoint_folder(settings.resume_from)
+    if not (checkpoint / "config.json").is_file():
+        raise TrainingError(
+            f"--resume-from {settings.resume_from}: no checkpoint there (config.json missing)"
+        )
+    extension = read_extension(checkpoint)
+    new_experts = None
+    if extension is not None:
+        new_experts = range(
+            extension["base_experts"], extension["base_experts"] + extension["added"]
+        )
+    if settings.train_new_experts_only and new_experts is None:
+        raise TrainingError(
+            f"--train-new-experts-only: {checkpoint} has no new experts ({EXTENSION_FILE} "
+            "missing): add some with moe-blocks extend CHECKPOINT --add N --out DIR"
+        )
+    known, data = previous_data(checkpoint)
+    previous = None
+    if known and data != settings.data:
+        previous = load_corpus(data)
+        check_window_fits(previous, data, settings.seq_len)
+    name = "Python's standard library" if data is None else str(data)
+    return Origin(checkpoint, new_experts, previous, name)
+
+
+def prepare_model(model, settings: TrainSettings, origin: Origin | None) -> FrozenExperts | None:
+    """Apply ``--balance-loss`` to every router; with ``--train-new-experts-only`` freeze all
+    but the new experts (their weights, gate rows and priors): returns the
+    :class:`~moe_blocks.FrozenExperts` to attach to the optimizer."""
+    if settings.balance_loss is not None:
+        for router in model.routers():
+            router.balance_loss = settings.balance_loss
+    if not settings.train_new_experts_only:
+        return None
+    model.requires_grad_(False)
+    for block in expert_blocks(model).values():
+        for param in (block.input_linear.weight, block.output_linear.weight):
+            param.requires_grad_(True)
+        block.router.requires_grad_(True)
+    return freeze_experts(model, trainable=list(origin.new_experts))
+
+
+def validate(model, corpus: Corpus, settings: TrainSettings, origin: Origin | None) -> dict:
+    """``val_bpb`` on the run's corpus, and ``old_val_bpb`` on the corpus the starting
+    checkpoint was trained on when there is one."""
+    result = {"val_bpb": evaluate(model, corpus, settings)}
+    if origin is not None and origin.previous is not None:
+        result["old_val_bpb"] = evaluate(model, origin.previous, settings)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
 # The plot
 
 
@@ -501,6 +645,7 @@ def plot_run(log: list[dict], path: Path) -> None:
     steps = [e["step"] for e in log if "lm_loss" in e]
     train_bpb = [e["lm_loss"] / math.log(2) for e in log if "lm_loss" in e]
     val = [(e["step"], e["val_bpb"]) for e in log if "val_bpb" in e]
+    old = [(e["step"], e["old_val_bpb"]) for e in log if "old_val_bpb" in e]
     per_step = [e["tokens_per_expert"] for e in log if "tokens_per_expert" in e]
     routers = list(per_step[0]) if per_step else []
     loads = torch.tensor(
@@ -511,6 +656,8 @@ def plot_run(log: list[dict], path: Path) -> None:
     )
     curves.plot(steps, train_bpb, lw=0.8, alpha=0.7, label="train (LM loss)")
     curves.plot([s for s, _ in val], [b for _, b in val], "o-", label="validation")
+    if old:
+        curves.plot([s for s, _ in old], [b for _, b in old], "s--", label="validation, old corpus")
     curves.set_xlabel("step")
     curves.set_ylabel("bits per byte")
     curves.set_title("Loss")

@@ -2,6 +2,7 @@
 loss, expert priors, shared experts (against transformers' Qwen2-MoE), and the CLI's extend,
 prune and train --resume-from --train-new-experts-only."""
 
+import json
 import math
 
 import pytest
@@ -469,3 +470,161 @@ def test_everything_is_exported():
     for name in ("add_experts", "prune_experts", "freeze_experts", "expert_usage",
                  "load_concentration_loss", "FrozenExperts", "expert_blocks"):  # fmt: skip
         assert name in moe_blocks.__all__ and hasattr(moe_blocks, name)
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI: extend, train --resume-from --train-new-experts-only, prune
+
+FAST = ["--steps", "3", "--batch-size", "4", "--seq-len", "32", "--eval-every", "6",
+        "--warmup-steps", "1", "--checkpoint-every", "3", "--quiet"]  # fmt: skip
+WORDS = "the licence grants permission to copy modify and distribute any work under terms".split()
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    """An old corpus (a slice of the standard library's sources) and a new one (English-like
+    words), as folders."""
+    from moe_blocks.models.train import load_corpus_files
+
+    root = tmp_path_factory.mktemp("corpora")
+    old, new = root / "old", root / "new"
+    old.mkdir()
+    new.mkdir()
+    for index, source in enumerate(load_corpus_files()[:30]):
+        (old / f"{index:02d}.py").write_bytes(source.read_bytes()[:3000])
+    generator = torch.Generator().manual_seed(0)
+    for index in range(30):
+        picks = torch.randint(0, len(WORDS), (500,), generator=generator).tolist()
+        (new / f"{index:02d}.txt").write_text(" ".join(WORDS[i] for i in picks) + "\n")
+    return old, new
+
+
+@pytest.fixture(scope="module")
+def base_run(corpora, tmp_path_factory):
+    from moe_blocks.models.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert main(["train", "--data", str(corpora[0]), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def cli(*args):
+    from moe_blocks.models.cli import main
+
+    return main([str(arg) for arg in args])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def checkpoint_logits(folder, ids):
+    from moe_blocks.models.jetmoe import JetMoEForCausalLM
+
+    model = JetMoEForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_extend_then_train_new_experts_only_forgets_no_weight(base_run, corpora, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    extended, run = tmp_path / "extended", tmp_path / "run"
+    assert cli("extend", base_run, "--add", 2, "--out", extended, "--seq-len", 32) == 0
+    config = json.loads((extended / "config.json").read_text())
+    assert config["num_local_experts"] == 6 and config["expert_prior"] is True
+    ids = torch.randint(0, 256, (2, 24))
+    torch.testing.assert_close(
+        checkpoint_logits(extended, ids), checkpoint_logits(base_run / "checkpoint", ids),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    capsys.readouterr()
+    new_data = ["--data", corpora[1], "--resume-from", extended, "--train-new-experts-only"]
+    new_data += ["--lr", "0.05"]  # Adam moves a prior by about lr a step: open them quickly
+    assert cli("train", *new_data, "--out", run, *FAST) == 0
+    printed = capsys.readouterr().out
+    assert "only experts 4..5" in printed and "validation on the old corpus" in printed
+    # Continue the run: the freezing is set up again from the settings.
+    assert cli("train", *new_data, "--out", run, "--resume", *FAST[:1], 6, *FAST[2:]) == 0
+    log = json.loads((run / "log.json").read_text())
+    assert [e["step"] for e in log if "old_val_bpb" in e] == [0, 3, 6]
+    assert [e["step"] for e in log if "val_bpb" in e] == [0, 3, 6]
+    last = log[-1]["tokens_per_expert"]
+    assert sum(counts[4] + counts[5] for counts in last.values()) > 0  # the new experts work
+    assert log[-1]["val_bpb"] != log[0]["val_bpb"]
+    before = load_file(extended / "model.safetensors")
+    after = load_file(run / "checkpoint" / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = []
+    for key, tensor in before.items():
+        expert = (
+            tensor.dim() >= 1
+            and tensor.shape[0] == 6
+            and "router" in key
+            or (key.endswith(("input_linear.weight", "output_linear.weight")))
+        )
+        if expert:
+            assert torch.equal(after[key][:4], tensor[:4]), key
+            moved.append(not torch.equal(after[key][4:], tensor[4:]))
+        else:
+            assert torch.equal(after[key], tensor), key
+    assert all(moved) and len(moved) == 4 * 2 * 4  # 4 layers, MoA and MoE, 4 tensors
+
+
+def test_prune_writes_a_smaller_model_that_ours_and_transformers_load(
+    base_run, corpora, tmp_path, capsys
+):
+    transformers = pytest.importorskip("transformers")
+    tuned, pruned = tmp_path / "tuned", tmp_path / "pruned"
+    # Fine-tune with the load-concentration loss first, as ModuleFormer does before pruning.
+    options = ["--data", corpora[0], "--resume-from", base_run, "--balance-loss"]
+    assert cli("train", *options, "load_concentration", "--out", tuned, *FAST) == 0
+    capsys.readouterr()
+    small = ["--batches", 2, "--batch-size", 4, "--seq-len", 32]
+    assert cli("prune", tuned, "--data", corpora[0], "--keep-fraction", 0.5, "--out", pruned,
+               *small) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    config = json.loads((pruned / "config.json").read_text())
+    assert config["num_local_experts"] == 2 and "expert_prior" not in config
+    report = json.loads((pruned / "prune.json").read_text())
+    assert f"{report['val_bpb_before']:.3f} -> {report['val_bpb_after']:.3f}" in printed
+    assert f"{report['parameters_after']:,}" in printed
+    ours = moe_blocks.models.jetmoe.JetMoEForCausalLM.from_pretrained(pruned).eval()
+    theirs = transformers.JetMoeForCausalLM.from_pretrained(pruned).eval()
+    assert ours.num_parameters() == report["parameters_after"] == theirs.num_parameters()
+    assert report["parameters_after"] < report["parameters_before"]
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+    for name, kept in report["kept_experts"].items():  # the most used experts were kept
+        usage = torch.tensor(report["usage"][name])
+        dropped = [e for e in range(len(usage)) if e not in kept]
+        assert usage[kept].min() >= usage[dropped].max()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["extend", "{base}", "--add", "0", "--out", "{tmp}/x"], "--add must be a positive"),
+        (["extend", "{tmp}/none", "--add", "1", "--out", "{tmp}/x"], "CHECKPOINT"),
+        (["extend", "{base}", "--add", "1", "--out", "{base}/checkpoint"], "already holds"),
+        (["prune", "{base}", "--keep-fraction", "0.25", "--out", "{tmp}/x"], "fewer than the 2"),
+        (["prune", "{base}", "--keep-fraction", "1.5", "--out", "{tmp}/x"], "(0, 1]"),
+        (["prune", "{base}", "--keep-fraction", "0", "--out", "{tmp}/x"], "(0, 1]"),
+        (["train", "--train-new-experts-only", "--out", "{tmp}/x"], "needs --resume-from"),
+        (["train", "--resume-from", "{base}", "--train-new-experts-only", "--out", "{tmp}/x"],
+         "has no new experts"),
+        (["train", "--resume-from", "{tmp}", "--out", "{tmp}/x"], "no checkpoint there"),
+    ],
+)  # fmt: skip
+def test_bad_modularity_commands_fail_in_one_line(args, message, base_run, tmp_path, capsys):
+    from moe_blocks.models import train as train_module
+
+    filled = [a.format(base=base_run, tmp=tmp_path) for a in args]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "batch_at", lambda *a: pytest.fail("training started"))
+        assert cli(*filled) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "x").exists()
