@@ -10,9 +10,15 @@ offsets on the host (free on CPU).
 
 On CUDA, where ``_grouped_mm`` runs the dtype (bf16 on sm_90+), the same steps run once over
 all rows with one ``_grouped_mm``, with no host reads.
+
+On a CPU without native bf16 (or fp16) matrix instructions torch emulates them, ~100x slower than
+fp32 (:func:`cpu_has_native_matmul`); there each expert's bf16/fp16 product is computed in fp32
+and rounded once, as a native product is.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +88,28 @@ def _mm_operand(t: Tensor, transposed: bool = False) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)  # canonical strides
 
 
+@functools.cache
+def cpu_has_native_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware, as torch's oneDNN reports it
+    (AVX-512 BF16 or AMX for bfloat16; AVX-512 FP16 or AMX-FP16 for float16). Without it torch
+    emulates them: a bf16 ``torch.mm`` ran ~100x slower than fp32 on an AVX2-only EPYC, an fp16
+    one ~80x slower on an AVX-512 BF16 EPYC. Read once per dtype."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a @ b`` (2-D, one dtype), written into ``out`` if given. On a CPU without native
+    ``a.dtype`` products (:func:`cpu_has_native_matmul`) computed in fp32, rounded once."""
+    if a.device.type == "cpu" and not cpu_has_native_matmul(a.dtype):
+        product = torch.mm(a.float(), b.float())
+        return product.to(a.dtype) if out is None else out.copy_(product)
+    return torch.mm(a, b, out=out)
+
+
 def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int) -> tuple[list, list]:
     """Runs of grouped rows: their experts and sizes. One run of all rows (expert None, one
     ``_grouped_mm``) on CUDA where ``_grouped_mm`` runs ``dtype``, with no host read; else one
@@ -109,7 +137,7 @@ def _matmul(
     """``rows[i] @ weight[e(i)].T`` for the (non-empty) rows of one run, written into ``out``
     if given."""
     if expert is not None:
-        return torch.mm(rows, weight[expert].t(), out=out)
+        return _mm(rows, weight[expert].t(), out)
     num_out = weight.shape[1]
     if num_out == 0 or rows.shape[1] == 0:  # _grouped_mm rejects zero-width operands
         result = rows.new_zeros(rows.shape[0], num_out)
@@ -202,7 +230,7 @@ def weight_grad(
                 dy_rows * run_gates if y_layout == RowLayout.GROUPED else dy_rows.mul_(run_gates)
             )
         if expert is not None:
-            torch.mm(dy_rows.t(), x_rows, out=dw[expert])
+            _mm(dy_rows.t(), x_rows, dw[expert])
         elif num_rows == 0 or num_out == 0 or num_in == 0:
             dw.zero_()
         else:

@@ -12,6 +12,11 @@ same work. Implementations:
 - ``dense``: the roofline: dense layers with the same matmul FLOPs and no routing (T·k rows
   through one dense expert-sized MLP; for attention, one dense projection as wide as the k
   experts' together).
+
+The ``hf`` suite times transformers' own MoE code with each of its ``experts_implementation``
+choices (``eager``, ``grouped_mm``, ``batched_mm``) and ours (``moe_blocks``, from
+:mod:`moe_blocks.integrations.transformers`): Qwen3-MoE's sparse MoE block (router + experts)
+at each expert shape, and a whole two-layer Qwen3-MoE model (shape ``qwen3-moe-model``).
 """
 
 from __future__ import annotations
@@ -45,8 +50,13 @@ CPU_SHAPES = {
 }
 TINY_SHAPES = {name: (32, 16, experts, k) for name, (_, _, experts, k) in CPU_SHAPES.items()}
 HEAD_DIM = 128  # attention: JetMoE's head size, kv heads = d_model / (top_k * head size)
-SUITES = ("mlp", "moa", "layer")
+SUITES = ("mlp", "moa", "layer")  # our blocks beside IMPLEMENTATIONS
 IMPLEMENTATIONS = ("moe_blocks", "transformers", "grouped_mm", "dense")
+HF_SUITE = "hf"  # transformers' MoE code beside HF_IMPLEMENTATIONS
+HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "moe_blocks")
+HF_MODEL = "qwen3-moe-model"  # the hf suite's whole-model case: fine-grained experts
+HF_MODEL_LAYERS, HF_MODEL_VOCAB = 2, 1024
+BATCHED_MM_BYTES = 2**31  # batched_mm gathers a weight copy per assignment: skip it above this
 
 
 def shapes_for(device: str, tiny: bool = False) -> dict[str, tuple[int, int, int, int]]:
@@ -93,8 +103,10 @@ class Case:
         """Matmul FLOPs of the routed work (forward; ×3 with backward)."""
         d_model, d_ffn, experts, top_k = self.dims
         rows = self.tokens * top_k
-        if self.suite == "mlp":
+        if self.suite in ("mlp", HF_SUITE):  # hf: the experts' FLOPs (per layer of the model)
             forward = 2 * rows * d_model * 3 * d_ffn
+            if self.shape == HF_MODEL:
+                forward *= HF_MODEL_LAYERS
         else:
             kv_heads, head_dim = attention_dims(d_model, top_k)
             width = kv_heads * head_dim
@@ -181,6 +193,8 @@ class DenseAttention(nn.Module):
 def applies(case: Case, impl: str) -> bool:
     """Whether ``impl`` exists for ``case``: the grouped_mm pipeline is an MLP and needs a
     dtype/device ``_grouped_mm`` runs; there is no dense roofline for a whole layer."""
+    if case.suite == HF_SUITE:
+        return _hf_applies(case, impl)
     if impl == "grouped_mm":
         return case.suite == "mlp" and grouped_mm_runs(case.device, case.torch_dtype)
     if impl == "dense":
@@ -190,6 +204,8 @@ def applies(case: Case, impl: str) -> bool:
 
 def build(case: Case, impl: str) -> tuple[nn.Module, Tensor]:
     """The implementation ``impl`` of ``case`` (see :func:`applies`) and its input."""
+    if case.suite == HF_SUITE:
+        return _build_hf(case, impl)
     d_model, d_ffn, experts, top_k = case.dims
     device, dtype = case.device, case.torch_dtype
     torch.manual_seed(0)
@@ -359,7 +375,8 @@ class Result:
     tflops: float
     memory_mb: float | None
     vs_dense: float | None = None
-    vs_transformers: float | None = None
+    vs_transformers: float | None = None  # (hf suite: than transformers' eager)
+    vs_grouped_mm: float | None = None  # (hf suite only)
 
 
 def run_case(
@@ -398,8 +415,11 @@ def run_case(
     for r in results:
         if "dense" in times:
             r.vs_dense = r.median_ms / times["dense"]
-        if "transformers" in times:
-            r.vs_transformers = times["transformers"] / r.median_ms
+        baseline = "eager" if case.suite == HF_SUITE else "transformers"
+        if baseline in times:
+            r.vs_transformers = times[baseline] / r.median_ms
+        if case.suite == HF_SUITE and "grouped_mm" in times:
+            r.vs_grouped_mm = times["grouped_mm"] / r.median_ms
     return results
 
 
@@ -414,9 +434,10 @@ def run_suite(
     passes=(False, True),
     **timing,
 ) -> list[Result]:
-    if suite not in SUITES:
-        raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
-    table = shapes_for(device, tiny)
+    if suite not in (*SUITES, HF_SUITE):
+        raise ValueError(f"suite must be one of {(*SUITES, HF_SUITE)}, got {suite!r}")
+    table = hf_shapes(device, tiny) if suite == HF_SUITE else shapes_for(device, tiny)
+    impls = HF_IMPLEMENTATIONS if suite == HF_SUITE else IMPLEMENTATIONS
     results = []
     for shape in shapes:
         if shape not in table:
@@ -425,22 +446,27 @@ def run_suite(
             for dtype in dtypes:
                 case = Case(suite, shape, count, dtype, device, table[shape])
                 for backward in passes:
-                    results.append(run_case(case, backward, **timing))
+                    results.append(run_case(case, backward, impls, **timing))
     return [r for group in results for r in group]
 
 
 def format_table(results: list[Result]) -> str:
+    """One row per result; "x faster": times faster than transformers (its JetMoe modules, or
+    in the hf suite its eager experts), "x grouped" (hf suite): than its grouped_mm."""
+    grouped = any(r.vs_grouped_mm is not None for r in results)
     header = (
-        f"{'suite':<6}{'shape':<14}{'tokens':>7} {'dtype':<5}{'pass':<9}{'impl':<13}"
+        f"{'suite':<6}{'shape':<16}{'tokens':>7} {'dtype':<5}{'pass':<9}{'impl':<13}"
         f"{'ms':>10}{'TFLOP/s':>9}{'x dense':>9}{'x faster':>10}{'mem MB':>9}"
+        + (f"{'x grouped':>11}" if grouped else "")
     )
     lines = [header, "-" * len(header)]
     for r in results:
         passes = "fwd+bwd" if r.backward else "fwd"
         lines.append(
-            f"{r.suite:<6}{r.shape:<14}{r.tokens:>7} {r.dtype:<5}{passes:<9}"
+            f"{r.suite:<6}{r.shape:<16}{r.tokens:>7} {r.dtype:<5}{passes:<9}"
             f"{r.impl:<13}{r.median_ms:>10.2f}{r.tflops:>9.3f}{_opt(r.vs_dense, 9, 2)}"
             f"{_opt(r.vs_transformers, 10, 2)}{_opt(r.memory_mb, 9, 1)}"
+            + (_opt(r.vs_grouped_mm, 11, 2) if grouped else "")
         )
     return "\n".join(lines)
 
@@ -462,7 +488,7 @@ def plot(results: list[Result], path) -> None:
     rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
     for ax, (suite, shape, dtype, backward) in zip(axes.flat, panels, strict=False):
-        for impl in IMPLEMENTATIONS:
+        for impl in dict.fromkeys(r.impl for r in results):
             points = sorted(
                 (r.tokens, r.tflops)
                 for r in results
@@ -486,6 +512,81 @@ def plot(results: list[Result], path) -> None:
 
 def to_json(results: list[Result]) -> list[dict]:
     return [asdict(r) for r in results]
+
+
+# --------------------------------------------------------------------------------------------
+# transformers' experts implementations: ``moe-blocks bench --suite hf``
+
+
+def hf_shapes(device: str, tiny: bool = False) -> dict[str, tuple[int, int, int, int]]:
+    """The hf suite's shapes: every expert shape, and :data:`HF_MODEL` (the fine-grained one
+    in a whole model)."""
+    table = shapes_for(device, tiny)
+    return {**table, HF_MODEL: table["fine-grained"]}
+
+
+def _batched_mm_bytes(case: Case) -> int:
+    """The expert weights ``batched_mm`` gathers in a forward: one copy per assignment and
+    projection, ``T·k·3·d·ffn`` elements per layer."""
+    d_model, d_ffn, _, top_k = case.dims
+    layers = HF_MODEL_LAYERS if case.shape == HF_MODEL else 1
+    element = torch.empty((), dtype=case.torch_dtype).element_size()
+    return case.tokens * top_k * 3 * d_model * d_ffn * element * layers
+
+
+def _hf_applies(case: Case, impl: str) -> bool:
+    if impl == "batched_mm":
+        return _batched_mm_bytes(case) <= BATCHED_MM_BYTES
+    return impl in HF_IMPLEMENTATIONS
+
+
+def _hf_config(case: Case):
+    from transformers import AutoConfig
+
+    d_model, d_ffn, experts, top_k = case.dims
+    heads = max(1, d_model // 64)
+    config = AutoConfig.for_model(
+        "qwen3_moe", vocab_size=HF_MODEL_VOCAB, hidden_size=d_model,
+        num_hidden_layers=HF_MODEL_LAYERS, num_attention_heads=heads, num_key_value_heads=heads,
+        head_dim=d_model // heads, intermediate_size=d_ffn, moe_intermediate_size=d_ffn,
+        num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class _LogitsOf(nn.Module):
+    """A causal LM as a module from input embeddings ``[B, T, d]`` to logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds: Tensor) -> Tensor:
+        return self.model(inputs_embeds=inputs_embeds).logits
+
+
+def _build_hf(case: Case, impl: str) -> tuple[nn.Module, Tensor]:
+    """transformers' Qwen3-MoE sparse MoE block (or, for :data:`HF_MODEL`, the whole model)
+    running its experts through ``impl``, with the same random weights for every ``impl``."""
+    from transformers import Qwen3MoeForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    from moe_blocks.integrations.transformers import register
+
+    register()
+    device, dtype = case.device, case.torch_dtype
+    torch.manual_seed(0)
+    x = torch.randn(1, case.tokens, case.dims[0], device=device, dtype=dtype)
+    config = _hf_config(case)
+    config._experts_implementation = impl
+    if case.shape == HF_MODEL:
+        module = _LogitsOf(Qwen3MoeForCausalLM(config).eval())
+    else:
+        module = Qwen3MoeSparseMoeBlock(config)
+        for param in module.parameters():  # transformers initialises them in the model only
+            nn.init.normal_(param, std=0.02)
+    return module.to(device, dtype), x
 
 
 # --------------------------------------------------------------------------------------------

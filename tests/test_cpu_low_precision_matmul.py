@@ -1,0 +1,72 @@
+"""On CPUs without native bf16/fp16 matrix products the torch backend multiplies each expert's
+rows in fp32 and rounds once (kernels/torch_backend.py, cpu_has_native_matmul). The predicate
+is forced here, so the path runs whatever this machine has; the float64 oracle judges it."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_blocks.kernels import expert_linear, plan_dispatch, torch_backend
+from moe_blocks.testing import reference_expert_linear, routings
+
+from .helpers import assert_matches
+
+
+def test_native_matmul_predicate_reads_torch_once_per_dtype():
+    native = torch_backend.cpu_has_native_matmul
+    assert native(torch.float32) and native(torch.float64)
+    assert native(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert native(torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    assert native.cache_info().currsize >= 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@settings(max_examples=15)
+@given(
+    routing=routings(max_tokens=20, max_experts=6),
+    num_in=st.integers(1, 40),
+    num_out=st.integers(1, 40),
+    gated=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_emulated_dtypes_multiply_in_fp32_and_match_the_oracle(
+    dtype, routing, num_in, num_out, gated, seed
+):
+    consulted = []
+
+    def no_native_products(asked: torch.dtype) -> bool:
+        consulted.append(asked)
+        return asked not in (torch.bfloat16, torch.float16)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch_backend, "cpu_has_native_matmul", no_native_products)
+        generator = torch.Generator().manual_seed(seed)
+        num_experts = routing.num_experts
+        x = torch.randn(routing.num_tokens, num_in, generator=generator).to(dtype)
+        weight = torch.randn(num_experts, num_out, num_in, generator=generator).to(dtype)
+        bias = torch.randn(num_experts, num_out, generator=generator).to(dtype)
+        gates = torch.rand(routing.expert_idx.shape, generator=generator) if gated else None
+        leaves = [t.requires_grad_() for t in (x, weight, bias, gates) if t is not None]
+        plan = plan_dispatch(routing.expert_idx, num_experts)
+        out = expert_linear(x, weight, plan, bias=bias, gates=gates, backend="torch")
+        probe = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+        grads = torch.autograd.grad((out.double() * probe).sum(), leaves, allow_unused=True)
+
+    if routing.num_tokens:
+        assert dtype in consulted  # the fp32 path ran
+    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    exact_x, exact_weight, exact_bias = exact_leaves[:3]
+    exact_gates = exact_leaves[3] if gated else None
+    expected = reference_expert_linear(
+        exact_x, exact_weight, routing.expert_idx, bias=exact_bias, gates=exact_gates
+    )
+    assert_matches(out, expected.detach(), dtype, "output")
+    if expected.requires_grad:
+        expected_grads = torch.autograd.grad(
+            (expected * probe).sum(), exact_leaves, allow_unused=True, materialize_grads=True
+        )
+        names = ("x", "weight", "bias", "gates")[: len(leaves)]
+        for name, grad, exact in zip(names, grads, expected_grads, strict=True):
+            grad = torch.zeros_like(exact) if grad is None else grad
+            assert_matches(grad, exact, dtype, name)
