@@ -22,23 +22,56 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
+import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import parallelize_module
 
 from moe_blocks.parallel import ExpertParallel
 
-from .jetmoe import JetMoEForCausalLM
+from .jetmoe import JetMoEConfig, JetMoEForCausalLM
+from .train import (
+    CHECKPOINT_FORMAT,
+    TrainingError,
+    TrainResult,
+    TrainSettings,
+    _check_output,
+    _last_bpb,
+    _progress_bar,
+    _summary,
+    _windows,
+    batch_at,
+    check_positive_int,
+    check_window_fits,
+    learning_rate,
+    load_corpus,
+    make_optimizer,
+    plot_run,
+    router_names,
+    validation_starts,
+)
 
 MESH_DIMS = ("dp", "ep")
 
@@ -118,18 +151,12 @@ def spawn_local(worker, nprocs: int, *args, backend: str = "gloo") -> None:
     joined by a ``backend`` process group (rendezvous through a file, no port to pick), with
     ``torch.multiprocessing.spawn``; an exception in any of them is raised here and ends the
     others. For tests and benchmarks on one machine: training runs under torchrun."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory() as folder:
         store = f"file://{Path(folder) / 'store'}"
         mp.spawn(_spawned, args=(nprocs, store, backend, worker, args), nprocs=nprocs)
 
 
 def _spawned(rank: int, nprocs: int, store: str, backend: str, worker, args) -> None:
-    from datetime import timedelta
-
     dist.init_process_group(
         backend, init_method=store, rank=rank, world_size=nprocs, timeout=timedelta(minutes=5)
     )
@@ -155,8 +182,6 @@ def save_sharded(
     (``<directory>.previous``), renames the new one to ``directory`` and deletes the previous.
     A run killed in between leaves either the old checkpoint, or none at ``directory`` with
     the old one complete at ``<directory>.previous``."""
-    import torch.distributed.checkpoint as dcp
-
     directory = Path(directory)
     partial, previous = _sibling(directory, "partial"), _sibling(directory, "previous")
     rank = dist.get_rank()
@@ -184,12 +209,6 @@ def load_sharded(
     """Load what :func:`save_sharded` wrote into ``model`` (and ``optimizer``), sharded as they
     are now: the world size and mesh may differ from the saving run's (DCP reshards). A model
     without a process group (one plain process) loads too. Collective."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
     state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=Path(directory))
     set_model_state_dict(model, state["model"])
@@ -202,8 +221,6 @@ def export_hf(model: JetMoEForCausalLM, path: str | Path) -> None:
     weights on CPU and writes them with :meth:`JetMoEForCausalLM.save_pretrained`, so the
     files equal those of the unsharded model. Collective; published as :func:`save_sharded`
     publishes a checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
@@ -226,11 +243,6 @@ def _sibling(directory: Path, suffix: str) -> Path:
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
@@ -256,10 +268,6 @@ def init_distributed(ep: int = 1) -> tuple[DeviceMesh, torch.device]:
     not started by torchrun; an existing group is used as it is): NCCL on CUDA, each process on
     GPU ``LOCAL_RANK``; gloo on CPU. Returns the mesh for :func:`parallelize`, ``("dp", "ep")``
     of ``world/ep × ep`` ranks (1-D ``("dp",)`` when ``ep`` is 1), and this process's device."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from .train import TrainingError
-
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -282,13 +290,13 @@ def init_distributed(ep: int = 1) -> tuple[DeviceMesh, torch.device]:
 
 
 def train_sharded(
-    settings,
+    settings: TrainSettings,
     *,
     ep: int = 1,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-):
+) -> TrainResult:
     """:func:`moe_blocks.models.train.train` on every process of a torchrun job (or on one
     process with a sharded checkpoint): the model :func:`parallelize`-d over ``world/ep × ep``
     ranks, each rank training on its ``batch_size / world`` windows of every step's batch (the
@@ -302,8 +310,6 @@ def train_sharded(
 
     Returns the :class:`~moe_blocks.models.train.TrainResult` on every rank.
     """
-    from .train import TrainingError, check_positive_int
-
     settings.check()
     check_positive_int("--ep", ep)
     created = not dist.is_initialized()
@@ -318,25 +324,16 @@ def train_sharded(
             dist.destroy_process_group()
 
 
-def _train(mesh, device, settings, ep: int, *, resume: bool, overwrite: bool, progress: bool):
-    from .jetmoe import JetMoEConfig
-    from .train import (
-        CHECKPOINT_FORMAT,
-        TrainingError,
-        TrainResult,
-        _check_output,
-        _last_bpb,
-        _progress_bar,
-        _summary,
-        batch_at,
-        check_window_fits,
-        learning_rate,
-        load_corpus,
-        make_optimizer,
-        plot_run,
-        router_names,
-    )
-
+def _train(
+    mesh: DeviceMesh,
+    device: torch.device,
+    settings: TrainSettings,
+    ep: int,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+) -> TrainResult:
     rank, world = dist.get_rank(), dist.get_world_size()
     main = rank == 0
     out = Path(settings.out)
@@ -480,12 +477,6 @@ def _reduce_step(model: JetMoEForCausalLM, output, ep: int, stop: bool):
 def _evaluate(model: JetMoEForCausalLM, corpus, settings, device: torch.device) -> float:
     """:func:`moe_blocks.models.train.evaluate` with each rank scoring its share of every
     validation batch; collective."""
-    import math
-
-    import torch.nn.functional as F
-
-    from .train import VOCAB, _windows, validation_starts
-
     rank, world = dist.get_rank(), dist.get_world_size()
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
@@ -494,7 +485,7 @@ def _evaluate(model: JetMoEForCausalLM, corpus, settings, device: torch.device) 
         window = window.to(device)
         logits = model(window[:, :-1]).logits
         loss = F.cross_entropy(
-            logits.reshape(-1, VOCAB).float(), window[:, 1:].reshape(-1), reduction="sum"
+            logits.flatten(0, 1).float(), window[:, 1:].reshape(-1), reduction="sum"
         )
         total += torch.stack([loss.double().cpu(), torch.tensor(float(window[:, 1:].numel()))])
     dist.all_reduce(total)

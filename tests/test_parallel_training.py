@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moe_blocks.models import parallel as parallel_module
 from moe_blocks.models import train as train_module
 from moe_blocks.models.parallel import spawn_local, train_sharded
 from moe_blocks.models.train import TrainSettings, train
@@ -38,11 +39,11 @@ def _settings(out, data, steps: int) -> TrainSettings:
 
 
 def _no_plot(log, path) -> None:
-    """Stands in for train.plot_run: the plot is not what these tests check (~1 s each)."""
+    """Stands in for plot_run: the plot is not what these tests check (~1 s each)."""
 
 
 def _train_four(rank: int, world_size: int, settings: TrainSettings) -> None:
-    train_module.plot_run = _no_plot
+    parallel_module.plot_run = _no_plot
     train_sharded(settings, ep=2, progress=False)
     _check_gradients(rank, world_size)
 
@@ -83,16 +84,16 @@ def _check_gradients(rank: int, world_size: int) -> None:
 def _resume_two_then_interrupt(rank: int, world_size: int, settings: TrainSettings) -> None:
     """Resume at 2 ranks (ep 2) for one step; then continue towards step 6 while rank 1 gets
     a SIGINT during step 4: both ranks must stop after step 4 and save it."""
-    train_module.plot_run = _no_plot
+    parallel_module.plot_run = _no_plot
     train_sharded(settings, ep=2, resume=True, progress=False)
-    learning_rate = train_module.learning_rate
+    learning_rate = parallel_module.learning_rate
 
     def interrupting(settings, step):
         if step == 3 and rank == 1:
             os.kill(os.getpid(), signal.SIGINT)
         return learning_rate(settings, step)
 
-    train_module.learning_rate = interrupting
+    parallel_module.learning_rate = interrupting
     longer = dataclasses.replace(settings, steps=6)
     result = train_sharded(longer, ep=2, resume=True, progress=False)
     assert result.interrupted and result.log[-1]["step"] == 4, result.log[-1]
@@ -106,8 +107,10 @@ def _trainer_state(out) -> dict:
     return json.loads((out / "checkpoint" / "trainer_state.json").read_text())
 
 
+@pytest.mark.slow  # ~35 s on 2 idle cores: three spawns of 4, 2 and 1 ranks' training
 def test_sharded_training_equals_one_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "plot_run", _no_plot)
+    for module in (train_module, parallel_module):
+        monkeypatch.setattr(module, "plot_run", _no_plot)
     data = tmp_path / "text.txt"
     generator = torch.Generator().manual_seed(0)
     data.write_bytes(bytes(torch.randint(32, 127, (6000,), generator=generator).tolist()))
