@@ -74,7 +74,7 @@ def _flops(value: float) -> str:
 
 def train_command(args: argparse.Namespace) -> int:
     from .parallel import is_sharded_checkpoint, launched_by_torchrun, train_sharded
-    from .train import TrainingError, TrainSettings, train
+    from .train import TrainSettings, train
 
     settings = TrainSettings(
         preset=args.preset, data=args.data, out=args.out, steps=args.steps,
@@ -87,11 +87,6 @@ def train_command(args: argparse.Namespace) -> int:
     options = {"resume": args.resume, "overwrite": args.overwrite, "progress": not args.quiet}
     resumes_sharded = args.resume and is_sharded_checkpoint(Path(args.out) / "checkpoint")
     sharded = args.ep != 1 or launched_by_torchrun() or resumes_sharded
-    if sharded and (args.resume_from or args.train_new_experts_only or args.balance_loss):
-        raise TrainingError(
-            "--resume-from, --train-new-experts-only and --balance-loss run in one process "
-            "only (not with --ep or torchrun)"
-        )
     if sharded:
         result = train_sharded(settings, ep=args.ep, **options)
         if int(os.environ.get("RANK", 0)):  # rank 0 alone reports

@@ -312,6 +312,11 @@ def train_sharded(
     """
     settings.check()
     check_positive_int("--ep", ep)
+    if settings.resume_from or settings.train_new_experts_only or settings.balance_loss:
+        raise TrainingError(
+            "--resume-from, --train-new-experts-only and --balance-loss run in one process "
+            "only (not with --ep or torchrun)"
+        )
     created = not dist.is_initialized()
     mesh, device = init_distributed(ep)
     try:
