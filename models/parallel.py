@@ -82,8 +82,8 @@ def parallelize(
     """Shard ``model`` in place over ``mesh`` and return it.
 
     Args:
-        model: a :class:`JetMoEForCausalLM` (on CPU, the mesh's device or ``meta``), built the
-            same way on every rank.
+        model: a :class:`JetMoEForCausalLM` with the same weights on every rank (on CPU or the
+            mesh's device; FSDP moves its shards to the mesh's device).
         mesh: a 1-D mesh (pure FSDP over its ranks) or a 2-D mesh named ``("dp", "ep")`` (see
             the module docstring); ``num_local_experts`` must be divisible by its ``ep`` size.
         balance: ``ExpertParallel``'s ``balance`` (``"global"``: the MoE routers' balance
@@ -108,8 +108,8 @@ def parallelize(
         )
     for layer in model.model.layers:
         if mesh.ndim == 2:
-            # src_data_rank=None: each rank keeps its own slice (no scatter), so ranks that
-            # built the model on the meta device need no data.
+            # src_data_rank=None: each rank keeps its slice of its own copy (every rank built
+            # the same model), no scatter from rank 0.
             parallelize_module(
                 layer.mlp, mesh["ep"], ExpertParallel(balance=balance), src_data_rank=None
             )
@@ -318,14 +318,12 @@ def train_sharded(
             "only (not with --ep or torchrun)"
         )
     created = not dist.is_initialized()
-    mesh, device = init_distributed(ep)
     try:
+        mesh, device = init_distributed(ep)
         return _train(mesh, device, settings, ep, resume=resume, overwrite=overwrite,
                       progress=progress)  # fmt: skip
-    except ValueError as error:
-        raise TrainingError(str(error)) from None
     finally:
-        if created:
+        if created and dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -160,6 +160,7 @@ def test_train_cli_rejects_bad_ep(tmp_path, capsys):
     args = ["train", "--out", str(tmp_path / "run"), "--quiet"]
     assert main([*args, "--ep", "2"]) == 2  # one process, not started by torchrun
     assert "--ep 2 must divide the number of processes (1" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()  # the one-process group it made is gone
     assert main([*args, "--ep", "0"]) == 2
     assert "--ep must be a positive integer" in capsys.readouterr().err
     assert main([*args, "--ep", "2", "--balance-loss", "switch"]) == 2
