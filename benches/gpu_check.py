@@ -4,13 +4,15 @@
 
 1. Makes moe_blocks importable without touching the machine's packages (an offline
    ``pip install --no-deps --no-index --target``), and prints the versions it runs with.
-2. Runs the kernel and block tests on CUDA (Triton compiled for the card, not interpreted).
+2. Runs the kernel and block tests on CUDA (Triton compiled for the card, not interpreted),
+   the kernel contract's 2**31-row-offset test among them.
 3. The GPU suite: MoEMLP forward+backward at the JetMoE-8B and fine-grained shapes, bf16, 16k
    tokens (and a decode-sized 8), beside transformers' JetMoe MoE, the torch._grouped_mm
    pipeline and the dense cuBLAS roofline.
 4. One JetMoE-8B (random weights, bf16) forward+backward at a training batch, ours beside
    transformers' JetMoeForCausalLM on the same GPU, each in its own process.
-5. Prints a short table last; writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.log``.
+5. Prints a short table last; writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.log``. Exits
+   with 1, naming the failed steps, when the tests, the suite or either JetMoE-8B step failed.
 
 ``--tiny`` runs the same steps with tiny shapes on whatever device is there (CI runs it on CPU
 to keep the script working; its numbers mean nothing).
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TESTS_TIMEOUT_S = 360
 
 
 def log(message: str, sink) -> None:
@@ -51,6 +54,26 @@ def ensure_importable(env: dict, sink) -> dict:
         log(f"could not install moe_blocks offline:\n{result.stderr[-2000:]}", sink)
         raise SystemExit(1)
     return env | {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), env.get("PYTHONPATH")]))}
+
+
+def run_tests(tests: list[str], env: dict, timeout: int, sink) -> dict:
+    """Run pytest on ``tests`` (stopping at the first failure): its exit status and summary."""
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    try:
+        result = subprocess.run(
+            command, cwd=ROOT, env=env | {"HYPOTHESIS_PROFILE": "gpu_check"},
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as expired:
+        output = expired.stdout or b""
+        log(output.decode(errors="replace")[-6000:], sink)
+        summary = f"timed out after {timeout} s"
+        log(f"tests: {summary}", sink)
+        return {"returncode": 124, "summary": summary}
+    summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+    log(result.stdout[-6000:] + result.stderr[-2000:], sink)
+    log(f"tests: {summary}", sink)
+    return {"returncode": result.returncode, "summary": summary}
 
 
 def run_child(code: str, arguments: list[str], env: dict, timeout: int, sink) -> dict | list:
@@ -157,34 +180,43 @@ def main() -> int:
 
         if not args.skip_tests:
             started = time.perf_counter()
-            tests = ["tests/test_plan.py", "tests/test_expert_linear.py", "tests/test_moe_mlp.py",
+            tests = ["tests/test_plan.py", "tests/test_expert_linear.py",
+                     "tests/test_expert_linear_contract.py", "tests/test_moe_mlp.py",
                      "tests/test_moa.py"]  # fmt: skip
             if tiny:
                 tests = ["tests/test_plan.py"]
-            result = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                cwd=ROOT, env=env | {"HYPOTHESIS_PROFILE": "gpu_check"}, capture_output=True,
-                text=True, timeout=300,
-            )  # fmt: skip
-            summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
-            report["tests"] = {"returncode": result.returncode, "summary": summary,
-                               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-            log(result.stdout[-6000:] + result.stderr[-2000:], sink)
-            log(f"tests: {summary}", sink)
+            report["tests"] = run_tests(tests, env, TESTS_TIMEOUT_S, sink)
+            report["tests"]["seconds"] = round(time.perf_counter() - started, 1)
 
         flag = "1" if tiny else "0"
         tokens = "4,16" if tiny else "8,16384"
         report["suite"] = run_child(SUITE, [device, flag, tokens], env, 300, sink)
         report["model"] = []
         for which in ("moe_blocks", "transformers"):
-            result = run_child(MODEL, [which, device, flag], env, 300, sink)
+            result = {"impl": which} | run_child(MODEL, [which, device, flag], env, 300, sink)
             report["model"].append(result)
             log(f"JetMoE forward+backward {which}: {result}", sink)
 
+        report["failures"] = failures(report)
         (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
         log("\n" + summary_table(report), sink)
-    failed = report.get("tests", {}).get("returncode", 0) != 0 or "error" in report["suite"]
-    return 1 if failed else 0
+        if report["failures"]:
+            log("FAILED: " + "; ".join(report["failures"]), sink)
+    return 1 if report["failures"] else 0
+
+
+def failures(report: dict) -> list[str]:
+    """The steps of ``report`` that failed, in words (empty: every step passed)."""
+    found = []
+    tests = report.get("tests")
+    if tests is not None and tests["returncode"] != 0:
+        found.append(f"tests on the device: {tests['summary']}")
+    if "error" in report["suite"]:
+        found.append("the MoEMLP suite")
+    for row in report["model"]:
+        if "error" in row:
+            found.append(f"the JetMoE forward+backward step of {row['impl']}")
+    return found
 
 
 def summary_table(report: dict) -> str:
@@ -201,7 +233,7 @@ def summary_table(report: dict) -> str:
             )
     for row in report["model"]:
         if "error" in row:
-            lines.append(f"JetMoE fwd+bwd: error {row['error'][-300:]}")
+            lines.append(f"JetMoE fwd+bwd {row['impl']}: error {row['error'][-300:]}")
         else:
             peak = f"{row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else "-"
             lines.append(

@@ -69,6 +69,26 @@ def _params():
             yield pytest.param(shape_name, dtype_name, id=f"{shape_name}-{dtype_name}")
 
 
+@pytest.mark.parametrize("shape_name,dtype_name", list(_params()))
+def test_the_timed_implementations_compute_the_same_function(shape_name, dtype_name):
+    """Not timed: the per-expert loop and moe_blocks agree on the benchmark's own inputs, in
+    the output and both gradients (the dense roofline only has the same shapes)."""
+    dtype = DTYPES[dtype_name]
+    x, weight, expert_idx, gates = routed_inputs(SHAPES[shape_name], dtype)
+    results = []
+    for impl in (moe_blocks_impl, per_expert_loop):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+        out = impl(*leaves, expert_idx, gates)
+        out.float().square().sum().backward()
+        results.append([out] + [leaf.grad for leaf in leaves])
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]  # the loop rounds per row
+    for ours, theirs, name in zip(*results, ("output", "grad x", "grad weight"), strict=True):
+        torch.testing.assert_close(
+            ours.float(), theirs.float(), atol=tolerance * theirs.abs().max().item(),
+            rtol=tolerance, msg=lambda message, name=name: f"{name}: {message}",
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("shape_name,dtype_name", list(_params()))
 def test_forward(benchmark, impl, shape_name, dtype_name):

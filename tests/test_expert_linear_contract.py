@@ -20,12 +20,15 @@ from .helpers import assert_matches
 BACKENDS = ("torch", "triton")
 
 
-def _setup(num_tokens=6, top_k=2, num_experts=4, d_in=8, d_out=5, dtype=torch.float32, seed=0):
+def _setup(
+    num_tokens=6, top_k=2, num_experts=4, d_in=8, d_out=5, dtype=torch.float32, seed=0,
+    device=DEVICE,
+):  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     expert_idx = torch.rand(num_tokens, num_experts, generator=gen).topk(top_k).indices
-    plan = plan_dispatch(expert_idx, num_experts)
-    x = torch.randn(num_tokens, d_in, generator=gen).to(dtype)
-    weight = torch.randn(num_experts, d_out, d_in, generator=gen).to(dtype)
+    plan = plan_dispatch(expert_idx.to(device), num_experts)
+    x = torch.randn(num_tokens, d_in, generator=gen).to(device, dtype)
+    weight = torch.randn(num_experts, d_out, d_in, generator=gen).to(device, dtype)
     return plan, x, weight
 
 
@@ -35,7 +38,7 @@ def test_bad_input_raises_naming_the_argument(backend):
     plan, x, weight = _setup()
     cases = [
         (TypeError, "x must have dtype in", dict(x=x.long())),
-        (TypeError, "x must be a torch.Tensor", dict(x=x.numpy())),
+        (TypeError, "x must be a torch.Tensor", dict(x=x.cpu().numpy())),
         (TypeError, "weight dtype torch.float64 differs from x dtype",
          dict(weight=weight.double())),
         (TypeError, "plan must be a DispatchPlan", dict(plan=plan.expert_idx)),
@@ -59,10 +62,10 @@ def test_bad_input_raises_naming_the_argument(backend):
          dict(x=torch.randn(6, 8), grouped_in=True)),
         (TypeError, "grouped_in must be a bool", dict(grouped_in=1)),
         (ValueError, "backend must be one of", dict(backend="cuda")),
-        (ValueError, "weight is on meta but x is on cpu", dict(weight=weight.to("meta"))),
-        (ValueError, "gates is on meta but x is on cpu",
+        (ValueError, f"weight is on meta but x is on {x.device}", dict(weight=weight.to("meta"))),
+        (ValueError, f"gates is on meta but x is on {x.device}",
          dict(gates=torch.rand(6, 2, device="meta"))),
-        (ValueError, "plan was built on meta but x is on cpu",
+        (ValueError, f"plan was built on meta but x is on {x.device}",
          dict(plan=plan_dispatch(plan.expert_idx.to("meta"), 4))),
     ]  # fmt: skip
     for error, message, overrides in cases:
@@ -91,11 +94,12 @@ def test_nan_stays_in_the_rows_it_touches(backend):
 def test_backends_agree_and_auto_follows_use_backend(backend):
     plan, x, weight = _setup()
     expected = reference_expert_linear(x, weight, plan.expert_idx)
-    assert resolve_backend("auto", x.device) == "torch"
+    default = "triton" if x.device.type == "cuda" else "torch"
+    assert resolve_backend("auto", x.device) == default
     with use_backend(backend):
         assert resolve_backend("auto", x.device) == backend
-        assert_matches(expert_linear(x, weight, plan), expected, torch.float32, "auto")
-    assert resolve_backend("auto", x.device) == "torch"
+        assert_matches(expert_linear(x, weight, plan).cpu(), expected.cpu(), torch.float32, "auto")
+    assert resolve_backend("auto", x.device) == default
     with pytest.raises(ValueError, match="backend"):
         with use_backend("tpu"):
             pass
@@ -113,7 +117,7 @@ def _mlp(x, w_in, w_out, plan, gates, backend):
 @pytest.mark.slow
 def test_compiles_without_graph_breaks():
     torch._dynamo.reset()
-    plan, x, w_in = _setup(d_out=12)
+    plan, x, w_in = _setup(d_out=12, device="cpu")
     w_out = torch.randn(4, 8, 6)
     gates = torch.rand(6, 2)
     params = [t.clone().requires_grad_() for t in (x, w_in, w_out, gates)]
@@ -138,8 +142,8 @@ def test_compiles_without_graph_breaks():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_runs_in_the_autocast_dtype(backend):
     plan, x, weight = _setup()
-    gates = torch.rand(6, 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    gates = torch.rand(6, 2, device=DEVICE)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
         y = expert_linear(x, weight, plan, gates=gates, backend=backend)
     assert y.dtype == torch.bfloat16
     expected = reference_expert_linear(
@@ -241,24 +245,24 @@ def _pointer_offset_widths(ttir: str) -> dict[str, set[str]]:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d_in, d_out", [(0, 5), (8, 0), (0, 0)])
 def test_zero_width_features(backend, d_in, d_out):
-    plan, x, weight = _setup(d_in=max(d_in, 1), d_out=max(d_out, 1))
-    x = torch.randn(6, d_in, requires_grad=True)
-    weight = torch.randn(4, d_out, d_in, requires_grad=True)
-    bias = torch.randn(4, d_out, requires_grad=True)
-    gates = torch.rand(6, 2, requires_grad=True)
-    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, gates)]
+    plan, _, _ = _setup()
+    x = torch.randn(6, d_in, device=DEVICE, requires_grad=True)
+    weight = torch.randn(4, d_out, d_in, device=DEVICE, requires_grad=True)
+    bias = torch.randn(4, d_out, device=DEVICE, requires_grad=True)
+    gates = torch.rand(6, 2, device=DEVICE, requires_grad=True)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, weight, bias, gates)]
     out = expert_linear(x, weight, plan, bias=bias, gates=gates, backend=backend)
     expected = reference_expert_linear(*leaves[:2], plan, bias=leaves[2], gates=leaves[3])
-    assert_matches(out, expected.detach(), torch.float32, "output")
+    assert_matches(out.cpu(), expected.detach(), torch.float32, "output")
     upstream = torch.randn(out.shape)
-    (out * upstream).sum().backward()
+    (out * upstream.to(DEVICE)).sum().backward()
     (expected * upstream.double()).sum().backward()
     # d_in = 0: the output is the gated bias, so bias and gates still get gradients; d_out = 0:
     # every gradient is zero.
     for name, tensor, leaf in zip(("x", "weight", "bias", "gates"), (x, weight, bias, gates),
                                   leaves, strict=True):  # fmt: skip
         expected_grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        assert_matches(tensor.grad, expected_grad, torch.float32, f"grad {name}")
+        assert_matches(tensor.grad.cpu(), expected_grad, torch.float32, f"grad {name}")
 
 
 def test_narrow_integer_routings_are_range_checked_without_wrapping():
