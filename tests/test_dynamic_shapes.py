@@ -12,6 +12,8 @@ from torch._dynamo.utils import counters
 from moe_blocks import KVCache, MoA, MoEMLP
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
 
+from .conftest import DEVICE
+
 SHAPES = [(2, 8), (3, 9), (4, 5)]
 
 pytestmark = pytest.mark.slow
@@ -31,13 +33,15 @@ def _grads(module):
 
 
 def _check_block_compiles_once(block, make_kwargs, mark_dynamic):
+    """On the test device: the Triton kernels on a GPU (benches/gpu_check.py runs this)."""
+    block = block.to(DEVICE)
     _fresh_dynamo()
     if mark_dynamic:  # default compile; the caller marks the token dimensions dynamic
         compiled = torch.compile(block, fullgraph=True)
     else:
         compiled = torch.compile(block, fullgraph=True, dynamic=True)
     for batch, length in SHAPES:
-        x = torch.randn(batch, length, 16)
+        x = torch.randn(batch, length, 16, device=DEVICE)
         if mark_dynamic:
             torch._dynamo.mark_dynamic(x, 0)
             torch._dynamo.mark_dynamic(x, 1)
@@ -62,7 +66,7 @@ def test_moe_mlp_compiles_once_for_new_shapes(mark_dynamic):
 
 
 def _padding_mask(batch, length):
-    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask = torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
     mask[0, : length // 2] = False  # left padding in the first sequence
     return {"attention_mask": mask}
 

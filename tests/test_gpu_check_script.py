@@ -57,3 +57,40 @@ def test_any_failed_step_fails_the_check():
                         "suite": {"error": "timed out after 300 s"}}  # fmt: skip
     assert failures(broken) == ["tests on the device: 1 failed, 59 passed", "the MoEMLP suite"]
     assert failures({key: value for key, value in passing.items() if key != "tests"}) == []
+
+
+def test_every_autotuning_candidate_is_recorded(tmp_path, monkeypatch):
+    """The recorder reads what triton's own Autotuner keeps (``cache``, ``configs_timings``):
+    each new autotuning key gives one line with every candidate's timing and the winner. The
+    interpreter cannot time candidates, so ``_bench`` is replaced by a stand-in clock."""
+    import torch
+    import triton
+    import triton.language as tl
+    from triton.runtime.autotuner import Autotuner
+
+    @triton.jit
+    def double(x_ptr, n, BLOCK: tl.constexpr, SCALE: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) * SCALE, mask=mask)
+
+    candidates = [triton.Config({"BLOCK": block}, num_warps=4, num_stages=2) for block in (8, 16)]
+    tuner = triton.autotune(configs=candidates, key=["n"])(double)
+    clock = {8: [2.0, 1.9, 2.1], 16: [1.0, 0.9, 1.1], 32: [3.0, 2.9, 3.1]}
+    monkeypatch.setattr(
+        Autotuner, "_bench", lambda self, *a, config, **k: clock[config.kwargs["BLOCK"]]
+    )
+    path = tmp_path / "autotune.jsonl"
+    wider = [triton.Config({"BLOCK": block}, num_warps=4, num_stages=2) for block in (8, 16, 32)]
+    _gpu_check_module().record_autotuning(path, {"double": tuner}, {"double": wider})
+    for n in (20, 20, 40):  # the second call reuses the first key's choice
+        x = torch.ones(n)
+        tuner[lambda meta, n=n: (triton.cdiv(n, meta["BLOCK"]),)](x, n, SCALE=2)
+        assert torch.equal(x, torch.full((n,), 2.0))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [row["key"][0] for row in rows] == ["20", "40"]
+    for row in rows:
+        assert row["kernel"] == "double" and row["variant"]["SCALE"] == 2
+        assert row["best"] == {"BLOCK": 16, "num_warps": 4, "num_stages": 2}
+        timed = {entry[0]["BLOCK"]: entry[1] for entry in row["timings_ms"]}
+        assert timed == clock
