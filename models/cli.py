@@ -202,6 +202,7 @@ def extend_command(args: argparse.Namespace) -> int:
     import json
 
     from moe_blocks import add_experts, expert_blocks, expert_usage
+    from moe_blocks.modular import most_used
 
     from . import train as training
 
@@ -222,7 +223,7 @@ def extend_command(args: argparse.Namespace) -> int:
                 "to copy, or --init random"
             )
         usage = expert_usage(model, windows)
-        sources = {name: _most_used(usage[name], args.add) for name in blocks}
+        sources = {name: most_used(usage[name], args.add) for name in blocks}
     torch.manual_seed(args.seed)
     with torch.no_grad():
         before = model(windows[0]).logits
@@ -259,6 +260,7 @@ def prune_command(args: argparse.Namespace) -> int:
     import json
 
     from moe_blocks import expert_blocks, expert_usage, prune_experts
+    from moe_blocks.modular import most_used
 
     from . import train as training
 
@@ -291,7 +293,7 @@ def prune_command(args: argparse.Namespace) -> int:
         ],
     )
     bpb_before, parameters = training.evaluate(model, corpus, settings), model.num_parameters()
-    kept = {name: sorted(_most_used(counts, keep)) for name, counts in usage.items()}
+    kept = {name: sorted(most_used(counts, keep)) for name, counts in usage.items()}
     lost = {
         name: 1 - usage[name][kept[name]].sum().item() / max(1, usage[name].sum().item())
         for name in usage
@@ -324,12 +326,6 @@ def prune_command(args: argparse.Namespace) -> int:
     print(f"validation: {bpb_before:.3f} -> {bpb_after:.3f} bits per byte")
     print(f"wrote {out} (config.json, model.safetensors, prune.json)")
     return 0
-
-
-def _most_used(counts: torch.Tensor, n: int) -> list[int]:
-    """The ``n`` most used experts (ties to the lower id), cycling when ``n`` exceeds them."""
-    order = torch.argsort(-counts, stable=True).tolist()
-    return [order[i % len(order)] for i in range(n)]
 
 
 def _validation_windows(model, args: argparse.Namespace, data: str | None) -> list[torch.Tensor]:

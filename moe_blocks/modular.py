@@ -100,8 +100,7 @@ def add_experts(
         if source is not None:
             raise ValueError('source is only used with init="copy"')
     elif source is None:
-        order = torch.argsort(-router.last_tokens_per_expert.cpu(), stable=True)
-        source = order[torch.arange(n) % num_experts].tolist()
+        source = most_used(router.last_tokens_per_expert, n)
     else:
         source = _expert_ids(source, num_experts, "source", unique=False)
         if len(source) == 1:
@@ -334,6 +333,13 @@ def freeze_experts(
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def most_used(counts: Tensor, n: int) -> list[int]:
+    """The ids of the ``n`` largest ``counts[E]`` (ties to the lower id), cycling through all
+    ``E`` again when ``n > E``."""
+    order = torch.argsort(-counts.cpu(), stable=True).tolist()
+    return [order[i % len(order)] for i in range(n)]
 
 
 def _check_block(block: object) -> TopKRouter:
