@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_blocks import MoA, MoEMLP
 from moe_blocks.kernels.torch_backend import grouped_mm_runs
@@ -593,14 +594,6 @@ def _build_hf(case: Case, impl: str) -> tuple[nn.Module, Tensor]:
 # Expert parallelism: ``moe-blocks bench --suite ep``
 
 EP_SIZES = (1, 2, 4)
-# The exchanges as the profiler names them on the calling side: the functional collectives'
-# launches and waits, and the backward nodes of the all-to-alls (which contain both).
-_EXCHANGES = (
-    "_c10d_functional::all_to_all_single",
-    "_c10d_functional::all_reduce",
-    "_c10d_functional::wait_tensor",
-    "GeneratedBackwardFor__c10d_functional_all_to_all_single_defaultBackward",
-)
 
 
 @dataclass
@@ -610,10 +603,10 @@ class EPResult:
 
     ``median_ms``: median over rounds of the slowest rank's step. ``exchange_share``: the share
     of the step a rank spends launching and waiting for the exchanges (mean over ranks; on
-    CUDA the NCCL kernels' device time). ``forward_bytes``/``backward_bytes``: the token rows
-    that go through ``all_to_all_single`` in one step, summed over ranks (the ``E`` counts and
-    the balance all-reduce left out), beside ``expected_bytes`` = ``2·T·k·d_model·bytes``;
-    ``crossing_bytes``: the part of both that leaves its rank."""
+    CUDA with the device synchronised around each). ``forward_bytes``/``backward_bytes``: the
+    token rows that go through ``all_to_all_single`` in one step, summed over ranks (the ``E``
+    counts and the balance all-reduce left out), beside ``expected_bytes`` =
+    ``2·T·k·d_model·bytes``; ``crossing_bytes``: the part of both that leaves its rank."""
 
     shape: str
     tokens: int
@@ -692,8 +685,9 @@ def _ep_worker(rank: int, size: int, case: Case, threads: int, timing: dict, que
 
 def measure_ep(case: Case, threads: int, *, max_repeats: int, budget_s: float) -> EPResult:
     """On every rank of the default process group (the EP group): time ``case``'s MoEMLP
-    forward+backward under ``ExpertParallel`` with the global tokens split evenly, then profile
-    the exchanges. Collective; every rank returns the same :class:`EPResult`."""
+    forward+backward under ``ExpertParallel`` with the global tokens split evenly, then meter
+    the exchanges (:class:`ExchangeMeter`). Collective; every rank returns the same
+    :class:`EPResult`."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -723,7 +717,7 @@ def measure_ep(case: Case, threads: int, *, max_repeats: int, budget_s: float) -
     rounds = max(3, min(max_repeats, int(budget_s / first.item())))
     slowest = torch.tensor([timed() for _ in range(rounds)])
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    share, sent = _profile_exchanges(step, case, rank)
+    share, sent = _meter_exchanges(step, case, rank)
     totals = torch.tensor([share, *sent], dtype=torch.float64)
     dist.all_reduce(totals)
     d_model, _, _, top_k = case.dims
@@ -737,55 +731,53 @@ def measure_ep(case: Case, threads: int, *, max_repeats: int, budget_s: float) -
     )  # fmt: skip
 
 
-def _profile_exchanges(step, case: Case, rank: int) -> tuple[float, list[float]]:
-    """Profile two steps: the share of their time spent in the exchanges, and per step the
-    token-row bytes this rank passes to ``all_to_all_single`` forward and backward and those
-    that leave it, read from the recorded collectives (shapes and split sizes)."""
-    import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile
+class ExchangeMeter(TorchDispatchMode):
+    """While active: the seconds spent in the functional collectives (launch and wait, the
+    device synchronised around each), and the bytes of the token rows that this rank passes to
+    ``all_to_all_single`` in forward and in backward, and of those that leave it for another
+    rank (read from the op's input and split sizes; ``rank`` is this rank in the op's group)."""
 
-    activities = [ProfilerActivity.CPU]
-    if case.device == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    dist.barrier()
-    with profile(activities=activities, record_shapes=True) as profiler:
+    def __init__(self, rank: int, device: str) -> None:
+        super().__init__()
+        self.rank, self.device = rank, device
+        self.seconds = 0.0
+        self.forward_bytes = self.backward_bytes = self.crossing_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "_c10d_functional":
+            return func(*args, **(kwargs or {}))
+        _sync(self.device)
         begin = time.perf_counter()
-        step()
-        step()
-        _sync(case.device)
-        elapsed_us = (time.perf_counter() - begin) * 1e6
-    events = profiler.events()
-    if case.device == "cuda":
-        exchange_us = sum(e.device_time_total for e in events if "nccl" in e.name.lower())
-    else:
-        exchange_us = sum(
-            e.cpu_time_total
-            for e in events
-            if e.name in _EXCHANGES and not _within(e, lambda p: p.name in _EXCHANGES)
-        )
-    element = torch.empty((), dtype=case.torch_dtype).element_size()
-    forward = backward = crossing = 0
-    for event in events:
-        shape = event.input_shapes[1] if event.name == "c10d::alltoall_base_" else []
-        if len(shape) != 2:  # the per-expert counts are 1-D
-            continue
-        nbytes = shape[0] * shape[1] * element
-        if _within(event, lambda p: p.name.startswith("autograd::engine")):
-            backward += nbytes
-        else:
-            forward += nbytes
-        splits = event.concrete_inputs[4]
-        crossing += sum(n for peer, n in enumerate(splits) if peer != rank) * shape[1] * element
-    return exchange_us / elapsed_us, [forward / 2, backward / 2, crossing / 2]
+        out = func(*args, **(kwargs or {}))
+        _sync(self.device)
+        self.seconds += time.perf_counter() - begin
+        rows = args[0]
+        if func is torch.ops._c10d_functional.all_to_all_single.default and rows.dim() == 2:
+            nbytes = rows.numel() * rows.element_size()
+            if torch._C._current_autograd_node() is None:
+                self.forward_bytes += nbytes
+            else:
+                self.backward_bytes += nbytes
+            sent = sum(n for peer, n in enumerate(args[2]) if peer != self.rank)
+            self.crossing_bytes += sent * rows.shape[1] * rows.element_size()
+        return out
 
 
-def _within(event, predicate) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if predicate(parent):
-            return True
-        parent = parent.cpu_parent
-    return False
+def _meter_exchanges(step, case: Case, rank: int) -> tuple[float, list[float]]:
+    """Run two steps under an :class:`ExchangeMeter`: the share of their time spent in the
+    exchanges, and per step the bytes forward, backward and leaving this rank."""
+    import torch.distributed as dist
+
+    meter = ExchangeMeter(rank, case.device)
+    dist.barrier()
+    begin = time.perf_counter()
+    with meter:
+        step()
+        step()
+    _sync(case.device)
+    elapsed = time.perf_counter() - begin
+    sent = [meter.forward_bytes / 2, meter.backward_bytes / 2, meter.crossing_bytes / 2]
+    return meter.seconds / elapsed, sent
 
 
 def format_ep_table(results: list[EPResult]) -> str:

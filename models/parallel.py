@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -164,6 +165,13 @@ def _spawned(rank: int, nprocs: int, store: str, backend: str, worker, args) -> 
         worker(rank, nprocs, *args)
     finally:
         dist.destroy_process_group()
+    # A clean finish skips the interpreter's shutdown: in torch 2.13 a gloo worker thread
+    # (ProcessGroupGloo::runLoop) may still be dropping a finished all-reduce's tensors then,
+    # and their Python objects cannot be released while Python finalises: std::terminate,
+    # SIGABRT, about one run in ten when the last collective is right before the end.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------------------------

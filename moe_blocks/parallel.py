@@ -19,9 +19,10 @@ block on its own tokens:
 Backward runs through the same two exchanges in reverse. The output has the input's shape, and
 outputs and gradients equal those of the single-process block run on the concatenation of all
 ranks' tokens (router and bias gradients then need a sum over the ranks, as data parallelism
-does). Per step and layer each rank sends ``T·k·d_model`` elements out and as many back in the
-forward pass (rows for its own experts included), the same again in backward, plus ``E``
-counts: nothing is padded to a capacity.
+does). Per layer and step the ranks together send ``T·k·d_model`` elements to the experts and
+as many back in the forward pass (``T`` the global token count, rows a rank keeps for its own
+experts included), the same again in backward, plus ``E`` counts per rank: nothing is padded
+to a capacity.
 """
 
 from __future__ import annotations

@@ -202,3 +202,22 @@ def test_expert_parallel_rejects_unknown_balance():
 
     with pytest.raises(ValueError, match="balance"):
         ExpertParallel(balance="per-expert")
+
+
+def test_ep_bench_runs_the_plain_block_and_each_ep_size():
+    """``run_ep`` (what ``moe-blocks bench --suite ep`` runs): the plain block, then one spawn
+    per EP size, whose measured exchange volume is the arithmetic one; tokens that an EP size
+    does not divide are refused before anything runs."""
+    from moe_blocks.models import bench
+
+    with pytest.raises(ValueError, match="divisible"):
+        bench.run_ep(["jetmoe-8b"], [6], ["fp32"], "cpu", tiny=True, eps=(4,))
+    results = bench.run_ep(
+        ["jetmoe-8b"], [16], ["fp32"], "cpu", tiny=True, eps=(2,), max_repeats=3, budget_s=0.0
+    )
+    plain, parallel = results
+    assert (plain.ep, parallel.ep) == (0, 2) and plain.forward_bytes is None
+    assert parallel.forward_bytes == parallel.backward_bytes == parallel.expected_bytes
+    assert parallel.expected_bytes == 2 * 16 * 2 * bench.TINY_SHAPES["jetmoe-8b"][0] * 4
+    table = bench.format_ep_table(results).splitlines()
+    assert len(table) == 4 and table[3].split()[4] == "2"
