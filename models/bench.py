@@ -440,15 +440,26 @@ def run_suite(
     table = hf_shapes(device, tiny) if suite == HF_SUITE else shapes_for(device, tiny)
     impls = HF_IMPLEMENTATIONS if suite == HF_SUITE else IMPLEMENTATIONS
     results = []
+    for case in cases(suite, shapes, tokens, dtypes, device, table):
+        for backward in passes:
+            results.append(run_case(case, backward, impls, **timing))
+    return [r for group in results for r in group]
+
+
+def cases(
+    suite: str, shapes: list[str], tokens: list[int], dtypes: list[str], device: str, table: dict
+) -> list[Case]:
+    """Every (shape, token count, dtype) case of ``suite``, the shapes looked up in
+    ``table`` (an unknown one is a ValueError before anything runs)."""
     for shape in shapes:
         if shape not in table:
             raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(table)}")
-        for count in tokens:
-            for dtype in dtypes:
-                case = Case(suite, shape, count, dtype, device, table[shape])
-                for backward in passes:
-                    results.append(run_case(case, backward, impls, **timing))
-    return [r for group in results for r in group]
+    return [
+        Case(suite, shape, count, dtype, device, table[shape])
+        for shape in shapes
+        for count in tokens
+        for dtype in dtypes
+    ]
 
 
 def format_table(results: list[Result]) -> str:
@@ -639,31 +650,24 @@ def run_ep(
     GPU count skipped), the same global tokens split evenly."""
     from .parallel import spawn_local
 
-    table = shapes_for(device, tiny)
     if any(count % size for count in tokens for size in eps):
         raise ValueError(f"--tokens must be divisible by every EP size {eps}, got {tokens}")
     threads = torch.get_num_threads()
     sizes = [s for s in eps if device == "cpu" or s <= torch.cuda.device_count()]
+    timing = {"max_repeats": max_repeats, "budget_s": budget_s}
     results = []
-    for shape in shapes:
-        if shape not in table:
-            raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(table)}")
-        for count in tokens:
-            for dtype in dtypes:
-                case = Case("mlp", shape, count, dtype, device, table[shape])
-                module, x = _ep_block(case, device)
-                step = step_function(module, x, backward=True)
-                timing = {"max_repeats": max_repeats, "budget_s": budget_s}
-                plain = time_medians_ms({"plain": step}, device, **timing)["plain"]
-                results.append(EPResult(shape, count, dtype, device, 0, threads, plain))
-                del module, x, step
-                for size in sizes:
-                    queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
-                    per_process = max(1, threads // size)
-                    backend = "nccl" if device == "cuda" else "gloo"
-                    spawn_local(_ep_worker, size, case, per_process, timing, queue,
-                                backend=backend)  # fmt: skip
-                    results.append(EPResult(**queue.get()))
+    for case in cases("mlp", shapes, tokens, dtypes, device, shapes_for(device, tiny)):
+        module, x = _ep_block(case, device)
+        step = step_function(module, x, backward=True)
+        plain = time_medians_ms({"plain": step}, device, **timing)["plain"]
+        results.append(EPResult(case.shape, case.tokens, case.dtype, device, 0, threads, plain))
+        del module, x, step
+        for size in sizes:
+            queue = torch.multiprocessing.get_context("spawn").SimpleQueue()
+            backend = "nccl" if device == "cuda" else "gloo"
+            spawn_local(_ep_worker, size, case, max(1, threads // size), timing, queue,
+                        backend=backend)  # fmt: skip
+            results.append(EPResult(**queue.get()))
     return results
 
 
