@@ -26,7 +26,6 @@ from moe_blocks.losses import BALANCE_LOSSES
 
 from .jetmoe import JetMoEConfig, JetMoEForCausalLM
 
-VOCAB = 256  # bytes
 VALIDATION_PERCENT = 5
 SEPARATOR = b"\n\n"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -319,7 +318,7 @@ def evaluate(model, corpus: Corpus, settings: TrainSettings) -> float:
         window = _windows(corpus.validation, chunk, settings.seq_len)
         logits = model(window[:, :-1]).logits
         total += F.cross_entropy(
-            logits.reshape(-1, VOCAB).float(), window[:, 1:].reshape(-1)
+            logits.reshape(-1, logits.shape[-1]).float(), window[:, 1:].reshape(-1)
         ).item() * len(chunk)
     model.train()
     return total / count / math.log(2)
