@@ -194,7 +194,13 @@ def gather_gemm(
             part = part.to(y.dtype)
             if gates_of_runs is not None:
                 part *= gates_of_runs[run]
-            y.index_add_(0, targets[run], part)
+            if y.device.type == "cpu":
+                # Not index_add_: with more than one thread, CPU index_add_ along dim 0
+                # radix-sorts its index in many parallel passes (2 threads on a busy 2-core
+                # machine: 150 ms against 0.05 ms for one 512-row add).
+                y.index_put_((targets[run],), part, accumulate=True)
+            else:
+                y.index_add_(0, targets[run], part)
     return y.to(x.dtype)
 
 
