@@ -24,21 +24,31 @@ def make_tensor(shape, dtype, layout="contiguous", generator=None, scale=1.0):
     return (torch.randn(shape, generator=generator) * scale).to(dtype)
 
 
-def assert_matches(actual, expected, dtype, what, *, reduction_length=256, top_k=1, roundings=2):
-    """``actual`` (any dtype) against the float64 ``expected``, within the error model of
-    :func:`moe_blocks.testing.tolerances` for ``dtype`` (a reduction of ``reduction_length``
-    products, a sum of ``top_k`` rows, ``roundings`` roundings to ``dtype``), scaled by the
-    largest expected magnitude."""
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+def error_bound(expected, dtype, *, reduction_length=256, top_k=1, roundings=2, scale=None):
+    """The elementwise bound on ``|actual - expected|`` that the error model of
+    :func:`moe_blocks.testing.tolerances` allows a ``dtype`` result whose float64 reference is
+    ``expected``: ``atol · scale + rtol · |expected|``, ``scale`` by default the largest expected
+    magnitude (at least 1)."""
     tol = tolerances(dtype, reduction_length=reduction_length, top_k=top_k, roundings=roundings)
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(
-        actual.double(),
-        expected,
-        atol=tol["atol"] * scale,
-        rtol=tol["rtol"],
-        msg=lambda message: f"{what}: {message}",
-    )
+    if scale is None:
+        scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    return tol["atol"] * scale + tol["rtol"] * expected.abs()
+
+
+def assert_matches(actual, expected, dtype, what, **model):
+    """``actual`` (any dtype) against the float64 ``expected`` within :func:`error_bound`
+    (``model``: its keyword arguments)."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    bound = error_bound(expected, dtype, **model)
+    error = (actual.double() - expected).abs()
+    beyond = ~(error <= bound)  # NaN counts as beyond
+    if beyond.any():
+        worst = (error / bound).nan_to_num(float("inf")).argmax()
+        raise AssertionError(
+            f"{what}: {int(beyond.sum())} of {error.numel()} elements beyond the {dtype} error "
+            f"model; worst {actual.flatten()[worst].item():.6g} for {expected.flatten()[worst]:.6g}"
+            f" (bound {bound.flatten()[worst]:.3g})"
+        )
 
 
 def assert_backends_agree(make_block, input_shape):
@@ -82,10 +92,11 @@ def assert_autocast_matches_rounded_inputs(block, x, *, roundings, dtype=torch.b
     for hook in hooks:
         hook.remove()
     assert torch.equal(routes[0], routes[1]), "autocast changed the routing: pick another seed"
-    tol = tolerances(dtype, reduction_length=x.shape[-1], roundings=roundings)
-    scale = expected.abs().max().item()
+    bound = error_bound(
+        expected, dtype, reduction_length=x.shape[-1], roundings=roundings,
+        scale=expected.abs().max().item(),
+    )  # fmt: skip
     error = (out.double() - expected).abs()
-    bound = tol["atol"] * scale + tol["rtol"] * expected.abs()
     assert bool((error <= bound).all()), (
         f"autocast error {error.max().item():.3g} beyond the model's {roundings} roundings to "
         f"{dtype} ({(error / bound).max().item():.2f} of the bound at worst)"

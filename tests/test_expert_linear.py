@@ -68,7 +68,11 @@ def problems(draw, combination, max_tokens, max_experts, max_dim, max_assignment
     }
 
 
-def check_against_reference(problem, backend):
+def results_and_references(problem, backend):
+    """Run ``expert_linear`` on ``problem`` (with a random upstream gradient) and the float64
+    reference: for the output and each gradient, ``(name, result, reference, dtype, model)``
+    where ``model`` holds the error model's arguments of :func:`assert_matches`. Also checks
+    that every input got a gradient of its dtype and that no input was modified."""
     routing, dtype = problem["routing"], problem["dtype"]
     num_tokens, top_k, num_experts = routing.num_tokens, routing.top_k, routing.num_experts
     d_in, d_out = problem["in_features"], problem["out_features"]
@@ -132,9 +136,11 @@ def check_against_reference(problem, backend):
         "gates": (d_in + d_out + has_bias, 1),
     }
     assert out.dtype == dtype
+    for name, before in snapshots.items():
+        assert torch.equal(inputs[name].detach(), before), f"{name} was modified"
     reduction_length, rows = reductions["output"]
-    assert_matches(out.cpu(), expected.detach(), dtype, "output",
-                   reduction_length=reduction_length, top_k=rows)  # fmt: skip
+    compared = [("output", out.detach().cpu(), expected.detach(), dtype,
+                 {"reduction_length": reduction_length, "top_k": rows})]  # fmt: skip
     for name, leaf in leaves.items():
         grad = inputs[name].grad
         assert grad is not None, f"no gradient for {name}"
@@ -142,10 +148,15 @@ def check_against_reference(problem, backend):
         grad_dtype = problem["gates_dtype"] if name == "gates" else dtype
         expected_grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         reduction_length, rows = reductions[name]
-        assert_matches(grad.cpu(), expected_grad, max(grad_dtype, dtype, key=_eps), f"grad {name}",
-                       reduction_length=reduction_length, top_k=rows, roundings=3)  # fmt: skip
-    for name, before in snapshots.items():
-        assert torch.equal(inputs[name].detach(), before), f"{name} was modified"
+        model = {"reduction_length": reduction_length, "top_k": rows, "roundings": 3}
+        compared.append((f"grad {name}", grad.cpu(), expected_grad,
+                         max(grad_dtype, dtype, key=_eps), model))  # fmt: skip
+    return compared
+
+
+def check_against_reference(problem, backend):
+    for name, result, reference, dtype, model in results_and_references(problem, backend):
+        assert_matches(result, reference, dtype, name, **model)
 
 
 def _eps(dtype):

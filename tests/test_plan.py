@@ -12,6 +12,12 @@ def test_plan_groups_every_assignment_by_expert(routing):
     num_assignments = routing.num_tokens * routing.top_k
     flat = routing.expert_idx.reshape(-1)
 
+    assert plan.num_experts == routing.num_experts
+    assert (plan.num_tokens, plan.top_k) == (routing.num_tokens, routing.top_k)
+    assert plan.num_assignments == num_assignments
+    assert plan.expert_idx.dtype == torch.int64
+    assert torch.equal(plan.expert_idx, routing.expert_idx)
+
     assert sorted(plan.sorted_indices.tolist()) == list(range(num_assignments))
     grouped_experts = flat[plan.sorted_indices]
     assert torch.equal(grouped_experts, plan.sorted_experts)
@@ -37,7 +43,7 @@ def test_plan_is_stable_within_an_expert(routing):
 def test_plan_accepts_any_integer_dtype():
     idx = torch.tensor([[0, 2], [1, 2]], dtype=torch.int32)
     plan = plan_dispatch(idx, 3)
-    assert plan.sorted_indices.dtype == torch.int64
+    assert plan.expert_idx.dtype == plan.sorted_indices.dtype == torch.int64
     assert plan.tokens_per_expert.tolist() == [1, 1, 2]
 
 
@@ -57,13 +63,15 @@ def test_plan_rejects_non_integer_expert_idx(bad):
 @pytest.mark.parametrize("value", [-1, 4])
 def test_plan_rejects_out_of_range_experts(value):
     idx = torch.tensor([[0, 1], [2, value]])
-    with pytest.raises(ValueError, match="expert_idx"):
+    with pytest.raises(ValueError, match=r"expert_idx values must lie in \[0, num_experts=4\)"):
         plan_dispatch(idx, 4)
 
 
 def test_plan_rejects_bad_shapes_and_counts():
-    with pytest.raises(ValueError, match="expert_idx"):
+    with pytest.raises(ValueError, match=r"expert_idx must be 2-D \[T, k\]"):
         plan_dispatch(torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match=r"expert_idx must have at least one column"):
+        plan_dispatch(torch.zeros(3, 0, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="num_experts"):
         plan_dispatch(torch.tensor([[0]]), 0)
     with pytest.raises(ValueError, match="num_experts"):

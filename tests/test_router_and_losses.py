@@ -119,6 +119,26 @@ def test_router_rejects_bad_configuration():
         TopKRouter(8, 4, 2, balance_loss="gshard")
     with pytest.raises(ValueError, match="d_model"):
         TopKRouter(8, 4, 2)(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="bias_update_rate must be positive"):
+        TopKRouter(8, 4, 2, bias_update_rate=0.0)
+
+
+def test_default_aux_loss_is_jetmoes_and_statistics_are_not_saved():
+    """JetMoE trained each router with 0.01 · (Switch loss + 0.1 · z-loss); the per-batch
+    statistics are not part of the state dict (a JetMoE checkpoint holds only the gate)."""
+    torch.manual_seed(0)
+    router = TopKRouter(12, 5, 2)
+    x = torch.randn(20, 12)
+    out = router(x)
+    logits = x.double() @ router.layer.weight.detach().double().T
+    expected = 0.01 * (
+        _switch_reference(logits, out.expert_idx, 5)
+        + 0.1 * torch.logsumexp(logits, -1).square().mean()
+    )
+    torch.testing.assert_close(out.aux_loss.double(), expected, atol=1e-7, rtol=1e-5)
+    assert set(router.state_dict()) == {"layer.weight"}
+    assert router.last_tokens_per_expert.dtype == torch.int64  # counts, for logging
+    assert torch.equal(router.last_tokens_per_expert, out.plan.tokens_per_expert)
 
 
 def _switch_reference(logits, expert_idx, experts):
