@@ -74,6 +74,21 @@ def test_add_experts_leaves_routing_and_output_unchanged(kind, score, renormaliz
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
+def test_closed_experts_are_never_chosen_even_with_a_selection_bias():
+    # DeepSeek-V3 balancing: old experts' biases pushed far down; a new expert's score 0 plus
+    # its bias 0 would beat them all if closed experts were not masked out of the choice.
+    torch.manual_seed(15)
+    block = make_block("mlp", "sigmoid", True, bias_update_rate=0.01)
+    with torch.no_grad():
+        block.router.selection_bias.fill_(-5.0)
+    x = torch.randn(50, D)
+    before, route = block(x).detach(), routing(block, x)
+    block.add_experts(2, init="random")
+    assert block.router.selection_bias.tolist() == [-5.0] * 4 + [0.0] * 2
+    assert torch.equal(routing(block, x).expert_idx, route.expert_idx)
+    torch.testing.assert_close(block(x), before, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "moa"])
 def test_add_experts_is_bitwise_exact_when_the_router_matmul_is_exact(kind):
     # Inputs and gate weights on a grid of 1/8 with small integers: every router logit is exact
@@ -475,7 +490,7 @@ def test_everything_is_exported():
 # --------------------------------------------------------------------------------------------
 # The CLI: extend, train --resume-from --train-new-experts-only, prune
 
-FAST = ["--steps", "3", "--batch-size", "4", "--seq-len", "32", "--eval-every", "6",
+FAST = ["--steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-every", "6",
         "--warmup-steps", "1", "--checkpoint-every", "3", "--quiet"]  # fmt: skip
 WORDS = "the licence grants permission to copy modify and distribute any work under terms".split()
 
@@ -532,7 +547,7 @@ def test_extend_then_train_new_experts_only_forgets_no_weight(base_run, corpora,
     from safetensors.torch import load_file
 
     extended, run = tmp_path / "extended", tmp_path / "run"
-    assert cli("extend", base_run, "--add", 2, "--out", extended, "--seq-len", 32) == 0
+    assert cli("extend", base_run, "--add", 2, "--out", extended, "--seq-len", 16) == 0
     config = json.loads((extended / "config.json").read_text())
     assert config["num_local_experts"] == 6 and config["expert_prior"] is True
     ids = torch.randint(0, 256, (2, 24))
@@ -582,7 +597,7 @@ def test_prune_writes_a_smaller_model_that_ours_and_transformers_load(
     options = ["--data", corpora[0], "--resume-from", base_run, "--balance-loss"]
     assert cli("train", *options, "load_concentration", "--out", tuned, *FAST) == 0
     capsys.readouterr()
-    small = ["--batches", 2, "--batch-size", 4, "--seq-len", 32]
+    small = ["--batches", 2, "--batch-size", 2, "--seq-len", 16]
     assert cli("prune", tuned, "--data", corpora[0], "--keep-fraction", 0.5, "--out", pruned,
                *small) == 0  # fmt: skip
     printed = capsys.readouterr().out
