@@ -28,7 +28,8 @@ def error_bound(expected, dtype, *, reduction_length=256, top_k=1, roundings=2, 
     """The elementwise bound on ``|actual - expected|`` that the error model of
     :func:`moe_blocks.testing.tolerances` allows a ``dtype`` result whose float64 reference is
     ``expected``: ``atol · scale + rtol · |expected|``, ``scale`` by default the largest expected
-    magnitude (at least 1)."""
+    magnitude (at least 1), or given (a number, or a tensor of per-element magnitudes that
+    broadcasts against ``expected``)."""
     tol = tolerances(dtype, reduction_length=reduction_length, top_k=top_k, roundings=roundings)
     if scale is None:
         scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0

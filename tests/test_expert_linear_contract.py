@@ -116,11 +116,14 @@ def _mlp(x, w_in, w_out, plan, gates, backend):
 
 @pytest.mark.slow
 def test_compiles_without_graph_breaks():
+    """The compiled MLP (fp32) against the same code run eagerly in float64, within the fp32
+    error model: the compiled graph may sum in another order than eager fp32 does."""
     torch._dynamo.reset()
     plan, x, w_in = _setup(d_out=12, device="cpu")
     w_out = torch.randn(4, 8, 6)
     gates = torch.rand(6, 2)
     params = [t.clone().requires_grad_() for t in (x, w_in, w_out, gates)]
+    exact = [t.detach().double().requires_grad_() for t in params]
 
     def step(x, w_in, w_out, gates, expert_idx):
         plan = plan_dispatch(expert_idx, 4)
@@ -129,14 +132,11 @@ def test_compiles_without_graph_breaks():
     compiled = torch.compile(step, fullgraph=True)
     got = compiled(*params, plan.expert_idx)
     got.square().sum().backward()
-    compiled_grads = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    want = step(*params, plan.expert_idx)
+    want = step(*exact, plan.expert_idx)
     want.square().sum().backward()
-    torch.testing.assert_close(got, want)
-    for compiled_grad, p in zip(compiled_grads, params, strict=True):
-        torch.testing.assert_close(compiled_grad, p.grad)
+    assert_matches(got.detach(), want.detach(), torch.float32, "output", reduction_length=12)
+    for name, p, e in zip(("x", "w_in", "w_out", "gates"), params, exact, strict=True):
+        assert_matches(p.grad, e.grad, torch.float32, name, reduction_length=12, roundings=3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
