@@ -44,9 +44,8 @@ def test_emulated_dtypes_multiply_in_fp32_and_match_the_oracle(
         generator = torch.Generator().manual_seed(seed)
         num_experts = routing.num_experts
         x = torch.randn(routing.num_tokens, num_in, generator=generator).to(dtype)
-        weight = (
-            torch.randn(num_experts, num_out, num_in, generator=generator) * num_in**-0.5
-        ).to(dtype)
+        weight = torch.randn(num_experts, num_out, num_in, generator=generator)
+        weight = (weight * num_in**-0.5).to(dtype)
         bias = torch.randn(num_experts, num_out, generator=generator).to(dtype)
         gates = torch.rand(routing.expert_idx.shape, generator=generator) if gated else None
         leaves = [t.requires_grad_() for t in (x, weight, bias, gates) if t is not None]
