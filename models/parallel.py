@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -55,23 +52,21 @@ from moe_blocks.parallel import ExpertParallel
 from .jetmoe import JetMoEConfig, JetMoEForCausalLM
 from .train import (
     CHECKPOINT_FORMAT,
+    StepLoop,
     TrainingError,
     TrainResult,
     TrainSettings,
     _check_output,
     _last_bpb,
-    _progress_bar,
     _summary,
-    _windows,
-    batch_at,
     check_positive_int,
     check_window_fits,
-    learning_rate,
+    evaluate,
     load_corpus,
     make_optimizer,
     plot_run,
     router_names,
-    validation_starts,
+    run_steps,
 )
 
 MESH_DIMS = ("dp", "ep")
@@ -403,63 +398,37 @@ def _train(
         }
         save_sharded(checkpoint_dir, model, optimizer, files)
 
-    rows = slice(rank * settings.batch_size // world, (rank + 1) * settings.batch_size // world)
     names = router_names(model)
+
+    def statistics(output, stop_requested: bool) -> tuple[dict, bool]:
+        losses, loads, stop = _reduce_step(model, output, ep, stop_requested)
+        entry = dict(zip(("loss", "lm_loss", "aux_loss"), losses, strict=True))
+        return {**entry, "tokens_per_expert": dict(zip(names, loads, strict=True))}, stop
+
+    def validate() -> dict:
+        return {"val_bpb": evaluate(model, corpus, settings, sharded=True, device=device)}
+
     stop = _StopRequest()
-    bar = _progress_bar(settings.steps, start_step, progress and main)
-    step, stopping = start_step, False
+    steps = StepLoop(
+        clip=lambda: clip_grad_norm_(model, 1.0),
+        statistics=statistics,
+        validate=validate,
+        checkpoint=checkpoint,
+        rows=slice(rank * settings.batch_size // world, (rank + 1) * settings.batch_size // world),
+        device=device,
+        stop_requested=lambda: stop.requested,
+    )
     with stop:
-        start_bpb = log[0]["val_bpb"] if log else _evaluate(model, corpus, settings, device)
         if not log:
-            log.append({"step": 0, "val_bpb": start_bpb})
-        while step < settings.steps:
-            started = time.perf_counter()
-            lr = learning_rate(settings, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = batch_at(
-                corpus.train, step, settings.seed, settings.batch_size, settings.seq_len
-            )
-            window = batch[rows].to(device)
-            output = model(window, labels=window)
-            optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
-            clip_grad_norm_(model, 1.0)
-            optimizer.step()
-            step += 1
-            losses, loads, stopping = _reduce_step(model, output, ep, stop.requested)
-            entry = {
-                "step": step,
-                "loss": losses[0],
-                "lm_loss": losses[1],
-                "aux_loss": losses[2],
-                "lr": lr,
-                "tokens_per_s": settings.batch_size
-                * settings.seq_len
-                / (time.perf_counter() - started),
-                "tokens_per_expert": dict(zip(names, loads, strict=True)),
-            }
-            if step % settings.eval_every == 0 or step == settings.steps:
-                entry["val_bpb"] = _evaluate(model, corpus, settings, device)
-            log.append(entry)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{entry['lm_loss']:.3f}",
-                tok_s=f"{entry['tokens_per_s']:.0f}",
-                lr=f"{lr:.2e}",
-                val_bpb=f"{_last_bpb(log):.3f}",
-            )
-            if stopping:
-                break
-            if step % settings.checkpoint_every == 0 and step < settings.steps:
-                checkpoint(step)
-        bar.close()
+            log.append({"step": 0, **validate()})
+        step, stopped = run_steps(model, optimizer, settings, corpus, log, start_step, steps,
+                                  progress=progress and main)  # fmt: skip
         checkpoint(step)
         export_hf(model, out / "model")
     if main:
         (out / "log.json").write_text(json.dumps(log) + "\n")
         plot_run(log, out / "training.png")
-    return TrainResult(out, log, start_bpb, _last_bpb(log), stopping)
+    return TrainResult(out, log, log[0]["val_bpb"], _last_bpb(log), stopped)
 
 
 def _reduce_step(model: JetMoEForCausalLM, output, ep: int, stop: bool):
@@ -482,26 +451,6 @@ def _reduce_step(model: JetMoEForCausalLM, output, ep: int, stop: bool):
     shared = torch.tensor([r.reduce_tokens_per_expert is not None for r in routers])
     loads[shared] /= ep
     return losses, loads.round().long().tolist(), bool(local[-1] > 0)
-
-
-@torch.no_grad()
-def _evaluate(model: JetMoEForCausalLM, corpus, settings, device: torch.device) -> float:
-    """:func:`moe_blocks.models.train.evaluate` with each rank scoring its share of every
-    validation batch; collective."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    for chunk in validation_starts(corpus, settings):
-        window = _windows(corpus.validation, chunk.tensor_split(world)[rank], settings.seq_len)
-        window = window.to(device)
-        logits = model(window[:, :-1]).logits
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), window[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += torch.stack([loss.double().cpu(), torch.tensor(float(window[:, 1:].numel()))])
-    dist.all_reduce(total)
-    model.train()
-    return (total[0] / total[1]).item() / math.log(2)
 
 
 class _StopRequest:

@@ -14,10 +14,12 @@ import math
 import sysconfig
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -309,19 +311,27 @@ def validation_starts(corpus: Corpus, settings: TrainSettings) -> list[torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model, corpus: Corpus, settings: TrainSettings) -> float:
-    """Validation loss in bits per byte on fixed windows spread over the validation text."""
+def evaluate(
+    model, corpus: Corpus, settings: TrainSettings, *, sharded: bool = False, device=None
+) -> float:
+    """Validation loss in bits per byte on fixed windows spread over the validation text.
+    ``sharded``: each rank of the initialised process group scores its share of every batch
+    and the sums are all-reduced (collective: every rank must call it)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
     model.eval()
-    count = settings.eval_batches * settings.batch_size
-    total = 0.0
+    total = torch.zeros(2, dtype=torch.float64)  # summed loss (nats), scored bytes
     for chunk in validation_starts(corpus, settings):
-        window = _windows(corpus.validation, chunk, settings.seq_len)
+        window = _windows(corpus.validation, chunk.tensor_split(world)[rank], settings.seq_len)
+        window = window.to(device)
         logits = model(window[:, :-1]).logits
-        total += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), window[:, 1:].reshape(-1)
-        ).item() * len(chunk)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), window[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += torch.stack([loss.double().cpu(), torch.tensor(float(window[:, 1:].numel()))])
+    if sharded:
+        dist.all_reduce(total)
     model.train()
-    return total / count / math.log(2)
+    return (total[0] / total[1]).item() / math.log(2)
 
 
 def router_names(model) -> list[str]:
@@ -330,10 +340,84 @@ def router_names(model) -> list[str]:
     return [f"layer {index} {block}" for index in layers for block in ("MoA", "MoE")]
 
 
-def _router_loads(model) -> dict[str, list[int]]:
-    """Each router's tokens per expert in the last forward, keyed by :func:`router_names`."""
+def _step_statistics(model, output) -> dict:
+    """A step's log fields of one process: its losses and each router's tokens per expert,
+    keyed by :func:`router_names`."""
     loads = [router.last_tokens_per_expert.tolist() for router in model.routers()]
-    return dict(zip(router_names(model), loads, strict=True))
+    return {
+        "loss": output.loss.item(),
+        "lm_loss": output.lm_loss.item(),
+        "aux_loss": output.aux_loss.item(),
+        "tokens_per_expert": dict(zip(router_names(model), loads, strict=True)),
+    }
+
+
+@dataclass
+class StepLoop:
+    """What a training run plugs into :func:`run_steps`: the gradient clipping, the step's log
+    statistics, validation and checkpointing (one process: :func:`train`; every rank of a
+    sharded run: :func:`moe_blocks.models.parallel.train_sharded`)."""
+
+    clip: Callable[[], object]
+    # (model output, stop requested here) -> (the entry's losses and tokens_per_expert, stop)
+    statistics: Callable[[object, bool], tuple[dict, bool]]
+    validate: Callable[[], dict]
+    checkpoint: Callable[[int], None]
+    rows: slice = field(default_factory=lambda: slice(None))  # this process's rows of a batch
+    device: torch.device | None = None
+    stop_requested: Callable[[], bool] = lambda: False
+
+
+def run_steps(
+    model, optimizer, settings: TrainSettings, corpus: Corpus, log: list[dict], start_step: int,
+    loop: StepLoop, *, progress: bool,
+) -> tuple[int, bool]:  # fmt: skip
+    """Train from ``start_step`` to ``settings.steps``, appending an entry per step to ``log``
+    (validation every ``eval_every`` steps and at the end), checkpointing every
+    ``checkpoint_every`` steps before the last; a progress bar on stderr when ``progress``.
+    Stops early on a KeyboardInterrupt or when ``loop.statistics`` says so (after that step).
+    Returns the last step trained and whether it stopped early."""
+    tokens_per_step = settings.batch_size * settings.seq_len
+    bar = _progress_bar(settings.steps, start_step, progress)
+    step, stopped = start_step, False
+    try:
+        while step < settings.steps:
+            started = time.perf_counter()
+            lr = learning_rate(settings, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = batch_at(corpus.train, step, settings.seed, settings.batch_size,
+                             settings.seq_len)  # fmt: skip
+            window = batch[loop.rows].to(loop.device)
+            output = model(window, labels=window)  # shifted inside: seq_len targets
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            loop.clip()
+            optimizer.step()
+            step += 1
+            statistics, stopped = loop.statistics(output, loop.stop_requested())
+            elapsed = time.perf_counter() - started
+            entry = {"step": step, **statistics, "lr": lr,
+                     "tokens_per_s": tokens_per_step / elapsed}  # fmt: skip
+            if step % settings.eval_every == 0 or step == settings.steps:
+                entry.update(loop.validate())
+            log.append(entry)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{entry['lm_loss']:.3f}",
+                tok_s=f"{entry['tokens_per_s']:.0f}",
+                lr=f"{lr:.2e}",
+                val_bpb=f"{_last_bpb(log):.3f}",
+            )
+            if stopped:
+                break
+            if step % settings.checkpoint_every == 0 and step < settings.steps:
+                loop.checkpoint(step)
+    except KeyboardInterrupt:
+        stopped = True
+    finally:
+        bar.close()
+    return step, stopped
 
 
 @dataclass
@@ -394,51 +478,14 @@ def train(
     if not log:
         log.append({"step": 0, **validate(model, corpus, settings, origin)})
     start_bpb = log[0]["val_bpb"]
-    tokens_per_step = settings.batch_size * settings.seq_len
-    bar = _progress_bar(settings.steps, start_step, progress)
-    interrupted = False
-    step = start_step
-    try:
-        while step < settings.steps:
-            started = time.perf_counter()
-            lr = learning_rate(settings, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            window = batch_at(
-                corpus.train, step, settings.seed, settings.batch_size, settings.seq_len
-            )
-            output = model(window, labels=window)  # shifted inside: seq_len targets
-            optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            step += 1
-            elapsed = time.perf_counter() - started
-            entry = {
-                "step": step,
-                "loss": output.loss.item(),
-                "lm_loss": output.lm_loss.item(),
-                "aux_loss": output.aux_loss.item(),
-                "lr": lr,
-                "tokens_per_s": tokens_per_step / elapsed,
-                "tokens_per_expert": _router_loads(model),
-            }
-            if step % settings.eval_every == 0 or step == settings.steps:
-                entry.update(validate(model, corpus, settings, origin))
-            log.append(entry)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{entry['lm_loss']:.3f}",
-                tok_s=f"{entry['tokens_per_s']:.0f}",
-                lr=f"{lr:.2e}",
-                val_bpb=f"{_last_bpb(log):.3f}",
-            )
-            if step % settings.checkpoint_every == 0 and step < settings.steps:
-                save_checkpoint(checkpoint_dir, model, optimizer, settings, step, log)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
+    steps = StepLoop(
+        clip=lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
+        statistics=lambda output, stop: (_step_statistics(model, output), stop),
+        validate=lambda: validate(model, corpus, settings, origin),
+        checkpoint=lambda at: save_checkpoint(checkpoint_dir, model, optimizer, settings, at, log),
+    )
+    step, interrupted = run_steps(model, optimizer, settings, corpus, log, start_step, steps,
+                                  progress=progress)  # fmt: skip
     save_checkpoint(checkpoint_dir, model, optimizer, settings, step, log)
     (out / "log.json").write_text(json.dumps(log) + "\n")
     plot_run(log, out / "training.png")

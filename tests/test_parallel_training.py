@@ -86,14 +86,14 @@ def _resume_two_then_interrupt(rank: int, world_size: int, settings: TrainSettin
     a SIGINT during step 4: both ranks must stop after step 4 and save it."""
     parallel_module.plot_run = _no_plot
     train_sharded(settings, ep=2, resume=True, progress=False)
-    learning_rate = parallel_module.learning_rate
+    learning_rate = train_module.learning_rate
 
     def interrupting(settings, step):
         if step == 3 and rank == 1:
             os.kill(os.getpid(), signal.SIGINT)
         return learning_rate(settings, step)
 
-    parallel_module.learning_rate = interrupting
+    train_module.learning_rate = interrupting
     longer = dataclasses.replace(settings, steps=6)
     result = train_sharded(longer, ep=2, resume=True, progress=False)
     assert result.interrupted and result.log[-1]["step"] == 4, result.log[-1]
