@@ -95,10 +95,18 @@ def _register(name: str, impl: ModuleType) -> tuple:
             dx, dgates = _gated_input_grads(gather_gemm, x, weight, gates, dy, plan, x_layout,
                                             y_layout, needs[0], needs[3])  # fmt: skip
         if needs[1]:
+            # A weight stored transposed (the view .mT of an [E, in, out] tensor) gets its
+            # gradient in that layout, so autograd need not copy it there: dWᵀ[e] = Σ xᵀ (g·dy),
+            # the same op with the roles of the two row operands swapped.
+            swap = weight.mT.is_contiguous() and not weight.is_contiguous()
+            rows, cols = (
+                ((dy, y_layout), (x, x_layout)) if swap else ((x, x_layout), (dy, y_layout))
+            )
             dw = weight_grad(
-                x, dy, gates, sorted_indices, expert_offsets, weight.shape[0], ctx.fan_out,
-                x_layout, y_layout,
+                rows[0], cols[0], gates, sorted_indices, expert_offsets, weight.shape[0],
+                ctx.fan_out, rows[1], cols[1],
             )  # fmt: skip
+            dw = dw.mT if swap else dw
         if bias is not None and (needs[2] or needs[3]):
             dbias, bias_dgates = _bias_grads(bias, gates, dy, plan, y_layout)
             if dgates is not None:

@@ -208,7 +208,7 @@ def weight_grad(
     y_layout: int,
 ) -> Tensor:
     """``dW[e] = Σ_a g_a · dy[row_Y(a)]ᵀ x[row_X(a)]`` over the assignments ``a`` of expert e
-    (``g_a = gates[a]``, 1 if None; only given with a TOKEN ``dy``): ``[E, out, in]``, x's
+    (``g_a = gates[a]``, 1 if None; ``dy`` and ``x`` in any layout): ``[E, out, in]``, x's
     dtype."""
     num_rows, num_out, num_in = sorted_indices.shape[0], dy.shape[1], x.shape[1]
     experts, sizes = _runs(expert_offsets, x.dtype, num_rows)
