@@ -23,6 +23,9 @@ from torch import Tensor
 from .plan import RowLayout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# MOE_BLOCKS_AUTOTUNE=0: each kernel runs the first configuration below, untimed (quick
+# correctness runs, where timing every candidate for every new shape costs minutes).
+AUTOTUNE = os.environ.get("MOE_BLOCKS_AUTOTUNE", "1") != "0"
 
 # Block configurations the autotuner chooses from on GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 GEMM_CONFIGS = [
@@ -45,8 +48,14 @@ INTERPRET_GEMM_CONFIG = (32, 64, 64, 4, 1)
 INTERPRET_WEIGHT_GRAD_CONFIG = (64, 64, 64, 32, 4, 1)
 
 
+def _candidates(rows: list[tuple]) -> list[tuple]:
+    """The configurations the autotuner times: all of ``rows``, or the first alone when
+    MOE_BLOCKS_AUTOTUNE=0."""
+    return rows if AUTOTUNE else rows[:1]
+
+
 def _gemm_configs() -> list[triton.Config]:
-    rows = [INTERPRET_GEMM_CONFIG] if INTERPRET else GEMM_CONFIGS
+    rows = [INTERPRET_GEMM_CONFIG] if INTERPRET else _candidates(GEMM_CONFIGS)
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in rows
@@ -54,7 +63,7 @@ def _gemm_configs() -> list[triton.Config]:
 
 
 def _weight_grad_configs() -> list[triton.Config]:
-    rows = [INTERPRET_WEIGHT_GRAD_CONFIG] if INTERPRET else WEIGHT_GRAD_CONFIGS
+    rows = [INTERPRET_WEIGHT_GRAD_CONFIG] if INTERPRET else _candidates(WEIGHT_GRAD_CONFIGS)
     return [
         triton.Config(
             {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "INNER_M": i}, num_warps=w, num_stages=s
