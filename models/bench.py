@@ -365,6 +365,8 @@ def memory_mb(module: nn.Module, x: Tensor, device: str) -> float:
 
 @dataclass
 class Result:
+    """One implementation's timing of a case, or (``error``) why it has none."""
+
     suite: str
     shape: str
     tokens: int
@@ -372,12 +374,13 @@ class Result:
     device: str
     impl: str
     backward: bool
-    median_ms: float
-    tflops: float
+    median_ms: float | None
+    tflops: float | None
     memory_mb: float | None
     vs_dense: float | None = None
     vs_transformers: float | None = None  # (hf suite: than transformers' eager)
     vs_grouped_mm: float | None = None  # (hf suite only)
+    error: str | None = None
 
 
 def run_case(
@@ -386,34 +389,28 @@ def run_case(
     """Time every implementation of ``case`` that applies. On CPU they are built together and
     timed in alternating rounds (shared CPUs drift by 10-20 % within minutes; the ratios are
     what the tables report). On a GPU one at a time: the full-size weights of all of them may
-    not fit together (DeepSeek-V3's experts are 22 GB per implementation in bf16)."""
+    not fit together (DeepSeek-V3's experts are 22 GB per implementation in bf16).
+
+    An implementation that raises (out of memory, say) gets a result with its ``error`` and no
+    timing; the others are still timed (on CPU, then one at a time)."""
     applicable = [impl for impl in impls if applies(case, impl)]
-    groups = [applicable] if case.device == "cpu" else [[impl] for impl in applicable]
+    pending = [applicable] if case.device == "cpu" else [[impl] for impl in applicable]
     results = []
-    for group in groups:
-        built = {impl: build(case, impl) for impl in group}
-        steps = {impl: step_function(module, x, backward) for impl, (module, x) in built.items()}
-        elapsed = time_medians_ms(steps, case.device, **timing)
-        for impl, (module, x) in built.items():
-            memory = memory_mb(module, x, case.device) if backward and measure_memory else None
-            tflops = case.matmul_flops(backward) / (elapsed[impl] / 1e3) / 1e12
-            results.append(
-                Result(
-                    case.suite,
-                    case.shape,
-                    case.tokens,
-                    case.dtype,
-                    case.device,
-                    impl,
-                    backward,
-                    elapsed[impl],
-                    tflops,
-                    memory,
-                )  # fmt: skip
-            )
-        del built, steps
-    times = {r.impl: r.median_ms for r in results}
+    while pending:
+        group = pending.pop(0)
+        try:
+            results += _measure(case, backward, group, measure_memory, timing)
+        except Exception as error:
+            if len(group) > 1:  # time them one at a time to find the one that fails
+                pending[:0] = [[impl] for impl in group]
+            else:
+                message = f"{type(error).__name__}: {error}"[:2000]
+                failed = (group[0], backward, None, None, None)
+                results.append(Result(*_case_fields(case), *failed, error=message))
+    times = {r.impl: r.median_ms for r in results if r.error is None}
     for r in results:
+        if r.error is not None:
+            continue
         if "dense" in times:
             r.vs_dense = r.median_ms / times["dense"]
         baseline = "eager" if case.suite == HF_SUITE else "transformers"
@@ -421,6 +418,25 @@ def run_case(
             r.vs_transformers = times[baseline] / r.median_ms
         if case.suite == HF_SUITE and "grouped_mm" in times:
             r.vs_grouped_mm = times["grouped_mm"] / r.median_ms
+    return results
+
+
+def _case_fields(case: Case) -> tuple:
+    return case.suite, case.shape, case.tokens, case.dtype, case.device
+
+
+def _measure(
+    case: Case, backward: bool, impls: list[str], measure_memory: bool, timing: dict
+) -> list[Result]:
+    """Build ``impls`` together and time them in alternating rounds."""
+    built = {impl: build(case, impl) for impl in impls}
+    steps = {impl: step_function(module, x, backward) for impl, (module, x) in built.items()}
+    elapsed = time_medians_ms(steps, case.device, **timing)
+    results = []
+    for impl, (module, x) in built.items():
+        memory = memory_mb(module, x, case.device) if backward and measure_memory else None
+        tflops = case.matmul_flops(backward) / (elapsed[impl] / 1e3) / 1e12
+        results.append(Result(*_case_fields(case), impl, backward, elapsed[impl], tflops, memory))
     return results
 
 
@@ -474,9 +490,12 @@ def format_table(results: list[Result]) -> str:
     lines = [header, "-" * len(header)]
     for r in results:
         passes = "fwd+bwd" if r.backward else "fwd"
+        case = f"{r.suite:<6}{r.shape:<16}{r.tokens:>7} {r.dtype:<5}{passes:<9}{r.impl:<13}"
+        if r.error is not None:
+            lines.append(f"{case}  error: {r.error.splitlines()[0][:120]}")
+            continue
         lines.append(
-            f"{r.suite:<6}{r.shape:<16}{r.tokens:>7} {r.dtype:<5}{passes:<9}"
-            f"{r.impl:<13}{r.median_ms:>10.2f}{r.tflops:>9.3f}{_opt(r.vs_dense, 9, 2)}"
+            f"{case}{r.median_ms:>10.2f}{r.tflops:>9.3f}{_opt(r.vs_dense, 9, 2)}"
             f"{_opt(r.vs_transformers, 10, 2)}{_opt(r.memory_mb, 9, 1)}"
             + (_opt(r.vs_grouped_mm, 11, 2) if grouped else "")
         )
@@ -504,7 +523,8 @@ def plot(results: list[Result], path) -> None:
             points = sorted(
                 (r.tokens, r.tflops)
                 for r in results
-                if (r.suite, r.shape, r.dtype, r.backward, r.impl)
+                if r.error is None
+                and (r.suite, r.shape, r.dtype, r.backward, r.impl)
                 == (suite, shape, dtype, backward, impl)
             )
             if points:

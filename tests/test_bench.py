@@ -69,3 +69,22 @@ def test_timing_runs_every_implementation_in_the_same_rounds():
     assert set(medians) == {"a", "b", "c"}
     # one warm-up call each, then four rounds in which each runs once, in turn
     assert order == ["a", "b", "c"] * 5
+
+
+def test_an_implementation_that_raises_is_reported_and_the_others_still_timed(monkeypatch):
+    case = bench.Case("mlp", "fine-grained", 8, "fp32", "cpu", bench.TINY_SHAPES["fine-grained"])
+    build = bench.build
+
+    def build_or_run_out_of_memory(case, impl):
+        if impl == "transformers":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return build(case, impl)
+
+    monkeypatch.setattr(bench, "build", build_or_run_out_of_memory)
+    results = bench.run_case(case, True, max_repeats=2, budget_s=0.0)
+    by_impl = {r.impl: r for r in results}
+    assert set(by_impl) == {"moe_blocks", "transformers", "grouped_mm", "dense"}
+    assert by_impl["transformers"].error == "OutOfMemoryError: CUDA out of memory"
+    assert by_impl["transformers"].median_ms is None
+    assert by_impl["moe_blocks"].error is None and by_impl["moe_blocks"].vs_dense is not None
+    assert "error: OutOfMemoryError" in bench.format_table(results)
