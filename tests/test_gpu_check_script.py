@@ -23,8 +23,9 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["tests"]["returncode"] == 0
-    assert {row["impl"] for row in report["suite"]} == {
+    assert report["failures"] == []
+    assert [tests["returncode"] for tests in report["tests"].values()] == [0]
+    assert {row["impl"] for row in report["suite"]["rows"]} == {
         "moe_blocks", "transformers", "grouped_mm", "dense"
     }  # fmt: skip
     assert [row["impl"] for row in report["model"]] == ["moe_blocks", "transformers"]
@@ -43,8 +44,9 @@ def test_any_failed_step_fails_the_check():
     forward+backward of either implementation included (an out-of-memory there used to pass)."""
     failures = _gpu_check_module().failures
     passing = {
-        "tests": {"returncode": 0, "summary": "60 passed in 100 s"},
-        "suite": [{"impl": "moe_blocks", "median_ms": 1.0}],
+        "versions": {"device": "NVIDIA H200"},
+        "tests": {"quick tests": {"returncode": 0, "summary": "60 passed in 100 s"}},
+        "suite": {"rows": [{"impl": "moe_blocks", "median_ms": 1.0, "error": None}]},
         "model": [{"impl": "moe_blocks", "median_ms": 900.0},
                   {"impl": "transformers", "median_ms": 2000.0}],
     }  # fmt: skip
@@ -53,10 +55,25 @@ def test_any_failed_step_fails_the_check():
         report = copy.deepcopy(passing)
         report["model"][index] = {"impl": impl, "error": "CUDA out of memory"}
         assert failures(report) == [f"the JetMoE forward+backward step of {impl}"]
-    broken = passing | {"tests": {"returncode": 1, "summary": "1 failed, 59 passed"},
-                        "suite": {"error": "timed out after 300 s"}}  # fmt: skip
-    assert failures(broken) == ["tests on the device: 1 failed, 59 passed", "the MoEMLP suite"]
+    broken = passing | {
+        "versions": {"error": "exit status 1: no module named triton"},
+        "tests": {"quick tests": {"returncode": 1, "summary": "1 failed, 59 passed"},
+                  "rest of the tests": {"returncode": None, "summary": "skipped: no time"}},
+        "suite": {"rows": [{"impl": "transformers", "shape": "jetmoe-8b", "tokens": 16384,
+                            "error": "OutOfMemoryError: CUDA out of memory"}],
+                  "error": "timed out after 150 s"},
+    }  # fmt: skip
+    assert failures(broken) == [
+        "the versions step: exit status 1: no module named triton",
+        "quick tests on the device: 1 failed, 59 passed",
+        "rest of the tests on the device: skipped: no time",
+        "the MoEMLP suite: timed out after 150 s",
+        "the MoEMLP suite's transformers at jetmoe-8b 16384",
+    ]
     assert failures({key: value for key, value in passing.items() if key != "tests"}) == []
+    assert failures({"versions": {"device": "cpu"}, "stopped": "no CUDA device"}) == [
+        "no CUDA device"
+    ]
 
 
 def test_every_autotuning_candidate_is_recorded(tmp_path, monkeypatch):
@@ -82,7 +99,7 @@ def test_every_autotuning_candidate_is_recorded(tmp_path, monkeypatch):
     )
     path = tmp_path / "autotune.jsonl"
     wider = [triton.Config({"BLOCK": block}, num_warps=4, num_stages=2) for block in (8, 16, 32)]
-    _gpu_check_module().record_autotuning(path, {"double": tuner}, {"double": wider})
+    _gpu_check_module().record_autotuning(path, "sweep", {"double": tuner}, {"double": wider})
     for n in (20, 20, 40):  # the second call reuses the first key's choice
         x = torch.ones(n)
         tuner[lambda meta, n=n: (triton.cdiv(n, meta["BLOCK"]),)](x, n, SCALE=2)
@@ -90,7 +107,19 @@ def test_every_autotuning_candidate_is_recorded(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [row["key"][0] for row in rows] == ["20", "40"]
     for row in rows:
-        assert row["kernel"] == "double" and row["variant"]["SCALE"] == 2
+        assert row["step"] == "sweep" and row["kernel"] == "double"
+        assert row["variant"]["SCALE"] == 2
         assert row["best"] == {"BLOCK": 16, "num_warps": 4, "num_stages": 2}
         timed = {entry[0]["BLOCK"]: entry[1] for entry in row["timings_ms"]}
         assert timed == clock
+
+
+def test_a_child_that_times_out_keeps_the_json_lines_it_printed(tmp_path):
+    gpu_check = _gpu_check_module()
+    limit = gpu_check.MIN_STEP_S
+    code = "import json, time; print(json.dumps({'case': 1}), flush=True); time.sleep(60)"
+    with open(tmp_path / "gpu_check.log", "w") as sink:
+        child = gpu_check.run_child(code, [], {}, limit, sink)
+        assert child == {"rows": [{"case": 1}], "error": f"timed out after {limit} s"}
+        finished = gpu_check.run_child("print('done')", [], {}, limit, sink)
+        assert finished["rows"] == [] and finished["error"].startswith("printed no JSON line")
