@@ -5,6 +5,7 @@
   Hypothesis drawing the routing, sizes, dtypes, gates and weight layout within each.
 - The torch backend's one-``_grouped_mm`` path (CUDA's) forced on CPU.
 - Experts whose rows span several row tiles of the Triton kernels.
+- fp32 on the Triton kernels under PyTorch's TF32 switch, within TF32's error.
 - The fp32-accumulation contract: a gate-weighted sum is rounded to the dtype once.
 """
 
@@ -15,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_blocks.kernels import expert_linear, plan_dispatch, torch_backend
+from moe_blocks.kernels import expert_linear, plan_dispatch, torch_backend, triton_backend
 from moe_blocks.testing import (
     Routing,
     feature_dims,
@@ -224,6 +225,28 @@ def test_experts_spanning_several_row_tiles(backend, rows_in, output):
         "seed": 11,
     }  # fmt: skip
     check_against_reference(problem, backend)
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_fp32_on_triton_follows_torchs_tf32_switch(allow_tf32, output, monkeypatch):
+    """The Triton kernels multiply fp32 in TF32 exactly when PyTorch allows it for fp32
+    matmuls (``torch.backends.cuda.matmul.allow_tf32``), and then stay within TF32's error:
+    each input keeps 10 mantissa bits, fp16's, so the error model is fp16's unit roundoff for
+    the two rounded factors of every product (the model's roundings), with fp32 sums. Experts
+    span several row tiles. The interpreter (CI) always multiplies in IEEE fp32; on a GPU this
+    checks the TF32 path."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    assert triton_backend._precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
+    assert triton_backend._precision(torch.bfloat16) == "ieee"
+    problem = _combination("contiguous", "token", output, with_bias=True) | {
+        "routing": _spanning_routing(seed=5), "in_features": 40, "out_features": 24,
+        "dtype": torch.float32, "gates_layout": "contiguous", "gates_dtype": torch.float32,
+        "w_layout": "contiguous", "seed": 12,
+    }  # fmt: skip
+    model_dtype = torch.float16 if allow_tf32 else torch.float32
+    for name, result, reference, _, model in results_and_references(problem, "triton"):
+        assert_matches(result, reference, model_dtype, name, **model)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
