@@ -48,8 +48,13 @@ DEADLINE_S = 450  # the whole check; each step gets at most what is left, less R
 RESERVE_S = 10
 MIN_STEP_S = 5  # a step with less time than this left is skipped
 COMPILE_TEST = "tests/test_dynamic_shapes.py::test_moe_mlp_compiles_once_for_new_shapes"
+# JetMoE's logits against transformers (ours on the GPU, theirs on the CPU), fp32 and bf16.
+JETMOE_TESTS = [
+    "tests/test_jetmoe.py::test_transformers_checkpoint_loads_with_the_same_logits",
+    "tests/test_jetmoe.py::test_bf16_logits_as_close_to_fp32_as_transformers_bf16",
+]
 QUICK_TESTS = ["tests/test_expert_linear_contract.py", COMPILE_TEST, "tests/test_moe_mlp.py",
-               "tests/test_moa.py", "tests/test_plan.py"]  # fmt: skip
+               "tests/test_moa.py", *JETMOE_TESTS, "tests/test_plan.py"]  # fmt: skip
 REST_TESTS = ["tests/test_expert_linear.py"]
 # CPU checks that mean nothing more on a GPU (CI runs them): the compile test of the torch
 # backend on CPU tensors, and the ahead-of-time compilation for sm_90 without a device.

@@ -1,6 +1,8 @@
 """JetMoE assembled from the blocks, against transformers' JetMoeForCausalLM (the oracle):
 checkpoints both ways, logits (fp32 and bf16, with and without padding), greedy generation,
-cached decoding, parameter counts, training features, bad checkpoints and input."""
+cached decoding, parameter counts, training features, bad checkpoints and input. The logits
+tests run our model on ``DEVICE`` (on a GPU: the Triton kernels) against transformers on
+CPU."""
 
 import json
 
@@ -13,6 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from moe_blocks import KVCache
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
+
+from .conftest import DEVICE
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,14 +56,14 @@ def test_transformers_checkpoint_loads_with_the_same_logits(tmp_path_factory, co
     reference = hf_model(config_kwargs, seed)
     directory = tmp_path_factory.mktemp("hf")
     reference.save_pretrained(directory)
-    ours = JetMoEForCausalLM.from_pretrained(directory).eval()
+    ours = JetMoEForCausalLM.from_pretrained(directory).eval().to(DEVICE)  # CUDA: Triton
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config_kwargs["vocab_size"], (2, 9), generator=generator)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding in the first row
     with torch.no_grad():
-        assert_logits_close(ours(ids).logits, reference(ids).logits, 1e-4)
-        ours_masked = ours(ids, attention_mask=mask).logits
+        assert_logits_close(ours(ids.to(DEVICE)).logits.cpu(), reference(ids).logits, 1e-4)
+        ours_masked = ours(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits.cpu()
         theirs_masked = reference(ids, attention_mask=mask).logits
     assert_logits_close(ours_masked[0, 3:], theirs_masked[0, 3:], 1e-4)
     assert_logits_close(ours_masked[1], theirs_masked[1], 1e-4)
@@ -89,12 +93,12 @@ def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(tmp_path):
                   intermediate_size=64, initializer_range=0.05)  # fmt: skip
     reference = hf_model(kwargs)
     reference.save_pretrained(tmp_path)
-    ours = JetMoEForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = JetMoEForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval().to(DEVICE)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         exact = reference(ids).logits
         theirs = reference.to(torch.bfloat16)(ids).logits.float()
-        ours_logits = ours(ids).logits
+        ours_logits = ours(ids.to(DEVICE)).logits.cpu()
     assert ours_logits.dtype == torch.bfloat16
     ours_error = (ours_logits.float() - exact).abs().mean()
     their_error = (theirs - exact).abs().mean()
