@@ -144,7 +144,7 @@ class TopKRouter(nn.Module):
         check_input_dtype(x, self.layer.weight.dtype)
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [N, d_model={self.d_model}], got {tuple(x.shape)}")
-        raw_logits = self.layer(x).float()
+        raw_logits = gate_logits(x, self.layer.weight)
         logits = raw_logits
         if self.expert_prior is not None:
             logits = raw_logits + _log_prior(self.expert_prior)
@@ -210,6 +210,34 @@ class TopKRouter(nn.Module):
         load = self.load_since_update
         self.selection_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
         load.zero_()
+
+
+def gate_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight.T`` as fp32 logits ``[N, E]``. In fp32 (outside autocast) each logit is the
+    float64 product rounded once, so it does not depend on how many rows the gate has: adding
+    or pruning experts leaves the other experts' logits, and so the routing and the block's
+    output, bit for bit unchanged (a fp32 matmul blocks its sums by the output width). Other
+    dtypes and autocast: the gate's own linear, as transformers computes it."""
+    if x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+        return _Float64Logits.apply(x, weight)
+    return nn.functional.linear(x, weight).float()
+
+
+class _Float64Logits(torch.autograd.Function):
+    """fp32 ``x @ weight.T`` computed in float64 and rounded once; the backward is the fp32
+    linear's (nothing in float64 is kept for it)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return (x.double() @ weight.double().T).float()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        dx = grad @ weight if ctx.needs_input_grad[0] else None
+        dweight = grad.T @ x if ctx.needs_input_grad[1] else None
+        return dx, dweight
 
 
 def _log_prior(prior: Tensor) -> Tensor:
