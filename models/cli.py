@@ -389,7 +389,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def main(argv: list[str] | None = None) -> int:
     from .jetmoe import JetMoEConfig
-    from .train import TrainingError, TrainSettings
+    from .train import DEFAULT_WARMUP_STEPS, TrainingError, TrainSettings
 
     presets = list(JetMoEConfig.PRESETS)
     defaults = TrainSettings()
@@ -419,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     train_parser.add_argument("--schedule", default=defaults.schedule, help="wsd or cosine")
     train_parser.add_argument(
-        "--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warmup steps"
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help=f"linear warmup steps (default: {DEFAULT_WARMUP_STEPS}, or --steps if fewer)",
     )
     train_parser.add_argument(
         "--eval-every", type=int, default=defaults.eval_every, help="validate every N steps"

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from moe_blocks import FrozenExperts, expert_blocks, freeze_experts
 from moe_blocks.losses import BALANCE_LOSSES
+from moe_blocks.router import named_routers
 
 from .jetmoe import JetMoEConfig, JetMoEForCausalLM
 
@@ -143,6 +144,9 @@ def _windows(data: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Ten
 # Settings and schedule
 
 
+DEFAULT_WARMUP_STEPS = 30
+
+
 @dataclass
 class TrainSettings:
     preset: str = "tiny"
@@ -153,7 +157,7 @@ class TrainSettings:
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int | None = None  # None: min(DEFAULT_WARMUP_STEPS, steps)
     schedule: str = "wsd"  # warmup-stable-decay (JetMoE, MiniCPM) or cosine
     decay_fraction: float = 0.2
     weight_decay: float = 0.1
@@ -167,6 +171,13 @@ class TrainSettings:
     train_new_experts_only: bool = False  # with resume_from: an extended checkpoint
     balance_loss: str | None = None  # set every router's balance loss (None: the model's)
 
+    @property
+    def warmup(self) -> int:
+        """The warmup steps in effect: ``warmup_steps``, by default at most 30."""
+        if self.warmup_steps is None:
+            return min(DEFAULT_WARMUP_STEPS, self.steps)
+        return self.warmup_steps
+
     def check(self) -> None:
         for name in (
             "steps",
@@ -179,7 +190,10 @@ class TrainSettings:
             check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.threads is not None:
             check_positive_int("--threads", self.threads)
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
+        given = self.warmup_steps
+        if given is not None and (
+            isinstance(given, bool) or not isinstance(given, int) or not 0 <= given <= self.steps
+        ):
             raise TrainingError(
                 f"--warmup-steps must be an integer from 0 to --steps ({self.steps}), "
                 f"got {self.warmup_steps}"
@@ -214,10 +228,11 @@ def learning_rate(settings: TrainSettings, step: int) -> float:
     """Linear warmup, then WSD (constant, then linear decay over the last ``decay_fraction``)
     or cosine, down to ``min_lr_ratio · lr``."""
     peak, floor = settings.lr, settings.lr * settings.min_lr_ratio
-    if step < settings.warmup_steps:
-        return peak * (step + 1) / settings.warmup_steps
+    warmup = settings.warmup
+    if step < warmup:
+        return peak * (step + 1) / warmup
     if settings.schedule == "cosine":
-        progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+        progress = (step - warmup) / max(1, settings.steps - warmup)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     decay_start = settings.steps * (1 - settings.decay_fraction)
     if step < decay_start:
@@ -335,9 +350,9 @@ def evaluate(
 
 
 def router_names(model) -> list[str]:
-    """Labels of ``model.routers()``, in order: each layer's MoA router, then its MoE router."""
-    layers = range(len(model.model.layers))
-    return [f"layer {index} {block}" for index in layers for block in ("MoA", "MoE")]
+    """Names of ``model.routers()``, in order, as :func:`moe_blocks.router_stats` gives them
+    (e.g. ``model.layers.0.self_attention.router``)."""
+    return list(named_routers(model))
 
 
 def _step_statistics(model, output) -> dict:
@@ -542,7 +557,7 @@ def _summary(settings: TrainSettings, corpus: Corpus, model, start_step: int) ->
             f"model:  {preset}, {model.num_parameters():,} parameters "
             f"({model.num_parameters(active=True):,} active per token)",
             f"train:  {steps} of {settings.batch_size} x {settings.seq_len} bytes, "
-            f"lr {settings.lr:g} ({settings.schedule}, warmup {settings.warmup_steps})",
+            f"lr {settings.lr:g} ({settings.schedule}, warmup {settings.warmup})",
             f"output: {settings.out}",
         ]
     )

@@ -247,17 +247,23 @@ def _log_prior(prior: Tensor) -> Tensor:
     return torch.where(prior > 0, prior.clamp_min(tiny).log(), float("-inf"))
 
 
+def named_routers(model: nn.Module) -> dict[str, TopKRouter]:
+    """Every :class:`TopKRouter` in ``model`` in module order, by its name in
+    ``model.named_modules()`` without the ``_orig_mod.`` that ``torch.compile`` adds."""
+    return {
+        name.replace("_orig_mod.", ""): module
+        for name, module in model.named_modules()
+        if isinstance(module, TopKRouter)
+    }
+
+
 def router_stats(model: nn.Module) -> dict:
     """Detached statistics of every :class:`TopKRouter` in ``model`` after its last forward,
     for logging: ``aux_loss``, the sum over routers of what they added to the training loss
     (each weighted by its ``aux_loss_coef``, as ``RouterOutput.aux_loss``); the unweighted sums
     ``balance_loss`` and ``z_loss``; and ``tokens_per_expert`` by router name (names as in
     ``model.named_modules()``, without the ``_orig_mod.`` that ``torch.compile`` adds)."""
-    routers = {
-        name.replace("_orig_mod.", ""): m
-        for name, m in model.named_modules()
-        if isinstance(m, TopKRouter)
-    }
+    routers = named_routers(model)
     total = {
         key: sum(float(getattr(r, f"last_{key}")) for r in routers.values())
         for key in ("aux_loss", "balance_loss", "z_loss")

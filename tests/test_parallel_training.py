@@ -23,6 +23,11 @@ from moe_blocks.models.parallel import spawn_local, train_sharded
 from moe_blocks.models.train import TrainSettings, train
 
 TOLERANCE = {"atol": 2e-5, "rtol": 2e-5}
+# Weights after AdamW steps: where an element's gradient is near zero, its update lr·m/√v
+# turns summation-order noise into up to lr (3e-3) per step; typical differences are ~1e-6,
+# one element in 8192 reached 2.1e-5. A real error (a gradient missing a rank's share, a
+# wrong expert) moves weights by ~lr per step.
+WEIGHT_TOLERANCE = {"atol": 1e-4, "rtol": 2e-5}
 # A small JetMoE (the tiny preset, narrower); aux_loss_coef 0: the MoA routers' balance
 # statistics are each rank's own, so with an aux loss sharded and one-process training differ.
 OVERRIDES = dict(
@@ -135,7 +140,7 @@ def test_sharded_training_equals_one_process(tmp_path, monkeypatch):
     ours, theirs = (load_file(str(d / "model.safetensors")) for d in (exported, expected))
     assert ours.keys() == theirs.keys()
     for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], msg=key, **TOLERANCE)
+        torch.testing.assert_close(ours[key], theirs[key], msg=key, **WEIGHT_TOLERANCE)
 
     # Resume the 4-rank checkpoint at 2 ranks and in one plain process: the step-3 loss.
     for world in (2, 1):
@@ -166,3 +171,9 @@ def test_train_cli_rejects_bad_ep(tmp_path, capsys):
     assert main([*args, "--ep", "2", "--balance-loss", "switch"]) == 2
     assert "run in one process only" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_parallelize_is_importable_as_issue_11_names_it():
+    from moe_blocks.models import parallelize
+
+    assert parallelize is parallel_module.parallelize

@@ -12,6 +12,7 @@ import moe_blocks
 from moe_blocks.models import train as train_module
 from moe_blocks.models.cli import main
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
+from moe_blocks.router import router_stats
 
 FAST = ["--steps", "8", "--batch-size", "4", "--seq-len", "32", "--eval-every", "4",
         "--warmup-steps", "1", "--checkpoint-every", "4", "--quiet"]  # fmt: skip
@@ -72,9 +73,10 @@ def test_training_writes_checkpoint_log_and_plot_and_learns(tmp_path, corpus, ca
     assert len(steps) == 8
     assert {"loss", "aux_loss", "lr", "tokens_per_s", "tokens_per_expert"} <= set(steps[0])
     # Every token goes to top_k experts of each router: the counts of one step add up to that.
+    # Keyed by the names router_stats gives the same routers.
     config = JetMoEConfig.from_preset("tiny")
-    layers = range(config.num_hidden_layers)
-    names = [f"layer {i} {block}" for i in layers for block in ("MoA", "MoE")]
+    names = list(router_stats(JetMoEForCausalLM(config))["tokens_per_expert"])
+    assert len(names) == 2 * config.num_hidden_layers
     for entry in steps:
         assert list(entry["tokens_per_expert"]) == names
         for counts in entry["tokens_per_expert"].values():
@@ -197,6 +199,19 @@ def test_bad_training_settings_fail_before_training(
     assert run(["--data", str(corpus), "--out", str(out), *FAST, *args]) == 2
     assert flag in one_line_error(capsys)
     assert not out.exists()
+
+
+def test_a_run_shorter_than_the_default_warmup_needs_no_warmup_flag(tmp_path, corpus):
+    """The default warmup (30 steps) shortens to --steps; a warmup given explicitly is not
+    shortened (above: refused beyond --steps)."""
+    out = tmp_path / "run"
+    short = [arg for arg in FAST if arg not in ("--warmup-steps", "1")]
+    assert run(["--data", str(corpus), "--out", str(out), *short, "--steps", "3"]) == 0
+    log = json.loads((out / "log.json").read_text())
+    assert [entry["lr"] for entry in log[1:]] == [
+        train_module.learning_rate(train_module.TrainSettings(steps=3, warmup_steps=3), step)
+        for step in range(3)
+    ]
 
 
 @pytest.mark.parametrize("size, seq_len, part", [(20, 32, "training"), (1000, 64, "validation")])
