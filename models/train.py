@@ -249,10 +249,16 @@ RUN_FILES = ("checkpoint", "log.json", "training.png")  # what a run writes into
 
 
 def checkpoint_folder(path: str | Path) -> Path:
-    """The checkpoint folder given either itself or the run folder (``--out``) holding it."""
+    """The model folder given either itself or the run folder (``--out``) holding it: the run's
+    ``checkpoint/``, or for a sharded (torchrun) run, whose ``checkpoint/`` holds shards, its
+    Hugging Face export ``model/``."""
     path = Path(path)
-    inner = path / "checkpoint"
-    return inner if not (path / "config.json").exists() and inner.is_dir() else path
+    if (path / "config.json").exists():
+        return path
+    for inner in (path / "checkpoint", path / "model"):
+        if (inner / "config.json").exists():
+            return inner
+    return path / "checkpoint" if (path / "checkpoint").is_dir() else path
 
 
 def save_checkpoint(

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -139,13 +140,18 @@ def test_generate_samples_text_from_the_run_or_checkpoint_folder(
     out = tmp_path / "run"
     assert run(["--data", str(corpus), "--out", str(out), *FAST]) == 0
     capsys.readouterr()
+    # A torchrun run's folder: shards in checkpoint/, the Hugging Face export in model/.
+    sharded = tmp_path / "sharded"
+    shutil.copytree(out / "checkpoint", sharded / "model")
+    (sharded / "checkpoint").mkdir()
+    (sharded / "checkpoint" / ".metadata").touch()
     samples = []
-    for folder in (out, out / "checkpoint"):
+    for folder in (out, out / "checkpoint", sharded):
         assert main(["generate", "--checkpoint", str(folder), "--prompt", "import ",
                      "--max-new-tokens", "20", "--threads", "1"]) == 0  # fmt: skip
         samples.append(capsys.readouterr().out)
         assert torch.get_num_threads() == 1
-    assert samples[0] == samples[1]
+    assert samples[0] == samples[1] == samples[2]
     assert samples[0].startswith("import ") and len(samples[0].encode()) >= 20
     for flag, bad in (("--temperature", "-0.5"), ("--threads", "0")):
         assert main(["generate", "--checkpoint", str(out), flag, bad]) == 2
