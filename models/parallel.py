@@ -65,6 +65,7 @@ from .train import (
     load_corpus,
     make_optimizer,
     plot_run,
+    prepare_output,
     router_names,
     run_steps,
 )
@@ -364,10 +365,7 @@ def _train(
         )
     dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
     if main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise TrainingError(f"--out {out}: {error.strerror}") from None
+        prepare_output(out, overwrite=overwrite)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)

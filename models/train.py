@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sysconfig
 import time
 import zlib
@@ -245,7 +246,25 @@ def learning_rate(settings: TrainSettings, step: int) -> float:
 # Checkpoints: the model in the Hugging Face layout, the trainer state beside it
 
 CHECKPOINT_FORMAT = "moe-blocks-train/2"  # 2: tokens_per_expert keyed by router name
-RUN_FILES = ("checkpoint", "log.json", "training.png")  # what a run writes into --out
+# What a run writes into --out (model/: the Hugging Face export of a sharded run).
+RUN_FILES = ("checkpoint", "log.json", "training.png", "model")
+
+
+def prepare_output(out: Path, *, overwrite: bool) -> None:
+    """Create ``out``; with ``overwrite`` first delete what an earlier run wrote there
+    (:data:`RUN_FILES`), so none of it mixes with the new run's files (a one-process
+    checkpoint written over a sharded one would keep its shards, which --resume reads)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrainingError(f"--out {out}: {error.strerror}") from None
+    if overwrite:
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -468,10 +487,12 @@ def train(
     corpus = load_corpus(settings.data)
     check_window_fits(corpus, settings.data, settings.seq_len)
     origin = load_origin(settings)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise TrainingError(f"--out {out}: {error.strerror}") from None
+    if overwrite and origin is not None and out.resolve() in origin.checkpoint.resolve().parents:
+        raise TrainingError(
+            f"--resume-from {settings.resume_from} lies in --out {out}, which --overwrite "
+            "would delete: write the new run elsewhere"
+        )
+    prepare_output(out, overwrite=overwrite)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     log: list[dict] = []

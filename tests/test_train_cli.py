@@ -183,11 +183,20 @@ def test_an_existing_run_is_kept_unless_resumed_or_overwritten(tmp_path, corpus,
         err = one_line_error(capsys)
         assert all(name in err for name in named), err
     assert files == {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    # What a torchrun run would have left there (shards, its export) goes with --overwrite:
+    # --resume would otherwise read the stale shards.
+    (out / "checkpoint" / ".metadata").touch()
+    (out / "model").mkdir()
     three = ["--data", str(corpus), "--out", str(out), "--steps", "3", *FAST[2:]]
     assert run([*three, "--overwrite"]) == 0
     log = json.loads((out / "log.json").read_text())
     assert [entry["step"] for entry in log] == [0, 1, 2, 3]
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert not (out / "checkpoint" / ".metadata").exists() and not (out / "model").exists()
+    # Nor may --overwrite delete the model a run starts from.
+    assert run([*three, "--overwrite", "--resume-from", str(out)]) == 2
+    assert "--resume-from" in one_line_error(capsys)
+    assert (out / "checkpoint" / "config.json").exists()
 
 
 @pytest.mark.parametrize(
