@@ -20,6 +20,7 @@ from .losses import (
 )
 
 SCORE_MODES = ("topk_softmax", "softmax_topk", "sigmoid")
+AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what autocast casts
 
 
 @dataclass(frozen=True)
@@ -276,13 +277,14 @@ def router_stats(model: nn.Module) -> dict:
 
 def check_input_dtype(x, dtype: torch.dtype, name: str = "x") -> None:
     """Raise TypeError naming ``name`` unless ``x`` is a floating-point tensor of the block's
-    parameter ``dtype``; under ``torch.autocast`` any floating dtype is accepted (autocast
-    casts it)."""
+    parameter ``dtype``; under ``torch.autocast`` fp32, bf16 and fp16 are accepted (autocast
+    casts them; it leaves float64 alone)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type) and x.dtype in AUTOCAST_DTYPES
+    if x.dtype != dtype and not autocast:
         raise TypeError(
             f"{name} has dtype {x.dtype} but the block's parameters have dtype {dtype}: convert "
             f"one of them (x.to({dtype}) or block.to({x.dtype})), or run under torch.autocast"

@@ -42,6 +42,14 @@ def test_autocast_still_accepts_another_floating_dtype(kind):
     assert (out.float() - expected).abs().max().item() <= 0.05 * scale
 
 
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_autocast_does_not_excuse_a_dtype_it_does_not_cast(kind):
+    make, shape = BLOCKS[kind]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=r"^x has dtype torch.float64"):
+            make()(torch.randn(shape, dtype=torch.float64))
+
+
 def _moa_and_input():
     torch.manual_seed(0)
     moa = MoA(8, 4, 2, head_dim=2, num_kv_heads=2)
