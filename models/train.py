@@ -509,8 +509,6 @@ def train(
     model.train()
     frozen = prepare_model(model, settings, origin)
     optimizer = make_optimizer(model, settings)
-    if frozen is not None:
-        frozen.attach(optimizer)
     if state is not None:
         _restore_optimizer(checkpoint_dir, model, optimizer)
 
@@ -528,6 +526,8 @@ def train(
     )
     step, interrupted = run_steps(model, optimizer, settings, corpus, log, start_step, steps,
                                   progress=progress)  # fmt: skip
+    if frozen is not None:
+        frozen.remove()  # the model is not used here after training
     save_checkpoint(checkpoint_dir, model, optimizer, settings, step, log)
     (out / "log.json").write_text(json.dumps(log) + "\n")
     plot_run(log, out / "training.png")
@@ -694,7 +694,7 @@ def load_origin(settings: TrainSettings) -> Origin | None:
 def prepare_model(model, settings: TrainSettings, origin: Origin | None) -> FrozenExperts | None:
     """Apply ``--balance-loss`` to every router; with ``--train-new-experts-only`` freeze all
     but the new experts (their weights, gate rows and priors): returns the
-    :class:`~moe_blocks.FrozenExperts` to attach to the optimizer."""
+    :class:`~moe_blocks.FrozenExperts` (its hooks keep the frozen rows through every step)."""
     if settings.balance_loss is not None:
         for router in model.routers():
             router.balance_loss = settings.balance_loss

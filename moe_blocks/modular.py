@@ -18,6 +18,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from .experts import ParallelExperts
 from .kernels.plan import check_positive_int
@@ -238,49 +242,48 @@ def expert_usage(model: nn.Module, data: Iterable[Tensor] | Tensor) -> dict[str,
 
 
 class FrozenExperts:
-    """What :func:`freeze_experts` installed: gradient hooks (``remove()`` takes them off) and,
-    once :meth:`attach` is called, optimiser hooks that keep the frozen rows bit-identical."""
+    """What :func:`freeze_experts` installed: a zero-gradient hook on each tensor holding frozen
+    rows, and step hooks on every optimiser that keep those rows bit-identical. ``remove()``
+    takes all of them off.
+
+    A zero gradient is not enough: AdamW's decoupled weight decay (``p -= lr·wd·p``) moves
+    every row whatever its gradient, and momentum left from earlier steps moves rows whose
+    gradient is now zero. The frozen rows share their tensors with trainable rows (one
+    ``[E, ...]`` tensor feeds the fused kernel), so they cannot go in a parameter group of their
+    own; instead a global optimiser step pre-hook (``torch.optim.Optimizer``'s
+    ``register_optimizer_step_pre_hook``) saves the frozen rows of the tensors that optimiser
+    holds and a post-hook writes them back. The trainable rows get exactly the optimiser's
+    update, with any optimiser, made before or after freezing."""
 
     def __init__(self, rows: list[tuple[nn.Parameter, Tensor]]) -> None:
         self.rows = rows
+        self._saved: dict[int, list[tuple[nn.Parameter, Tensor, Tensor]]] = {}
         self._handles = [
             param.register_hook(lambda grad, index=index: grad.index_fill(0, index, 0.0))
             for param, index in rows
         ]
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> FrozenExperts:
-        """Make ``optimizer.step()`` leave the frozen rows bit-identical.
-
-        A zero gradient is not enough: AdamW's decoupled weight decay (``p -= lr·wd·p``) moves
-        every row whatever its gradient, and momentum left from earlier steps moves rows whose
-        gradient is now zero. The frozen rows share their tensors with trainable rows (one
-        ``[E, ...]`` tensor feeds the fused kernel), so they cannot go in a parameter group of
-        their own; instead a step pre-hook saves them and a post-hook writes them back. The
-        trainable rows get exactly the optimiser's update. Returns ``self``."""
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        rows = [(param, index) for param, index in self.rows if id(param) in held]
-        saved: list[Tensor] = []
-
-        def save(*_) -> None:
-            saved[:] = [param.detach()[index] for param, index in rows]
-
-        @torch.no_grad()
-        def restore(*_) -> None:
-            for (param, index), values in zip(rows, saved, strict=True):
-                param.index_copy_(0, index, values)
-            saved.clear()
-
         self._handles += [
-            optimizer.register_step_pre_hook(save),
-            optimizer.register_step_post_hook(restore),
+            register_optimizer_step_pre_hook(self._save),
+            register_optimizer_step_post_hook(self._restore),
         ]
-        return self
+
+    def _save(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self._saved[id(optimizer)] = [
+            (param, index, param.detach()[index]) for param, index in self.rows if id(param) in held
+        ]
+
+    @torch.no_grad()
+    def _restore(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        for param, index, values in self._saved.pop(id(optimizer), []):
+            param.index_copy_(0, index, values)
 
     def remove(self) -> None:
         """Take every hook off: the experts train again."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._saved.clear()
 
 
 def freeze_experts(
@@ -295,9 +298,9 @@ def freeze_experts(
 
     A frozen expert's rows of the expert weights, of the gate (``router.layer.weight``) and of
     ``router.expert_prior`` get a zero gradient, through a hook on each tensor: the weights stay
-    single ``[E, ...]`` tensors and the fused kernel runs as before. Call
-    ``.attach(optimizer)`` on the result to keep the frozen rows bit-identical through optimiser
-    steps (weight decay and momentum move zero-gradient rows; see :meth:`FrozenExperts.attach`).
+    single ``[E, ...]`` tensors and the fused kernel runs as before. Optimiser steps leave the
+    frozen rows bit-identical (weight decay and momentum would move zero-gradient rows; see
+    :class:`FrozenExperts`).
     Everything else in ``module`` (attention KV projections, biases, shared experts, ...) is
     left as it is: set ``requires_grad_(False)`` on what should not train.
 

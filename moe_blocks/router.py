@@ -151,10 +151,12 @@ class TopKRouter(nn.Module):
             logits = raw_logits + _log_prior(self.expert_prior)
         if self.score == "topk_softmax":
             scores = logits
-        elif self.score == "softmax_topk":
-            scores = torch.softmax(logits, dim=-1)
+        elif self.score == "softmax_topk":  # in float64 and rounded once, as the logits: a
+            # vectorised and a scalar fp32 exp can differ in the last bit, and which one an
+            # element gets depends on the expert count
+            scores = torch.softmax(logits.double(), dim=-1).float()
         else:
-            scores = torch.sigmoid(logits)
+            scores = torch.sigmoid(logits.double()).float()
         choice = scores if self.selection_bias is None else scores + self.selection_bias
         if self.expert_prior is not None:  # a closed expert's score 0 could win with a bias
             choice = choice.masked_fill(self.expert_prior <= 0, float("-inf"))
