@@ -705,7 +705,7 @@ def prepare_model(model, settings: TrainSettings, origin: Origin | None) -> Froz
         for param in (block.input_linear.weight, block.output_linear.weight):
             param.requires_grad_(True)
         block.router.requires_grad_(True)
-    return freeze_experts(model, trainable=list(origin.new_experts))
+    return freeze_experts(model, trainable_experts=list(origin.new_experts))
 
 
 def validate(model, corpus: Corpus, settings: TrainSettings, origin: Origin | None) -> dict:

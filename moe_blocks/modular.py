@@ -14,6 +14,7 @@ checked before anything is changed, so a failed call leaves the block as it was.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -290,11 +291,11 @@ def freeze_experts(
     module: nn.Module,
     experts: int | Sequence[int] | Tensor | None = None,
     *,
-    trainable: int | Sequence[int] | Tensor | None = None,
+    trainable_experts: int | Sequence[int] | Tensor | None = None,
 ) -> FrozenExperts:
     """Freeze some experts of every MoA and MoE block in ``module`` (a block or a model): give
-    exactly one of ``experts`` (the ids to freeze) or ``trainable`` (the ids to keep training;
-    all others freeze).
+    exactly one of ``experts`` (the ids to freeze) or ``trainable_experts`` (the ids to keep
+    training; all others freeze).
 
     A frozen expert's rows of the expert weights, of the gate (``router.layer.weight``) and of
     ``router.expert_prior`` get a zero gradient, through a hook on each tensor: the weights stay
@@ -305,11 +306,13 @@ def freeze_experts(
     left as it is: set ``requires_grad_(False)`` on what should not train.
 
     Raises ValueError naming the argument if an id is not an expert of some block, if both or
-    neither of ``experts`` and ``trainable`` are given, or if a block would have no trainable
-    expert left (to freeze a whole block, use ``block.requires_grad_(False)``).
+    neither of ``experts`` and ``trainable_experts`` are given, or if a block would have no
+    trainable expert left (to freeze a whole block, use ``block.requires_grad_(False)``).
     """
-    if (experts is None) == (trainable is None):
-        raise ValueError("give exactly one of experts (to freeze) and trainable (to keep)")
+    if (experts is None) == (trainable_experts is None):
+        raise ValueError(
+            "give exactly one of experts (to freeze) and trainable_experts (to keep training)"
+        )
     blocks = expert_blocks(module)
     if not blocks:
         raise TypeError(f"module holds no MoEMLP or MoA block ({type(module).__name__})")
@@ -320,10 +323,10 @@ def freeze_experts(
         if experts is not None:
             frozen = _expert_ids(experts, count, "experts", unique=False)
         else:
-            keep = _expert_ids(trainable, count, "trainable", unique=False)
+            keep = _expert_ids(trainable_experts, count, "trainable_experts", unique=False)
             frozen = sorted(set(range(count)) - set(keep))
         if len(set(frozen)) == count:
-            argument = "experts" if experts is not None else "trainable"
+            argument = "experts" if experts is not None else "trainable_experts"
             raise ValueError(
                 f"{argument}: all {count} experts of {label} would be frozen; to freeze a whole "
                 "block use requires_grad_(False)"
@@ -384,15 +387,14 @@ def _expert_ids(ids: object, num_experts: int, name: str, *, unique: bool) -> li
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() > 1:
             raise TypeError(f"{name} must be expert ids (ints), got a {ids.dtype} tensor")
         ids = ids.reshape(-1).tolist()
-    elif isinstance(ids, int) and not isinstance(ids, bool):
-        ids = [ids]
     elif isinstance(ids, Iterable) and not isinstance(ids, str | bytes):
         ids = list(ids)
+    elif hasattr(ids, "__index__"):  # an int, a numpy integer
+        ids = [ids]
     else:
         raise TypeError(f"{name} must be an expert id or a sequence of them, got {ids!r}")
+    ids = [_integer(value, name) for value in ids]
     for value in ids:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must hold int expert ids, got {value!r}")
         if not 0 <= value < num_experts:
             raise ValueError(
                 f"{name}: expert {value} does not exist (experts 0..{num_experts - 1})"
@@ -402,6 +404,18 @@ def _expert_ids(ids: object, num_experts: int, name: str, *, unique: bool) -> li
     if not ids:
         raise ValueError(f"{name} names no expert")
     return ids
+
+
+def _integer(value: object, name: str) -> int:
+    """``value`` as an int if it is one (a Python or numpy integer, a 0-d integer tensor), not
+    a bool or a float; TypeError naming ``name`` otherwise."""
+    is_bool = isinstance(value, bool) or getattr(value, "dtype", None) in (torch.bool, "bool")
+    try:
+        if is_bool:
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must hold int expert ids, got {value!r}") from None
 
 
 def _replace(block: ModularBlock, tensors: dict) -> None:

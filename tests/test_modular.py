@@ -5,6 +5,7 @@ prune and train --resume-from --train-new-experts-only."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,7 +128,7 @@ def test_new_experts_train_and_take_tokens_while_frozen_ones_stay_bit_identical(
     target = torch.sin(3 * x @ torch.randn(D, D))
     block.add_experts(2)
     saved = state(block)
-    frozen = freeze_experts(block, trainable=[4, 5])
+    frozen = freeze_experts(block, trainable_experts=[4, 5])
     optimizer = make_optimizer(block, TrainSettings(lr=1e-2))  # made after freezing
     losses = []
     for _ in range(40):
@@ -282,6 +283,25 @@ def test_prune_rejects_bad_keep_and_leaves_the_block_unchanged(keep, error, matc
     assert block.router.num_experts == 6
 
 
+@pytest.mark.parametrize(
+    "keep",
+    [
+        [0, 2, 5],
+        (0, 2, 5),
+        range(0, 6, 5),
+        torch.tensor([0, 2, 5]),
+        np.array([0, 2, 5]),
+        [np.int64(0), torch.tensor(2), 5],
+    ],
+    ids=["list", "tuple", "range", "tensor", "numpy", "mixed"],
+)
+def test_prune_takes_ids_in_any_integer_form(keep):
+    block = make_block("mlp", num_experts=6)
+    expected = block.input_linear.weight.detach()[list(map(int, keep))].clone()
+    prune_experts(block, keep)
+    assert torch.equal(block.input_linear.weight, expected)
+
+
 def test_prune_counts_only_open_experts_towards_top_k():
     block = make_block("mlp")
     block.add_experts(2)
@@ -323,10 +343,10 @@ def test_operations_reject_what_is_not_a_block():
     ("kwargs", "match"),
     [
         ({}, "exactly one of experts"),
-        ({"experts": [0], "trainable": [1]}, "exactly one of experts"),
+        ({"experts": [0], "trainable_experts": [1]}, "exactly one of experts"),
         ({"experts": [0, 1, 2, 3]}, "experts: all 4 experts"),
-        ({"trainable": []}, "trainable names no expert"),
-        ({"trainable": [4]}, "expert 4 does not exist"),
+        ({"trainable_experts": []}, "trainable_experts names no expert"),
+        ({"trainable_experts": [4]}, "expert 4 does not exist"),
     ],
 )
 def test_freeze_rejects_bad_arguments(kwargs, match):
