@@ -295,13 +295,14 @@ FLAG_NAMES = ("has_gate", "is_concatenated", "is_transposed", "has_bias", "has_p
     routing=routings(max_tokens=10, max_experts=6),
     flags=st.fixed_dictionaries({name: st.booleans() for name in FLAG_NAMES}),
     own_gate=st.booleans(),
+    off_rank_ids=st.booleans(),
     expert_parallel=st.booleans(),
     features=st.integers(1, 12),
     hidden=st.integers(1, 10),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_bare_experts_module_matches_the_float64_oracle(
-    routing, flags, own_gate, expert_parallel, features, hidden, seed
+    routing, flags, own_gate, off_rank_ids, expert_parallel, features, hidden, seed
 ):
     torch.manual_seed(seed)
     own_gate = own_gate and flags["has_gate"]
@@ -309,8 +310,9 @@ def test_bare_experts_module_matches_the_float64_oracle(
     config = types.SimpleNamespace(_experts_implementation=backend.register())
     module = experts_class(flags, own_gate)(config, num_experts, features, hidden, torch.float32)
     top_k_index = routing.expert_idx.clone()
-    if expert_parallel:  # some assignments go to another rank's experts (ids >= E)
-        module._is_expert_parallel = True
+    if off_rank_ids:  # some assignments go to another rank's experts (ids >= E), with or
+        # without transformers' flag (5.24 sets it, 5.17 has none; eager skips them either way)
+        module._is_expert_parallel = expert_parallel
         off_rank = torch.rand(top_k_index.shape) < 0.4
         top_k_index[off_rank] = num_experts + torch.randint(0, 3, (int(off_rank.sum()),))
     x = torch.randn(num_tokens, features, requires_grad=True)
@@ -338,6 +340,40 @@ def test_bare_experts_module_matches_the_float64_oracle(
         assert actual.shape == exact.shape
         if exact.numel():
             assert relative_error(actual.double(), exact) < TOLERANCE[torch.float32]
+
+
+def test_sentinel_ids_skip_as_mixtrals_eager_does_without_the_expert_parallel_flag(monkeypatch):
+    """transformers' eager experts loop skips id == num_experts (its expert-parallel sentinel;
+    5.17 marks other ranks' assignments so without a flag): ours gives the same output and
+    gradients."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=16, intermediate_size=12, num_local_experts=4)
+    module = MixtralExperts(config)
+    for param in module.parameters():
+        nn.init.normal_(param, std=0.3)
+    ids = torch.rand(9, 4).topk(2, dim=1).indices
+    ids[torch.rand(ids.shape) < 0.4] = 4
+    x = torch.randn(9, 16)
+    weights = torch.rand(ids.shape)
+    calls = []
+    kernel = backend.expert_linear
+    counted = lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(backend, "expert_linear", counted)
+    results = {}
+    for name in ("eager", backend.register()):
+        module.config._experts_implementation = name
+        leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
+        for param in module.parameters():
+            param.grad = None
+        out = module(leaves[0], ids, leaves[1])
+        out.square().sum().backward()
+        results[name] = [out, *(t.grad for t in leaves), *(p.grad for p in module.parameters())]
+    assert calls  # our kernel ran for "moe_blocks"
+    for ours, eager in zip(results["moe_blocks"], results["eager"], strict=True):
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
 
 
 def test_transposed_weights_are_used_without_a_copy():
@@ -465,7 +501,7 @@ def test_weights_that_do_not_match_the_transposed_flag_are_rejected():
         ({"features": 7}, ValueError, r"hidden_states must be \[T, 8\]"),
         ({"ids": torch.zeros(3, 2)}, TypeError, "top_k_index must be an integer tensor"),
         ({"ids": torch.zeros(4, 2, dtype=torch.long)}, ValueError, "top_k_index must be"),
-        ({"ids": torch.full((3, 2), 4)}, ValueError, r"expert_idx values must lie in \[0, "),
+        ({"ids": torch.full((3, 2), -1)}, ValueError, r"expert_idx values must lie in \[0, "),
     ],
 )
 def test_bad_routing_inputs_are_rejected(kwargs, error, message):

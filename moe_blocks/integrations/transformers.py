@@ -214,8 +214,8 @@ def experts_forward(
     Args:
         module: the experts module (its parameters and layout flags are read, never changed).
         hidden_states: ``[T, d]`` float.
-        top_k_index: ``[T, k]`` integer expert ids (with ``module._is_expert_parallel``, ids
-            >= num_experts belong to other ranks and contribute nothing).
+        top_k_index: ``[T, k]`` integer expert ids; ids >= num_experts belong to other
+            ranks (transformers' expert parallelism) and contribute nothing.
         top_k_weights: ``[T, k]`` float routing weights.
 
     Returns:
@@ -229,6 +229,12 @@ def experts_forward(
     if layout.expert_parallel:
         out = _local_assignments_forward(layout, x, top_k_index, top_k_weights)
     else:
+        # Ids >= E are transformers' sentinel for another rank's expert (its eager path skips
+        # them, and transformers 5.17 sets no flag): they run on expert 0 with weight 0, which
+        # contributes nothing to the output or any gradient, without reading ids on the host.
+        off_rank = top_k_index >= layout.num_experts
+        top_k_index = top_k_index.masked_fill(off_rank, 0)
+        top_k_weights = top_k_weights.masked_fill(off_rank, 0)
         out = routed_forward(layout, x, top_k_index, top_k_weights)
     return out.to(hidden_states.dtype)
 
