@@ -283,6 +283,14 @@ for tokens, backward in ((training, True), (decode, False)):
         results += rows
         for row in bench.to_json(rows):
             print(json.dumps(row), flush=True)
+# transformers' own experts implementations (its default "grouped_mm" among them) at the same
+# shapes, training size: last, so the rows above are out even if time runs short here
+for case in bench.cases("hf", ["jetmoe-8b", "fine-grained"], [training], ["bf16"], device,
+                        bench.hf_shapes(device, tiny)):
+    rows = bench.run_case(case, True, bench.HF_IMPLEMENTATIONS, max_repeats=10, budget_s=2.0)
+    results += rows
+    for row in bench.to_json(rows):
+        print(json.dumps(row), flush=True)
 print(bench.format_table(results), file=sys.stderr)
 """
 
@@ -459,11 +467,11 @@ def summary_table(report: dict) -> str:
         lines.append(f"{step} on the device: {tests['summary']}")
     rows = report["suite"]["rows"]
     if rows:
-        header = ("MoEMLP bf16", "pass", "tokens", "impl", "ms", "TFLOP/s", "x dense")
-        lines.append("{:<20}{:<8}{:>7}{:>14}{:>10}{:>9}{:>9}".format(*header))
-    for row in rows:
+        header = ("bf16", "experts", "pass", "tokens", "impl", "ms", "TFLOP/s", "x dense")
+        lines.append("{:<6}{:<14}{:<8}{:>7}{:>14}{:>10}{:>9}{:>9}".format(*header))
+    for row in rows:  # suite mlp: MoEMLP and its baselines; hf: transformers' experts
         passes = "fwd+bwd" if row["backward"] else "fwd"
-        case = f"{row['shape']:<20}{passes:<8}{row['tokens']:>7}{row['impl']:>14}"
+        case = f"{row['suite']:<6}{row['shape']:<14}{passes:<8}{row['tokens']:>7}{row['impl']:>14}"
         if row["error"]:
             lines.append(f"{case}  error: {row['error'].splitlines()[0][:100]}")
         else:

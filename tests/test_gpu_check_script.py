@@ -25,8 +25,10 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["failures"] == []
     assert [tests["returncode"] for tests in report["tests"].values()] == [0]
-    assert {row["impl"] for row in report["suite"]["rows"]} == {
-        "moe_blocks", "transformers", "grouped_mm", "dense"
+    implementations = {(row["suite"], row["impl"]) for row in report["suite"]["rows"]}
+    assert implementations == {
+        ("mlp", "moe_blocks"), ("mlp", "transformers"), ("mlp", "grouped_mm"), ("mlp", "dense"),
+        ("hf", "eager"), ("hf", "grouped_mm"), ("hf", "batched_mm"), ("hf", "moe_blocks"),
     }  # fmt: skip
     assert [row["impl"] for row in report["model"]] == ["moe_blocks", "transformers"]
     assert "JetMoE fwd+bwd" in result.stdout.splitlines()[-1]
