@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from moe_blocks import FrozenExperts, expert_blocks, freeze_experts
 from moe_blocks.losses import BALANCE_LOSSES
-from moe_blocks.router import named_routers
+from moe_blocks.router import named_routers, tokens_per_expert
 
 from .jetmoe import JetMoEConfig, JetMoEForCausalLM
 
@@ -383,12 +383,11 @@ def router_names(model) -> list[str]:
 def _step_statistics(model, output) -> dict:
     """A step's log fields of one process: its losses and each router's tokens per expert,
     keyed by :func:`router_names`."""
-    loads = [router.last_tokens_per_expert.tolist() for router in model.routers()]
     return {
         "loss": output.loss.item(),
         "lm_loss": output.lm_loss.item(),
         "aux_loss": output.aux_loss.item(),
-        "tokens_per_expert": dict(zip(router_names(model), loads, strict=True)),
+        "tokens_per_expert": tokens_per_expert(model),
     }
 
 

@@ -271,10 +271,13 @@ def router_stats(model: nn.Module) -> dict:
         key: sum(float(getattr(r, f"last_{key}")) for r in routers.values())
         for key in ("aux_loss", "balance_loss", "z_loss")
     }
-    total["tokens_per_expert"] = {
-        name: r.last_tokens_per_expert.tolist() for name, r in routers.items()
-    }
+    total["tokens_per_expert"] = tokens_per_expert(model)
     return total
+
+
+def tokens_per_expert(model: nn.Module) -> dict[str, list[int]]:
+    """Each router's assignments per expert in its last forward, by :func:`named_routers`."""
+    return {name: r.last_tokens_per_expert.tolist() for name, r in named_routers(model).items()}
 
 
 def check_input_dtype(x, dtype: torch.dtype, name: str = "x") -> None:
