@@ -107,12 +107,7 @@ def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(tmp_path):
 
 
 def test_greedy_generation_matches_transformers(tmp_path):
-    kwargs = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_local_experts=3,
-                  num_experts_per_tok=2, num_key_value_heads=2, kv_channels=8,
-                  intermediate_size=24, initializer_range=0.2)  # fmt: skip
-    reference = hf_model(kwargs)
-    reference.save_pretrained(tmp_path)
-    ours = JetMoEForCausalLM.from_pretrained(tmp_path).eval()
+    reference, ours = _generation_pair(tmp_path)
     prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(2))
     expected = reference.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert torch.equal(ours.generate(prompt, max_new_tokens=12), expected)
