@@ -102,3 +102,21 @@ def assert_autocast_matches_rounded_inputs(block, x, *, roundings, dtype=torch.b
         f"autocast error {error.max().item():.3g} beyond the model's {roundings} roundings to "
         f"{dtype} ({(error / bound).max().item():.2f} of the bound at worst)"
     )
+
+
+def assert_empty_batch_is_handled(block, shape):
+    """``block`` (an MoEMLP or MoA on ``DEVICE``) on an input of ``shape`` with no tokens: an
+    empty output of that shape, zero (not missing) gradients for every parameter, and finite
+    router statistics."""
+    from .conftest import DEVICE
+
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    out = block(x)
+    assert out.shape == shape
+    out.sum().backward()
+    assert x.grad.shape == shape
+    for name, param in block.named_parameters():
+        assert param.grad is not None and not param.grad.any(), name
+    experts = block.router.num_experts
+    assert block.router.last_tokens_per_expert.tolist() == [0] * experts
+    assert block.router.last_aux_loss.item() == 0.0  # logged statistics stay finite
