@@ -177,7 +177,12 @@ def attach_aux_loss(output: Tensor, aux_loss: Tensor) -> Tensor:
     If the training loop scales its loss (gradient accumulation, fp16 loss scaling), run the
     forward inside :func:`aux_loss_scale` with the same factor; the default factor is 1.
     Backpropagating twice through one output (``retain_graph``) adds the aux loss twice, as
-    adding it to both losses would: sum the losses and backpropagate once instead."""
+    adding it to both losses would: sum the losses and backpropagate once instead.
+
+    The returned tensor is a view made inside an autograd function, which autograd forbids
+    modifying in place; so attach the loss to a tensor inside the block that every backward
+    pass through its output reaches (MoEMLP and MoA attach it to their gates), not to the
+    output callers receive and may modify (``y += x``)."""
     if not (torch.is_grad_enabled() and aux_loss.requires_grad):
         return output
     return _AddAuxLossGradient.apply(output, aux_loss * _aux_loss_scale)

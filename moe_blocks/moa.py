@@ -208,10 +208,11 @@ class MoA(ModularBlock, nn.Module):
         )
         attended = attended.view(batch, kv_heads, top_k, length, head_dim).permute(0, 3, 2, 1, 4)
         attended = attended.reshape(batch * length * top_k, kv_heads * head_dim)
-        out = self.output_linear(attended, route.plan, gates=route.gates)
+        # The aux loss rides on the gates (see MoEMLP.forward).
+        gates = attach_aux_loss(route.gates, route.aux_loss)
+        out = self.output_linear(attended, route.plan, gates=gates)
         if self.bias is not None:
             out = out + self.bias
-        out = attach_aux_loss(out, route.aux_loss)
         return out.view(batch, length, self.d_model)
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,9 @@ class MoEMLP(ModularBlock, nn.Module):
             )
         tokens = x.reshape(-1, self.d_model)
         route = self.router(tokens)
+        # The aux loss rides on the gates, which every backward pass through the output reaches,
+        # so the returned tensor is an ordinary one that callers may modify in place.
+        route = replace(route, gates=attach_aux_loss(route.gates, route.aux_loss))
         if self.token_dispatcher is None:
             out = self.experts(tokens, route.plan, gates=route.gates)
         else:
@@ -144,7 +148,6 @@ class MoEMLP(ModularBlock, nn.Module):
             out = out + self.shared_experts(tokens)
         if self.bias is not None:
             out = out + self.bias
-        out = attach_aux_loss(out, route.aux_loss)
         return out.view(x.shape)
 
     def shared_experts(self, tokens: Tensor) -> Tensor:

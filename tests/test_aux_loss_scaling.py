@@ -159,3 +159,26 @@ def test_bad_scale_is_rejected(scale, error):
     with pytest.raises(error, match="scale"):
         with aux_loss_scale(scale):
             pass
+
+
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_the_output_may_be_modified_in_place(kind):
+    """A block replaces an MLP anywhere, residual ``y += x`` and in-place dropout included; the
+    gradient is still the task loss's plus the aux loss's, computed by hand (the oracle)."""
+    torch.manual_seed(3)
+    block = BLOCKS[kind]()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    target = torch.randn(2, 5, 12)
+    out = block(x)
+    out += x
+    out.mul_(0.5)
+    _task_loss(out, target).backward()
+
+    oracle = copy.deepcopy(block)
+    oracle.zero_grad()
+    oracle.router.aux_loss_coef = 0.0
+    x_oracle = x.detach().clone().requires_grad_()
+    aux = block.router.aux_loss_coef * _unweighted_aux(oracle, x_oracle)
+    (_task_loss((oracle(x_oracle) + x_oracle) * 0.5, target) + aux).backward()
+    _assert_grads_equal(_grads(block), _grads(oracle))
+    torch.testing.assert_close(x.grad, x_oracle.grad, atol=1e-6, rtol=1e-5)
