@@ -209,7 +209,7 @@ def record_autotuning(path: Path, step: str, tuners: dict, configs: dict | None 
     the step of the check, the kernel, the autotuning key, the variant (the constexpr
     arguments), the best candidate and every candidate's timing (triton's ``configs_timings``:
     median, 20th and 80th percentile ms). With ``configs`` (name -> triton.Config list), tune
-    over those instead."""
+    over those instead (autotuners not named there keep theirs)."""
 
     def recording(name, tuner, run):
         def run_and_record(*args, **kwargs):
@@ -234,13 +234,13 @@ def record_autotuning(path: Path, step: str, tuners: dict, configs: dict | None 
         return run_and_record
 
     for name, tuner in tuners.items():
-        if configs is not None:
+        if configs is not None and name in configs:
             tuner.configs = configs[name]
         tuner.run = recording(name, tuner, tuner.run)
 
 
-# Child-process prelude: moe_blocks' two autotuners recorded into argv[1], tagged with the step
-# argv[2]; in the sweep, over the sweep's candidates instead of the defaults.
+# Child-process prelude: moe_blocks' autotuners (triton_backend.TUNED) recorded into argv[1],
+# tagged with the step argv[2]; in the sweep (bf16), the 16-bit ones over the sweep's candidates.
 RECORDING = """
 import sys
 import triton
@@ -255,9 +255,7 @@ if sys.argv[2] == "sweep":
                                       num_warps=w, num_stages=s)
                         for m, n, k, i, w, s in SWEEP["weight_grad"]],
     }
-record_autotuning(sys.argv[1], sys.argv[2], {"gather_gemm": triton_backend.gather_gemm_tuned,
-                                             "weight_grad": triton_backend.weight_grad_tuned},
-                  _configs)
+record_autotuning(sys.argv[1], sys.argv[2], triton_backend.TUNED, _configs)
 sys.argv[1:] = sys.argv[3:]
 """
 

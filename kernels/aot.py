@@ -79,38 +79,49 @@ class Build:
         found = []
         if self.shared_bytes > self.shared_limit_bytes:
             found.append(f"needs {self.shared_bytes} bytes of shared memory")
-        if self.spill_bytes:
-            found.append(f"spills {self.spill_bytes} bytes to local memory")
+        if self.spill_bytes or self.stack_bytes:  # ptxas puts spilled registers in the stack
+            found.append(  # frame; a Triton kernel has nothing else to keep there
+                f"spills registers: {self.stack_bytes}-byte stack frame, "
+                f"{self.spill_bytes} bytes of local memory"
+            )
         if self.expects_matrix_instructions and self.matrix_instruction is None:
             found.append("no matrix (mma/wgmma) instructions")
         return found
 
 
 def variants() -> list[Variant]:
-    """Every configuration the autotuner may pick, for each dtype, in the common layout; every
-    layout combination at the first configuration; gated rows (per-token output, written as
-    fp32 rows, and a gated per-token ``dy``) at every configuration in bf16 for grouped ``x``
-    (MoEMLP) and at the first for per-assignment ``x`` (MoA); and fp32 with TF32 allowed."""
+    """Every configuration the autotuner may pick, for each dtype and precision (bf16, fp16;
+    fp32 with and without TF32 on its own configurations), in the
+    common layout and with gated rows as MoEMLP runs them (per-token output written as fp32
+    rows, and a gated per-token ``dy``); every layout combination at the first configuration;
+    gated per-assignment ``x`` (MoA) at the first."""
     from . import triton_backend as tb
 
     found = []
     common = {"E_POW2": 8, "UPCAST": False, "HAS_GATES": False}
-    for dtype in _DTYPE_NAMES:
-        for m, n, k, warps, stages in tb.GEMM_CONFIGS:
-            tiles = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
-            layout = {"X_LAYOUT": 2, "Y_LAYOUT": 1, "HAS_BIAS": False, "PRECISION": "ieee"}
+    kinds = [
+        ("bfloat16", "ieee", tb.GEMM_CONFIGS, tb.WEIGHT_GRAD_CONFIGS),
+        ("float16", "ieee", tb.GEMM_CONFIGS, tb.WEIGHT_GRAD_CONFIGS),
+        ("float32", "tf32", tb.FP32_GEMM_CONFIGS, tb.FP32_WEIGHT_GRAD_CONFIGS),
+        ("float32", "ieee", tb.FP32_GEMM_CONFIGS, tb.FP32_WEIGHT_GRAD_CONFIGS),
+    ]
+    for dtype, precision, gemm_configs, weight_grad_configs in kinds:
+        for m, n, k, warps, stages in gemm_configs:
+            tiles = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "PRECISION": precision}
+            layout = {"X_LAYOUT": 2, "Y_LAYOUT": 1, "HAS_BIAS": False}
             found.append(Variant("gather_gemm", dtype, common | tiles | layout, warps, stages))
-            if dtype == "bfloat16":  # MoEMLP's output: grouped rows, gated, fp32 rows to sum
-                gated = {"X_LAYOUT": 0, "Y_LAYOUT": 1, "HAS_BIAS": False, "HAS_GATES": True}
-                constexprs = common | tiles | gated | {"PRECISION": "ieee"}
-                found.append(Variant("gather_gemm", dtype, constexprs, warps, stages, "float32"))
-        for m, n, k, inner, warps, stages in tb.WEIGHT_GRAD_CONFIGS:
+            # MoEMLP's output: grouped rows, gated, fp32 rows to sum
+            gated = {"X_LAYOUT": 0, "Y_LAYOUT": 1, "HAS_BIAS": False, "HAS_GATES": True}
+            found.append(
+                Variant("gather_gemm", dtype, common | tiles | gated, warps, stages, "float32")
+            )
+        for m, n, k, inner, warps, stages in weight_grad_configs:
             tiles = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "INNER_M": inner}
-            layout = {"X_LAYOUT": 2, "Y_LAYOUT": 1, "PRECISION": "ieee"}
+            tiles["PRECISION"] = precision
+            layout = {"X_LAYOUT": 2, "Y_LAYOUT": 1}
             found.append(Variant("weight_grad", dtype, common | tiles | layout, warps, stages))
-            if dtype == "bfloat16":  # its weight gradient: grouped x, gated token dy
-                gated = {"X_LAYOUT": 0, "Y_LAYOUT": 2, "HAS_GATES": True, "PRECISION": "ieee"}
-                found.append(Variant("weight_grad", dtype, common | tiles | gated, warps, stages))
+            gated = {"X_LAYOUT": 0, "Y_LAYOUT": 2, "HAS_GATES": True}  # grouped x, token dy
+            found.append(Variant("weight_grad", dtype, common | tiles | gated, warps, stages))
     m, n, k, warps, stages = tb.GEMM_CONFIGS[0]
     tiles = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
     for x_layout in (0, 1, 2):
@@ -131,8 +142,6 @@ def variants() -> list[Variant]:
             found.append(Variant("weight_grad", "bfloat16", common | tiles | layout, warps, stages))
     gated = {"X_LAYOUT": 1, "Y_LAYOUT": 2, "HAS_GATES": True, "PRECISION": "ieee"}  # MoA's
     found.append(Variant("weight_grad", "bfloat16", common | tiles | gated, warps, stages))
-    tf32 = dict(found[0].constexprs, PRECISION="tf32")
-    found.append(Variant("gather_gemm", "float32", tf32, found[0].num_warps, found[0].num_stages))
     return _unique(found)
 
 
@@ -231,13 +240,13 @@ def build_all(archs: tuple[int, ...] = ARCHS) -> list[Build]:
 
 
 def format_table(builds: list[Build]) -> str:
-    header = f"{'kernel variant':<58} {'arch':<6} {'regs':>4} {'smem':>7} {'spill':>5}  mma"
+    header = f"{'kernel variant':<58} {'arch':<6} {'regs':>4} {'smem':>7} {'stack':>5}  mma"
     lines = [header, "-" * len(header)]
     for b in builds:
         mark = b.matrix_instruction or ("-" if not b.expects_matrix_instructions else "MISSING")
         lines.append(
             f"{b.variant:<58} {b.arch:<6} {b.registers:>4} {b.shared_bytes:>7} "
-            f"{b.spill_bytes:>5}  {mark}"
+            f"{b.stack_bytes + b.spill_bytes:>5}  {mark}"
         )
     return "\n".join(lines)
 

@@ -27,11 +27,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # correctness runs, where timing every candidate for every new shape costs minutes).
 AUTOTUNE = os.environ.get("MOE_BLOCKS_AUTOTUNE", "1") != "0"
 
-# Block configurations the autotuner chooses from on GPU (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+# Block configurations the autotuner chooses from on GPU where tl.dot runs on the matrix units
+# (bf16, fp16, fp32 with TF32): (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 GEMM_CONFIGS = [
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
+    (64, 128, 64, 8, 4),
     (64, 64, 64, 4, 4),
     (32, 64, 64, 4, 4),
     (16, 64, 128, 4, 4),
@@ -42,6 +43,23 @@ WEIGHT_GRAD_CONFIGS = [
     (1024, 128, 64, 64, 4, 4),
     (256, 64, 128, 64, 4, 4),
     (128, 64, 64, 32, 4, 4),
+]
+# fp32 operands (TF32 or IEEE): twice as wide as bf16's, and in IEEE precision multiplied on the
+# FMA units with both operand tiles in registers: the tiles above spill registers there on
+# sm_80 and sm_90 (kernels/aot.py), these do not.
+FP32_GEMM_CONFIGS = [
+    (64, 64, 32, 4, 3),
+    (128, 64, 32, 8, 2),
+    (64, 128, 32, 8, 2),
+    (128, 32, 32, 4, 2),
+    (32, 64, 32, 4, 2),
+    (32, 32, 32, 4, 2),
+]
+FP32_WEIGHT_GRAD_CONFIGS = [
+    (512, 64, 32, 32, 4, 3),
+    (1024, 128, 32, 32, 8, 3),
+    (256, 64, 64, 32, 4, 3),
+    (128, 32, 32, 32, 4, 2),
 ]
 # The interpreter runs one small configuration: every program instance costs host time there.
 INTERPRET_GEMM_CONFIG = (32, 64, 64, 4, 1)
@@ -54,16 +72,16 @@ def _candidates(rows: list[tuple]) -> list[tuple]:
     return rows if AUTOTUNE else rows[:1]
 
 
-def _gemm_configs() -> list[triton.Config]:
-    rows = [INTERPRET_GEMM_CONFIG] if INTERPRET else _candidates(GEMM_CONFIGS)
+def _gemm_configs(rows: list[tuple]) -> list[triton.Config]:
+    rows = [INTERPRET_GEMM_CONFIG] if INTERPRET else _candidates(rows)
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in rows
     ]
 
 
-def _weight_grad_configs() -> list[triton.Config]:
-    rows = [INTERPRET_WEIGHT_GRAD_CONFIG] if INTERPRET else _candidates(WEIGHT_GRAD_CONFIGS)
+def _weight_grad_configs(rows: list[tuple]) -> list[triton.Config]:
+    rows = [INTERPRET_WEIGHT_GRAD_CONFIG] if INTERPRET else _candidates(rows)
     return [
         triton.Config(
             {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "INNER_M": i}, num_warps=w, num_stages=s
@@ -214,13 +232,27 @@ def weight_grad_kernel(
     tl.atomic_add(dw_ptrs, acc, mask=n_mask[:, None] & k_mask[None, :])
 
 
-# Autotuning is keyed on the feature sizes, the expert count and a coarse bucket of rows per
-# expert (plus the dtypes, which triton adds itself): a new token count reuses the tuned config.
-_AUTOTUNE_KEY = ["N", "K", "num_experts", "rows_bucket"]
-gather_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=_AUTOTUNE_KEY)(gather_gemm_kernel)
-weight_grad_tuned = triton.autotune(
-    configs=_weight_grad_configs(), key=_AUTOTUNE_KEY, reset_to_zero=["dw_ptr"]
-)(weight_grad_kernel)
+# Autotuning is keyed on the feature sizes, the expert count, a coarse bucket of rows per expert
+# and the precision (plus the dtypes, which triton adds itself): a new token count reuses the
+# tuned config. One autotuner per kernel for 16-bit operands, one for fp32.
+_AUTOTUNE_KEY = ["N", "K", "num_experts", "rows_bucket", "PRECISION"]
+TUNED = {
+    "gather_gemm": triton.autotune(_gemm_configs(GEMM_CONFIGS), _AUTOTUNE_KEY)(gather_gemm_kernel),
+    "gather_gemm_fp32": triton.autotune(_gemm_configs(FP32_GEMM_CONFIGS), _AUTOTUNE_KEY)(
+        gather_gemm_kernel
+    ),
+    "weight_grad": triton.autotune(
+        _weight_grad_configs(WEIGHT_GRAD_CONFIGS), _AUTOTUNE_KEY, reset_to_zero=["dw_ptr"]
+    )(weight_grad_kernel),
+    "weight_grad_fp32": triton.autotune(
+        _weight_grad_configs(FP32_WEIGHT_GRAD_CONFIGS), _AUTOTUNE_KEY, reset_to_zero=["dw_ptr"]
+    )(weight_grad_kernel),
+}
+
+
+def _tuned(kernel: str, dtype: torch.dtype):
+    """The autotuner of ``kernel`` for ``dtype`` operands."""
+    return TUNED[kernel + "_fp32" if dtype == torch.float32 else kernel]
 
 
 def _rows_bucket(num_rows: int, num_experts: int) -> int:
@@ -233,7 +265,14 @@ def _row_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    allow_tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    """``"tf32"`` for fp32 where torch allows TF32 in CUDA matmuls, else ``"ieee"``. Read from
+    ``fp32_precision`` (torch >= 2.9), which also reflects the legacy ``allow_tf32`` and
+    ``set_float32_matmul_precision``; reading ``allow_tf32`` after the new API set TF32 raises."""
+    if dtype != torch.float32:
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    setting = getattr(matmul, "fp32_precision", None)
+    allow_tf32 = matmul.allow_tf32 if setting is None else setting == "tf32"
     return "tf32" if allow_tf32 else "ieee"
 
 
@@ -272,7 +311,7 @@ def gather_gemm(
             _row_tiles(num_rows, num_experts, meta["BLOCK_M"]),
             triton.cdiv(num_out, meta["BLOCK_N"]),
         )
-        gather_gemm_tuned[grid](
+        _tuned("gather_gemm", x.dtype)[grid](
             x, weight, bias_arg, gates_arg, y, sorted_indices, expert_offsets,
             num_out, num_in, num_experts, fan_out, _rows_bucket(num_rows, num_experts),
             x.stride(0), x.stride(1),
@@ -312,7 +351,7 @@ def weight_grad(
         triton.cdiv(num_out, meta["BLOCK_N"]),
         triton.cdiv(num_in, meta["BLOCK_K"]),
     )
-    weight_grad_tuned[grid](
+    _tuned("weight_grad", x.dtype)[grid](
         x, dy, gates_arg, dw, sorted_indices, expert_offsets,
         num_out, num_in, num_experts, fan_out, _rows_bucket(num_rows, num_experts),
         x.stride(0), x.stride(1),

@@ -249,6 +249,23 @@ def test_fp32_on_triton_follows_torchs_tf32_switch(allow_tf32, output, monkeypat
         assert_matches(result, reference, model_dtype, name, **model)
 
 
+@pytest.mark.parametrize(
+    "switch, value, precision",
+    [("allow_tf32", True, "tf32"), ("allow_tf32", False, "ieee"),
+     ("fp32_precision", "tf32", "tf32"), ("fp32_precision", "ieee", "ieee")],
+)  # fmt: skip
+def test_tf32_is_read_from_the_legacy_and_the_new_torch_switch(
+    switch, value, precision, monkeypatch
+):
+    """TF32 asked for through torch's newer ``fp32_precision`` (torch >= 2.9, where reading the
+    legacy ``allow_tf32`` then raises) is honoured as the legacy switch is."""
+    if not hasattr(torch.backends.cuda.matmul, switch):
+        pytest.skip(f"this torch has no torch.backends.cuda.matmul.{switch}")
+    monkeypatch.setattr(torch.backends.cuda.matmul, switch, value)
+    assert triton_backend._precision(torch.float32) == precision
+    assert triton_backend._precision(torch.bfloat16) == "ieee"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rows_in", ROWS_IN)
