@@ -1,8 +1,9 @@
 """Router losses, and the mechanism that lets a block's auxiliary loss reach the gradient
 without the caller's help.
 
-All losses take fp32 router ``logits[N, E]`` (and ``expert_idx[N, k]`` where counts matter) and
-return a scalar tensor differentiable in the logits.
+All losses take router ``logits[N, E]`` (fp32 from the router; float64 stays float64) and
+``expert_idx[N, k]`` where counts matter, and return a scalar tensor of the logits' dtype (at
+least fp32), differentiable in the logits.
 """
 
 from __future__ import annotations
@@ -13,14 +14,35 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .kernels.plan import check_non_negative
+from .kernels.plan import (
+    INTEGER_DTYPES,
+    check_index_range,
+    check_non_negative,
+    check_positive_int,
+)
 
 BALANCE_LOSSES = ("switch", "mutual_information", "load_concentration", "none")
 
 
+def _loss_dtype(logits: Tensor) -> torch.dtype:
+    """The dtype a loss is computed and returned in: fp32, or float64 for float64 logits."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _check_logits(logits: Tensor) -> None:
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got {_describe(logits)}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, num_experts], got shape {tuple(logits.shape)}")
+
+
+def _describe(value) -> str:
+    return f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+
+
 def _zero_loss(logits: Tensor) -> Tensor:
     """0.0 for an empty batch, still attached to ``logits``' graph."""
-    return logits.float().sum() * 0.0
+    return logits.to(_loss_dtype(logits)).sum() * 0.0
 
 
 def load_balancing_loss(
@@ -35,7 +57,8 @@ def load_balancing_loss(
 
     ``f_e`` is the fraction of the N·k assignments routed to expert e (not differentiable),
     ``P_e`` the mean softmax probability of e over the N tokens. It is exactly 1.0 when both are
-    uniform and grows as routing concentrates. An empty batch gives 0.
+    uniform and grows as routing concentrates. An empty batch gives 0. Computed in float64 and
+    rounded once to the result's dtype, so that perfect balance gives exactly 1.0 for any E.
 
     ``tokens_per_expert``: optional ``[E]`` assignment counts to take ``f_e`` from instead of
     counting ``expert_idx`` (e.g. summed over the ranks of an expert-parallel group).
@@ -45,36 +68,57 @@ def load_balancing_loss(
     computed in π (not in ``log π``), so that an expert with ``π_e = 0`` (never chosen) still
     gets the finite gradient ``∂loss/∂π_e < 0`` that opens it.
     """
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    logits = logits.float()
-    if prior is None:
-        probs = torch.softmax(logits, dim=-1)
-    else:
-        weights = prior.clamp_min(0.0) * torch.exp(logits - logits.detach().amax(-1, keepdim=True))
-        probs = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    if tokens_per_expert is None:
-        counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
-        counts.scatter_add_(
-            0, expert_idx.reshape(-1), torch.ones_like(expert_idx.reshape(-1), dtype=torch.float32)
+    _check_logits(logits)
+    check_positive_int("num_experts", num_experts)
+    if logits.shape[1] != num_experts:
+        raise ValueError(
+            f"logits must have num_experts={num_experts} columns, got shape {tuple(logits.shape)}"
         )
+    if not isinstance(expert_idx, Tensor) or expert_idx.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"expert_idx must be an integer tensor, got {_describe(expert_idx)}")
+    if expert_idx.dim() != 2 or expert_idx.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"expert_idx must be [N={logits.shape[0]}, k] like logits' rows, "
+            f"got shape {tuple(expert_idx.shape)}"
+        )
+    if tokens_per_expert is None:
+        check_index_range(expert_idx, num_experts, "expert_idx", "num_experts")
+    elif tokens_per_expert.shape != (num_experts,):
+        raise ValueError(
+            f"tokens_per_expert must be [num_experts={num_experts}], "
+            f"got shape {tuple(tokens_per_expert.shape)}"
+        )
+    if logits.shape[0] == 0:
+        return _zero_loss(logits)
+    wide = logits.double()
+    if prior is None:
+        probs = torch.softmax(wide, dim=-1)
     else:
-        counts = tokens_per_expert.float()
+        weights = prior.double().clamp_min(0.0) * torch.exp(wide - wide.detach().amax(-1, True))
+        probs = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(wide.dtype).tiny)
+    if tokens_per_expert is None:
+        flat = expert_idx.reshape(-1).long()
+        counts = torch.zeros(num_experts, device=logits.device, dtype=wide.dtype)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=wide.dtype))
+    else:
+        counts = tokens_per_expert.to(wide.dtype)
     fraction = counts / counts.sum()
-    return num_experts * (fraction * probs.mean(0)).sum()
+    return (num_experts * (fraction * probs.mean(0)).sum()).to(_loss_dtype(logits))
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
     """ST-MoE router z-loss ``mean_n(logsumexp(logits_n)²)``: keeps router logits small."""
+    _check_logits(logits)
     if logits.shape[0] == 0:
         return _zero_loss(logits)
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return torch.logsumexp(logits.to(_loss_dtype(logits)), dim=-1).square().mean()
 
 
 def _log_softmax(logits: Tensor) -> Tensor:
-    """``log_softmax`` in fp32 with ``-inf`` (a closed expert's logit) clamped to the most
-    negative float, so that ``p·log p`` is ``0``, not NaN, and its gradient finite."""
-    return torch.log_softmax(logits.float(), dim=-1).clamp_min(torch.finfo(torch.float32).min)
+    """``log_softmax`` (fp32, or float64) with ``-inf`` (a closed expert's logit) clamped to the
+    most negative float, so that ``p·log p`` is ``0``, not NaN, and its gradient finite."""
+    dtype = _loss_dtype(logits)
+    return torch.log_softmax(logits.to(dtype), dim=-1).clamp_min(torch.finfo(dtype).min)
 
 
 def _marginal_entropy(probs: Tensor) -> Tensor:
@@ -91,6 +135,7 @@ def mutual_information_loss(logits: Tensor) -> Tensor:
     experts stay used evenly over the batch (high marginal entropy). It lies in
     ``[-log E, 0]``; ``-log E`` is reached by confident, perfectly balanced routing.
     """
+    _check_logits(logits)
     if logits.shape[0] == 0:
         return _zero_loss(logits)
     log_probs = _log_softmax(logits)
@@ -109,9 +154,10 @@ def load_concentration_loss(logits: Tensor) -> Tensor:
     ``[0, log E]``: 0 when every token puts all its probability on the same expert, ``log E``
     when the experts are used evenly.
     """
+    _check_logits(logits)
     if logits.shape[0] == 0:
         return _zero_loss(logits)
-    return _marginal_entropy(torch.softmax(logits.float(), dim=-1))
+    return _marginal_entropy(torch.softmax(logits.to(_loss_dtype(logits)), dim=-1))
 
 
 _aux_loss_scale: float | Tensor = 1.0

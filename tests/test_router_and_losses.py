@@ -149,11 +149,25 @@ def _switch_reference(logits, expert_idx, experts):
     )
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_switch_loss_is_exactly_one_at_perfect_balance_for_every_expert_count(top_k):
+    """``E · Σ_e f_e · P_e`` is exactly 1.0 when both factors are uniform: for E = 1..64, with
+    uniform logits of any offset and each expert chosen equally often."""
+    for experts in range(1, 65):
+        if top_k > experts:
+            continue
+        tokens = 2 * experts
+        logits = torch.full((tokens, experts), float(experts % 7) - 3.0)
+        balanced = torch.arange(tokens * top_k).view(tokens, top_k) % experts
+        loss = load_balancing_loss(logits, balanced, experts)
+        assert loss.dtype == torch.float32 and loss.item() == 1.0, experts
+
+
 def test_switch_loss_is_one_at_perfect_balance_and_grows_with_skew():
     experts, tokens = 4, 8
     uniform_logits = torch.zeros(tokens, experts)
     balanced = torch.arange(tokens * 2).view(tokens, 2) % experts
-    assert load_balancing_loss(uniform_logits, balanced, experts).item() == pytest.approx(1.0)
+    assert load_balancing_loss(uniform_logits, balanced, experts).item() == 1.0
     skewed_logits = torch.zeros(tokens, experts)
     skewed_logits[:, 0] = 3.0
     skewed_idx = torch.stack([torch.zeros(tokens), torch.ones(tokens)], 1).long()
@@ -253,6 +267,50 @@ def test_losses_of_an_empty_batch_are_zero_with_zero_gradients():
         assert loss.item() == 0.0, name
         (grad,) = torch.autograd.grad(loss, logits)
         assert grad.shape == (0, 4), name
+
+
+def test_float64_logits_give_float64_losses_that_pass_gradcheck():
+    """The losses keep float64 logits in float64 (fp32 logits give fp32), so their gradients are
+    those of the float64 formulas: ``torch.autograd.gradcheck``."""
+    torch.manual_seed(4)
+    logits = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    expert_idx = logits.detach().topk(2).indices
+    losses = {
+        "switch": lambda t: load_balancing_loss(t, expert_idx, 5),
+        "z": router_z_loss,
+        "mutual information": mutual_information_loss,
+        "load concentration": load_concentration_loss,
+    }
+    for name, loss in losses.items():
+        assert loss(logits).dtype == torch.float64, name
+        assert loss(logits.detach().float()).dtype == torch.float32, name
+        assert torch.autograd.gradcheck(loss, (logits,)), name
+
+
+def test_losses_reject_bad_input_naming_the_argument():
+    logits, idx = torch.randn(6, 4), torch.randint(0, 4, (6, 2))
+    cases = [
+        (lambda: load_balancing_loss(logits.long(), idx, 4), TypeError, "logits"),
+        (lambda: load_balancing_loss(logits[None], idx[None], 4), ValueError, "logits"),
+        (lambda: load_balancing_loss(logits, idx, 5), ValueError, "num_experts"),
+        (lambda: load_balancing_loss(logits, idx, 0), ValueError, "num_experts"),
+        (lambda: load_balancing_loss(logits, idx.float(), 4), TypeError, "expert_idx"),
+        (lambda: load_balancing_loss(logits, idx[:5], 4), ValueError, "expert_idx"),
+        (lambda: load_balancing_loss(logits, idx.flatten(), 4), ValueError, "expert_idx"),
+        (lambda: load_balancing_loss(logits, idx + 4, 4), ValueError, "expert_idx"),
+        (lambda: load_balancing_loss(logits, idx - 4, 4), ValueError, "expert_idx"),
+        (
+            lambda: load_balancing_loss(logits, idx, 4, tokens_per_expert=torch.ones(3)),
+            ValueError,
+            "tokens_per_expert",
+        ),
+        (lambda: router_z_loss(logits.flatten()), ValueError, "logits"),
+        (lambda: mutual_information_loss(logits.long()), TypeError, "logits"),
+        (lambda: load_concentration_loss(logits[None]), ValueError, "logits"),
+    ]
+    for call, error, name in cases:
+        with pytest.raises(error, match=name):
+            call()
 
 
 def test_switch_loss_accepts_any_integer_expert_idx():
