@@ -336,6 +336,15 @@ def _check_inputs(x, weight, plan, bias, gates, grouped_in, grouped_out, backend
             )
 
 
+AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what autocast casts
+
+
+def autocasting(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (False where it does not exist,
+    as on the meta device)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def expert_linear(
     x: Tensor,
     weight: Tensor,
@@ -366,11 +375,11 @@ def expert_linear(
         the autocast dtype inside ``torch.autocast``. Differentiable in x, weight, bias, gates.
     """
     name = resolve_backend(backend, x.device) if isinstance(x, Tensor) else backend
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        # Like a matmul under autocast: floating inputs run in the autocast dtype.
+    if isinstance(x, Tensor) and autocasting(x.device.type):
+        # Like a matmul under autocast: floating inputs but float64 run in the autocast dtype.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = (
-            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            t.to(dtype) if isinstance(t, Tensor) and t.dtype in AUTOCAST_DTYPES else t
             for t in (x, weight, bias)
         )
     _check_inputs(x, weight, plan, bias, gates, grouped_in, grouped_out, name)

@@ -81,7 +81,7 @@ def plan_dispatch(expert_idx: Tensor, num_experts: int) -> DispatchPlan:
     if not isinstance(expert_idx, Tensor):
         raise TypeError(f"expert_idx must be a torch.Tensor, got {type(expert_idx).__name__}")
     if expert_idx.dtype not in INTEGER_DTYPES:
-        raise TypeError(f"expert_idx must have an integer dtype, got {expert_idx.dtype}")
+        raise TypeError(f"expert_idx must have a dtype in {INTEGER_DTYPES}, got {expert_idx.dtype}")
     if expert_idx.dim() != 2:
         raise ValueError(f"expert_idx must be 2-D [T, k], got shape {tuple(expert_idx.shape)}")
     check_positive_int("num_experts", num_experts)

@@ -255,6 +255,19 @@ def _tuned(kernel: str, dtype: torch.dtype):
     return TUNED[kernel + "_fp32" if dtype == torch.float32 else kernel]
 
 
+def _narrow_columns(t: Tensor) -> Tensor:
+    """``t``, or a contiguous copy of it where an element offset along the dimensions after the
+    first passes 2**31: the kernels address rows and experts in int64 but columns in int32
+    (cheaper, and enough for any contiguous operand); a transposed ``x`` of 2**31 elements or a
+    permuted ``[out, E, in]`` weight are rare enough to be copied."""
+    extent = sum(
+        (size - 1) * stride
+        for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True)
+        if size
+    )
+    return t.contiguous() if extent >= 2**31 else t
+
+
 def _rows_bucket(num_rows: int, num_experts: int) -> int:
     """Rows per expert rounded up to a power of two, capped: the autotuning bucket."""
     return min(triton.next_power_of_2(max(1, num_rows // num_experts)), 4096)
@@ -300,6 +313,7 @@ def gather_gemm(
     TOKEN output: the kernel writes each assignment's gated row in fp32, then a token's k rows
     are summed and rounded once to x's dtype."""
     del sorted_experts
+    x, weight = _narrow_columns(x), _narrow_columns(weight)
     num_rows = sorted_indices.shape[0]
     num_experts, num_out, num_in = weight.shape
     token_output = y_layout == RowLayout.TOKEN
@@ -340,6 +354,7 @@ def weight_grad(
     y_layout: int,
 ) -> Tensor:
     """Same contract as :func:`torch_backend.weight_grad`."""
+    x, dy = _narrow_columns(x), _narrow_columns(dy)
     num_rows = sorted_indices.shape[0]
     num_out, num_in = dy.shape[1], x.shape[1]
     dw = torch.zeros(num_experts, num_out, num_in, device=x.device, dtype=torch.float32)

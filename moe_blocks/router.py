@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import DispatchPlan, gather_scores, plan_dispatch
+from .kernels.ops import AUTOCAST_DTYPES, autocasting
 from .kernels.plan import check_non_negative, check_positive_int
 from .losses import (
     BALANCE_LOSSES,
@@ -20,7 +21,6 @@ from .losses import (
 )
 
 SCORE_MODES = ("topk_softmax", "softmax_topk", "sigmoid")
-AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what autocast casts
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ def gate_logits(x: Tensor, weight: Tensor) -> Tensor:
     or pruning experts leaves the other experts' logits, and so the routing and the block's
     output, bit for bit unchanged (a fp32 matmul blocks its sums by the output width). Other
     dtypes and autocast: the gate's own linear, as transformers computes it."""
-    if x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype == weight.dtype == torch.float32 and not autocasting(x.device.type):
         return _Float64Logits.apply(x, weight)
     return nn.functional.linear(x, weight).float()
 
@@ -288,7 +288,7 @@ def check_input_dtype(x, dtype: torch.dtype, name: str = "x") -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    autocast = torch.is_autocast_enabled(x.device.type) and x.dtype in AUTOCAST_DTYPES
+    autocast = autocasting(x.device.type) and x.dtype in AUTOCAST_DTYPES
     if x.dtype != dtype and not autocast:
         raise TypeError(
             f"{name} has dtype {x.dtype} but the block's parameters have dtype {dtype}: convert "

@@ -67,6 +67,7 @@ def test_bad_input_raises_naming_the_argument(backend):
          dict(gates=torch.rand(6, 2, device="meta"))),
         (ValueError, f"plan was built on meta but x is on {x.device}",
          dict(plan=plan_dispatch(plan.expert_idx.to("meta"), 4))),
+        (ValueError, f"weight is on {x.device} but x is on meta", dict(x=x.to("meta"))),
     ]  # fmt: skip
     for error, message, overrides in cases:
         args = {"x": x, "weight": weight, "plan": plan, "backend": backend} | overrides
@@ -152,6 +153,18 @@ def test_autocast_runs_in_the_autocast_dtype(backend):
     assert_matches(y, expected, torch.bfloat16, "autocast output")
 
 
+def test_autocast_leaves_float64_alone_as_a_matmul_does():
+    """``torch.autocast`` does not cast float64: float64 operands stay float64 (as with
+    ``F.linear``), and a float64 ``x`` with fp32 weights fails naming the dtypes."""
+    plan, x, weight = _setup(dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = expert_linear(x, weight, plan, backend="torch")
+        assert y.dtype == torch.nn.functional.linear(x, weight[0]).dtype == torch.float64
+        with pytest.raises(TypeError, match="weight dtype torch.bfloat16 differs from x dtype"):
+            expert_linear(x, weight.float(), plan, backend="torch")
+    torch.testing.assert_close(y, reference_expert_linear(x, weight, plan.expert_idx))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows_in", ["token", "assignment", "grouped"])
 def test_row_offsets_past_2_31_elements(backend, rows_in):
@@ -174,6 +187,36 @@ def test_row_offsets_past_2_31_elements(backend, rows_in):
     expected = reference_expert_linear(x_ref, weight_ref, plan, grouped_in=grouped_in)
     (expected * upstream.double()).sum().backward()
     assert_matches(out.cpu(), expected.detach(), torch.float16, "y", reduction_length=d_in)
+    assert_matches(weight.grad.cpu(), weight_ref.grad, torch.float16, "dW", reduction_length=6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("operand", ["x", "weight"])
+def test_column_offsets_past_2_31_elements(backend, operand):
+    """Strides within a row past 2**31 elements: a transposed ``x`` (``a.t()`` of a wide
+    ``a``) or a weight whose out-features are far apart (``[out, E, in]`` permuted), through
+    the forward and both gradients. The 4 GiB fp16 storage is barely touched."""
+    tokens, d_in, d_out = 3, 16, 8
+    plan = plan_dispatch(torch.tensor([[0, 1], [1, 0], [1, 0]], device=DEVICE), 2)
+    x = torch.randn(tokens, d_in).half()
+    weight = torch.randn(2, d_out, d_in).half()
+    far = (2**31 // 7 + 16) // 16 * 16  # the 8th column or out-feature starts past 2**31
+    if operand == "x":
+        storage = torch.empty(15 * far + tokens, dtype=torch.float16, device=DEVICE)
+        x = storage.as_strided((tokens, d_in), (1, far)).copy_(x)
+    else:
+        storage = torch.empty(7 * far + 2 * d_in, dtype=torch.float16, device=DEVICE)
+        weight = storage.as_strided((2, d_out, d_in), (d_in, far, 1)).copy_(weight)
+    x, weight = x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_()
+    out = expert_linear(x, weight, plan, backend=backend)
+    upstream = torch.randn(out.shape).half()
+    (out * upstream.to(DEVICE)).sum().backward()
+    x_ref = x.detach().cpu().double().requires_grad_()
+    weight_ref = weight.detach().cpu().double().requires_grad_()
+    expected = reference_expert_linear(x_ref, weight_ref, plan)
+    (expected * upstream.double()).sum().backward()
+    assert_matches(out.cpu(), expected.detach(), torch.float16, "y", reduction_length=d_in)
+    assert_matches(x.grad.cpu(), x_ref.grad, torch.float16, "dx", reduction_length=d_out)
     assert_matches(weight.grad.cpu(), weight_ref.grad, torch.float16, "dW", reduction_length=6)
 
 
