@@ -82,6 +82,11 @@ def load_corpus(data: str | Path | None) -> Corpus:
         files = load_corpus_files()
         description = f"Python {sysconfig.get_python_version()} standard library ({root})"
     else:
+        if data == "":  # Path("") is the current folder
+            raise TrainingError(
+                "--data is empty: give a text file or folder (or leave --data out for Python's "
+                "standard library)"
+            )
         root = Path(data)
         if not root.exists():
             raise TrainingError(f"--data {data}: no such file or folder")
@@ -191,6 +196,9 @@ class TrainSettings:
             check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.threads is not None:
             check_positive_int("--threads", self.threads)
+        for name in ("out", "resume_from"):
+            if getattr(self, name) == "":  # Path("") is the current folder
+                raise TrainingError(f"--{name.replace('_', '-')} is empty: give a folder")
         given = self.warmup_steps
         if given is not None and (
             isinstance(given, bool) or not isinstance(given, int) or not 0 <= given <= self.steps

@@ -285,6 +285,17 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     assert message in one_line_error(capsys)
 
 
+@pytest.mark.parametrize("flag", ["--data", "--out", "--resume-from"])
+def test_an_empty_path_is_an_error_not_the_current_folder(
+    flag, tmp_path, corpus, capsys, monkeypatch, no_training
+):
+    monkeypatch.chdir(corpus)  # Path("") is the current folder, here one with text to train on
+    paths = {"--data": str(corpus), "--out": str(tmp_path / "run"), flag: ""}
+    assert run([arg for pair in paths.items() for arg in pair] + FAST) == 2
+    assert f"{flag} is empty" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists() and not (corpus / "checkpoint").exists()
+
+
 def test_empty_data_and_foreign_checkpoints(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
