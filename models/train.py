@@ -213,7 +213,8 @@ class TrainSettings:
             raise TrainingError(f"--schedule must be wsd or cosine, got {self.schedule}")
         if self.preset not in JetMoEConfig.PRESETS:
             raise TrainingError(
-                f"unknown preset {self.preset!r}; presets: {', '.join(JetMoEConfig.PRESETS)}"
+                f"--preset: unknown preset {self.preset!r}; presets: "
+                f"{', '.join(JetMoEConfig.PRESETS)}"
             )
         if self.train_new_experts_only and self.resume_from is None:
             raise TrainingError(

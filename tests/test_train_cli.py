@@ -272,7 +272,7 @@ def test_info_prints_the_published_size(capsys):
     "args, message",
     [
         (["train", "--data", "/nonexistent/corpus"], "no such file"),
-        (["train", "--preset", "jetmoe-1t"], "unknown preset"),
+        (["train", "--preset", "jetmoe-1t"], "--preset: unknown preset 'jetmoe-1t'"),
         (["train", "--batch-size", "0"], "--batch-size"),
         (["generate", "--checkpoint", "/nonexistent"], "--checkpoint"),
         (["bench", "--tiny", "--shapes", "gpt-5"], "unknown shape"),
