@@ -57,7 +57,8 @@ class TopKRouter(nn.Module):
         balance_loss: ``"switch"`` (default), ``"mutual_information"``,
             ``"load_concentration"`` (ModuleFormer's, for fine-tuning before pruning: it
             *concentrates* routing, see :func:`~moe_blocks.load_concentration_loss`) or
-            ``"none"``.
+            ``"none"`` (no balance term: the z-loss alone, at ``z_loss_weight``; no aux loss
+            at all with ``aux_loss_coef=0``).
         z_loss_weight: weight of the router z-loss inside the aux loss (JetMoE: 0.1), >= 0.
         aux_loss_coef: the weight of ``balance + z_loss_weight · z-loss`` in the training loss
             (JetMoE: 0.01), >= 0. ``RouterOutput.aux_loss`` already includes it.
