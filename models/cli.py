@@ -283,8 +283,7 @@ def prune_command(args: argparse.Namespace) -> int:
     settings = training.TrainSettings(
         batch_size=args.batch_size, seq_len=args.seq_len, eval_batches=args.batches
     )
-    corpus = training.load_corpus(args.data)
-    training.check_window_fits(corpus, args.data, args.seq_len)
+    corpus = training.load_corpus(args.data, args.seq_len)
     usage = expert_usage(
         model,
         [
@@ -333,8 +332,7 @@ def _validation_windows(model, args: argparse.Namespace, data: str | None) -> li
     from . import train as training
 
     settings = training.TrainSettings(batch_size=8, seq_len=args.seq_len, eval_batches=4)
-    corpus = training.load_corpus(data)
-    training.check_window_fits(corpus, data, settings.seq_len)
+    corpus = training.load_corpus(data, settings.seq_len)
     return [
         training._windows(corpus.validation, starts, settings.seq_len)[:, :-1]
         for starts in training.validation_starts(corpus, settings)

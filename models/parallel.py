@@ -60,7 +60,6 @@ from .train import (
     _last_bpb,
     _summary,
     check_positive_int,
-    check_window_fits,
     evaluate,
     load_corpus,
     make_optimizer,
@@ -351,8 +350,7 @@ def _train(
             f"--resume: {checkpoint_dir} was written by a one-process run; continue it with "
             "moe-blocks train --resume (without torchrun)"
         )
-    corpus = load_corpus(settings.data)
-    check_window_fits(corpus, settings.data, settings.seq_len)
+    corpus = load_corpus(settings.data, settings.seq_len)
     if settings.batch_size % world:
         raise TrainingError(
             f"--batch-size {settings.batch_size} must be divisible by the number of processes "

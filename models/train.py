@@ -33,6 +33,7 @@ from .jetmoe import JetMoEConfig, JetMoEForCausalLM
 VALIDATION_PERCENT = 5
 SEPARATOR = b"\n\n"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+DEFAULT_SEQ_LEN = 128  # bytes per training window
 
 
 class TrainingError(Exception):
@@ -73,10 +74,13 @@ def load_corpus_files() -> list[Path]:
     )
 
 
-def load_corpus(data: str | Path | None) -> Corpus:
-    """The standard library's Python sources (``data=None``), every file under a folder, or one
-    file. Folders are split by a stable hash of each file's relative path; a single file by
-    position (its last 5 % is validation)."""
+def load_corpus(data: str | Path | None, seq_len: int = DEFAULT_SEQ_LEN) -> Corpus:
+    """The text to train and validate on, each part at least one window of ``seq_len + 1``
+    bytes: the standard library's Python sources (``data=None``), every file under a folder, or
+    one file. Files are split by a stable hash of their relative path; when that leaves either
+    part shorter than a window (one file, or a folder of few files), the text of all of them
+    is split by position instead: the last 5 %, and at least a window, is validation. Text
+    shorter than two windows is a :class:`TrainingError`."""
     if data is None:
         root = STDLIB
         files = load_corpus_files()
@@ -90,40 +94,31 @@ def load_corpus(data: str | Path | None) -> Corpus:
         root = Path(data)
         if not root.exists():
             raise TrainingError(f"--data {data}: no such file or folder")
-        if root.is_file():
-            content = root.read_bytes()
-            if len(content) < 2:
-                raise TrainingError(f"--data {data}: the file is empty")
-            cut = len(content) - max(1, len(content) * VALIDATION_PERCENT // 100)
-            whole = torch.frombuffer(bytearray(content), dtype=torch.uint8)
-            return Corpus(whole[:cut], whole[cut:], f"{root} ({len(content):,} bytes)")
-        files = sorted(path for path in root.rglob("*") if path.is_file())
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         description = str(root)
-    relative = [path.relative_to(root).as_posix() for path in files]
-    train_files = [p for p, r in zip(files, relative, strict=True) if not _in_validation(r)]
-    val_files = [p for p, r in zip(files, relative, strict=True) if _in_validation(r)]
-    if not val_files and len(train_files) > 1:
-        val_files = [train_files.pop()]
-    train, validation = _join(train_files), _join(val_files)
-    if train.numel() < 2:
-        raise TrainingError(f"--data {data}: no training text found")
-    if validation.numel() < 2:
-        validation = train[-max(2, train.numel() // 20) :]
+    hashed = [_in_validation(path.relative_to(root).as_posix()) for path in files]
+    train = _join([path for path, val in zip(files, hashed, strict=True) if not val])
+    validation = _join([path for path, val in zip(files, hashed, strict=True) if val])
+    window = seq_len + 1
+    split = "split by path hash"
+    if min(train.numel(), validation.numel()) < window:  # one file is all on one side
+        text = _join(files)
+        if text.numel() < 2 * window:
+            source = "Python's standard library" if data is None else f"--data {data}"
+            raise TrainingError(
+                f"--seq-len {seq_len}: {source} has {text.numel():,} bytes of text, fewer than "
+                f"two windows of --seq-len + 1 ({window}) bytes, one to train on and one to "
+                "validate; use a smaller --seq-len or more text"
+            )
+        size = max(text.numel() * VALIDATION_PERCENT // 100, window)
+        train, validation = text[:-size], text[-size:]
+        split = "split by position"
+    count = f"{len(files):,} file{'s' * (len(files) != 1)}"
     return Corpus(
         train,
         validation,
-        f"{description}: {len(files):,} files, {train.numel():,} + {validation.numel():,} bytes",
+        f"{description}: {count}, {train.numel():,} + {validation.numel():,} bytes ({split})",
     )
-
-
-def check_window_fits(corpus: Corpus, data: str | None, seq_len: int) -> None:
-    """Both texts must hold at least one window of ``seq_len + 1`` bytes."""
-    for part, text in (("training", corpus.train), ("validation", corpus.validation)):
-        if text.numel() < seq_len + 1:
-            raise TrainingError(
-                f"--data {data}: the {part} text has {text.numel()} bytes, fewer than "
-                f"--seq-len + 1 ({seq_len + 1}); use a smaller --seq-len or more text"
-            )
 
 
 def batch_at(
@@ -160,7 +155,7 @@ class TrainSettings:
     out: str = "runs/tiny"
     steps: int = 600
     batch_size: int = 16
-    seq_len: int = 128
+    seq_len: int = DEFAULT_SEQ_LEN
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None  # None: min(DEFAULT_WARMUP_STEPS, steps)
@@ -492,8 +487,7 @@ def train(
     out = Path(settings.out)
     checkpoint_dir = out / "checkpoint"
     state = _check_output(settings, resume=resume, overwrite=overwrite)
-    corpus = load_corpus(settings.data)
-    check_window_fits(corpus, settings.data, settings.seq_len)
+    corpus = load_corpus(settings.data, settings.seq_len)
     origin = load_origin(settings)
     if overwrite and origin is not None and out.resolve() in origin.checkpoint.resolve().parents:
         raise TrainingError(
@@ -693,8 +687,7 @@ def load_origin(settings: TrainSettings) -> Origin | None:
     known, data = previous_data(checkpoint)
     previous = None
     if known and data != settings.data:
-        previous = load_corpus(data)
-        check_window_fits(previous, data, settings.seq_len)
+        previous = load_corpus(data, settings.seq_len)
     name = "Python's standard library" if data is None else str(data)
     return Origin(checkpoint, new_experts, previous, name)
 

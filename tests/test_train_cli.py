@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -229,15 +230,41 @@ def test_a_run_shorter_than_the_default_warmup_needs_no_warmup_flag(tmp_path, co
     ]
 
 
-@pytest.mark.parametrize("size, seq_len, part", [(20, 32, "training"), (1000, 64, "validation")])
-def test_text_shorter_than_a_window_is_an_error(size, seq_len, part, tmp_path, capsys, no_training):
-    # One file: its last 5 % is validation (50 bytes of 1000).
+@pytest.mark.parametrize("size, seq_len", [(20, 32), (100, 64)])
+def test_text_shorter_than_two_windows_is_an_error(size, seq_len, tmp_path, capsys, no_training):
+    # One window of --seq-len + 1 bytes to train on and one to validate: 100 < 2 x 65.
     text = tmp_path / "short.txt"
     text.write_bytes((b"0123456789" * 100)[:size])
     out = tmp_path / "run"
     assert run(["--data", str(text), "--out", str(out), *FAST, "--seq-len", str(seq_len)]) == 2
     err = one_line_error(capsys)
-    assert "--seq-len" in err and part in err
+    assert "--seq-len" in err and f"{size} bytes" in err
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"a.py": 3000},  # crc32("a.py") % 100 = 2: the path hash puts all of it in validation
+        {"b.txt": 3000},  # 46: all of it in training
+        {"a.py": 20, "b.txt": 3000},  # validation shorter than a window (33 bytes)
+        {"one.txt": 600},  # one file: its last 5 % (30 bytes) is shorter than a window
+    ],
+    ids=["all-validation", "no-validation", "short-validation", "one-file"],
+)
+def test_any_text_of_two_windows_trains_split_by_position(files, tmp_path, capsys):
+    """When the path-hash split leaves a part shorter than a window, the text is split by
+    position: the last 5 %, and at least one window, validates."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, size in files.items():
+        (folder / name).write_bytes((b"def f(x):\n    return x\n" * 200)[:size])
+    data = folder / "one.txt" if "one.txt" in files else folder
+    assert run(["--data", str(data), "--out", str(tmp_path / "run"), *FAST, "--steps", "1"]) == 0
+    assert "split by position" in capsys.readouterr().out
+    corpus = train_module.load_corpus(str(data), 32)  # FAST's --seq-len
+    text = train_module._join(sorted(folder.iterdir()))
+    assert torch.equal(torch.cat([corpus.train, corpus.validation]), text)
+    assert corpus.validation.numel() == max(text.numel() // 20, 33)
 
 
 def test_help_shows_the_documented_defaults(capsys):
@@ -321,9 +348,13 @@ def test_python_dash_m_runs_the_cli():
 
 
 def test_default_corpus_is_the_stdlib_split_by_path_hash():
+    root = train_module.STDLIB
     files = train_module.load_corpus_files()
     assert files == sorted(files) and len(files) > 100
     corpus = train_module.load_corpus(None)
     share = corpus.validation.numel() / (corpus.train.numel() + corpus.validation.numel())
-    assert 0.01 < share < 0.15
-    assert torch.equal(train_module.load_corpus(None).validation, corpus.validation)
+    assert 0.01 < share < 0.15 and "split by path hash" in corpus.description
+    # docs/train.md: a file validates when crc32(relative path) % 100 < 5.
+    hashed = [p for p in files if zlib.crc32(p.relative_to(root).as_posix().encode()) % 100 < 5]
+    validation = train_module._join(hashed)
+    assert torch.equal(corpus.validation, validation)
