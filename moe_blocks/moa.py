@@ -164,8 +164,8 @@ class MoA(ModularBlock, nn.Module):
         x: ``[B, T, d_model]``, the block's dtype (any floating dtype under autocast).
         attention_mask: ``[B, T_past + T]``, bool or integer: True/1 for real tokens,
             False/0 for padding (keys that no query may attend to). Float (additive) masks are
-            rejected. Rows of padding queries that would see no key at all attend to every key
-            instead (their outputs are meaningless, finite).
+            rejected. A padding query that sees no key at all gets a zero attention output
+            (as transformers' SDPA path gives), so the block returns its bias there.
         kv_cache: keys and values of the earlier tokens; updated in place.
         position_ids: ``[B, T]`` or ``[T]`` RoPE positions; default ``T_past + arange(T)``.
         """
@@ -195,7 +195,7 @@ class MoA(ModularBlock, nn.Module):
         # Heads ordered (kv head i, slot j) so that SDPA's grouped-query attention, which gives
         # query head h the KV head h // top_k, pairs slot j's head i with KV head i.
         query = query.permute(0, 3, 2, 1, 4).reshape(batch, kv_heads * top_k, length, head_dim)
-        mask = self._mask(attention_mask, batch, length, past + length, x.device)
+        mask, sees_a_key = self._mask(attention_mask, batch, length, past + length, x.device)
         attended = F.scaled_dot_product_attention(
             query,
             key.transpose(1, 2),
@@ -206,6 +206,8 @@ class MoA(ModularBlock, nn.Module):
             scale=head_dim**-0.5,
             enable_gqa=top_k > 1,
         )
+        if sees_a_key is not None:
+            attended = attended.masked_fill(~sees_a_key, 0.0)
         attended = attended.view(batch, kv_heads, top_k, length, head_dim).permute(0, 3, 2, 1, 4)
         attended = attended.reshape(batch * length * top_k, kv_heads * head_dim)
         # The aux loss rides on the gates (see MoEMLP.forward).
@@ -218,21 +220,25 @@ class MoA(ModularBlock, nn.Module):
     @staticmethod
     def _mask(
         attention_mask: Tensor | None, batch: int, length: int, total: int, device
-    ) -> Tensor | None:
-        """Boolean ``[B, 1, T, T_total]`` mask (True = attend), or None for plain causal."""
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Boolean ``[B, 1, T, T_total]`` mask (True = attend), or None for plain causal; and,
+        with ``attention_mask``, ``[B, 1, T, 1]``: True where the query sees some key. A row
+        that sees none is opened to every key, which keeps SDPA free of NaN; the caller zeroes
+        its output."""
         if attention_mask is None and total == length:
-            return None
+            return None, None
         past = total - length
         query_pos = torch.arange(past, total, device=device)[:, None]
         causal = torch.arange(total, device=device)[None, :] <= query_pos  # [T, T_total]
         mask = causal[None].expand(batch, length, total)
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != (batch, total):
-                raise ValueError(
-                    f"attention_mask must be [B, T_past + T] = {(batch, total)}, "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            check_keep_mask(attention_mask)
-            mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
-            mask = mask | ~mask.any(-1, keepdim=True)
-        return mask[:, None]
+        if attention_mask is None:
+            return mask[:, None], None
+        if tuple(attention_mask.shape) != (batch, total):
+            raise ValueError(
+                f"attention_mask must be [B, T_past + T] = {(batch, total)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        check_keep_mask(attention_mask)
+        mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
+        sees_a_key = mask.any(-1, keepdim=True)
+        return (mask | ~sees_a_key)[:, None], sees_a_key[:, None]

@@ -65,8 +65,8 @@ def test_transformers_checkpoint_loads_with_the_same_logits(tmp_path_factory, co
         assert_logits_close(ours(ids.to(DEVICE)).logits.cpu(), reference(ids).logits, 1e-4)
         ours_masked = ours(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits.cpu()
         theirs_masked = reference(ids, attention_mask=mask).logits
-    assert_logits_close(ours_masked[0, 3:], theirs_masked[0, 3:], 1e-4)
-    assert_logits_close(ours_masked[1], theirs_masked[1], 1e-4)
+    # every position, the padding ones too (their attention output is zero in both)
+    assert_logits_close(ours_masked, theirs_masked, 1e-4)
 
 
 @settings(max_examples=8)

@@ -113,7 +113,10 @@ def test_padding_is_never_attended(case, data):
     mask[0, :pad] = False  # left padding in the first sequence
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     out = moa(x, attention_mask=mask, position_ids=positions)
-    assert torch.isfinite(out).all()
+    # a padding query sees no key: zero attention output (as transformers' SDPA), only the bias
+    torch.testing.assert_close(out[0, :pad], moa.bias.expand(pad, -1))
+    out.sum().backward()  # and no NaN in the backward pass either
+    assert all(torch.isfinite(param.grad).all() for param in moa.parameters())
     noisy = x.clone()
     noisy[0, :pad] = torch.randn_like(noisy[0, :pad]) * 10
     torch.testing.assert_close(
