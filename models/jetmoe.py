@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +58,7 @@ class JetMoEConfig:
     z_loss_coef: float = 0.1
     attention_dropout: float = 0.0
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     expert_prior: bool = False
 
@@ -216,6 +218,17 @@ class CausalLMOutput:
 # The model
 
 
+class _FromConfig:
+    """``generate``'s default for ``eos_token_id``: the model config's value (an explicit None
+    means "no end token")."""
+
+    def __repr__(self) -> str:
+        return "FROM_CONFIG"
+
+
+FROM_CONFIG = _FromConfig()
+
+
 class JetMoEForCausalLM(nn.Module):
     """JetMoE decoder-only language model built from :class:`MoA`, :class:`MoEMLP` and
     :class:`TopKRouter`; ``state_dict`` keys are transformers' except that ``MoA``'s expert
@@ -355,14 +368,17 @@ class JetMoEForCausalLM(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         attention_mask: Tensor | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | Tensor | None = FROM_CONFIG,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Greedy (default) or sampled continuation with a KV cache per layer.
 
-        Returns ``[B, T + new]``: the prompt followed by the new tokens; a sequence that emitted
-        ``eos_token_id`` is padded with it afterwards. With ``attention_mask`` (left padding),
-        positions count real tokens only.
+        Returns ``[B, T + new]``: the prompt followed by the new tokens. ``eos_token_id`` (one
+        id, several, or an integer tensor of them; default ``config.eos_token_id``; None: no end
+        token) ends a sequence: after it, the sequence is padded with ``config.pad_token_id``,
+        or with the (first) end token when that is None, and generation stops once every
+        sequence has ended (as transformers' ``generate`` does). With ``attention_mask`` (left
+        padding), positions count real tokens only.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -375,6 +391,14 @@ class JetMoEForCausalLM(nn.Module):
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         self._check_input_ids(input_ids)
+        if eos_token_id is FROM_CONFIG:
+            eos_ids = self._token_ids("config.eos_token_id", self.config.eos_token_id)
+        else:
+            eos_ids = self._token_ids("eos_token_id", eos_token_id)
+        if eos_ids:
+            eos = torch.tensor(eos_ids, device=input_ids.device)
+            pad_ids = self._token_ids("config.pad_token_id", self.config.pad_token_id)
+            pad_id = (pad_ids or eos_ids)[0]
         caches = [KVCache() for _ in self.model.layers]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -389,16 +413,38 @@ class JetMoEForCausalLM(nn.Module):
                 .float()
             )
             next_ids = self._pick(logits, do_sample, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
-                finished |= next_ids == eos_token_id
+            if eos_ids:
+                next_ids = next_ids.masked_fill(finished, pad_id)
+                finished |= torch.isin(next_ids, eos)
             sequence = torch.cat((sequence, next_ids[:, None]), dim=1)
             step_ids = next_ids[:, None]
             attention_mask = torch.cat((attention_mask, torch.ones_like(step_ids)), dim=1)
             positions = positions[:, -1:] + 1
-            if eos_token_id is not None and bool(finished.all()):
+            if eos_ids and bool(finished.all()):
                 break
         return sequence
+
+    def _token_ids(self, name: str, value) -> list[int]:
+        """``value`` (None, a token id, a sequence of them or an integer tensor) as a list of
+        ids, each checked to lie in the vocabulary."""
+        if value is None:
+            return []
+        if isinstance(value, Tensor):
+            value = value.tolist()
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not items:
+            raise ValueError(f"{name} must not be empty (None: no such token)")
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+                raise TypeError(
+                    f"{name} must be a token id, a sequence of them or an integer tensor, "
+                    f"got {value!r}"
+                )
+            if not 0 <= item < self.config.vocab_size:
+                raise ValueError(
+                    f"{name} {item} lies outside the vocabulary [0, {self.config.vocab_size})"
+                )
+        return [int(item) for item in items]
 
     @staticmethod
     def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> Tensor:
@@ -550,6 +596,7 @@ def _materialize_buffers(model: nn.Module, device: str) -> None:
 
 
 __all__ = [
+    "FROM_CONFIG",
     "CausalLMOutput",
     "JetMoEConfig",
     "JetMoEDecoderLayer",

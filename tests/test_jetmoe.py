@@ -110,7 +110,42 @@ def test_greedy_generation_matches_transformers(tmp_path):
     reference, ours = _generation_pair(tmp_path)
     prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(2))
     expected = reference.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)
-    assert torch.equal(ours.generate(prompt, max_new_tokens=12), expected)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=12, eos_token_id=None), expected)
+
+
+def _eos_pair(tmp_path, **overrides):
+    """A model (vocab 16) whose greedy continuations of ``prompt`` end with the config's
+    eos_token_id 2 within 10 tokens, one row two tokens before the other."""
+    kwargs = dict(vocab_size=16, hidden_size=64, num_hidden_layers=2, num_local_experts=4,
+                  num_experts_per_tok=2, num_key_value_heads=2, kv_channels=16,
+                  intermediate_size=96, initializer_range=0.2, **overrides)  # fmt: skip
+    reference = hf_model(kwargs, seed=9)
+    reference.save_pretrained(tmp_path)
+    prompt = torch.randint(3, 16, (2, 5), generator=torch.Generator().manual_seed(9))
+    return reference, JetMoEForCausalLM.from_pretrained(tmp_path).eval(), prompt
+
+
+@pytest.mark.parametrize("pad_token_id", [None, 0])
+def test_generation_ends_at_the_config_eos_as_transformers_does(tmp_path, pad_token_id):
+    """Called plainly, both take eos_token_id from the config; a row that ended is padded with
+    config.pad_token_id (the eos token when None) and generation stops once every row ended."""
+    reference, ours, prompt = _eos_pair(tmp_path, pad_token_id=pad_token_id)
+    expected = reference.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert expected.shape[1] < 15 and bool((expected == 2).any(dim=1).all())
+    pad = 2 if pad_token_id is None else pad_token_id
+    assert expected[1, -3:].tolist() == [2, pad, pad]  # the second row ended first
+    assert torch.equal(ours.generate(prompt, 10), expected)
+
+
+def test_several_eos_tokens_as_transformers_does(tmp_path):
+    reference, ours, prompt = _eos_pair(tmp_path)
+    expected = reference.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=[7, 1])
+    assert expected.shape[1] < 15
+    for eos in ([7, 1], (7, 1), torch.tensor([7, 1])):
+        assert torch.equal(ours.generate(prompt, 10, eos_token_id=eos), expected)
+    free = reference.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    assert torch.equal(ours.generate(prompt, 10, eos_token_id=None), free)
+    assert free.shape[1] == 15
 
 
 def _generation_pair(tmp_path):
@@ -196,7 +231,7 @@ def test_top_p_samples_only_from_the_nucleus(top_p):
     for seed in range(4):
         sequence = model.generate(
             prompt, new_tokens, do_sample=True, top_p=top_p, temperature=temperature,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seed), eos_token_id=None,
         )  # fmt: skip
         with torch.no_grad():
             logits = model(sequence).logits[:, 2:-1].double() / temperature
@@ -208,7 +243,7 @@ def test_top_p_samples_only_from_the_nucleus(top_p):
         ahead = (probs * (probs > chosen_prob)).sum(-1)
         assert bool((ahead < top_p + 1e-5).all()), f"seed {seed}: sampled outside the nucleus"
         if top_p == 1e-6:
-            assert torch.equal(sequence, model.generate(prompt, new_tokens))
+            assert torch.equal(sequence, model.generate(prompt, new_tokens, eos_token_id=None))
 
 
 def test_published_size_on_meta():
@@ -386,6 +421,10 @@ def test_bad_input_ids():
         model.generate(torch.tensor([[1, 2]]), 3, do_sample=True, top_k=0)
     with pytest.raises(ValueError, match="top_p"):
         model.generate(torch.tensor([[1, 2]]), 3, do_sample=True, top_p=1.5)
+    for eos, error in (([], ValueError), (256, ValueError), ([2, 2.0], TypeError),
+                       (True, TypeError), (torch.tensor([[2]]), TypeError)):  # fmt: skip
+        with pytest.raises(error, match="eos_token_id"):
+            model.generate(torch.tensor([[1, 2]]), 3, eos_token_id=eos)
     narrow = torch.tensor([[0, 255, 7]], dtype=torch.uint8)  # vocab 256 must not wrap to 0
     torch.testing.assert_close(model(narrow).logits, model(narrow.long()).logits)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
