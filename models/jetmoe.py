@@ -468,7 +468,9 @@ class JetMoEForCausalLM(nn.Module):
     ) -> JetMoEForCausalLM:
         """Load a Hugging Face JetMoe checkpoint directory: ``config.json`` and
         ``model.safetensors`` or ``model.safetensors.index.json`` with its shards. Nothing is
-        unpickled. Weights keep their stored dtype unless ``dtype`` is given."""
+        unpickled. Weights keep their stored dtype unless ``dtype`` is given. The model is
+        returned in eval mode (dropout off), as transformers returns it: call ``.train()`` to
+        fine-tune."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -508,7 +510,7 @@ class JetMoEForCausalLM(nn.Module):
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         _materialize_buffers(model, device)
-        return model
+        return model.eval()
 
     def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write ``config.json`` and ``model.safetensors`` (or shards with an index when larger

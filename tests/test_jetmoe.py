@@ -85,6 +85,20 @@ def test_our_checkpoint_loads_in_transformers_with_the_same_logits(
         assert_logits_close(ours(ids).logits, reference(ids).logits, 1e-4)
 
 
+def test_loaded_model_is_in_eval_mode_as_transformers_returns_it(tmp_path):
+    """With attention dropout, a model left in training mode gives other logits each call."""
+    kwargs = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_local_experts=3,
+                  num_experts_per_tok=2, num_key_value_heads=2, kv_channels=8,
+                  intermediate_size=32, initializer_range=0.2, attention_dropout=0.5)  # fmt: skip
+    hf_model(kwargs).save_pretrained(tmp_path)
+    ours = JetMoEForCausalLM.from_pretrained(tmp_path)
+    theirs = transformers.JetMoeForCausalLM.from_pretrained(tmp_path)
+    assert not ours.training and not theirs.training
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_logits_close(ours(ids).logits, theirs(ids).logits, 1e-4)
+
+
 def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(tmp_path):
     """bf16 rounding (and the odd routing flip it causes) moves logits; ours must stay as close
     to the fp32 logits as transformers' own bf16 run does."""
