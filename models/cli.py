@@ -210,7 +210,7 @@ def extend_command(args: argparse.Namespace) -> int:
     training.check_positive_int("--seq-len", args.seq_len)
     source = training.checkpoint_folder(args.checkpoint)
     out = _new_output_folder(args.out, args.overwrite)
-    model = _load(source, "CHECKPOINT")
+    model = training.load_model(source, "CHECKPOINT")
     known, data = training.previous_data(source)
     blocks = expert_blocks(model)
     base_experts = model.config.num_local_experts
@@ -272,7 +272,7 @@ def prune_command(args: argparse.Namespace) -> int:
         )
     source = training.checkpoint_folder(args.checkpoint)
     out = _new_output_folder(args.out, args.overwrite)
-    model = _load(source, "CHECKPOINT")
+    model = training.load_model(source, "CHECKPOINT")
     config = model.config
     keep = round(config.num_local_experts * args.keep_fraction)
     if keep < config.num_experts_per_tok:
@@ -337,16 +337,6 @@ def _validation_windows(model, args: argparse.Namespace, data: str | None) -> li
         training._windows(corpus.validation, starts, settings.seq_len)[:, :-1]
         for starts in training.validation_starts(corpus, settings)
     ]
-
-
-def _load(folder, flag: str):
-    from .jetmoe import JetMoEForCausalLM
-    from .train import TrainingError
-
-    try:
-        return JetMoEForCausalLM.from_pretrained(folder)
-    except (FileNotFoundError, ValueError) as error:
-        raise TrainingError(f"{flag}: {error}") from None
 
 
 def _new_output_folder(path: str, overwrite: bool):

@@ -62,6 +62,7 @@ from .train import (
     check_positive_int,
     evaluate,
     load_corpus,
+    load_log,
     make_optimizer,
     plot_run,
     prepare_output,
@@ -375,8 +376,8 @@ def _train(
     start_step = 0
     if state is not None:
         load_sharded(checkpoint_dir, model, optimizer)
-        start_step = state["step"]
-        log = json.loads((checkpoint_dir / "log.json").read_text())
+        start_step = state.step
+        log = load_log(checkpoint_dir)
     if main:
         print(_summary(settings, corpus, model, start_step))
         print(f"ranks:  {world} (data parallel {world // ep} x expert parallel {ep}) on {device}")

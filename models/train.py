@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moe_blocks import FrozenExperts, expert_blocks, freeze_experts
@@ -301,7 +302,17 @@ def save_checkpoint(
     (directory / "log.json").write_text(json.dumps(log) + "\n")
 
 
-def load_trainer_state(directory: Path) -> dict:
+@dataclass
+class TrainerState:
+    """What ``trainer_state.json`` says: the steps done and the run's settings."""
+
+    step: int
+    settings: TrainSettings
+
+
+def load_trainer_state(directory: Path) -> TrainerState:
+    """The trainer state of the checkpoint in ``directory``; a :class:`TrainingError` naming
+    the file when it is missing or not one that moe-blocks train wrote."""
     state_file = directory / "trainer_state.json"
     if not state_file.is_file():
         raise TrainingError(
@@ -311,19 +322,61 @@ def load_trainer_state(directory: Path) -> dict:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError:
         raise TrainingError(f"{state_file} is not valid JSON") from None
-    if state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
         raise TrainingError(
-            f"{state_file}: format {state.get('format')!r}, not {CHECKPOINT_FORMAT!r} "
+            f"{state_file}: format {found!r}, not {CHECKPOINT_FORMAT!r} "
             "(written by another version of moe-blocks train, or by something else)"
         )
-    return state
+    try:
+        trainer_state = TrainerState(state["step"], TrainSettings(**state["settings"]))
+    except (KeyError, TypeError):
+        trainer_state = None
+    if trainer_state is None or not isinstance(trainer_state.step, int) or trainer_state.step < 0:
+        raise TrainingError(f"{state_file}: no step count and settings of moe-blocks train")
+    return trainer_state
+
+
+def load_model(folder: Path, flag: str) -> JetMoEForCausalLM:
+    """The model in ``folder``; a :class:`TrainingError` naming ``flag`` and the file when
+    the folder holds none or one that is not ours."""
+    try:
+        return JetMoEForCausalLM.from_pretrained(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise TrainingError(f"{flag}: {error}") from None
+
+
+def load_log(directory: Path) -> list[dict]:
+    """The ``log.json`` saved with the checkpoint in ``directory``."""
+    path = directory / "log.json"
+    try:
+        log = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainingError(f"--resume: {path} is missing") from None
+    except ValueError:  # not UTF-8 or not JSON
+        raise TrainingError(f"--resume: {path} is not valid JSON") from None
+    if not isinstance(log, list) or not all(isinstance(entry, dict) for entry in log):
+        raise TrainingError(f"--resume: {path}: not a list of step entries")
+    return log
 
 
 def _restore_optimizer(directory: Path, model, optimizer) -> None:
-    tensors = load_file(str(directory / "optimizer.safetensors"))
+    path = directory / "optimizer.safetensors"
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise TrainingError(f"--resume: {path} is missing") from None
+    except SafetensorError as error:
+        raise TrainingError(f"--resume: {path}: {error}") from None
     params = dict(model.named_parameters())
     for key, value in tensors.items():
-        name, state_key = key.split("::")
+        name, _, state_key = key.partition("::")
+        param = params.get(name)
+        known = param is not None and state_key in ("step", "exp_avg", "exp_avg_sq")
+        if not known or value.shape != (() if state_key == "step" else param.shape):
+            raise TrainingError(
+                f"--resume: {path}: {key!r} is not AdamW state of this model's parameters"
+            )
         optimizer.state[params[name]][state_key] = value
 
 
@@ -500,11 +553,11 @@ def train(
     log: list[dict] = []
     start_step = 0
     if state is not None:
-        model = JetMoEForCausalLM.from_pretrained(checkpoint_dir)
-        start_step = state["step"]
-        log = json.loads((checkpoint_dir / "log.json").read_text())
+        model = load_model(checkpoint_dir, "--resume")
+        start_step = state.step
+        log = load_log(checkpoint_dir)
     elif origin is not None:
-        model = origin.load_model()
+        model = load_model(origin.checkpoint, "--resume-from")
     else:
         torch.manual_seed(settings.seed)
         model = JetMoEForCausalLM(JetMoEConfig.from_preset(settings.preset, **settings.overrides))
@@ -536,7 +589,7 @@ def train(
     return TrainResult(out, log, start_bpb, _last_bpb(log), interrupted)
 
 
-def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> dict | None:
+def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> TrainerState | None:
     """Refuse an ``out`` that would fail after training or lose a run; with ``resume``, return
     the checkpoint's trainer state once it agrees with ``settings``."""
     out = Path(settings.out)
@@ -553,7 +606,7 @@ def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> 
             )
         return None
     state = load_trainer_state(out / "checkpoint")
-    saved = TrainSettings(**state["settings"])
+    saved = state.settings
     for name in (
         "preset", "batch_size", "seq_len", "seed", "data", "overrides", "resume_from",
         "train_new_experts_only", "balance_loss",
@@ -563,9 +616,9 @@ def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> 
             raise TrainingError(
                 f"--resume: --{flag} differs from the checkpoint's ({getattr(saved, name)})"
             )
-    if settings.steps <= state["step"]:
+    if settings.steps <= state.step:
         raise TrainingError(
-            f"--resume: the checkpoint is at step {state['step']}; --steps {settings.steps} "
+            f"--resume: the checkpoint is at step {state.step}; --steps {settings.steps} "
             "must be above it to train further"
         )
     return state
@@ -631,7 +684,7 @@ def previous_data(checkpoint: Path) -> tuple[bool, str | None]:
     if extension is not None and "previous_data" in extension:
         return True, extension["previous_data"]
     if (checkpoint / "trainer_state.json").is_file():
-        return True, load_trainer_state(checkpoint)["settings"]["data"]
+        return True, load_trainer_state(checkpoint).settings.data
     return False, None
 
 
@@ -645,12 +698,6 @@ class Origin:
     new_experts: range | None
     previous: Corpus | None
     previous_name: str
-
-    def load_model(self) -> JetMoEForCausalLM:
-        try:
-            return JetMoEForCausalLM.from_pretrained(self.checkpoint)
-        except (FileNotFoundError, ValueError) as error:
-            raise TrainingError(f"--resume-from: {error}") from None
 
     def summary(self, settings: TrainSettings) -> str:
         lines = [f"from:   {self.checkpoint}"]

@@ -339,6 +339,36 @@ def test_empty_data_and_foreign_checkpoints(tmp_path, capsys):
     assert len(errors) == 4 and not any("Traceback" in line for line in errors)
 
 
+def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, corpus, capsys, monkeypatch):
+    """Issue 5: 'a checkpoint that is not ours: a clear one-line error and a non-zero exit, no
+    traceback', for each file of the checkpoint."""
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good"
+    assert run(["--data", str(corpus), "--out", str(good), *FAST[2:], "--steps", "1"]) == 0
+    capsys.readouterr()
+
+    def state_without_settings(path):
+        path.write_text(json.dumps({"format": train_module.CHECKPOINT_FORMAT, "step": 1}))
+
+    damages = [
+        ("model.safetensors", lambda path: save_file({"foo": torch.zeros(2)}, str(path))),
+        ("optimizer.safetensors", lambda path: path.unlink()),
+        ("optimizer.safetensors", lambda path: path.write_bytes(b"garbage")),
+        ("optimizer.safetensors", lambda path: save_file({"a::exp_avg": torch.ones(2)}, str(path))),
+        ("log.json", lambda path: path.unlink()),
+        ("log.json", lambda path: path.write_text("{not json")),
+        ("trainer_state.json", state_without_settings),
+    ]
+    monkeypatch.setattr(train_module, "batch_at", None)  # no step may start
+    for index, (name, damage) in enumerate(damages):
+        out = tmp_path / f"damaged{index}"
+        shutil.copytree(good, out)
+        damage(out / "checkpoint" / name)
+        assert run(["--data", str(corpus), "--out", str(out), "--resume", *FAST]) == 2, index
+        assert name in one_line_error(capsys), index
+
+
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run(
         [sys.executable, "-m", "moe_blocks", "info", "tiny"], capture_output=True, text=True,
