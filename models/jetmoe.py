@@ -111,11 +111,15 @@ class JetMoEConfig:
 
     @classmethod
     def from_hf_dict(cls, data: dict, source: str = "config.json") -> JetMoEConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: not a JSON object but {type(data).__name__}")
         if data.get("model_type") != "jetmoe":
             raise ValueError(
                 f"{source}: model_type is {data.get('model_type')!r}, expected 'jetmoe'"
             )
         rope = data.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: rope_parameters must be a JSON object, got {rope!r}")
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"{source}: rope_type {rope['rope_type']!r} is not supported")
         names = {f.name for f in dataclasses.fields(cls)} - {"layer_rms_norm_eps"}
@@ -471,17 +475,13 @@ class JetMoEForCausalLM(nn.Module):
         unpickled. Weights keep their stored dtype unless ``dtype`` is given. The model is
         returned in eval mode (dropout off), as transformers returns it: call ``.train()`` to
         fine-tune."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         config_path = path / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a checkpoint directory")
-        try:
-            config_data = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_path}: not valid JSON ({error})") from error
-        config = JetMoEConfig.from_hf_dict(config_data, str(config_path))
+        config = JetMoEConfig.from_hf_dict(_read_json(config_path), str(config_path))
         with torch.device("meta"):
             model = cls(config, dtype=dtype)
         expected = {
@@ -491,8 +491,17 @@ class JetMoEForCausalLM(nn.Module):
             expected.pop("lm_head.weight")
         state = {}
         for file, keys in _checkpoint_files(path).items():
-            with safe_open(str(file), framework="pt", device=device) as handle:
-                for key in keys or handle.keys():
+            try:
+                handle = safe_open(str(file), framework="pt", device=device)
+            except SafetensorError as error:
+                raise ValueError(f"{file}: not a readable safetensors file ({error})") from error
+            with handle:
+                stored = set(handle.keys())
+                for key in keys or stored:
+                    if key not in stored:
+                        raise ValueError(
+                            f"{file.name}: lacks {key!r}, which {_INDEX} places in this file"
+                        )
                     if key not in expected:
                         if key == "lm_head.weight" and config.tie_word_embeddings:
                             continue  # a tied copy, as transformers sometimes writes
@@ -502,6 +511,11 @@ class JetMoEForCausalLM(nn.Module):
                         raise ValueError(
                             f"{file.name}: {key!r} has shape {tuple(tensor.shape)}, "
                             f"expected {tuple(expected[key].shape)}"
+                        )
+                    if not tensor.is_floating_point():
+                        raise ValueError(
+                            f"{file.name}: {key!r} has dtype {tensor.dtype}, expected a "
+                            "floating-point dtype"
                         )
                     state[from_hf_key(key)] = tensor.to(dtype) if dtype is not None else tensor
         missing = sorted(set(expected) - {to_hf_key(k) for k in state})
@@ -544,7 +558,7 @@ class JetMoEForCausalLM(nn.Module):
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (path / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,17 +579,30 @@ def from_hf_key(name: str) -> str:
     return name.replace(".self_attention.experts.", ".self_attention.")
 
 
+_INDEX = "model.safetensors.index.json"
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{file}: not valid JSON ({error})") from error
+
+
 def _checkpoint_files(path: Path) -> dict[Path, list[str] | None]:
     """The safetensors files of a checkpoint, each with its keys (None: all of them)."""
     single = path / "model.safetensors"
-    index = path / "model.safetensors.index.json"
+    index = path / _INDEX
     if single.is_file():
         return {single: None}
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as error:
-            raise ValueError(f"{index}: not a safetensors index ({error})") from error
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        files_named = isinstance(weight_map, dict) and all(
+            isinstance(file, str) for file in weight_map.values()
+        )
+        if not files_named:
+            raise ValueError(f"{index}: not a safetensors index (no weight_map of file names)")
         files: dict[Path, list[str]] = {}
         for key, file in weight_map.items():
             files.setdefault(path / file, []).append(key)

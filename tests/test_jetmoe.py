@@ -413,10 +413,47 @@ def test_bad_checkpoints_name_the_file_and_key(tmp_path):
     with pytest.raises(ValueError, match="extra"):
         JetMoEForCausalLM.from_pretrained(tmp_path)
 
+    save_file({**state, "model.norm.weight": state["model.norm.weight"].long()}, str(weights))
+    with pytest.raises(ValueError, match=r"model\.safetensors.*model\.norm\.weight.*int64"):
+        JetMoEForCausalLM.from_pretrained(tmp_path)
+
+    save_file(state, str(weights))
+    whole = weights.read_bytes()
+    for broken in (whole[: len(whole) // 2], b"not a safetensors file"):
+        weights.write_bytes(broken)
+        with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors"):
+            JetMoEForCausalLM.from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: not a JSON object"):
+        JetMoEForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
     weights.unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ValueError, match="safetensors"):
         JetMoEForCausalLM.from_pretrained(tmp_path)
+
+
+def test_an_index_key_missing_from_its_shard_is_named(tmp_path):
+    model = _saved(tmp_path / "one")
+    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    key = "model.norm.weight"
+    shard = tmp_path / index["weight_map"][key]
+    save_file({k: v for k, v in load_file(str(shard)).items() if k != key}, str(shard))
+    with pytest.raises(ValueError, match=rf"{shard.name}: lacks 'model\.norm\.weight'"):
+        JetMoEForCausalLM.from_pretrained(tmp_path)
+
+
+def test_generate_command_reports_a_broken_checkpoint_in_one_line(tmp_path, capsys):
+    from moe_blocks.models.cli import main
+
+    _saved(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    assert main(["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "2"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.safetensors: not a readable safetensors" in err
 
 
 def test_bad_input_ids():
