@@ -34,6 +34,9 @@ class JetMoEConfig:
     ``layer_rms_norm_eps``: transformers builds every layer's two RMSNorms with eps 1e-6 and
     uses ``rms_norm_eps`` only for the final norm; we do the same so that logits match.
 
+    ``layer_rms_norm_eps`` and ``z_loss_coef`` are ours: config.json carries them so that our
+    ``from_pretrained`` restores them; transformers ignores them (its per-layer eps stays 1e-6).
+
     ``expert_prior`` (ours, written to config.json only when true): every router has expert
     priors (``TopKRouter(expert_prior=True)``), as after ``moe-blocks extend``. Transformers'
     JetMoe has no such weights: it cannot run such a checkpoint faithfully.
@@ -97,8 +100,7 @@ class JetMoEConfig:
     # config.json in transformers' format ------------------------------------------------
     def to_hf_dict(self) -> dict:
         fields = dataclasses.asdict(self)
-        for ours_only in ("rope_theta", "layer_rms_norm_eps", "z_loss_coef"):
-            fields.pop(ours_only)
+        fields.pop("rope_theta")  # written as rope_parameters
         if not self.expert_prior:
             fields.pop("expert_prior")
         return {
@@ -122,7 +124,7 @@ class JetMoEConfig:
             raise ValueError(f"{source}: rope_parameters must be a JSON object, got {rope!r}")
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"{source}: rope_type {rope['rope_type']!r} is not supported")
-        names = {f.name for f in dataclasses.fields(cls)} - {"layer_rms_norm_eps"}
+        names = {f.name for f in dataclasses.fields(cls)}
         values = {name: data[name] for name in names if name in data}
         values["rope_theta"] = rope.get("rope_theta", data.get("rope_theta", 10000.0))
         try:

@@ -367,6 +367,25 @@ def test_bf16_training_step_runs_and_learns():
     assert losses[-1] < losses[0]
 
 
+def test_our_only_config_fields_survive_a_save(tmp_path):
+    """layer_rms_norm_eps and z_loss_coef reach config.json and come back; transformers still
+    loads the checkpoint (it ignores them), with the same logits at its per-layer eps."""
+    config = JetMoEConfig.from_preset("tiny", num_hidden_layers=1, z_loss_coef=0.7)
+    JetMoEForCausalLM(config).save_pretrained(tmp_path / "z")
+    reloaded = JetMoEForCausalLM.from_pretrained(tmp_path / "z")
+    assert reloaded.config == config
+    reference = transformers.JetMoeForCausalLM.from_pretrained(tmp_path / "z").eval()
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_logits_close(reloaded(ids).logits, reference(ids).logits, 1e-4)
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", layer_rms_norm_eps=0.5)).eval()
+    model.save_pretrained(tmp_path / "eps")
+    reloaded = JetMoEForCausalLM.from_pretrained(tmp_path / "eps")
+    assert reloaded.config.layer_rms_norm_eps == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
 def _saved(tmp_path):
     torch.manual_seed(0)
     model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=1))
