@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_blocks import KVCache, MoA, MoEMLP, TopKRouter
 from moe_blocks.kernels.plan import INTEGER_DTYPES, check_index_range, check_positive_int
+from moe_blocks.moe_mlp import ACTIVATIONS
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -89,6 +90,13 @@ class JetMoEConfig:
             )
         if self.kv_channels % 2:
             raise ValueError(f"kv_channels must be even (RoPE), got {self.kv_channels}")
+        if not isinstance(self.activation_function, str) or (
+            self.activation_function not in ACTIVATIONS
+        ):
+            raise ValueError(
+                f"activation_function must be one of {', '.join(ACTIVATIONS)}, "
+                f"got {self.activation_function!r}"
+            )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> JetMoEConfig:
@@ -101,6 +109,8 @@ class JetMoEConfig:
     def to_hf_dict(self) -> dict:
         fields = dataclasses.asdict(self)
         fields.pop("rope_theta")  # written as rope_parameters
+        if self.activation_function == "gelu_tanh":  # ours; the same function in transformers:
+            fields["activation_function"] = "gelu_pytorch_tanh"
         if not self.expert_prior:
             fields.pop("expert_prior")
         return {

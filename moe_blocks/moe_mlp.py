@@ -15,11 +15,30 @@ from .losses import attach_aux_loss
 from .modular import ModularBlock
 from .router import RouterOutput, TopKRouter, check_input_dtype
 
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU's tanh approximation ``0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))``."""
+    return F.gelu(x, approximate="tanh")
+
+
+# By name; besides our "gelu_tanh", every name is one of transformers' (ACT2FN, a checkpoint's
+# config.json) for the same function: "gelu_new", "gelu_fast", "gelu_accurate" and
+# "gelu_python_tanh" write out the tanh approximation that "gelu_pytorch_tanh" computes in one
+# kernel (equal up to rounding; gelu_fast rounds sqrt(2/π) to 10 decimals), "gelu_python" the
+# exact GELU with erf. Not here: approximations of other functions (quick_gelu, gelu_10).
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
+    "swish": F.silu,
     "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_python": F.gelu,
+    "gelu_tanh": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_python_tanh": gelu_tanh,
+    "gelu_new": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "gelu_accurate": gelu_tanh,
     "relu": F.relu,
+    "tanh": torch.tanh,
 }
 
 
@@ -41,7 +60,8 @@ class MoEMLP(ModularBlock, nn.Module):
 
     Args:
         d_model, d_hidden: feature sizes; num_experts, top_k: E and k.
-        activation: "silu" (default), "gelu", "gelu_tanh", "relu" or a callable.
+        activation: "silu" (default), "gelu", "gelu_tanh", "relu", "tanh", transformers'
+            other names for these (``ACTIVATIONS``) or a callable.
         glu: gated linear unit experts (default True).
         bias: one shared output bias ``[d_model]`` added after the weighted sum (JetMoE).
         backend: the kernel backend ("auto", "torch", "triton").

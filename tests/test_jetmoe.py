@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from moe_blocks import KVCache
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
+from moe_blocks.moe_mlp import ACTIVATIONS
 
 from .conftest import DEVICE
 
@@ -384,6 +385,46 @@ def test_our_only_config_fields_survive_a_save(tmp_path):
     assert reloaded.config.layer_rms_norm_eps == 0.5
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+HF_ACTIVATIONS = ["gelu", "gelu_python", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_new",
+                  "gelu_fast", "gelu_accurate", "silu", "swish", "relu", "tanh"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", HF_ACTIVATIONS)
+def test_transformers_activation_names_load_as_the_same_function(tmp_path, name):
+    """A checkpoint naming one of transformers' activations loads with the same logits (every
+    weight random, biases and norms too, so the activation's whole range is used)."""
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-8, 8, 2001)
+    torch.testing.assert_close(ACTIVATIONS[name](x), ACT2FN[name](x))
+    kwargs = dict(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_local_experts=3,
+                  num_experts_per_tok=2, num_key_value_heads=2, kv_channels=8,
+                  intermediate_size=24, activation_function=name)  # fmt: skip
+    reference = hf_model(kwargs)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.normal_(0, 0.3)
+    reference.save_pretrained(tmp_path)
+    ours = JetMoEForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_logits_close(ours(ids).logits, reference(ids).logits, 1e-4)
+
+
+def test_gelu_tanh_is_saved_under_its_transformers_name(tmp_path):
+    config = JetMoEConfig.from_preset("tiny", num_hidden_layers=1, activation_function="gelu_tanh")
+    model = JetMoEForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["activation_function"]
+    assert saved == "gelu_pytorch_tanh"
+    reference = transformers.JetMoeForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_logits_close(model(ids).logits, reference(ids).logits, 1e-4)
+    with pytest.raises(ValueError, match="activation_function.*quick_gelu"):
+        JetMoEConfig(activation_function="quick_gelu")
 
 
 def _saved(tmp_path):
