@@ -20,25 +20,38 @@ TOKENS = [8, 4096] if DEVICE == "cuda" else [8, 512]
 DTYPES = ["bf16"] if DEVICE == "cuda" else ["bf16", "fp32"]
 
 
-def _cases():
+def suite_cases(suites, tokens) -> list[bench.Case]:
+    """Every case of ``suites`` at :data:`SHAPES`, ``tokens`` and :data:`DTYPES` here."""
     table = bench.shapes_for(DEVICE, TINY)
-    for suite in bench.SUITES:
-        for shape in SHAPES:
-            for tokens in TOKENS[:1] if TINY else TOKENS:
-                for dtype in DTYPES:
-                    case = bench.Case(suite, shape, tokens, dtype, DEVICE, table[shape])
-                    for impl in bench.IMPLEMENTATIONS:
-                        if bench.applies(case, impl):
-                            yield pytest.param(
-                                case, impl, id=f"{suite}-{shape}-{tokens}-{dtype}-{impl}"
-                            )
+    return [
+        c for suite in suites for c in bench.cases(suite, SHAPES, tokens, DTYPES, DEVICE, table)
+    ]
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("case,impl", list(_cases()))
-def test_block(benchmark, case, impl, backward):
+def case_id(case: bench.Case) -> str:
+    return f"{case.suite}-{case.shape}-{case.tokens}-{case.dtype}"
+
+
+def case_params(cases: list[bench.Case]) -> list:
+    """A pytest param ``(case, impl)`` for every implementation of every case."""
+    return [
+        pytest.param(case, impl, id=f"{case_id(case)}-{impl}")
+        for case, impl in bench.case_implementations(cases)
+    ]
+
+
+def time_case(benchmark, case, impl, backward):
+    """Time ``impl`` on ``case`` under pytest-benchmark; the output of its last run, and x."""
     module, x = bench.build(case, impl)
     passes = "fwd+bwd" if backward else "fwd"
     benchmark.group = f"{case.suite} {case.shape} {case.tokens} tokens {case.dtype} {passes}"
-    out = benchmark(bench.step_function(module, x, backward))
+    return benchmark(bench.step_function(module, x, backward)), x
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize(
+    "case,impl", case_params(suite_cases(bench.BLOCK_SUITES, TOKENS[:1] if TINY else TOKENS))
+)
+def test_block(benchmark, case, impl, backward):
+    out, x = time_case(benchmark, case, impl, backward)
     assert out.shape == x.shape

@@ -1,119 +1,52 @@
-"""expert_linear forward and forward+backward beside a per-expert loop and a dense matmul of
-equal FLOPs (the roofline: the same arithmetic with no routing).
+"""expert_linear forward and forward+backward beside a per-expert loop of torch.mm, a
+torch._grouped_mm pipeline and a dense matmul of equal FLOPs (the roofline: the same arithmetic
+with no routing), at decode-sized to training-sized token counts. Cases and implementations come
+from moe_blocks.models.bench (also behind `moe-blocks bench --suite expert_linear`).
 
-    python -m pytest benches/test_bench_expert_linear.py --benchmark-group-by=param:case
+    python -m pytest benches/test_bench_expert_linear.py --benchmark-warmup=on
 
-Each case computes ``out[t] = Σ_j gates[t,j] · (x[t] @ W[e_tj].T)`` for T tokens, k of E experts.
+Each case computes ``out[t] = Σ_j gates[t,j] · (x[t] @ W[e_tj].T)`` for T tokens, k of E experts,
+``x[T, d_model]``, ``W[E, d_ffn, d_model]`` (bench.RoutedLinear).
 """
 
 import pytest
 import torch
 
-from moe_blocks.kernels import expert_linear, plan_dispatch
+from moe_blocks.models import bench
 
 from .conftest import DEVICE, TINY
+from .test_bench_blocks import case_id, case_params, suite_cases, time_case
 
-# (tokens, d_in, d_out, experts, top_k): a JetMoE-like MLP input projection scaled to 2 cores,
-# and a fine-grained (many small experts) one.
-SHAPES = {
-    "jetmoe-like": (1024, 1024, 1408, 8, 2),
-    "fine-grained": (1024, 1024, 256, 64, 8),
-}
-if TINY:
-    SHAPES = {name: (16, 32, 48, experts, k) for name, (_, _, _, experts, k) in SHAPES.items()}
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TOKENS = [8, 256] if TINY else [8, 512, 16384] if DEVICE == "cuda" else [8, 256, 2048]
+CASES = suite_cases([bench.KERNEL_SUITE], TOKENS)
 
 
-def routed_inputs(shape, dtype):
-    tokens, d_in, d_out, experts, top_k = shape
-    gen = torch.Generator().manual_seed(0)
-    expert_idx = torch.rand(tokens, experts, generator=gen).topk(top_k).indices.to(DEVICE)
-    gates = torch.rand(tokens, top_k, generator=gen).softmax(-1).to(DEVICE)
-    x = torch.randn(tokens, d_in, generator=gen).to(DEVICE, dtype)
-    weight = (torch.randn(experts, d_out, d_in, generator=gen) * d_in**-0.5).to(DEVICE, dtype)
-    return x, weight, expert_idx, gates
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_the_timed_implementations_compute_the_same_function(case):
+    """Not timed: moe_blocks and the grouped_mm pipeline (where it runs) agree with the
+    per-expert loop on the benchmark's own inputs, in the output and the gradients of x, the
+    weight and the gates (the dense roofline only does the same FLOPs: tests/test_bench.py)."""
+    results = {}
+    for impl in bench.ROUTED_LINEARS:
+        if bench.applies(case, impl):
+            module, x = bench.build(case, impl)
+            x = x.detach().requires_grad_()
+            out = module(x)
+            out.float().square().sum().backward()
+            results[impl] = (out, x.grad, module.weight.grad, module.gates.grad)
+    expected = results.pop("per_expert_loop")
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[case.torch_dtype]  # loop rounds rows
+    for impl, actual in results.items():
+        names = ("output", "grad x", "grad weight", "grad gates")
+        for ours, theirs, name in zip(actual, expected, names, strict=True):
+            torch.testing.assert_close(
+                ours.float(), theirs.float(), atol=tolerance * theirs.abs().max().item(),
+                rtol=tolerance, msg=lambda message, name=f"{impl} {name}": f"{name}: {message}",
+            )  # fmt: skip
 
 
-def moe_blocks_impl(x, weight, expert_idx, gates):
-    plan = plan_dispatch(expert_idx, weight.shape[0])
-    return expert_linear(x, weight, plan, gates=gates)
-
-
-def per_expert_loop(x, weight, expert_idx, gates):
-    """What most MoE code does: for each expert, find its tokens, matmul, scatter-add."""
-    out = x.new_zeros(x.shape[0], weight.shape[1])
-    for expert in range(weight.shape[0]):
-        token, slot = torch.where(expert_idx == expert)
-        if token.numel():
-            y = x[token] @ weight[expert].T
-            out.index_add_(0, token, y * gates[token, slot, None].to(y.dtype))
-    return out
-
-
-def dense_same_flops(x, weight, expert_idx, gates):
-    """One matmul with T*k rows and the same in/out sizes: the FLOPs of the routed work."""
-    rows = x.repeat_interleave(expert_idx.shape[1], dim=0)
-    return rows @ weight[0].T
-
-
-IMPLEMENTATIONS = {
-    "moe_blocks": moe_blocks_impl,
-    "per_expert_loop": per_expert_loop,
-    "dense_roofline": dense_same_flops,
-}
-
-
-def _params():
-    for shape_name in SHAPES:
-        for dtype_name in DTYPES:
-            yield pytest.param(shape_name, dtype_name, id=f"{shape_name}-{dtype_name}")
-
-
-@pytest.mark.parametrize("shape_name,dtype_name", list(_params()))
-def test_the_timed_implementations_compute_the_same_function(shape_name, dtype_name):
-    """Not timed: the per-expert loop and moe_blocks agree on the benchmark's own inputs, in
-    the output and both gradients (the dense roofline only has the same shapes)."""
-    dtype = DTYPES[dtype_name]
-    x, weight, expert_idx, gates = routed_inputs(SHAPES[shape_name], dtype)
-    results = []
-    for impl in (moe_blocks_impl, per_expert_loop):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
-        out = impl(*leaves, expert_idx, gates)
-        out.float().square().sum().backward()
-        results.append([out] + [leaf.grad for leaf in leaves])
-    tolerance = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]  # the loop rounds per row
-    for ours, theirs, name in zip(*results, ("output", "grad x", "grad weight"), strict=True):
-        torch.testing.assert_close(
-            ours.float(), theirs.float(), atol=tolerance * theirs.abs().max().item(),
-            rtol=tolerance, msg=lambda message, name=name: f"{name}: {message}",
-        )  # fmt: skip
-
-
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
-@pytest.mark.parametrize("shape_name,dtype_name", list(_params()))
-def test_forward(benchmark, impl, shape_name, dtype_name):
-    benchmark.group = f"expert_linear forward {shape_name} {dtype_name}"
-    x, weight, expert_idx, gates = routed_inputs(SHAPES[shape_name], DTYPES[dtype_name])
-    fn = IMPLEMENTATIONS[impl]
-    with torch.no_grad():
-        out = benchmark(fn, x, weight, expert_idx, gates)
-    assert out.shape[0] == x.shape[0] * (expert_idx.shape[1] if impl == "dense_roofline" else 1)
-
-
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
-@pytest.mark.parametrize("shape_name,dtype_name", list(_params()))
-def test_forward_backward(benchmark, impl, shape_name, dtype_name):
-    benchmark.group = f"expert_linear forward+backward {shape_name} {dtype_name}"
-    x, weight, expert_idx, gates = routed_inputs(SHAPES[shape_name], DTYPES[dtype_name])
-    x.requires_grad_()
-    weight.requires_grad_()
-    fn = IMPLEMENTATIONS[impl]
-
-    def step():
-        x.grad = weight.grad = None
-        out = fn(x, weight, expert_idx, gates)
-        out.backward(torch.ones_like(out))
-        return out
-
-    benchmark(step)
-    assert x.grad is not None and weight.grad is not None
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("case,impl", case_params(CASES))
+def test_expert_linear(benchmark, case, impl, backward):
+    out, x = time_case(benchmark, case, impl, backward)
+    assert out.shape == (*x.shape[:-1], case.dims[1])

@@ -1,17 +1,27 @@
-"""Benchmarks of the blocks beside their baselines, shared by ``moe-blocks bench``, the
-pytest-benchmark suites in ``benches/`` and ``benches/gpu_check.py``.
+"""Benchmarks of the kernel and the blocks beside their baselines, shared by ``moe-blocks
+bench``, the pytest-benchmark suites in ``benches/`` and ``benches/gpu_check.py``.
 
 Every case builds each implementation with the same random weights and input and times the
-same work. Implementations:
+same work. The block suites (``mlp``, ``moa``, ``layer``: MoEMLP, MoA, a JetMoE decoder layer)
+time :data:`IMPLEMENTATIONS`:
 
-- ``moe_blocks``: our block (MoEMLP, MoA, a JetMoE layer), on the default backend.
+- ``moe_blocks``: our block, on the default backend.
 - ``transformers``: transformers' JetMoe module with the same weights: the per-expert loop
   most MoE code runs today.
 - ``grouped_mm``: (MLP only) a plain autograd pipeline: sort, gather, ``torch._grouped_mm``,
   SiLU-GLU, ``torch._grouped_mm``, gate-weighted ``index_add``.
 - ``dense``: the roofline: dense layers with the same matmul FLOPs and no routing (T·k rows
   through one dense expert-sized MLP; for attention, one dense projection as wide as the k
-  experts' together).
+  experts' together; for a layer, both in sequence).
+
+The ``expert_linear`` suite times the kernel alone as one expert linear layer with its routing
+fixed (:class:`RoutedLinear`): ``x[T, d_model]`` in, each token's gate-weighted sum over its k
+experts ``[T, d_ffn]`` out, one call that reads each token row k times, multiplies it by its
+experts' weights and sums the k results by the gates. Implementations
+(:data:`KERNEL_IMPLEMENTATIONS`): ``moe_blocks`` (one ``expert_linear`` call),
+``per_expert_loop`` (for each expert ``torch.where``, ``torch.mm``, gate, ``index_add``: the
+loop of transformers' MoE layers), ``grouped_mm`` (sort, gather, one ``torch._grouped_mm``,
+gate-weighted ``index_add``) and ``dense`` (the T·k rows through one expert's weight).
 
 The ``hf`` suite times transformers' own MoE code with each of its ``experts_implementation``
 choices (``eager``, ``grouped_mm``, ``batched_mm``) and ours (``moe_blocks``, from
@@ -32,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_blocks import MoA, MoEMLP
+from moe_blocks.kernels import expert_linear, plan_dispatch
 from moe_blocks.kernels.torch_backend import grouped_mm_runs
 
 from .jetmoe import JetMoEConfig, JetMoEDecoderLayer
@@ -51,13 +62,20 @@ CPU_SHAPES = {
 }
 TINY_SHAPES = {name: (32, 16, experts, k) for name, (_, _, experts, k) in CPU_SHAPES.items()}
 HEAD_DIM = 128  # attention: JetMoE's head size, kv heads = d_model / (top_k * head size)
-SUITES = ("mlp", "moa", "layer")  # our blocks beside IMPLEMENTATIONS
+BLOCK_SUITES = ("mlp", "moa", "layer")  # our blocks beside IMPLEMENTATIONS
 IMPLEMENTATIONS = ("moe_blocks", "transformers", "grouped_mm", "dense")
+KERNEL_SUITE = "expert_linear"  # the kernel beside KERNEL_IMPLEMENTATIONS
+KERNEL_IMPLEMENTATIONS = ("moe_blocks", "per_expert_loop", "grouped_mm", "dense")
+SUITES = (KERNEL_SUITE, *BLOCK_SUITES)
 HF_SUITE = "hf"  # transformers' MoE code beside HF_IMPLEMENTATIONS
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "moe_blocks")
 HF_MODEL = "qwen3-moe-model"  # the hf suite's whole-model case: fine-grained experts
 HF_MODEL_LAYERS, HF_MODEL_VOCAB = 2, 1024
 BATCHED_MM_BYTES = 2**31  # batched_mm gathers a weight copy per assignment: skip it above this
+# What "x faster" divides by: each suite's per-expert loop
+LOOP_BASELINES = {KERNEL_SUITE: "per_expert_loop", HF_SUITE: "eager"}  # others: "transformers"
+# What the memory column holds on each device (memory_mb says how it is measured)
+MEMORY_MEASURES = {"cpu": "saved_for_backward", "cuda": "peak_allocated"}
 
 
 def shapes_for(device: str, tiny: bool = False) -> dict[str, tuple[int, int, int, int]]:
@@ -104,23 +122,97 @@ class Case:
         """Matmul FLOPs of the routed work (forward; ×3 with backward)."""
         d_model, d_ffn, experts, top_k = self.dims
         rows = self.tokens * top_k
-        if self.suite in ("mlp", HF_SUITE):  # hf: the experts' FLOPs (per layer of the model)
-            forward = 2 * rows * d_model * 3 * d_ffn
-            if self.shape == HF_MODEL:
-                forward *= HF_MODEL_LAYERS
+        mlp = 2 * rows * d_model * 3 * d_ffn
+        if self.suite == KERNEL_SUITE:
+            forward = 2 * rows * d_model * d_ffn
+        elif self.suite == HF_SUITE:  # the experts' FLOPs (per layer of the model)
+            forward = mlp * (HF_MODEL_LAYERS if self.shape == HF_MODEL else 1)
+        elif self.suite == "mlp":
+            forward = mlp
         else:
             kv_heads, head_dim = attention_dims(d_model, top_k)
             width = kv_heads * head_dim
             projections = 2 * rows * d_model * 2 * width + 2 * self.tokens * d_model * 2 * width
-            attention = 2 * 2 * top_k * kv_heads * head_dim * self.tokens * self.tokens / 2
-            forward = projections + attention
+            forward = projections + self.attention_flops()
             if self.suite == "layer":
-                forward += 2 * rows * d_model * 3 * d_ffn
+                forward += mlp
         return forward * (3 if backward else 1)
+
+    def attention_flops(self) -> float:
+        """Forward FLOPs of the causal attention itself (``QKᵀ`` and ``PV`` over the unmasked
+        half) for the MoA of these dims."""
+        d_model, _, _, top_k = self.dims
+        kv_heads, head_dim = attention_dims(d_model, top_k)
+        return 2 * 2 * top_k * kv_heads * head_dim * self.tokens * self.tokens / 2
 
 
 # --------------------------------------------------------------------------------------------
 # Implementations: each returns a callable module taking x [1, T, d_model]
+
+
+def _grouped_rows(tokens: Tensor, expert_idx: Tensor, num_experts: int):
+    """The T·k assignments of ``expert_idx[T, k]`` sorted by expert: their order (assignment
+    ids), the experts' int32 end offsets, and the token rows gathered in that order."""
+    flat = expert_idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
+    return order, offsets, tokens[order // expert_idx.shape[1]]
+
+
+def _gated_sum(out: Tensor, gates: Tensor, order: Tensor, num_tokens: int) -> Tensor:
+    """Each token's gate-weighted sum ``[T, out]`` of the rows ``out`` (in ``order``)."""
+    scaled = out * gates.reshape(-1)[order, None].to(out.dtype)
+    return out.new_zeros(num_tokens, out.shape[1]).index_add(0, order // gates.shape[1], scaled)
+
+
+def moe_blocks_linear(x: Tensor, weight: Tensor, expert_idx: Tensor, gates: Tensor) -> Tensor:
+    """Ours: one :func:`~moe_blocks.expert_linear` call (its plan built here)."""
+    return expert_linear(x, weight, plan_dispatch(expert_idx, weight.shape[0]), gates=gates)
+
+
+def per_expert_loop(x: Tensor, weight: Tensor, expert_idx: Tensor, gates: Tensor) -> Tensor:
+    """What most MoE code does: for each expert, find its tokens, matmul, scale, index_add."""
+    out = x.new_zeros(x.shape[0], weight.shape[1])
+    for expert in range(weight.shape[0]):
+        token, slot = torch.where(expert_idx == expert)
+        if token.numel():
+            y = x[token] @ weight[expert].T
+            out.index_add_(0, token, y * gates[token, slot, None].to(y.dtype))
+    return out
+
+
+def grouped_mm_linear(x: Tensor, weight: Tensor, expert_idx: Tensor, gates: Tensor) -> Tensor:
+    """The plain pipeline: sort, gather, one ``torch._grouped_mm``, gate-weighted index_add."""
+    order, offsets, rows = _grouped_rows(x, expert_idx, weight.shape[0])
+    out = torch._grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
+    return _gated_sum(out, gates, order, x.shape[0])
+
+
+# The expert_linear suite's routed implementations: (x[T, in], weight[E, out, in],
+# expert_idx[T, k], gates[T, k]) -> [T, out], Σ_j gates[t, j] · x[t] @ weight[expert_idx[t, j]].T
+ROUTED_LINEARS = {
+    "moe_blocks": moe_blocks_linear,
+    "per_expert_loop": per_expert_loop,
+    "grouped_mm": grouped_mm_linear,
+}
+
+
+class RoutedLinear(nn.Module):
+    """One expert linear layer with its routing fixed, computed by ``routed_linear`` (one of
+    :data:`ROUTED_LINEARS`): ``x[..., in] -> [..., out]``. The weight ``[E, out, in]`` and the
+    gates ``[T, k]`` (fp32, as a router gives them) are parameters, so forward+backward computes
+    the gradients of x, the weight and the gates, as training does."""
+
+    def __init__(self, routed_linear, weight: Tensor, expert_idx: Tensor, gates: Tensor) -> None:
+        super().__init__()
+        self.routed_linear = routed_linear
+        self.weight, self.gates = nn.Parameter(weight), nn.Parameter(gates)
+        self.register_buffer("expert_idx", expert_idx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        out = self.routed_linear(rows, self.weight, self.expert_idx, self.gates)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class GroupedMMExperts(nn.Module):
@@ -139,36 +231,41 @@ class GroupedMMExperts(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         logits = self.router(tokens).float()
         top_logits, expert_idx = logits.topk(self.top_k, dim=-1)
-        gates = top_logits.softmax(-1).to(x.dtype)
-        flat = expert_idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.w_in.shape[0])
-        offsets = counts.cumsum(0).to(torch.int32)
-        rows = tokens[order // self.top_k]
+        order, offsets, rows = _grouped_rows(tokens, expert_idx, self.w_in.shape[0])
         hidden = torch._grouped_mm(rows, self.w_in.transpose(-2, -1), offs=offsets)
         gate, up = hidden.chunk(2, dim=-1)
         out = torch._grouped_mm(
             (F.silu(gate) * up).contiguous(), self.w_out.transpose(-2, -1), offs=offsets
         )
-        out = out * gates.reshape(-1)[order, None]
-        result = torch.zeros_like(tokens).index_add(0, order // self.top_k, out)
+        result = _gated_sum(out, top_logits.softmax(-1), order, tokens.shape[0])
         return (result + self.bias).view_as(x)
 
 
-class DenseMLP(nn.Module):
-    """Roofline: T·k rows through one GLU MLP of the expert's size (the routed FLOPs)."""
+class GLUMLP(nn.Module):
+    """One GLU MLP of an expert's size, no routing: ``d_model -> 2·d_ffn -> d_ffn -> d_model``."""
 
-    def __init__(self, d_model: int, d_ffn: int, top_k: int, **factory) -> None:
+    def __init__(self, d_model: int, d_ffn: int, **factory) -> None:
         super().__init__()
-        self.top_k = top_k
         self.w_in = nn.Linear(d_model, 2 * d_ffn, bias=False, **factory)
         self.w_out = nn.Linear(d_ffn, d_model, bias=False, **factory)
 
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1]).repeat(self.top_k, 1)
+    def forward(self, rows: Tensor) -> Tensor:
         gate, up = self.w_in(rows).chunk(2, dim=-1)
-        out = self.w_out(F.silu(gate) * up)
-        return out.view(self.top_k, *x.shape).sum(0)
+        return self.w_out(F.silu(gate) * up)
+
+
+class DenseRows(nn.Module):
+    """Roofline of routed work: every token's row k times (the T·k routed rows) through one
+    expert-sized ``network`` (an ``nn.Linear`` or a :class:`GLUMLP`) with no routing, a token's
+    k results summed: the routed matmul FLOPs."""
+
+    def __init__(self, network: nn.Module, top_k: int) -> None:
+        super().__init__()
+        self.network, self.top_k = network, top_k
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.network(x.reshape(-1, x.shape[-1]).repeat(self.top_k, 1))
+        return out.view(self.top_k, *x.shape[:-1], out.shape[-1]).sum(0)
 
 
 class DenseAttention(nn.Module):
@@ -191,16 +288,49 @@ class DenseAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(batch, length, -1))
 
 
+class DenseLayer(nn.Module):
+    """Roofline of a decoder layer: the dense attention and the dense MLP in sequence, with the
+    residual adds (no norms, routers or biases): the layer's matmul FLOPs."""
+
+    def __init__(self, attention: DenseAttention, mlp: DenseRows) -> None:
+        super().__init__()
+        self.attention, self.mlp = attention, mlp
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = x + self.attention(x)
+        return hidden + self.mlp(hidden)
+
+
+def implementations(suite: str) -> tuple[str, ...]:
+    """The implementations a suite times (each where :func:`applies`)."""
+    if suite == HF_SUITE:
+        return HF_IMPLEMENTATIONS
+    return KERNEL_IMPLEMENTATIONS if suite == KERNEL_SUITE else IMPLEMENTATIONS
+
+
 def applies(case: Case, impl: str) -> bool:
-    """Whether ``impl`` exists for ``case``: the grouped_mm pipeline is an MLP and needs a
-    dtype/device ``_grouped_mm`` runs; there is no dense roofline for a whole layer."""
+    """Whether ``impl`` exists for ``case``: one of its suite's implementations; the grouped_mm
+    pipeline is the kernel's or an MLP and needs a dtype/device ``_grouped_mm`` runs; the hf
+    suite's ``batched_mm`` is skipped where it would gather too many weight copies."""
+    if impl not in implementations(case.suite):
+        return False
     if case.suite == HF_SUITE:
-        return _hf_applies(case, impl)
+        return impl != "batched_mm" or _batched_mm_bytes(case) <= BATCHED_MM_BYTES
     if impl == "grouped_mm":
-        return case.suite == "mlp" and grouped_mm_runs(case.device, case.torch_dtype)
-    if impl == "dense":
-        return case.suite != "layer"
+        return case.suite in (KERNEL_SUITE, "mlp") and grouped_mm_runs(
+            case.device, case.torch_dtype
+        )
     return True
+
+
+def case_implementations(case_list: list[Case]) -> list[tuple[Case, str]]:
+    """Each case beside each of its suite's implementations that applies to it."""
+    return [
+        (case, impl)
+        for case in case_list
+        for impl in implementations(case.suite)
+        if applies(case, impl)
+    ]
 
 
 def build(case: Case, impl: str) -> tuple[nn.Module, Tensor]:
@@ -209,15 +339,24 @@ def build(case: Case, impl: str) -> tuple[nn.Module, Tensor]:
         return _build_hf(case, impl)
     d_model, d_ffn, experts, top_k = case.dims
     device, dtype = case.device, case.torch_dtype
+    factory = {"device": device, "dtype": dtype}
     torch.manual_seed(0)
     x = torch.randn(1, case.tokens, d_model, device=device, dtype=dtype)
+    if case.suite == KERNEL_SUITE:
+        if impl == "dense":
+            return DenseRows(nn.Linear(d_model, d_ffn, bias=False, **factory), top_k), x
+        expert_idx = torch.rand(case.tokens, experts, device=device).topk(top_k, dim=-1).indices
+        gates = torch.rand(case.tokens, top_k, device=device).softmax(-1)
+        weight = torch.randn(experts, d_ffn, d_model, **factory) * d_model**-0.5
+        return RoutedLinear(ROUTED_LINEARS[impl], weight, expert_idx, gates), x
     config = case.hf_config()
     kv_heads, head_dim = config.num_key_value_heads, config.kv_channels
-    factory = {"device": device, "dtype": dtype}
     if impl == "dense":
+        mlp = DenseRows(GLUMLP(d_model, d_ffn, **factory), top_k)
         if case.suite == "mlp":
-            return DenseMLP(d_model, d_ffn, top_k, **factory), x
-        return DenseAttention(d_model, top_k, kv_heads, head_dim, **factory), x
+            return mlp, x
+        attention = DenseAttention(d_model, top_k, kv_heads, head_dim, **factory)
+        return (attention if case.suite == "moa" else DenseLayer(attention, mlp)), x
     reference = _reference(case, config).to(device, dtype)
     if impl == "transformers":
         return _wrap_reference(case, reference, config, x), x
@@ -340,9 +479,19 @@ def time_medians_ms(
 
 
 def memory_mb(module: nn.Module, x: Tensor, device: str) -> float:
-    """Forward+backward memory: on CUDA the peak allocated above the inputs and weights; on CPU
-    the bytes of the tensors autograd saved for backward (what training must keep)."""
+    """MiB of one forward+backward, measured as :data:`MEMORY_MEASURES` names it per device.
+
+    CUDA, ``peak_allocated``: ``torch.cuda.max_memory_allocated()`` during the step minus
+    ``torch.cuda.memory_allocated()`` before it, with no gradients held then: the peak of
+    everything the step allocates (activations, what autograd saves, temporaries, the
+    gradients) above the input and the weights.
+
+    CPU, ``saved_for_backward``: the bytes of the distinct storages autograd saves for backward
+    in the step, the weights' excluded (the input's included where saved). Not a peak: it leaves
+    out temporaries and the gradients (the CPU allocator keeps no peak statistics)."""
     step = step_function(module, x, backward=True)
+    for param in module.parameters():  # a previous step's gradients are not the step's memory
+        param.grad = None
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -376,23 +525,36 @@ class Result:
     backward: bool
     median_ms: float | None
     tflops: float | None
-    memory_mb: float | None
+    memory_mb: float | None  # forward+backward only; what it is: memory_measure
     vs_dense: float | None = None
-    vs_transformers: float | None = None  # (hf suite: than transformers' eager)
+    # times faster than the suite's per-expert loop (LOOP_BASELINES): transformers' JetMoe
+    # module, in the hf suite transformers' eager experts, in expert_linear per_expert_loop
+    vs_transformers: float | None = None
     vs_grouped_mm: float | None = None  # (hf suite only)
     error: str | None = None
 
+    @property
+    def memory_measure(self) -> str:
+        """What ``memory_mb`` holds on this device (:func:`memory_mb`)."""
+        return MEMORY_MEASURES[self.device]
+
 
 def run_case(
-    case: Case, backward: bool, impls=IMPLEMENTATIONS, measure_memory: bool = True, **timing
+    case: Case,
+    backward: bool,
+    impls: tuple[str, ...] | None = None,
+    measure_memory: bool = True,
+    **timing,
 ) -> list[Result]:
-    """Time every implementation of ``case`` that applies. On CPU they are built together and
-    timed in alternating rounds (shared CPUs drift by 10-20 % within minutes; the ratios are
-    what the tables report). On a GPU one at a time: the full-size weights of all of them may
-    not fit together (DeepSeek-V3's experts are 22 GB per implementation in bf16).
+    """Time every implementation of ``case`` that applies (of ``impls``, by default its
+    suite's: :func:`implementations`). On CPU they are built together and timed in alternating
+    rounds (shared CPUs drift by 10-20 % within minutes; the ratios are what the tables report).
+    On a GPU one at a time: the full-size weights of all of them may not fit together
+    (DeepSeek-V3's experts are 22 GB per implementation in bf16).
 
     An implementation that raises (out of memory, say) gets a result with its ``error`` and no
     timing; the others are still timed (on CPU, then one at a time)."""
+    impls = implementations(case.suite) if impls is None else impls
     applicable = [impl for impl in impls if applies(case, impl)]
     pending = [applicable] if case.device == "cpu" else [[impl] for impl in applicable]
     results = []
@@ -413,7 +575,7 @@ def run_case(
             continue
         if "dense" in times:
             r.vs_dense = r.median_ms / times["dense"]
-        baseline = "eager" if case.suite == HF_SUITE else "transformers"
+        baseline = LOOP_BASELINES.get(case.suite, "transformers")
         if baseline in times:
             r.vs_transformers = times[baseline] / r.median_ms
         if case.suite == HF_SUITE and "grouped_mm" in times:
@@ -454,11 +616,10 @@ def run_suite(
     if suite not in (*SUITES, HF_SUITE):
         raise ValueError(f"suite must be one of {(*SUITES, HF_SUITE)}, got {suite!r}")
     table = hf_shapes(device, tiny) if suite == HF_SUITE else shapes_for(device, tiny)
-    impls = HF_IMPLEMENTATIONS if suite == HF_SUITE else IMPLEMENTATIONS
     results = []
     for case in cases(suite, shapes, tokens, dtypes, device, table):
         for backward in passes:
-            results.append(run_case(case, backward, impls, **timing))
+            results.append(run_case(case, backward, **timing))
     return [r for group in results for r in group]
 
 
@@ -479,24 +640,27 @@ def cases(
 
 
 def format_table(results: list[Result]) -> str:
-    """One row per result; "x faster": times faster than transformers (its JetMoe modules, or
-    in the hf suite its eager experts), "x grouped" (hf suite): than its grouped_mm."""
+    """One row per result; "x dense": time over the dense roofline's; "x faster": times faster
+    than the suite's per-expert loop (:data:`LOOP_BASELINES`); "saved MB" (CPU) or "peak MB"
+    (CUDA): :func:`memory_mb`; "x grouped" (hf suite): times faster than its grouped_mm."""
     grouped = any(r.vs_grouped_mm is not None for r in results)
+    devices = sorted({r.device for r in results}) or ["cpu"]
+    memory = "/".join(MEMORY_MEASURES[device].split("_")[0] for device in devices) + " MB"
     header = (
-        f"{'suite':<6}{'shape':<16}{'tokens':>7} {'dtype':<5}{'pass':<9}{'impl':<13}"
-        f"{'ms':>10}{'TFLOP/s':>9}{'x dense':>9}{'x faster':>10}{'mem MB':>9}"
+        f"{'suite':<14}{'shape':<16}{'tokens':>7} {'dtype':<5}{'pass':<9}{'impl':<16}"
+        f"{'ms':>10}{'TFLOP/s':>9}{'x dense':>9}{'x faster':>10}{memory:>10}"
         + (f"{'x grouped':>11}" if grouped else "")
     )
     lines = [header, "-" * len(header)]
     for r in results:
         passes = "fwd+bwd" if r.backward else "fwd"
-        case = f"{r.suite:<6}{r.shape:<16}{r.tokens:>7} {r.dtype:<5}{passes:<9}{r.impl:<13}"
+        case = f"{r.suite:<14}{r.shape:<16}{r.tokens:>7} {r.dtype:<5}{passes:<9}{r.impl:<16}"
         if r.error is not None:
             lines.append(f"{case}  error: {r.error.splitlines()[0][:120]}")
             continue
         lines.append(
             f"{case}{r.median_ms:>10.2f}{r.tflops:>9.3f}{_opt(r.vs_dense, 9, 2)}"
-            f"{_opt(r.vs_transformers, 10, 2)}{_opt(r.memory_mb, 9, 1)}"
+            f"{_opt(r.vs_transformers, 10, 2)}{_opt(r.memory_mb, 10, 1)}"
             + (_opt(r.vs_grouped_mm, 11, 2) if grouped else "")
         )
     return "\n".join(lines)
@@ -543,7 +707,8 @@ def plot(results: list[Result], path) -> None:
 
 
 def to_json(results: list[Result]) -> list[dict]:
-    return [asdict(r) for r in results]
+    """The results as dicts: their fields and ``memory_measure``."""
+    return [asdict(r) | {"memory_measure": r.memory_measure} for r in results]
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,12 +729,6 @@ def _batched_mm_bytes(case: Case) -> int:
     layers = HF_MODEL_LAYERS if case.shape == HF_MODEL else 1
     element = torch.empty((), dtype=case.torch_dtype).element_size()
     return case.tokens * top_k * 3 * d_model * d_ffn * element * layers
-
-
-def _hf_applies(case: Case, impl: str) -> bool:
-    if impl == "batched_mm":
-        return _batched_mm_bytes(case) <= BATCHED_MM_BYTES
-    return impl in HF_IMPLEMENTATIONS
 
 
 def _hf_config(case: Case):

@@ -5,6 +5,9 @@ import json
 
 import pytest
 import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from moe_blocks.models import bench
 from moe_blocks.models.cli import main
@@ -12,8 +15,9 @@ from moe_blocks.models.cli import main
 pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("suite", bench.SUITES)
+@pytest.mark.parametrize("suite", bench.BLOCK_SUITES)
 def test_implementations_of_a_case_compute_the_same_function(suite):
+    """(The expert_linear suite's: benches/test_bench_expert_linear.py.)"""
     case = bench.Case(suite, "fine-grained", 12, "fp32", "cpu", bench.TINY_SHAPES["fine-grained"])
     reference, x = bench.build(case, "transformers")
     with torch.no_grad():
@@ -25,12 +29,61 @@ def test_implementations_of_a_case_compute_the_same_function(suite):
                 torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_dense_roofline_has_the_routed_matmul_shapes():
-    case = bench.Case("mlp", "jetmoe-8b", 10, "fp32", "cpu", (16, 8, 4, 2))
-    dense, _ = bench.build(case, "dense")
-    top_k = case.dims[3]
-    macs = sum(p.numel() for p in dense.parameters()) * case.tokens * top_k  # T*k rows
-    assert case.matmul_flops(backward=False) == 2 * macs
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("suite", bench.SUITES)
+def test_dense_roofline_does_the_matmul_flops_of_the_case(suite, backward):
+    """ "x dense" divides by a roofline of the same arithmetic: the dense implementation's
+    FLOPs, counted by torch as it runs, are the ones ``matmul_flops`` gives the routed work
+    (attention on the math backend, which counts the causally masked half too)."""
+    case = bench.Case(suite, "fine-grained", 10, "fp32", "cpu", bench.TINY_SHAPES["fine-grained"])
+    dense, x = bench.build(case, "dense")
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        bench.step_function(dense, x, backward)()
+    masked = case.attention_flops() if suite in ("moa", "layer") else 0
+    assert counter.get_total_flops() == case.matmul_flops(backward) + masked * (1 + 2 * backward)
+
+
+@pytest.mark.parametrize("suite", bench.SUITES)
+def test_every_suite_is_timed_against_the_roofline_and_the_per_expert_loop(suite, tmp_path):
+    """Through the Python API behind ``moe-blocks bench``: each suite's implementations, its
+    dense roofline among them (the layer's too), "x dense" = time / dense time and "x faster"
+    = the per-expert loop's time / time, for every token count and pass; the table, JSON and
+    plot say what the memory column measured."""
+    results = bench.run_suite(
+        suite, ["fine-grained"], [4, 16], ["fp32"], "cpu", tiny=True, max_repeats=1, budget_s=0.0
+    )
+    expected = {
+        "expert_linear": {"moe_blocks", "per_expert_loop", "grouped_mm", "dense"},
+        "mlp": {"moe_blocks", "transformers", "grouped_mm", "dense"},
+    }.get(suite, {"moe_blocks", "transformers", "dense"})
+    loop = "per_expert_loop" if suite == bench.KERNEL_SUITE else "transformers"
+    dims = bench.TINY_SHAPES["fine-grained"]
+    for tokens in (4, 16):
+        for backward in (False, True):
+            rows = {r.impl: r for r in results if (r.tokens, r.backward) == (tokens, backward)}
+            assert set(rows) == expected
+            for r in rows.values():
+                assert r.error is None
+                assert r.vs_dense == pytest.approx(r.median_ms / rows["dense"].median_ms)
+                assert r.vs_transformers == pytest.approx(rows[loop].median_ms / r.median_ms)
+                flops = bench.Case(suite, "fine-grained", tokens, "fp32", "cpu", dims).matmul_flops
+                assert r.tflops == pytest.approx(flops(backward) / (r.median_ms / 1e3) / 1e12)
+                assert (r.memory_mb is not None) == backward
+    rows = json.loads(json.dumps(bench.to_json(results)))
+    assert {row["memory_measure"] for row in rows} == {"saved_for_backward"}
+    header = bench.format_table(results).splitlines()[0]
+    assert "saved MB" in header and "mem MB" not in header
+    bench.plot(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cpu_memory_is_the_bytes_autograd_saves_for_backward():
+    """Not a peak: the saved input and activation, not the weights or the gradients."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 32, bias=False), nn.ReLU())
+    x = torch.randn(1, 5, 8)
+    saved = 5 * 8 * 4 + 5 * 32 * 4  # Linear keeps its input, ReLU its output (fp32)
+    assert bench.memory_mb(module, x, "cpu") == saved / 2**20
 
 
 def test_bench_command_writes_table_json_and_plot(tmp_path, capsys):
