@@ -74,7 +74,7 @@ def _flops(value: float) -> str:
 
 def train_command(args: argparse.Namespace) -> int:
     from .parallel import is_sharded_checkpoint, launched_by_torchrun, train_sharded
-    from .train import TrainSettings, train
+    from .train import TrainSettings, train, validations
 
     settings = TrainSettings(
         preset=args.preset, data=args.data, out=args.out, steps=args.steps,
@@ -93,14 +93,14 @@ def train_command(args: argparse.Namespace) -> int:
             return 130 if result.interrupted else 0
     else:
         result = train(settings, **options)
-    lm = [entry["lm_loss"] for entry in result.log if "lm_loss" in entry]
+    last = result.log[-1]
     print(
         f"validation: {result.start_bpb:.3f} -> {result.final_bpb:.3f} bits per byte"
-        f" after {len(lm)} steps; last train loss {lm[-1] if lm else float('nan'):.3f} nats"
+        f" after {last['step']} steps; last train loss {last['lm_loss']:.3f} nats"
     )
-    old = [entry["old_val_bpb"] for entry in result.log if "old_val_bpb" in entry]
+    old = validations(result.log, "old_val_bpb")
     if old:
-        print(f"validation on the old corpus: {old[0]:.3f} -> {old[-1]:.3f} bits per byte")
+        print(f"validation on the old corpus: {old[0][1]:.3f} -> {old[-1][1]:.3f} bits per byte")
     print(
         f"checkpoint: {result.out / 'checkpoint'}  log: {result.out / 'log.json'}  "
         f"plot: {result.out / 'training.png'}"

@@ -57,7 +57,6 @@ from .train import (
     TrainResult,
     TrainSettings,
     _check_output,
-    _last_bpb,
     _summary,
     check_positive_int,
     evaluate,
@@ -416,8 +415,6 @@ def _train(
         stop_requested=lambda: stop.requested,
     )
     with stop:
-        if not log:
-            log.append({"step": 0, **validate()})
         step, stopped = run_steps(model, optimizer, settings, corpus, log, start_step, steps,
                                   progress=progress and main)  # fmt: skip
         checkpoint(step)
@@ -425,7 +422,7 @@ def _train(
     if main:
         (out / "log.json").write_text(json.dumps(log) + "\n")
         plot_run(log, out / "training.png")
-    return TrainResult(out, log, log[0]["val_bpb"], _last_bpb(log), stopped)
+    return TrainResult(out, log, stopped)
 
 
 def _reduce_step(model: JetMoEForCausalLM, output, ep: int, stop: bool):

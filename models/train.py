@@ -250,7 +250,10 @@ def learning_rate(settings: TrainSettings, step: int) -> float:
 # --------------------------------------------------------------------------------------------
 # Checkpoints: the model in the Hugging Face layout, the trainer state beside it
 
-CHECKPOINT_FORMAT = "moe-blocks-train/2"  # 2: tokens_per_expert keyed by router name
+# 2: tokens_per_expert keyed by router name; 3: every entry of log.json is a step (the
+# validation before the first step is that step's val_bpb_before, not an entry of its own).
+CHECKPOINT_FORMAT = "moe-blocks-train/3"
+RESUMABLE_FORMATS = ("moe-blocks-train/2", CHECKPOINT_FORMAT)  # 2's log is converted
 # What a run writes into --out (model/: the Hugging Face export of a sharded run).
 RUN_FILES = ("checkpoint", "log.json", "training.png", "model")
 
@@ -322,7 +325,7 @@ def load_trainer_state(directory: Path) -> TrainerState:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError:
         raise TrainingError(f"{state_file} is not valid JSON") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in RESUMABLE_FORMATS:
         found = state.get("format") if isinstance(state, dict) else None
         raise TrainingError(
             f"{state_file}: format {found!r}, not {CHECKPOINT_FORMAT!r} "
@@ -357,6 +360,12 @@ def load_log(directory: Path) -> list[dict]:
         raise TrainingError(f"--resume: {path} is not valid JSON") from None
     if not isinstance(log, list) or not all(isinstance(entry, dict) for entry in log):
         raise TrainingError(f"--resume: {path}: not a list of step entries")
+    if log and "loss" not in log[0]:  # format 2: step 0's validation was an entry of its own
+        before = log.pop(0)
+        if log:
+            log[0].update(
+                {f"{key}_before": value for key, value in before.items() if key != "step"}
+            )
     return log
 
 
@@ -469,14 +478,17 @@ def run_steps(
     loop: StepLoop, *, progress: bool,
 ) -> tuple[int, bool]:  # fmt: skip
     """Train from ``start_step`` to ``settings.steps``, appending an entry per step to ``log``
-    (validation every ``eval_every`` steps and at the end), checkpointing every
-    ``checkpoint_every`` steps before the last; a progress bar on stderr when ``progress``.
+    (validation every ``eval_every`` steps and at the end; when ``log`` is empty, also before
+    the first step, logged in its entry with the suffix ``_before``: ``val_bpb_before``),
+    checkpointing every ``checkpoint_every`` steps before the last; a progress bar on stderr
+    when ``progress``.
     Stops early on a KeyboardInterrupt or when ``loop.statistics`` says so (after that step).
     Returns the last step trained and whether it stopped early."""
     tokens_per_step = settings.batch_size * settings.seq_len
     bar = _progress_bar(settings.steps, start_step, progress)
     step, stopped = start_step, False
     try:
+        before = {} if log else {f"{key}_before": bpb for key, bpb in loop.validate().items()}
         while step < settings.steps:
             started = time.perf_counter()
             lr = learning_rate(settings, step)
@@ -493,8 +505,9 @@ def run_steps(
             step += 1
             statistics, stopped = loop.statistics(output, loop.stop_requested())
             elapsed = time.perf_counter() - started
-            entry = {"step": step, **statistics, "lr": lr,
+            entry = {"step": step, **before, **statistics, "lr": lr,
                      "tokens_per_s": tokens_per_step / elapsed}  # fmt: skip
+            before = {}
             if step % settings.eval_every == 0 or step == settings.steps:
                 entry.update(loop.validate())
             log.append(entry)
@@ -503,7 +516,7 @@ def run_steps(
                 loss=f"{entry['lm_loss']:.3f}",
                 tok_s=f"{entry['tokens_per_s']:.0f}",
                 lr=f"{lr:.2e}",
-                val_bpb=f"{_last_bpb(log):.3f}",
+                val_bpb=f"{validations(log)[-1][1]:.3f}",
             )
             if stopped:
                 break
@@ -520,9 +533,17 @@ def run_steps(
 class TrainResult:
     out: Path
     log: list
-    start_bpb: float
-    final_bpb: float
     interrupted: bool
+
+    @property
+    def start_bpb(self) -> float:
+        """Validation bits per byte before the run's first step."""
+        return validations(self.log)[0][1]
+
+    @property
+    def final_bpb(self) -> float:
+        """The last validation's bits per byte."""
+        return validations(self.log)[-1][1]
 
 
 def train(
@@ -570,9 +591,6 @@ def train(
     print(_summary(settings, corpus, model, start_step))
     if origin is not None:
         print(origin.summary(settings))
-    if not log:
-        log.append({"step": 0, **validate(model, corpus, settings, origin)})
-    start_bpb = log[0]["val_bpb"]
     steps = StepLoop(
         clip=lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
         statistics=lambda output, stop: (_step_statistics(model, output), stop),
@@ -586,7 +604,7 @@ def train(
     save_checkpoint(checkpoint_dir, model, optimizer, settings, step, log)
     (out / "log.json").write_text(json.dumps(log) + "\n")
     plot_run(log, out / "training.png")
-    return TrainResult(out, log, start_bpb, _last_bpb(log), interrupted)
+    return TrainResult(out, log, interrupted)
 
 
 def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> TrainerState | None:
@@ -645,8 +663,16 @@ def _summary(settings: TrainSettings, corpus: Corpus, model, start_step: int) ->
     )
 
 
-def _last_bpb(log: list[dict]) -> float:
-    return next(entry["val_bpb"] for entry in reversed(log) if "val_bpb" in entry)
+def validations(log: list[dict], key: str = "val_bpb") -> list[tuple[int, float]]:
+    """``(step, bits per byte)`` of each validation ``key`` in ``log``, in order: the one
+    before the first step (step 0, the first entry's ``{key}_before``) and those after steps."""
+    points = []
+    for entry in log:
+        if f"{key}_before" in entry:
+            points.append((entry["step"] - 1, entry[f"{key}_before"]))
+        if key in entry:
+            points.append((entry["step"], entry[key]))
+    return points
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -778,11 +804,10 @@ def plot_run(log: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [e["step"] for e in log if "lm_loss" in e]
-    train_bpb = [e["lm_loss"] / math.log(2) for e in log if "lm_loss" in e]
-    val = [(e["step"], e["val_bpb"]) for e in log if "val_bpb" in e]
-    old = [(e["step"], e["old_val_bpb"]) for e in log if "old_val_bpb" in e]
-    per_step = [e["tokens_per_expert"] for e in log if "tokens_per_expert" in e]
+    steps = [e["step"] for e in log]
+    train_bpb = [e["lm_loss"] / math.log(2) for e in log]
+    val, old = validations(log), validations(log, "old_val_bpb")
+    per_step = [e["tokens_per_expert"] for e in log]
     routers = list(per_step[0]) if per_step else []
     loads = torch.tensor(
         [[step_loads[name] for name in routers] for step_loads in per_step], dtype=torch.float64

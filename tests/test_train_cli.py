@@ -70,10 +70,13 @@ def test_training_writes_checkpoint_log_and_plot_and_learns(tmp_path, corpus, ca
                  "checkpoint/config.json", "checkpoint/optimizer.safetensors"):  # fmt: skip
         assert (out / name).is_file(), name
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    log = json.loads((out / "log.json").read_text())
-    steps = [entry for entry in log if "lm_loss" in entry]
-    assert len(steps) == 8
-    assert {"loss", "aux_loss", "lr", "tokens_per_s", "tokens_per_expert"} <= set(steps[0])
+    # "A JSON log of every step": one entry per step, each with its losses; the validation
+    # before the first step is in that step's entry.
+    steps = json.loads((out / "log.json").read_text())
+    assert [entry["step"] for entry in steps] == list(range(1, 9))
+    fields = {"loss", "lm_loss", "aux_loss", "lr", "tokens_per_s", "tokens_per_expert"}
+    assert all(fields <= set(entry) for entry in steps)
+    assert "val_bpb_before" in steps[0] and all("val_bpb_before" not in e for e in steps[1:])
     # Every token goes to top_k experts of each router: the counts of one step add up to that.
     # Keyed by the names router_stats gives the same routers.
     config = JetMoEConfig.from_preset("tiny")
@@ -84,8 +87,8 @@ def test_training_writes_checkpoint_log_and_plot_and_learns(tmp_path, corpus, ca
         for counts in entry["tokens_per_expert"].values():
             assert len(counts) == config.num_local_experts
             assert sum(counts) == 4 * (32 + 1) * config.num_experts_per_tok
-    validation = [entry["val_bpb"] for entry in log if "val_bpb" in entry]
-    assert validation[-1] < validation[0]
+    validation = [entry["val_bpb"] for entry in steps if "val_bpb" in entry]
+    assert validation[-1] < steps[0]["val_bpb_before"]
     assert steps[-1]["lm_loss"] < steps[0]["lm_loss"]
 
 
@@ -109,13 +112,32 @@ def test_resume_continues_exactly_and_runs_are_deterministic(tmp_path, corpus, c
     assert run(["--data", str(corpus), "--out", str(split), "--resume", *FAST]) == 0
     assert "4 steps more (4 -> 8)" in capsys.readouterr().out
     losses = [
-        [e["lm_loss"] for e in json.loads((d / "log.json").read_text()) if "lm_loss" in e]
-        for d in (straight, split)
+        [e["lm_loss"] for e in json.loads((d / "log.json").read_text())] for d in (straight, split)
     ]
     assert losses[0] == losses[1]
     again = tmp_path / "again"
     assert run(["--data", str(corpus), "--out", str(again), *FAST]) == 0
-    assert json.loads((again / "log.json").read_text())[1]["lm_loss"] == losses[0][0]
+    assert json.loads((again / "log.json").read_text())[0]["lm_loss"] == losses[0][0]
+
+
+def test_a_format_2_checkpoint_resumes_with_its_log_converted(tmp_path, corpus):
+    """Format 2 logged the validation before the first step as an entry ``{"step": 0,
+    "val_bpb": ...}``; resumed, it becomes the first step's ``val_bpb_before``."""
+    out = tmp_path / "run"
+    two = ["--data", str(corpus), "--out", str(out), *FAST[2:]]
+    assert run([*two, "--steps", "2"]) == 0
+    checkpoint = out / "checkpoint"
+    log = json.loads((checkpoint / "log.json").read_text())
+    before = log[0].pop("val_bpb_before")
+    (checkpoint / "log.json").write_text(json.dumps([{"step": 0, "val_bpb": before}, *log]))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    (checkpoint / "trainer_state.json").write_text(
+        json.dumps({**state, "format": "moe-blocks-train/2"})
+    )
+    assert run([*two, "--steps", "3", "--resume"]) == 0
+    log = json.loads((out / "log.json").read_text())
+    assert [entry["step"] for entry in log] == [1, 2, 3]
+    assert log[0]["val_bpb_before"] == before and all("loss" in entry for entry in log)
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path, corpus, monkeypatch):
@@ -191,7 +213,7 @@ def test_an_existing_run_is_kept_unless_resumed_or_overwritten(tmp_path, corpus,
     three = ["--data", str(corpus), "--out", str(out), "--steps", "3", *FAST[2:]]
     assert run([*three, "--overwrite"]) == 0
     log = json.loads((out / "log.json").read_text())
-    assert [entry["step"] for entry in log] == [0, 1, 2, 3]
+    assert [entry["step"] for entry in log] == [1, 2, 3]
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
     assert not (out / "checkpoint" / ".metadata").exists() and not (out / "model").exists()
     # Nor may --overwrite delete the model a run starts from.
@@ -224,7 +246,7 @@ def test_a_run_shorter_than_the_default_warmup_needs_no_warmup_flag(tmp_path, co
     short = [arg for arg in FAST if arg not in ("--warmup-steps", "1")]
     assert run(["--data", str(corpus), "--out", str(out), *short, "--steps", "3"]) == 0
     log = json.loads((out / "log.json").read_text())
-    assert [entry["lr"] for entry in log[1:]] == [
+    assert [entry["lr"] for entry in log] == [
         train_module.learning_rate(train_module.TrainSettings(steps=3, warmup_steps=3), step)
         for step in range(3)
     ]
