@@ -551,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as error:
         print(f"moe-blocks {args.command}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+        print(f"moe-blocks {args.command}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -482,8 +482,10 @@ def run_steps(
     the first step, logged in its entry with the suffix ``_before``: ``val_bpb_before``),
     checkpointing every ``checkpoint_every`` steps before the last; a progress bar on stderr
     when ``progress``.
-    Stops early on a KeyboardInterrupt or when ``loop.statistics`` says so (after that step).
-    Returns the last step trained and whether it stopped early."""
+    Stops early on a KeyboardInterrupt or when ``loop.statistics`` says so (after that step);
+    a KeyboardInterrupt before this call's first step has finished propagates (there is no
+    step to save), with a message saying so. Returns the last step trained and whether it
+    stopped early."""
     tokens_per_step = settings.batch_size * settings.seq_len
     bar = _progress_bar(settings.steps, start_step, progress)
     step, stopped = start_step, False
@@ -523,6 +525,11 @@ def run_steps(
             if step % settings.checkpoint_every == 0 and step < settings.steps:
                 loop.checkpoint(step)
     except KeyboardInterrupt:
+        if step == start_step:
+            kept = f"the checkpoint of step {step} is kept" if step else "nothing to save"
+            raise KeyboardInterrupt(
+                f"interrupted before step {step + 1} finished: {kept}"
+            ) from None
         stopped = True
     finally:
         bar.close()
@@ -556,7 +563,8 @@ def train(
     ``overwrite``: replace a run already in ``out``; without it (or ``resume``) an existing run
     is an error. Every input is checked before training starts. Prints a summary (corpus,
     model size, steps, output folder) to stdout, then a progress bar to stderr when
-    ``progress``. A KeyboardInterrupt saves a checkpoint and returns with ``interrupted``."""
+    ``progress``. A KeyboardInterrupt saves a checkpoint and returns with ``interrupted``; before
+    the run's first step has finished it propagates (see :func:`run_steps`)."""
     settings.check()
     out = Path(settings.out)
     checkpoint_dir = out / "checkpoint"

@@ -157,6 +157,26 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, corpus, monkeypatch):
     assert run(["--data", str(corpus), "--out", str(out), "--resume", *FAST]) == 0
 
 
+@pytest.mark.parametrize("where", ["load_corpus", "evaluate"])  # evaluate: before step 1
+def test_ctrl_c_before_the_first_step_is_one_line_and_130(
+    where, tmp_path, corpus, capsys, monkeypatch
+):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, where, interrupt)
+    out = tmp_path / "run"
+    try:
+        status = run(["--data", str(corpus), "--out", str(out), *FAST])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped main")
+    assert status == 130
+    assert "interrupted" in one_line_error(capsys)
+    assert not (out / "checkpoint").exists()  # no step, nothing saved: a new run may start there
+    monkeypatch.undo()
+    assert run(["--data", str(corpus), "--out", str(out), *FAST[2:], "--steps", "1"]) == 0
+
+
 def test_generate_samples_text_from_the_run_or_checkpoint_folder(
     tmp_path, corpus, capsys, restore_threads
 ):
