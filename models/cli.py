@@ -23,6 +23,7 @@ import argparse
 import functools
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -74,16 +75,13 @@ def _flops(value: float) -> str:
 
 def train_command(args: argparse.Namespace) -> int:
     from .parallel import is_sharded_checkpoint, launched_by_torchrun, train_sharded
-    from .train import TrainSettings, train, validations
+    from .train import TrainSettings, resumed_settings, train, validations
 
-    settings = TrainSettings(
-        preset=args.preset, data=args.data, out=args.out, steps=args.steps,
-        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, schedule=args.schedule,
-        warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
-        resume_from=args.resume_from, train_new_experts_only=args.train_new_experts_only,
-        balance_loss=args.balance_loss,
-    )  # fmt: skip
+    options = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if f.name in args}
+    if args.resume:  # the checkpoint's settings, but for the options given
+        settings = resumed_settings(args.out, {name: options[name] for name in args.given})
+    else:
+        settings = TrainSettings(**options)
     options = {"resume": args.resume, "overwrite": args.overwrite, "progress": not args.quiet}
     resumes_sharded = args.resume and is_sharded_checkpoint(Path(args.out) / "checkpoint")
     sharded = args.ep != 1 or launched_by_torchrun() or resumes_sharded
@@ -365,6 +363,15 @@ def _model_command(commands, name: str, summary: str, handler) -> argparse.Argum
     return parser
 
 
+class _Given(argparse.Action):
+    """Stores an option's value (``const`` for a flag, ``nargs=0``) and adds its name to
+    ``namespace.given``: ``train --resume`` takes the options not given from the checkpoint."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        namespace.given = namespace.given | {self.dest}
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each option's default, except flags and options that are unset by
     default (their help says what happens then)."""
@@ -392,41 +399,40 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     train_parser = commands.add_parser("train", help="train a JetMoE-style model on text")
-    train_parser.add_argument("--preset", default=defaults.preset, help=", ".join(presets))
-    train_parser.add_argument("--data", help="a text file or folder (default: Python's stdlib)")
+    train_parser.set_defaults(given=frozenset())
+    # The run's settings: with --resume, those not given are the checkpoint's.
+    setting = functools.partial(train_parser.add_argument, action=_Given)
+    setting("--preset", default=defaults.preset, help=", ".join(presets))
+    setting("--data", help="a text file or folder (default: Python's stdlib)")
     train_parser.add_argument(
         "--out", default=defaults.out, help="output folder: checkpoint/, log.json, training.png"
     )
-    train_parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
-    train_parser.add_argument(
-        "--batch-size", type=int, default=defaults.batch_size, help="windows per step"
-    )
-    train_parser.add_argument(
-        "--seq-len", type=int, default=defaults.seq_len, help="bytes per window"
-    )
-    train_parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    train_parser.add_argument("--schedule", default=defaults.schedule, help="wsd or cosine")
-    train_parser.add_argument(
+    setting("--steps", type=int, default=defaults.steps, help="training steps")
+    setting("--batch-size", type=int, default=defaults.batch_size, help="windows per step")
+    setting("--seq-len", type=int, default=defaults.seq_len, help="bytes per window")
+    setting("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    setting("--schedule", default=defaults.schedule, help="wsd or cosine")
+    setting(
         "--warmup-steps",
         type=int,
         default=None,
         help=f"linear warmup steps (default: {DEFAULT_WARMUP_STEPS}, or --steps if fewer)",
     )
-    train_parser.add_argument(
-        "--eval-every", type=int, default=defaults.eval_every, help="validate every N steps"
-    )
-    train_parser.add_argument(
+    setting("--eval-every", type=int, default=defaults.eval_every, help="validate every N steps")
+    setting(
         "--checkpoint-every",
         type=int,
         default=defaults.checkpoint_every,
         help="save a checkpoint every N steps (and at the end, and on Ctrl-C)",
     )
+    setting("--seed", type=int, default=defaults.seed, help="initialisation and data order")
+    setting("--threads", type=int, help="torch threads (default: torch's)")
     train_parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="initialisation and data order"
-    )
-    train_parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    train_parser.add_argument(
-        "--resume", action="store_true", help="continue the run in OUT up to --steps"
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT up to --steps, with the checkpoint's settings for the "
+        "options not given (--steps too); a given option that changes the data or the model "
+        "(--preset, --data, --batch-size, --seq-len, --seed, ...) is refused",
     )
     train_parser.add_argument(
         "--overwrite", action="store_true", help="replace the run in OUT, if there is one"
@@ -434,20 +440,22 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument(
         "--quiet", action="store_true", help="no progress bar (the summary still prints)"
     )
-    train_parser.add_argument(
+    setting(
         "--resume-from",
         metavar="DIR",
         help="start from this model (a run folder or checkpoint) with a fresh optimizer at step "
         "0, instead of a preset; the corpus it was trained on, if known, is validated too "
         "(old_val_bpb)",
     )
-    train_parser.add_argument(
+    setting(
         "--train-new-experts-only",
-        action="store_true",
+        nargs=0,
+        const=True,
+        default=False,
         help="with --resume-from a checkpoint written by moe-blocks extend: train only the "
         "added experts (weights, gate rows, priors); everything else stays bit-identical",
     )
-    train_parser.add_argument(
+    setting(
         "--balance-loss",
         choices=["switch", "mutual_information", "load_concentration", "none"],
         help="every router's balance loss (default: the model's, switch); load_concentration "

@@ -16,7 +16,7 @@ import sysconfig
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -637,10 +637,12 @@ def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> 
         "preset", "batch_size", "seq_len", "seed", "data", "overrides", "resume_from",
         "train_new_experts_only", "balance_loss",
     ):  # fmt: skip
-        if getattr(saved, name) != getattr(settings, name):
-            flag = name.replace("_", "-")
+        theirs, ours = getattr(saved, name), getattr(settings, name)
+        paths = name in ("data", "resume_from") and None not in (theirs, ours)
+        if (Path(theirs).resolve() != Path(ours).resolve()) if paths else theirs != ours:
             raise TrainingError(
-                f"--resume: --{flag} differs from the checkpoint's ({getattr(saved, name)})"
+                f"--resume: --{name.replace('_', '-')} {ours} differs from the checkpoint's "
+                f"({theirs}); leave it out to keep the checkpoint's"
             )
     if settings.steps <= state.step:
         raise TrainingError(
@@ -648,6 +650,13 @@ def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> 
             "must be above it to train further"
         )
     return state
+
+
+def resumed_settings(out: str, given: dict) -> TrainSettings:
+    """The settings of the run in ``out`` (its checkpoint's) with ``given`` (the options on
+    the command line) in place of theirs; :func:`train` refuses a given one that changes the
+    data or the model."""
+    return replace(load_trainer_state(Path(out) / "checkpoint").settings, out=out, **given)
 
 
 def _summary(settings: TrainSettings, corpus: Corpus, model, start_step: int) -> str:

@@ -120,6 +120,28 @@ def test_resume_continues_exactly_and_runs_are_deterministic(tmp_path, corpus, c
     assert json.loads((again / "log.json").read_text())[0]["lm_loss"] == losses[0][0]
 
 
+def test_resume_takes_the_options_not_given_from_the_checkpoint(
+    tmp_path, corpus, capsys, monkeypatch
+):
+    """--resume alone continues a run made with other than default settings; a given option
+    that changes the data or the model is refused, --data compared as a resolved path."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    options = ["--data", str(corpus), *FAST[2:], "--seed", "3"]
+    assert run([*options, "--out", str(straight), "--steps", "8"]) == 0
+    assert run([*options, "--out", str(split), "--steps", "4"]) == 0
+    monkeypatch.chdir(corpus.parent)
+    capsys.readouterr()
+    # Only --steps (and --data, spelt relative to the working folder) given; FAST's
+    # --batch-size 4, --seq-len 32, --warmup-steps 1 and the --seed 3 are the checkpoint's.
+    assert run(["--out", str(split), "--resume", "--steps", "8", "--data", corpus.name]) == 0
+    assert "4 steps more (4 -> 8) of 4 x 32 bytes" in capsys.readouterr().out
+    logs = [json.loads((folder / "log.json").read_text()) for folder in (straight, split)]
+    assert [e["loss"] for e in logs[0]] == [e["loss"] for e in logs[1]]
+    for value, flag in (("64", "--seq-len"), ("4", "--seed"), (".", "--data")):
+        assert run(["--out", str(split), "--resume", "--steps", "9", flag, value]) == 2
+        assert f"{flag} {value} differs" in one_line_error(capsys)
+
+
 def test_a_format_2_checkpoint_resumes_with_its_log_converted(tmp_path, corpus):
     """Format 2 logged the validation before the first step as an entry ``{"step": 0,
     "val_bpb": ...}``; resumed, it becomes the first step's ``val_bpb_before``."""
@@ -154,7 +176,8 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, corpus, monkeypatch):
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 3
     monkeypatch.setattr(train_module, "batch_at", real_batch)
-    assert run(["--data", str(corpus), "--out", str(out), "--resume", *FAST]) == 0
+    assert run(["--out", str(out), "--resume", "--quiet"]) == 0  # the checkpoint's settings
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 8
 
 
 @pytest.mark.parametrize("where", ["load_corpus", "evaluate"])  # evaluate: before step 1
