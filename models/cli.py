@@ -432,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="continue the run in OUT up to --steps, with the checkpoint's settings for the "
         "options not given (--steps too); a given option that changes the data or the model "
-        "(--preset, --data, --batch-size, --seq-len, --seed, ...) is refused",
+        "(--preset, --data, --batch-size, --seq-len, --seed, ...) is refused. The learning-rate "
+        "schedule depends on --steps (the default warmup, WSD's decay start): a larger --steps "
+        "can give the steps done other rates than they had, so the run differs from a straight "
+        "run of that length (a note on stderr says so; see docs/train.md)",
     )
     train_parser.add_argument(
         "--overwrite", action="store_true", help="replace the run in OUT, if there is one"

@@ -57,7 +57,7 @@ from .train import (
     TrainResult,
     TrainSettings,
     _check_output,
-    _summary,
+    announce,
     check_positive_int,
     evaluate,
     load_corpus,
@@ -378,7 +378,7 @@ def _train(
         start_step = state.step
         log = load_log(checkpoint_dir)
     if main:
-        print(_summary(settings, corpus, model, start_step))
+        announce(settings, corpus, model, state)
         print(f"ranks:  {world} (data parallel {world // ep} x expert parallel {ep}) on {device}")
 
     def checkpoint(step: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import sysconfig
 import time
 import zlib
@@ -596,7 +597,7 @@ def train(
     if state is not None:
         _restore_optimizer(checkpoint_dir, model, optimizer)
 
-    print(_summary(settings, corpus, model, start_step))
+    announce(settings, corpus, model, state)
     if origin is not None:
         print(origin.summary(settings))
     steps = StepLoop(
@@ -659,24 +660,48 @@ def resumed_settings(out: str, given: dict) -> TrainSettings:
     return replace(load_trainer_state(Path(out) / "checkpoint").settings, out=out, **given)
 
 
-def _summary(settings: TrainSettings, corpus: Corpus, model, start_step: int) -> str:
-    """What is about to run, in four lines: corpus, model, steps, output folder."""
+def announce(settings: TrainSettings, corpus: Corpus, model, state: TrainerState | None) -> None:
+    """Print what is about to run, in four lines (corpus, model, steps, output folder); on
+    stderr, a note when a resume (``state``) changes the learning rates of the steps done."""
     preset = f"preset {settings.preset}" + (
         f" with {settings.overrides}" if settings.overrides else ""
     )
+    start_step = state.step if state is not None else 0
     count = settings.steps - start_step
     steps = f"{count} step{'s' * (count != 1)}"
     if start_step:
         steps += f" more ({start_step} -> {settings.steps})"
-    return "\n".join(
-        [
-            f"corpus: {corpus.description}",
-            f"model:  {preset}, {model.num_parameters():,} parameters "
-            f"({model.num_parameters(active=True):,} active per token)",
-            f"train:  {steps} of {settings.batch_size} x {settings.seq_len} bytes, "
-            f"lr {settings.lr:g} ({settings.schedule}, warmup {settings.warmup})",
-            f"output: {settings.out}",
-        ]
+    print(f"corpus: {corpus.description}")
+    print(
+        f"model:  {preset}, {model.num_parameters():,} parameters "
+        f"({model.num_parameters(active=True):,} active per token)"
+    )
+    print(
+        f"train:  {steps} of {settings.batch_size} x {settings.seq_len} bytes, "
+        f"lr {settings.lr:g} ({settings.schedule}, warmup {settings.warmup})"
+    )
+    print(f"output: {settings.out}")
+    if state is None:
+        return
+    changed = [
+        step
+        for step in range(state.step)
+        if learning_rate(state.settings, step) != learning_rate(settings, step)
+    ]
+    if changed:
+        print(
+            f"note: the learning-rate schedule changed ({_schedule(state.settings)} -> "
+            f"{_schedule(settings)}): steps {changed[0] + 1}-{state.step} were trained at other "
+            f"rates than the new one gives, so this run will not equal a straight "
+            f"{settings.steps}-step run",
+            file=sys.stderr,
+        )
+
+
+def _schedule(settings: TrainSettings) -> str:
+    return (
+        f"{settings.schedule}, lr {settings.lr:g}, warmup {settings.warmup} of "
+        f"{settings.steps} steps"
     )
 
 

@@ -110,7 +110,9 @@ def test_resume_continues_exactly_and_runs_are_deterministic(tmp_path, corpus, c
     assert run(["--data", str(corpus), "--out", str(split), *half]) == 0
     capsys.readouterr()
     assert run(["--data", str(corpus), "--out", str(split), "--resume", *FAST]) == 0
-    assert "4 steps more (4 -> 8)" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "4 steps more (4 -> 8)" in printed.out
+    assert "schedule" not in printed.err  # steps 1-4 had the rates an 8-step run gives them
     losses = [
         [e["lm_loss"] for e in json.loads((d / "log.json").read_text())] for d in (straight, split)
     ]
@@ -140,6 +142,22 @@ def test_resume_takes_the_options_not_given_from_the_checkpoint(
     for value, flag in (("64", "--seq-len"), ("4", "--seed"), (".", "--data")):
         assert run(["--out", str(split), "--resume", "--steps", "9", flag, value]) == 2
         assert f"{flag} {value} differs" in one_line_error(capsys)
+
+
+def test_a_resume_that_changes_past_learning_rates_says_so(tmp_path, corpus, capsys):
+    """The default warmup (min(30, --steps)) and WSD's decay start (0.8 --steps) move with
+    --steps: resumed to more steps, the run differs from a straight one, and stderr says so."""
+    out = tmp_path / "run"
+    no_warmup_flag = [arg for arg in FAST if arg not in ("--warmup-steps", "1")]
+    assert run(["--data", str(corpus), "--out", str(out), *no_warmup_flag, "--steps", "4"]) == 0
+    capsys.readouterr()
+    assert run(["--out", str(out), "--resume", "--steps", "5"]) == 0
+    note = capsys.readouterr().err
+    assert "learning-rate schedule changed (wsd, lr 0.003, warmup 4 of 4 steps -> wsd, " in note
+    assert "warmup 5 of 5 steps): steps 1-4 were trained at other rates" in note
+    log = json.loads((out / "log.json").read_text())
+    settings = train_module.TrainSettings(steps=5)
+    assert log[-1]["lr"] == train_module.learning_rate(settings, 4)  # the new schedule
 
 
 def test_a_format_2_checkpoint_resumes_with_its_log_converted(tmp_path, corpus):
