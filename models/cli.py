@@ -372,6 +372,12 @@ class _Given(argparse.Action):
         namespace.given = namespace.given | {self.dest}
 
 
+def _absolute(path: str) -> str:
+    """A path option as an absolute path, so that the checkpoint's copy still names the same
+    file from another working folder (``--resume``); an empty one stays empty (an error)."""
+    return str(Path(path).resolve()) if path else path
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each option's default, except flags and options that are unset by
     default (their help says what happens then)."""
@@ -403,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     # The run's settings: with --resume, those not given are the checkpoint's.
     setting = functools.partial(train_parser.add_argument, action=_Given)
     setting("--preset", default=defaults.preset, help=", ".join(presets))
-    setting("--data", help="a text file or folder (default: Python's stdlib)")
+    setting("--data", type=_absolute, help="a text file or folder (default: Python's stdlib)")
     train_parser.add_argument(
         "--out", default=defaults.out, help="output folder: checkpoint/, log.json, training.png"
     )
@@ -445,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     setting(
         "--resume-from",
+        type=_absolute,
         metavar="DIR",
         help="start from this model (a run folder or checkpoint) with a fresh optimizer at step "
         "0, instead of a preset; the corpus it was trained on, if known, is validated too "

@@ -125,23 +125,28 @@ def test_resume_continues_exactly_and_runs_are_deterministic(tmp_path, corpus, c
 def test_resume_takes_the_options_not_given_from_the_checkpoint(
     tmp_path, corpus, capsys, monkeypatch
 ):
-    """--resume alone continues a run made with other than default settings; a given option
-    that changes the data or the model is refused, --data compared as a resolved path."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    options = ["--data", str(corpus), *FAST[2:], "--seed", "3"]
+    """--resume alone continues a run made with other than default settings, from any working
+    folder; a given option that changes the data or the model is refused, --data compared as
+    a resolved path."""
+    straight, split, elsewhere = tmp_path / "straight", tmp_path / "split", tmp_path / "else"
+    monkeypatch.chdir(tmp_path)
+    options = ["--data", corpus.name, *FAST[2:], "--seed", "3"]  # --data relative to tmp_path
     assert run([*options, "--out", str(straight), "--steps", "8"]) == 0
     assert run([*options, "--out", str(split), "--steps", "4"]) == 0
-    monkeypatch.chdir(corpus.parent)
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     capsys.readouterr()
-    # Only --steps (and --data, spelt relative to the working folder) given; FAST's
-    # --batch-size 4, --seq-len 32, --warmup-steps 1 and the --seed 3 are the checkpoint's.
-    assert run(["--out", str(split), "--resume", "--steps", "8", "--data", corpus.name]) == 0
+    # Only --steps given: FAST's --batch-size 4, --seq-len 32 and --warmup-steps 1, --seed 3
+    # and --data (saved as an absolute path) are the checkpoint's.
+    assert run(["--out", str(split), "--resume", "--steps", "8"]) == 0
     assert "4 steps more (4 -> 8) of 4 x 32 bytes" in capsys.readouterr().out
     logs = [json.loads((folder / "log.json").read_text()) for folder in (straight, split)]
     assert [e["loss"] for e in logs[0]] == [e["loss"] for e in logs[1]]
-    for value, flag in (("64", "--seq-len"), ("4", "--seed"), (".", "--data")):
+    for flag, value in (("--seq-len", "64"), ("--seed", "4"), ("--data", corpus.name)):
         assert run(["--out", str(split), "--resume", "--steps", "9", flag, value]) == 2
-        assert f"{flag} {value} differs" in one_line_error(capsys)
+        err = one_line_error(capsys)
+        assert f"{flag} " in err and "differs from the checkpoint's" in err, err
+    assert run(["--out", str(split), "--resume", "--steps", "9", "--data", "../corpus"]) == 0
 
 
 def test_a_resume_that_changes_past_learning_rates_says_so(tmp_path, corpus, capsys):
