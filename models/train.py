@@ -333,12 +333,12 @@ def load_trainer_state(directory: Path) -> TrainerState:
             "(written by another version of moe-blocks train, or by something else)"
         )
     try:
-        trainer_state = TrainerState(state["step"], TrainSettings(**state["settings"]))
+        step, settings = state["step"], TrainSettings(**state["settings"])
     except (KeyError, TypeError):
-        trainer_state = None
-    if trainer_state is None or not isinstance(trainer_state.step, int) or trainer_state.step < 0:
+        step = None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise TrainingError(f"{state_file}: no step count and settings of moe-blocks train")
-    return trainer_state
+    return TrainerState(step, settings)
 
 
 def load_model(folder: Path, flag: str) -> JetMoEForCausalLM:
