@@ -33,7 +33,10 @@ from moe_blocks import __version__
 
 def info(args: argparse.Namespace) -> int:
     from .jetmoe import JetMoEConfig, JetMoEForCausalLM
+    from .train import TrainingError
 
+    if args.context < 0:
+        raise TrainingError(f"--context must be >= 0 tokens, got {args.context}")
     config = JetMoEConfig.from_preset(args.preset)
     with torch.device("meta"):
         model = JetMoEForCausalLM(config)
@@ -156,6 +159,12 @@ def bench_command(args: argparse.Namespace) -> int:
     from .train import TrainingError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda: this torch sees no CUDA device")
+    if args.repeats < 1:
+        raise TrainingError(f"--repeats must be >= 1, got {args.repeats}")
+    if not args.budget > 0 or args.budget == float("inf"):
+        raise TrainingError(f"--budget must be a positive number of seconds, got {args.budget}")
     try:
         tokens = [int(t) for t in args.tokens.split(",")]
     except ValueError:
@@ -164,7 +173,7 @@ def bench_command(args: argparse.Namespace) -> int:
         ) from None
     if any(t < 1 for t in tokens):
         raise TrainingError("--tokens must be positive")
-    shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")
+    shapes, dtypes = ([s.strip() for s in a.split(",")] for a in (args.shapes, args.dtypes))
     for dtype in dtypes:
         if dtype not in ("bf16", "fp32", "fp16"):
             raise TrainingError(f"--dtypes: {dtype!r} is not bf16, fp32 or fp16")
@@ -344,6 +353,8 @@ def _new_output_folder(path: str, overwrite: bool):
 
     from .train import TrainingError
 
+    if not path:  # Path("") is the current folder
+        raise TrainingError("--out is empty: give a folder")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file, not a folder")

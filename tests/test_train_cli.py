@@ -391,6 +391,12 @@ def test_info_prints_the_published_size(capsys):
         (["train", "--batch-size", "0"], "--batch-size"),
         (["generate", "--checkpoint", "/nonexistent"], "--checkpoint"),
         (["bench", "--tiny", "--shapes", "gpt-5"], "unknown shape"),
+        (["bench", "--tiny", "--repeats", "0"], "--repeats"),
+        (["bench", "--tiny", "--budget", "-1"], "--budget"),
+        (["bench", "--tiny", "--budget", "nan"], "--budget"),
+        (["info", "tiny", "--context", "-5"], "--context"),
+        (["extend", "/nonexistent", "--add", "2", "--out", ""], "--out"),
+        (["prune", "/nonexistent", "--keep-fraction", "0.5", "--out", ""], "--out"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
@@ -476,3 +482,21 @@ def test_default_corpus_is_the_stdlib_split_by_path_hash():
     hashed = [p for p in files if zlib.crc32(p.relative_to(root).as_posix().encode()) % 100 < 5]
     validation = train_module._join(hashed)
     assert torch.equal(corpus.validation, validation)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_bench_on_cuda_without_cuda_is_one_line(capsys):
+    assert main(["bench", "--tiny", "--device", "cuda"]) == 2
+    assert "--device cuda" in one_line_error(capsys)
+
+
+def test_bench_lists_may_have_spaces(tmp_path, capsys):
+    """``--shapes "jetmoe-8b, fine-grained"`` names two shapes (spaces after commas)."""
+    args = ["bench", "--tiny", "--shapes", "jetmoe-8b, fine-grained", "--tokens", "4",
+            "--dtypes", "fp32, bf16", "--passes", "fwd", "--repeats", "1", "--budget", "0.01",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "bench_mlp.json").read_text())
+    assert {(r["shape"], r["dtype"]) for r in rows} == {
+        (shape, dtype) for shape in ("jetmoe-8b", "fine-grained") for dtype in ("fp32", "bf16")
+    }
