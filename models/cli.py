@@ -519,7 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     info_parser.set_defaults(handler=info)
 
     bench_parser = commands.add_parser("bench", help="benchmark a block beside its baselines")
-    bench_parser.add_argument("--suite", default="mlp", choices=["mlp", "moa", "layer", "ep", "hf"])
+    bench_parser.add_argument(
+        "--suite", default="mlp", choices=["expert_linear", "mlp", "moa", "layer", "ep", "hf"]
+    )
     bench_parser.add_argument(
         "--shapes",
         default="jetmoe-8b,fine-grained",

@@ -86,23 +86,26 @@ def test_cpu_memory_is_the_bytes_autograd_saves_for_backward():
     assert bench.memory_mb(module, x, "cpu") == saved / 2**20
 
 
-def test_bench_command_writes_table_json_and_plot(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "suite, baseline", [("mlp", "transformers"), ("expert_linear", "per_expert_loop")]
+)
+def test_bench_command_writes_table_json_and_plot(suite, baseline, tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["bench", "--tiny", "--suite", "mlp", "--shapes", "jetmoe-8b", "--tokens", "4,16",
+    args = ["bench", "--tiny", "--suite", suite, "--shapes", "jetmoe-8b", "--tokens", "4,16",
             "--dtypes", "fp32", "--repeats", "2", "--budget", "0.05",
             "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     table = capsys.readouterr().out
-    assert "moe_blocks" in table and "transformers" in table and "dense" in table
-    rows = json.loads((out / "bench_mlp.json").read_text())
-    assert {r["impl"] for r in rows} == {"moe_blocks", "transformers", "grouped_mm", "dense"}
+    assert "moe_blocks" in table and baseline in table and "dense" in table
+    rows = json.loads((out / f"bench_{suite}.json").read_text())
+    assert {r["impl"] for r in rows} == {"moe_blocks", baseline, "grouped_mm", "dense"}
     assert {r["tokens"] for r in rows} == {4, 16}
     dense = {(r["tokens"], r["backward"]): r["median_ms"] for r in rows if r["impl"] == "dense"}
     for row in rows:  # each ratio is to the dense roofline of the same tokens and pass
         expected = row["median_ms"] / dense[row["tokens"], row["backward"]]
         assert row["vs_dense"] == pytest.approx(expected)
         assert (row["memory_mb"] is not None) == row["backward"]
-    assert (out / "bench_mlp.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / f"bench_{suite}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize(
