@@ -144,6 +144,7 @@ def generate_command(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             generator=generator,
+            eos_token_id=None,  # bytes: no end token (older runs' configs name byte 2)
         )
     except ValueError as error:
         raise TrainingError(str(error)) from None

@@ -70,11 +70,13 @@ class JetMoEConfig:
         # JetMoE-8B as published: 8,522,237,952 parameters, 2.2B active per token.
         "jetmoe-8b": {},
         # For tests and demos: trains on a laptop CPU in minutes. initializer_range 0.02, not
-        # JetMoE-8B's 0.01: at this width it learns faster (docs/jetmoe.md).
+        # JetMoE-8B's 0.01: at this width it learns faster (docs/jetmoe.md). Its tokens are
+        # bytes, so it has no begin or end token (JetMoE-8B's ids 1 and 2 are bytes here).
         "tiny": dict(
             vocab_size=256, hidden_size=128, num_hidden_layers=4, num_local_experts=4,
             num_experts_per_tok=2, num_key_value_heads=2, kv_channels=32,
             intermediate_size=256, max_position_embeddings=512, initializer_range=0.02,
+            bos_token_id=None, eos_token_id=None,
         ),
     }  # fmt: skip
 

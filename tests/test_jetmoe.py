@@ -540,3 +540,26 @@ def test_bad_input_ids():
     torch.testing.assert_close(model(narrow).logits, model(narrow.long()).logits)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         JetMoEConfig(num_local_experts=2, num_experts_per_tok=3)
+
+
+def test_byte_models_generate_exactly_the_bytes_asked_for(tmp_path, monkeypatch, capsys):
+    """Bytes have no end token: the tiny preset names none, and ``moe-blocks generate`` writes
+    ``--max-new-tokens`` bytes even from a checkpoint whose config names byte 2 as its end
+    token (runs trained before the preset said so), here with a model that always picks it."""
+    from moe_blocks.models.cli import main
+
+    assert JetMoEConfig.from_preset("tiny").eos_token_id is None
+    config = JetMoEConfig.from_preset("tiny", num_hidden_layers=1, eos_token_id=2)
+    JetMoEForCausalLM(config).save_pretrained(tmp_path)
+    forward = JetMoEForCausalLM.forward
+
+    def always_byte_2(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.logits[..., 2] = 1e4
+        return out
+
+    monkeypatch.setattr(JetMoEForCausalLM, "forward", always_byte_2)
+    args = ["generate", "--checkpoint", str(tmp_path), "--prompt", "ab", "--max-new-tokens", "9",
+            "--temperature", "0"]  # fmt: skip
+    assert main(args) == 0
+    assert capsys.readouterr().out == "ab" + "\x02" * 9 + "\n"
