@@ -4,8 +4,10 @@ The interpreter (how CI runs the Triton backend) accepts code the GPU compiler r
 nothing about registers or spills. This module compiles every kernel at the configurations it
 would run (each autotune config x dtype, plus every row-layout variant) for sm_80 and sm_90 with
 ``triton.compile`` and reads each cubin's resource usage with the ``cuobjdump`` shipped in the
-triton wheel: registers, shared memory, spills (local memory), and whether the matrix
-instructions are there (``mma`` on sm_80, ``wgmma`` on sm_90).
+triton wheel: registers, shared memory, spills, and whether the matrix instructions are there
+(``mma`` on sm_80, ``wgmma`` on sm_90). Spills are read from the stack frame (cuobjdump's
+``STACK``): ptxas puts spilled registers there, while its ``LOCAL`` stayed 0 for a kernel that
+spilled kilobytes (``ptxas -v`` confirms), and a Triton kernel keeps nothing else on the stack.
 
 Run ``python -m moe_blocks.kernels.aot`` (or ``python benches/kernel_report.py``) for a table;
 ``--json`` for machine-readable output. It must run without ``TRITON_INTERPRET``.
