@@ -484,9 +484,10 @@ def run_steps(
     checkpointing every ``checkpoint_every`` steps before the last; a progress bar on stderr
     when ``progress``.
     Stops early on a KeyboardInterrupt or when ``loop.statistics`` says so (after that step);
-    a KeyboardInterrupt before this call's first step has finished propagates (there is no
-    step to save), with a message saying so. Returns the last step trained and whether it
-    stopped early."""
+    a step's entry is logged before the validation after it, which an interrupt leaves out of
+    the entry. A KeyboardInterrupt before this call's first step has finished propagates
+    (there is no step to save), with a message saying so. Returns the last step trained and
+    whether it stopped early."""
     tokens_per_step = settings.batch_size * settings.seq_len
     bar = _progress_bar(settings.steps, start_step, progress)
     step, stopped = start_step, False
@@ -510,10 +511,10 @@ def run_steps(
             elapsed = time.perf_counter() - started
             entry = {"step": step, **before, **statistics, "lr": lr,
                      "tokens_per_s": tokens_per_step / elapsed}  # fmt: skip
+            log.append(entry)  # before validating: an interrupted validation keeps the step
             before = {}
             if step % settings.eval_every == 0 or step == settings.steps:
                 entry.update(loop.validate())
-            log.append(entry)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{entry['lm_loss']:.3f}",

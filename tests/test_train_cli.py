@@ -203,6 +203,33 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, corpus, monkeypatch):
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 8
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_ctrl_c_during_a_validation_after_a_step_keeps_that_step(
+    steps, tmp_path, corpus, capsys, monkeypatch
+):
+    """A step that finished is logged and saved even when Ctrl-C interrupts the validation
+    after it (with --steps 1 the log was [] and the summary raised IndexError)."""
+    real_validate, calls = train_module.validate, []
+
+    def interrupt_the_last(*args):
+        calls.append(args)
+        if len(calls) == steps + 1:  # the one after step --steps (the first is before step 1)
+            raise KeyboardInterrupt
+        return real_validate(*args)
+
+    monkeypatch.setattr(train_module, "validate", interrupt_the_last)
+    out = tmp_path / "run"
+    options = ["--data", str(corpus), "--out", str(out), *FAST[2:], "--eval-every", "1"]
+    assert run([*options, "--steps", str(steps)]) == 130
+    assert "validation: " in capsys.readouterr().out
+    log = json.loads((out / "log.json").read_text())
+    assert [entry["step"] for entry in log] == list(range(1, steps + 1))
+    assert "val_bpb" not in log[-1] and "val_bpb_before" in log[0]
+    assert json.loads((out / "checkpoint" / "log.json").read_text()) == log
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == steps
+
+
 @pytest.mark.parametrize("where", ["load_corpus", "evaluate"])  # evaluate: before step 1
 def test_ctrl_c_before_the_first_step_is_one_line_and_130(
     where, tmp_path, corpus, capsys, monkeypatch
