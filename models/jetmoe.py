@@ -238,8 +238,8 @@ class CausalLMOutput:
 
 
 class _FromConfig:
-    """``generate``'s default for ``eos_token_id``: the model config's value (an explicit None
-    means "no end token")."""
+    """``generate``'s default for ``eos_token_id`` and ``pad_token_id``: the model config's
+    value (an explicit None means "no such token")."""
 
     def __repr__(self) -> str:
         return "FROM_CONFIG"
@@ -388,16 +388,19 @@ class JetMoEForCausalLM(nn.Module):
         top_p: float | None = None,
         attention_mask: Tensor | None = None,
         eos_token_id: int | Sequence[int] | Tensor | None = FROM_CONFIG,
+        pad_token_id: int | None = FROM_CONFIG,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Greedy (default) or sampled continuation with a KV cache per layer.
 
         Returns ``[B, T + new]``: the prompt followed by the new tokens. ``eos_token_id`` (one
         id, several, or an integer tensor of them; default ``config.eos_token_id``; None: no end
-        token) ends a sequence: after it, the sequence is padded with ``config.pad_token_id``,
-        or with the (first) end token when that is None, and generation stops once every
-        sequence has ended (as transformers' ``generate`` does). With ``attention_mask`` (left
-        padding), positions count real tokens only.
+        token) ends a sequence: after it, the sequence is padded with ``pad_token_id`` (default
+        ``config.pad_token_id``), or with the (first) end token when that is None, and
+        generation stops once every sequence has ended (as transformers' ``generate`` does).
+        With ``attention_mask`` (left padding), positions count real tokens only; without one,
+        prompt tokens equal to the pad token (if it is no end token) are padding, as in
+        transformers.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -410,15 +413,18 @@ class JetMoEForCausalLM(nn.Module):
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         self._check_input_ids(input_ids)
-        if eos_token_id is FROM_CONFIG:
-            eos_ids = self._token_ids("config.eos_token_id", self.config.eos_token_id)
-        else:
-            eos_ids = self._token_ids("eos_token_id", eos_token_id)
+        eos_ids = self._token_ids_or_config("eos_token_id", eos_token_id)
+        pad_ids = self._token_ids_or_config("pad_token_id", pad_token_id)
+        if len(pad_ids) > 1:
+            raise ValueError(f"pad_token_id must be one token id, got {pad_token_id!r}")
         if eos_ids:
             eos = torch.tensor(eos_ids, device=input_ids.device)
-            pad_ids = self._token_ids("config.pad_token_id", self.config.pad_token_id)
             pad_id = (pad_ids or eos_ids)[0]
         caches = [KVCache() for _ in self.model.layers]
+        if attention_mask is None and pad_ids and not set(pad_ids) & set(eos_ids):
+            # As transformers: without a mask, prompt tokens equal to the pad token are padding
+            # (unless the pad token is also an end token).
+            attention_mask = input_ids != pad_ids[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(torch.long)
@@ -442,6 +448,12 @@ class JetMoEForCausalLM(nn.Module):
             if eos_ids and bool(finished.all()):
                 break
         return sequence
+
+    def _token_ids_or_config(self, name: str, value) -> list[int]:
+        """:meth:`_token_ids` of ``value``, or of the config's ``name`` for FROM_CONFIG."""
+        if value is FROM_CONFIG:
+            return self._token_ids(f"config.{name}", getattr(self.config, name))
+        return self._token_ids(name, value)
 
     def _token_ids(self, name: str, value) -> list[int]:
         """``value`` (None, a token id, a sequence of them or an integer tensor) as a list of

@@ -163,6 +163,17 @@ def test_several_eos_tokens_as_transformers_does(tmp_path):
     assert free.shape[1] == 15
 
 
+def test_pad_token_id_argument_as_transformers_does(tmp_path):
+    """``generate(..., pad_token_id=p)`` pads the rows that ended with p, as transformers'
+    (the usual call passes it), overriding the config's."""
+    reference, ours, prompt = _eos_pair(tmp_path)
+    expected = reference.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=5)
+    assert (expected == 5).any()
+    assert torch.equal(ours.generate(prompt, 10, pad_token_id=5), expected)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        ours.generate(prompt, 10, pad_token_id=[5, 6])
+
+
 def _generation_pair(tmp_path):
     """transformers' JetMoeForCausalLM and ours loaded from its checkpoint: a tiny model."""
     kwargs = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_local_experts=3,
