@@ -640,8 +640,7 @@ def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> 
         "train_new_experts_only", "balance_loss",
     ):  # fmt: skip
         theirs, ours = getattr(saved, name), getattr(settings, name)
-        paths = name in ("data", "resume_from") and None not in (theirs, ours)
-        if (Path(theirs).resolve() != Path(ours).resolve()) if paths else theirs != ours:
+        if not (same_path(theirs, ours) if name in ("data", "resume_from") else theirs == ours):
             raise TrainingError(
                 f"--resume: --{name.replace('_', '-')} {ours} differs from the checkpoint's "
                 f"({theirs}); leave it out to keep the checkpoint's"
@@ -652,6 +651,15 @@ def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> 
             "must be above it to train further"
         )
     return state
+
+
+def same_path(theirs: str | None, ours: str | None) -> bool:
+    """Whether two ``--data`` (or ``--resume-from``) values name the same files: both None (the
+    standard library) or the same path once resolved (a checkpoint written before paths were
+    saved absolute holds a relative one)."""
+    if theirs is None or ours is None:
+        return theirs is ours
+    return Path(theirs).resolve() == Path(ours).resolve()
 
 
 def resumed_settings(out: str, given: dict) -> TrainSettings:
@@ -802,7 +810,7 @@ def load_origin(settings: TrainSettings) -> Origin | None:
         )
     known, data = previous_data(checkpoint)
     previous = None
-    if known and data != settings.data:
+    if known and not same_path(data, settings.data):
         previous = load_corpus(data, settings.seq_len)
     name = "Python's standard library" if data is None else str(data)
     return Origin(checkpoint, new_experts, previous, name)

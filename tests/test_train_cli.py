@@ -149,6 +149,25 @@ def test_resume_takes_the_options_not_given_from_the_checkpoint(
     assert run(["--out", str(split), "--resume", "--steps", "9", "--data", "../corpus"]) == 0
 
 
+def test_resume_from_a_checkpoint_with_a_relative_data_path_knows_its_own_corpus(
+    tmp_path, corpus, capsys, monkeypatch
+):
+    """A checkpoint written before --data was saved absolute holds the path as given; compared
+    as a resolved path, the run's own corpus is not validated again as the "old" one."""
+    monkeypatch.chdir(tmp_path)
+    base, new = tmp_path / "base", tmp_path / "new"
+    assert run(["--data", corpus.name, "--out", str(base), *FAST[2:], "--steps", "1"]) == 0
+    state_file = base / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["settings"]["data"] = corpus.name  # as it was saved before
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    options = ["--data", str(corpus), "--resume-from", str(base), "--out", str(new)]
+    assert run([*options, *FAST[2:], "--steps", "1"]) == 0
+    assert "old:" not in capsys.readouterr().out
+    assert "old_val_bpb_before" not in json.loads((new / "log.json").read_text())[0]
+
+
 def test_a_resume_that_changes_past_learning_rates_says_so(tmp_path, corpus, capsys):
     """The default warmup (min(30, --steps)) and WSD's decay start (0.8 --steps) move with
     --steps: resumed to more steps, the run differs from a straight one, and stderr says so."""
