@@ -402,6 +402,8 @@ class JetMoEForCausalLM(nn.Module):
         prompt tokens equal to the pad token (if it is no end token) are padding, as in
         transformers.
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and temperature <= 0:

@@ -547,6 +547,9 @@ def test_bad_input_ids():
                        (True, TypeError), (torch.tensor([[2]]), TypeError)):  # fmt: skip
         with pytest.raises(error, match="eos_token_id"):
             model.generate(torch.tensor([[1, 2]]), 3, eos_token_id=eos)
+    for count, error in ((-1, ValueError), (3.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="max_new_tokens"):
+            model.generate(torch.tensor([[1, 2]]), count)
     narrow = torch.tensor([[0, 255, 7]], dtype=torch.uint8)  # vocab 256 must not wrap to 0
     torch.testing.assert_close(model(narrow).logits, model(narrow.long()).logits)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
