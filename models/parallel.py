@@ -376,7 +376,7 @@ def _train(
     if state is not None:
         load_sharded(checkpoint_dir, model, optimizer)
         start_step = state.step
-        log = load_log(checkpoint_dir)
+        log = load_log(checkpoint_dir, model)
     if main:
         announce(settings, corpus, model, state)
         print(f"ranks:  {world} (data parallel {world // ep} x expert parallel {ep}) on {device}")

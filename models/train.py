@@ -15,6 +15,7 @@ import shutil
 import sys
 import sysconfig
 import time
+import typing
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -30,7 +31,7 @@ from moe_blocks import FrozenExperts, expert_blocks, freeze_experts
 from moe_blocks.losses import BALANCE_LOSSES
 from moe_blocks.router import named_routers, tokens_per_expert
 
-from .jetmoe import JetMoEConfig, JetMoEForCausalLM
+from .jetmoe import JetMoEConfig, JetMoEForCausalLM, _read_json
 
 VALIDATION_PERCENT = 5
 SEPARATOR = b"\n\n"
@@ -197,9 +198,7 @@ class TrainSettings:
             if getattr(self, name) == "":  # Path("") is the current folder
                 raise TrainingError(f"--{name.replace('_', '-')} is empty: give a folder")
         given = self.warmup_steps
-        if given is not None and (
-            isinstance(given, bool) or not isinstance(given, int) or not 0 <= given <= self.steps
-        ):
+        if given is not None and (not _is_int(given) or not 0 <= given <= self.steps):
             raise TrainingError(
                 f"--warmup-steps must be an integer from 0 to --steps ({self.steps}), "
                 f"got {self.warmup_steps}"
@@ -227,8 +226,13 @@ class TrainSettings:
 
 def check_positive_int(flag: str, value: object) -> None:
     """A TrainingError naming ``flag`` unless ``value`` is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise TrainingError(f"{flag} must be a positive integer, got {value}")
+
+
+def _is_int(value: object) -> bool:
+    """Whether ``value`` is an int and not a bool (JSON's true is no step count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def learning_rate(settings: TrainSettings, step: int) -> float:
@@ -322,23 +326,57 @@ def load_trainer_state(directory: Path) -> TrainerState:
         raise TrainingError(
             f"{directory} holds no moe-blocks training checkpoint ({state_file.name} missing)"
         )
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError:
-        raise TrainingError(f"{state_file} is not valid JSON") from None
-    if not isinstance(state, dict) or state.get("format") not in RESUMABLE_FORMATS:
-        found = state.get("format") if isinstance(state, dict) else None
+    state = read_json(state_file, dict)
+    if state.get("format") not in RESUMABLE_FORMATS:
         raise TrainingError(
-            f"{state_file}: format {found!r}, not {CHECKPOINT_FORMAT!r} "
+            f"{state_file}: format {state.get('format')!r}, not {CHECKPOINT_FORMAT!r} "
             "(written by another version of moe-blocks train, or by something else)"
         )
-    try:
-        step, settings = state["step"], TrainSettings(**state["settings"])
-    except (KeyError, TypeError):
-        step = None
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    step, settings = state.get("step"), state.get("settings")
+    if not _is_int(step) or step < 0 or not isinstance(settings, dict):
         raise TrainingError(f"{state_file}: no step count and settings of moe-blocks train")
-    return TrainerState(step, settings)
+    return TrainerState(step, _settings_from_json(settings, state_file))
+
+
+def _settings_from_json(saved: dict, state_file: Path) -> TrainSettings:
+    """The :class:`TrainSettings` that ``trainer_state.json`` holds (those it lacks take their
+    defaults), each of its declared type and passing :meth:`TrainSettings.check`; a
+    :class:`TrainingError` naming the file and the setting otherwise."""
+    types = typing.get_type_hints(TrainSettings)
+    for name, value in saved.items():
+        if name not in types:
+            raise TrainingError(f"{state_file}: unknown setting {name!r}")
+        allowed = typing.get_args(types[name]) or (types[name],)
+        if float in allowed:
+            allowed += (int,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise TrainingError(
+                f"{state_file}: setting {name} is {value!r}, not "
+                f"{TrainSettings.__annotations__[name]}"
+            )
+    settings = TrainSettings(**saved)
+    try:
+        settings.check()
+    except TrainingError as error:
+        raise TrainingError(f"{state_file}: {error}") from None
+    return settings
+
+
+def read_json(path: Path, kind: type[dict] | type[list]) -> dict | list:
+    """The JSON object (``kind`` dict) or array (list) in ``path``; a :class:`TrainingError`
+    naming the file when it is missing, unreadable, not UTF-8 JSON or not a ``kind``."""
+    try:
+        value = _read_json(path)
+    except FileNotFoundError:
+        raise TrainingError(f"{path} is missing") from None
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8 or not JSON
+        raise TrainingError(str(error)) from None
+    if not isinstance(value, kind):
+        found = "array" if isinstance(value, list) else type(value).__name__
+        raise TrainingError(
+            f"{path}: a JSON {found}, not {'an object' if kind is dict else 'an array'}"
+        )
+    return value
 
 
 def load_model(folder: Path, flag: str) -> JetMoEForCausalLM:
@@ -350,24 +388,40 @@ def load_model(folder: Path, flag: str) -> JetMoEForCausalLM:
         raise TrainingError(f"{flag}: {error}") from None
 
 
-def load_log(directory: Path) -> list[dict]:
-    """The ``log.json`` saved with the checkpoint in ``directory``."""
+def load_log(directory: Path, model) -> list[dict]:
+    """The ``log.json`` saved with the checkpoint in ``directory``, whose entries must be
+    steps of ``model`` (each with its step, losses and the tokens per expert of the model's
+    routers), so that nothing fails on them after training."""
     path = directory / "log.json"
-    try:
-        log = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrainingError(f"--resume: {path} is missing") from None
-    except ValueError:  # not UTF-8 or not JSON
-        raise TrainingError(f"--resume: {path} is not valid JSON") from None
-    if not isinstance(log, list) or not all(isinstance(entry, dict) for entry in log):
-        raise TrainingError(f"--resume: {path}: not a list of step entries")
-    if log and "loss" not in log[0]:  # format 2: step 0's validation was an entry of its own
-        before = log.pop(0)
-        if log:
+    log = read_json(path, list)
+    if log and isinstance(log[0], dict) and "loss" not in log[0]:
+        before = log.pop(0)  # format 2: step 0's validation was an entry of its own
+        if log and isinstance(log[0], dict):
             log[0].update(
                 {f"{key}_before": value for key, value in before.items() if key != "step"}
             )
+    experts = {name: router.num_experts for name, router in named_routers(model).items()}
+    for index, entry in enumerate(log):
+        if not _is_step_entry(entry, experts):
+            raise TrainingError(
+                f"{path}: entry {index} is not a step of this model (a step count, loss, "
+                "lm_loss and other numbers, and tokens_per_expert of its routers)"
+            )
     return log
+
+
+def _is_step_entry(entry: object, experts: dict[str, int]) -> bool:
+    if not isinstance(entry, dict) or not {"step", "loss", "lm_loss"} <= entry.keys():
+        return False
+    loads = entry.get("tokens_per_expert")
+    numbers = [v for k, v in entry.items() if k not in ("step", "tokens_per_expert")]
+    return (
+        _is_int(entry["step"])
+        and all(isinstance(v, float) or _is_int(v) for v in numbers)
+        and isinstance(loads, dict)
+        and {name: len(c) if isinstance(c, list) else None for name, c in loads.items()} == experts
+        and all(_is_int(count) for counts in loads.values() for count in counts)
+    )
 
 
 def _restore_optimizer(directory: Path, model, optimizer) -> None:
@@ -586,7 +640,7 @@ def train(
     if state is not None:
         model = load_model(checkpoint_dir, "--resume")
         start_step = state.step
-        log = load_log(checkpoint_dir)
+        log = load_log(checkpoint_dir, model)
     elif origin is not None:
         model = load_model(origin.checkpoint, "--resume-from")
     else:
@@ -744,12 +798,18 @@ def read_extension(checkpoint: Path) -> dict | None:
     path = checkpoint / EXTENSION_FILE
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise TrainingError(f"{path} is not valid JSON") from None
+    record = read_json(path, dict)
     if record.get("format") != EXTENSION_FORMAT:
         raise TrainingError(f"{path}: format {record.get('format')!r}, not {EXTENSION_FORMAT!r}")
+    counts = record.get("base_experts"), record.get("added")
+    data = record.get("previous_data")
+    if not all(_is_int(count) and count >= 1 for count in counts) or not (
+        data is None or isinstance(data, str)
+    ):
+        raise TrainingError(
+            f"{path}: not a record of moe-blocks extend (base_experts and added counts, "
+            "previous_data a path or null)"
+        )
     return record
 
 

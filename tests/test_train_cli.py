@@ -509,6 +509,55 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, corpus, capsys, 
         assert name in one_line_error(capsys), index
 
 
+def test_damaged_json_of_a_checkpoint_is_one_line_naming_the_file(
+    tmp_path, corpus, capsys, monkeypatch
+):
+    """Every JSON file a run reads back (trainer_state.json, log.json, extension.json), damaged
+    in content or type, is a one-line error naming it and exit 2 before any step."""
+    good = tmp_path / "good"
+    assert run(["--data", str(corpus), "--out", str(good), *FAST[2:], "--steps", "1"]) == 0
+    capsys.readouterr()
+
+    def edit(change):
+        def damage(path):
+            value = json.loads(path.read_text())
+            change(value)
+            path.write_text(json.dumps(value))
+
+        return damage
+
+    def write(value):
+        return lambda path: path.write_text(json.dumps(value))
+
+    routers = json.loads((good / "log.json").read_text())[0]["tokens_per_expert"]
+    extension = {"format": train_module.EXTENSION_FORMAT, "base_experts": 4, "added": 1}
+    damages = [
+        ("trainer_state.json", lambda path: path.write_bytes(b"\xff\xfe{")),  # not UTF-8
+        ("trainer_state.json", write([1])),
+        ("trainer_state.json", edit(lambda state: state["settings"].update(data=5))),
+        ("trainer_state.json", edit(lambda state: state["settings"].update(steps="8"))),
+        ("trainer_state.json", edit(lambda state: state["settings"].update(batch_size=0))),
+        ("log.json", lambda path: path.write_bytes(b"\xff")),
+        ("log.json", edit(lambda log: log[0].pop("lm_loss"))),
+        ("log.json", edit(lambda log: log[0].update(val_bpb="low"))),
+        ("log.json", edit(lambda log: log[0]["tokens_per_expert"].pop(next(iter(routers))))),
+        ("extension.json", write([1])),
+        ("extension.json", write({**extension, "added": None})),
+        ("extension.json", write({**extension, "previous_data": 5})),
+    ]
+    monkeypatch.setattr(train_module, "batch_at", None)  # no step may start
+    for index, (name, damage) in enumerate(damages):
+        out = tmp_path / f"damaged{index}"
+        shutil.copytree(good, out)
+        damage(out / "checkpoint" / name)
+        if name == "extension.json":  # read by --resume-from, beside the checkpoint
+            args = ["--resume-from", str(out), "--out", str(tmp_path / f"new{index}")]
+        else:
+            args = ["--out", str(out), "--resume", "--steps", "2"]
+        assert run(["--data", str(corpus), *args]) == 2, index
+        assert f"checkpoint/{name}" in one_line_error(capsys), index
+
+
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run(
         [sys.executable, "-m", "moe_blocks", "info", "tiny"], capture_output=True, text=True,
