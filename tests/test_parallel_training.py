@@ -159,6 +159,24 @@ def test_sharded_training_equals_one_process(tmp_path, monkeypatch):
     assert not (tmp_path / "resume2" / "checkpoint.partial").exists()
 
 
+def test_a_sharded_run_interrupted_before_its_first_step_saves_that_step(tmp_path, monkeypatch):
+    """Under torchrun a SIGINT only sets a flag once the loop has begun: one during the
+    validation before step 1 lets step 1 finish, which is saved (one process: nothing is)."""
+    monkeypatch.setattr(parallel_module, "plot_run", _no_plot)
+    data = tmp_path / "text.txt"
+    data.write_bytes(bytes(range(32, 127)) * 20)
+    evaluate = parallel_module.evaluate
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(parallel_module, "evaluate", interrupted)
+    result = train_sharded(_settings(tmp_path / "run", data, 3), progress=False)
+    assert result.interrupted and [entry["step"] for entry in result.log] == [1]
+    assert _trainer_state(tmp_path / "run")["step"] == 1
+
+
 def test_train_cli_rejects_bad_ep(tmp_path, capsys):
     from moe_blocks.models.cli import main
 
