@@ -108,7 +108,9 @@ def train_command(args: argparse.Namespace) -> int:
         + (f"  model (Hugging Face layout): {result.out / 'model'}" if sharded else "")
     )
     if result.interrupted:
-        print("interrupted: checkpoint saved; continue with --resume", file=sys.stderr)
+        unfinished = last["step"] < settings.steps  # else only the last validation was cut
+        hint = "; continue with --resume" if unfinished else f" at the last step ({last['step']})"
+        print(f"interrupted: checkpoint saved{hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -240,7 +240,9 @@ def test_ctrl_c_during_a_validation_after_a_step_keeps_that_step(
     out = tmp_path / "run"
     options = ["--data", str(corpus), "--out", str(out), *FAST[2:], "--eval-every", "1"]
     assert run([*options, "--steps", str(steps)]) == 130
-    assert "validation: " in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "validation: " in printed.out
+    assert "--resume" not in printed.err  # all steps are done: nothing to resume
     log = json.loads((out / "log.json").read_text())
     assert [entry["step"] for entry in log] == list(range(1, steps + 1))
     assert "val_bpb" not in log[-1] and "val_bpb_before" in log[0]
