@@ -510,7 +510,7 @@ class JetMoEForCausalLM(nn.Module):
         config_path = path / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a checkpoint directory")
-        config = JetMoEConfig.from_hf_dict(_read_json(config_path), str(config_path))
+        config = JetMoEConfig.from_hf_dict(load_json(config_path), str(config_path))
         with torch.device("meta"):
             model = cls(config, dtype=dtype)
         expected = {
@@ -611,7 +611,9 @@ def from_hf_key(name: str) -> str:
 _INDEX = "model.safetensors.index.json"
 
 
-def _read_json(file: Path):
+def load_json(file: Path):
+    """The JSON value in ``file``; ``ValueError`` naming the file when it is not UTF-8 JSON
+    (``FileNotFoundError``/``OSError`` pass through)."""
     try:
         return json.loads(file.read_text())
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
@@ -625,7 +627,7 @@ def _checkpoint_files(path: Path) -> dict[Path, list[str] | None]:
     if single.is_file():
         return {single: None}
     if index.is_file():
-        data = _read_json(index)
+        data = load_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         files_named = isinstance(weight_map, dict) and all(
             isinstance(file, str) for file in weight_map.values()

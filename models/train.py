@@ -31,7 +31,7 @@ from moe_blocks import FrozenExperts, expert_blocks, freeze_experts
 from moe_blocks.losses import BALANCE_LOSSES
 from moe_blocks.router import named_routers, tokens_per_expert
 
-from .jetmoe import JetMoEConfig, JetMoEForCausalLM, _read_json
+from .jetmoe import JetMoEConfig, JetMoEForCausalLM, load_json
 
 VALIDATION_PERCENT = 5
 SEPARATOR = b"\n\n"
@@ -366,7 +366,7 @@ def read_json(path: Path, kind: type[dict] | type[list]) -> dict | list:
     """The JSON object (``kind`` dict) or array (list) in ``path``; a :class:`TrainingError`
     naming the file when it is missing, unreadable, not UTF-8 JSON or not a ``kind``."""
     try:
-        value = _read_json(path)
+        value = load_json(path)
     except FileNotFoundError:
         raise TrainingError(f"{path} is missing") from None
     except (OSError, ValueError) as error:  # ValueError: not UTF-8 or not JSON
