@@ -529,7 +529,11 @@ def tiny_jetmoe(seed: int):
     return model
 
 
-def test_patch_jetmoe_gives_the_same_logits_and_gradients():
+@pytest.mark.parametrize("router_logits", [False, True], ids=["plain", "with_aux_loss"])
+def test_patch_jetmoe_gives_the_same_logits_and_gradients(router_logits):
+    """Logits and every gradient as unpatched; with ``output_router_logits`` (how JetMoe trains:
+    transformers records the router modules' outputs for its aux loss) also the same loss,
+    aux loss and router logits."""
     model = tiny_jetmoe(seed=3)
     patched = backend.patch_jetmoe(copy.deepcopy(model))
     assert backend.patch_jetmoe(patched) is patched  # patching twice is harmless
@@ -537,11 +541,20 @@ def test_patch_jetmoe_gives_the_same_logits_and_gradients():
     probe = torch.randn(2, 11, 101)
     results = []
     for candidate in (model, patched):
-        logits = candidate(input_ids).logits
-        (logits * probe).sum().backward()
-        results.append((logits, {n: p.grad for n, p in candidate.named_parameters()}))
+        if router_logits:
+            out = candidate(input_ids, labels=input_ids, output_router_logits=True)
+            (out.loss + (out.logits * probe).sum()).backward()
+            extra = (out.loss, out.aux_loss, *out.router_logits)
+        else:
+            out = candidate(input_ids)
+            (out.logits * probe).sum().backward()
+            extra = ()
+        grads = {n: p.grad for n, p in candidate.named_parameters()}
+        results.append(((out.logits, *extra), grads))
     (expected, expected_grads), (logits, grads) = results
-    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert len(logits) == len(expected)
+    for ours, theirs in zip(logits, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     for name, expected_grad in expected_grads.items():
         torch.testing.assert_close(grads[name], expected_grad, atol=1e-5, rtol=1e-4, msg=name)
 

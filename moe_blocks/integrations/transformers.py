@@ -326,9 +326,11 @@ def patch_jetmoe(model: nn.Module) -> nn.Module:
     """Route every JetMoe MoE (``JetMoeMoE.forward``) and MoA (``JetMoeMoA.map``/``reduce``) of
     a transformers JetMoe ``model`` through ``expert_linear``, with the model's own weights.
 
-    The routing is JetMoe's (fp32 logits, top-k, softmax over the k picked logits) from its own
-    ``router.layer``; the logits are the same as unpatched up to float rounding. The modules
-    are patched in place (their methods, not their parameters); patching twice is harmless.
+    The routing is JetMoe's (fp32 logits, top-k, softmax over the k picked logits) from the
+    logits its own router module returns, so hooks on the router see its output as unpatched
+    (transformers records ``router_logits`` for the aux loss that way); the logits are the same
+    as unpatched up to float rounding. The modules are patched in place (their methods, not
+    their parameters); patching twice is harmless.
 
     Args:
         model: a module containing transformers' ``JetMoeMoE``/``JetMoeMoA`` modules (e.g.
@@ -360,8 +362,9 @@ def patch_jetmoe(model: nn.Module) -> nn.Module:
 
 def _jetmoe_route(router: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """JetMoeTopKGating's decision for ``tokens [T, d]``: fp32 logits ``[T, E]``, expert ids and
-    gates ``[T, k]`` (softmax over the k picked logits, in the tokens' dtype)."""
-    logits = router.layer(tokens).float()
+    gates ``[T, k]`` in token order (softmax over the k picked logits, in the tokens' dtype).
+    The logits are the router module's own output (its last), so its hooks run."""
+    logits = router(tokens)[-1]
     top_logits, expert_idx = logits.topk(router.top_k, dim=1)
     return logits, expert_idx, top_logits.softmax(dim=1).type_as(tokens)
 
