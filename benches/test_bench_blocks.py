@@ -37,10 +37,15 @@ def case_params(cases: list[bench.Case]) -> list:
 
 
 def time_case(benchmark, case, impl, backward):
-    """Time ``impl`` on ``case`` under pytest-benchmark; the output of its last run, and x."""
+    """Time ``impl`` on ``case`` under pytest-benchmark; the output of its last run, and x.
+    Forward+backward also records the step's memory in the benchmark's ``extra_info``
+    (``memory_mb``, measured as ``memory_measure`` says: bench.memory_mb)."""
     module, x = bench.build(case, impl)
     passes = "fwd+bwd" if backward else "fwd"
     benchmark.group = f"{case.suite} {case.shape} {case.tokens} tokens {case.dtype} {passes}"
+    if backward:
+        benchmark.extra_info["memory_mb"] = bench.memory_mb(module, x, DEVICE)
+        benchmark.extra_info["memory_measure"] = bench.MEMORY_MEASURES[DEVICE]
     return benchmark(bench.step_function(module, x, backward)), x
 
 
