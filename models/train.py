@@ -547,6 +547,7 @@ def run_steps(
     step, stopped = start_step, False
     try:
         before = {} if log else {f"{key}_before": bpb for key, bpb in loop.validate().items()}
+        last_bpb = before["val_bpb_before"] if before else validations(log)[-1][1]
         while step < settings.steps:
             started = time.perf_counter()
             lr = learning_rate(settings, step)
@@ -569,12 +570,13 @@ def run_steps(
             before = {}
             if step % settings.eval_every == 0 or step == settings.steps:
                 entry.update(loop.validate())
+                last_bpb = entry["val_bpb"]
             bar.update(1)
             bar.set_postfix(
                 loss=f"{entry['lm_loss']:.3f}",
                 tok_s=f"{entry['tokens_per_s']:.0f}",
                 lr=f"{lr:.2e}",
-                val_bpb=f"{validations(log)[-1][1]:.3f}",
+                val_bpb=f"{last_bpb:.3f}",
             )
             if stopped:
                 break
