@@ -354,10 +354,9 @@ def _new_output_folder(path: str, overwrite: bool):
     ``overwrite``); checked before any work."""
     from pathlib import Path
 
-    from .train import TrainingError
+    from .train import TrainingError, check_path_given
 
-    if not path:  # Path("") is the current folder
-        raise TrainingError("--out is empty: give a folder")
+    check_path_given("--out", path, "a folder")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file, not a folder")

@@ -89,11 +89,11 @@ def load_corpus(data: str | Path | None, seq_len: int = DEFAULT_SEQ_LEN) -> Corp
         files = load_corpus_files()
         description = f"Python {sysconfig.get_python_version()} standard library ({root})"
     else:
-        if data == "":  # Path("") is the current folder
-            raise TrainingError(
-                "--data is empty: give a text file or folder (or leave --data out for Python's "
-                "standard library)"
-            )
+        check_path_given(
+            "--data",
+            data,
+            "a text file or folder (or leave --data out for Python's standard library)",
+        )
         root = Path(data)
         if not root.exists():
             raise TrainingError(f"--data {data}: no such file or folder")
@@ -195,8 +195,7 @@ class TrainSettings:
         if self.threads is not None:
             check_positive_int("--threads", self.threads)
         for name in ("out", "resume_from"):
-            if getattr(self, name) == "":  # Path("") is the current folder
-                raise TrainingError(f"--{name.replace('_', '-')} is empty: give a folder")
+            check_path_given(f"--{name.replace('_', '-')}", getattr(self, name), "a folder")
         given = self.warmup_steps
         if given is not None and (not _is_int(given) or not 0 <= given <= self.steps):
             raise TrainingError(
@@ -228,6 +227,13 @@ def check_positive_int(flag: str, value: object) -> None:
     """A TrainingError naming ``flag`` unless ``value`` is an int >= 1."""
     if not _is_int(value) or value < 1:
         raise TrainingError(f"{flag} must be a positive integer, got {value}")
+
+
+def check_path_given(flag: str, path: str | None, what: str) -> None:
+    """A TrainingError naming ``flag`` when ``path`` is empty: ``Path("")`` is the current
+    folder, which nobody means by it."""
+    if path == "":
+        raise TrainingError(f"{flag} is empty: give {what}")
 
 
 def _is_int(value: object) -> bool:
