@@ -1,10 +1,10 @@
 """moe_blocks.kernels: the sparse-dispatch kernel (plan_dispatch, expert_linear) and backends."""
 
-# The repository's kernels/ directory is installed as moe_blocks.kernels. A checkout on sys.path
-# (``python -m pytest`` from the repository root) also makes it importable as a top-level
-# "kernels", a name transformers probes for (the PyPI package of that name). Loaded that way it
-# stays empty: importing its modules a second time would register the torch.library ops twice,
-# which corrupts the dispatcher.
+# The repository's kernels/ directory is installed as moe_blocks.kernels. Imported as the top-level
+# "kernels" (a process started in the checkout root has the root on sys.path), it hands over to
+# the installed package of that name (PyPI's "kernels", which transformers imports): see
+# _checkout.py. Its own modules are never loaded a second time under that name (registering the
+# torch.library ops twice corrupts the dispatcher).
 if __name__ == "moe_blocks.kernels":
     from .ops import (
         BACKENDS,
@@ -27,3 +27,10 @@ if __name__ == "moe_blocks.kernels":
         "resolve_backend",
         "use_backend",
     ]
+elif __name__ == "kernels":
+    import sys
+
+    from ._checkout import hand_over
+
+    del sys.modules[f"{__name__}._checkout"]
+    hand_over(__name__, __file__)

@@ -1,5 +1,17 @@
 """moe_blocks.models: reference models assembled from the blocks (JetMoE-8B)."""
 
+if __name__ == "models":
+    # Imported as the top-level "models" from a checkout root on sys.path: hand over to the
+    # installed package of that name, as kernels/ does (kernels/_checkout.py says why).
+    import importlib.util
+    from pathlib import Path
+
+    _path = Path(__file__).resolve().parent.parent / "kernels" / "_checkout.py"
+    _spec = importlib.util.spec_from_file_location("_moe_blocks_checkout", _path)
+    _checkout = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_checkout)
+    _checkout.hand_over(__name__, __file__)
+
 
 def __getattr__(name: str):
     # parallelize (models/parallel.py) needs torch.distributed's tensor and FSDP modules, ~1 s to

@@ -227,16 +227,34 @@ def test_experts_spanning_several_row_tiles(backend, rows_in, output):
     check_against_reference(problem, backend)
 
 
+@pytest.fixture
+def set_matmul_switch():
+    """``set_matmul_switch(name, value)`` sets ``torch.backends.cuda.matmul.<name>`` for one test;
+    each switch gets back the value it had, through the same switch. (pytest >= 9.2's
+    ``monkeypatch`` restores such attributes by deleting them, since that object serves them
+    through ``__getattr__``, not its ``__dict__``: AttributeError on undo.)"""
+    matmul = torch.backends.cuda.matmul
+    saved = {}
+
+    def set_switch(name, value):
+        saved.setdefault(name, getattr(matmul, name))
+        setattr(matmul, name, value)
+
+    yield set_switch
+    for name, value in reversed(saved.items()):
+        setattr(matmul, name, value)
+
+
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
 @pytest.mark.parametrize("output", OUTPUTS)
-def test_fp32_on_triton_follows_torchs_tf32_switch(allow_tf32, output, monkeypatch):
+def test_fp32_on_triton_follows_torchs_tf32_switch(allow_tf32, output, set_matmul_switch):
     """The Triton kernels multiply fp32 in TF32 exactly when PyTorch allows it for fp32
     matmuls (``torch.backends.cuda.matmul.allow_tf32``), and then stay within TF32's error:
     each input keeps 10 mantissa bits, fp16's, so the error model is fp16's unit roundoff for
     the two rounded factors of every product (the model's roundings), with fp32 sums. Experts
     span several row tiles. The interpreter (CI) always multiplies in IEEE fp32; on a GPU this
     checks the TF32 path."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    set_matmul_switch("allow_tf32", allow_tf32)
     assert triton_backend._precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
     assert triton_backend._precision(torch.bfloat16) == "ieee"
     problem = _combination("contiguous", "token", output, with_bias=True) | {
@@ -255,13 +273,13 @@ def test_fp32_on_triton_follows_torchs_tf32_switch(allow_tf32, output, monkeypat
      ("fp32_precision", "tf32", "tf32"), ("fp32_precision", "ieee", "ieee")],
 )  # fmt: skip
 def test_tf32_is_read_from_the_legacy_and_the_new_torch_switch(
-    switch, value, precision, monkeypatch
+    switch, value, precision, set_matmul_switch
 ):
     """TF32 asked for through torch's newer ``fp32_precision`` (torch >= 2.9, where reading the
     legacy ``allow_tf32`` then raises) is honoured as the legacy switch is."""
     if not hasattr(torch.backends.cuda.matmul, switch):
         pytest.skip(f"this torch has no torch.backends.cuda.matmul.{switch}")
-    monkeypatch.setattr(torch.backends.cuda.matmul, switch, value)
+    set_matmul_switch(switch, value)
     assert triton_backend._precision(torch.float32) == precision
     assert triton_backend._precision(torch.bfloat16) == "ieee"
 
