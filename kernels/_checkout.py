@@ -17,12 +17,14 @@ import os
 import sys
 
 
-def _spec_elsewhere(name: str, checkout_root: str):
-    """The import spec of top-level ``name`` from every finder, with the checkout root left
-    off ``sys.path`` and any spec that points into the checkout skipped."""
+def _spec_elsewhere(name: str, folder: str):
+    """The import spec of top-level ``name`` from every finder, with the checkout root (the
+    parent of our ``folder``) left off ``sys.path`` and any spec inside ``folder`` skipped. (A
+    virtualenv inside the checkout, ``.venv/``, is not ours: only the folder is.)"""
+    checkout_root = os.path.dirname(folder)
 
-    def outside(location: str | None) -> bool:
-        return location is None or not os.path.realpath(location).startswith(checkout_root + os.sep)
+    def ours(location: str | None) -> bool:
+        return location is not None and os.path.realpath(location).startswith(folder + os.sep)
 
     path = [entry for entry in sys.path if os.path.realpath(entry or os.getcwd()) != checkout_root]
     for finder in sys.meta_path:
@@ -34,7 +36,7 @@ def _spec_elsewhere(name: str, checkout_root: str):
             spec = find_spec(name, search)
         except (ImportError, ValueError):
             continue
-        if spec is not None and outside(spec.origin):
+        if spec is not None and not ours(spec.origin):
             return spec
     return None
 
@@ -43,8 +45,7 @@ def hand_over(name: str, init_file: str) -> None:
     """Make ``sys.modules[name]`` the installed package ``name`` instead of the checkout's folder
     whose ``__init__.py`` is ``init_file`` (and which is being imported now): Python's import
     statement returns whatever ``sys.modules[name]`` holds once that ``__init__`` has run."""
-    checkout_root = os.path.dirname(os.path.dirname(os.path.realpath(init_file)))
-    spec = _spec_elsewhere(name, checkout_root)
+    spec = _spec_elsewhere(name, os.path.dirname(os.path.realpath(init_file)))
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     module = importlib.util.module_from_spec(spec)

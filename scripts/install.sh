@@ -20,12 +20,14 @@ python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 if ! python -c "import torch" >/dev/null 2>&1; then
     python -m pip install --quiet "torch==2.13.0"
 fi
-if ((latest)); then
-    python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
-    exit 0
-fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
+if ((latest)); then
+    # every package at its latest release but torch, which stays the build that is installed
+    python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" >"$constraints"
+    python -m pip install --quiet --upgrade --upgrade-strategy eager -c "$constraints" -e ".[dev]"
+    exit 0
+fi
 if python -c "import importlib.metadata as m, sys; sys.exit(not any(
         r.split(';')[0].strip().startswith(('triton', 'pytorch-triton'))
         for r in m.requires('torch') or []))"; then

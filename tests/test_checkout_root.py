@@ -6,6 +6,7 @@ Our top-level ``kernels/`` and ``models/`` folders (installed as ``moe_blocks.ke
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -23,10 +24,18 @@ def run_in_root(code: str, pythonpath: Path | None = None) -> subprocess.Complet
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("where", ["elsewhere", "in a virtualenv inside the checkout"])
 @pytest.mark.parametrize("name", ["kernels", "models"])
-def test_an_installed_package_of_a_top_level_folders_name_is_the_one_imported(name, tmp_path):
+def test_an_installed_package_of_a_top_level_folders_name_is_the_one_imported(name, where):
     """An installed package named like our folder, with a submodule and a relative import, is
-    what ``import NAME`` gives in the root: its own attributes, its own submodules."""
+    what ``import NAME`` gives in the root: its own attributes, its own submodules; also when
+    it is installed under the checkout (``python -m venv .venv`` in a fresh clone)."""
+    parent = ROOT if where.startswith("in a") else None
+    with tempfile.TemporaryDirectory(prefix=".venv-test-", dir=parent) as site:
+        _check_installed_package_is_imported(name, Path(site))
+
+
+def _check_installed_package_is_imported(name: str, tmp_path: Path) -> None:
     package = tmp_path / name
     package.mkdir()
     token = f"installed-{name}-{tmp_path.name}"
