@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -43,11 +43,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import parallelize_module
 
-from moe_blocks.parallel import ExpertParallel
+from moe_blocks.parallel import MESH_DIMS, clip_grad_norm_
+from moe_blocks.parallel import parallelize as parallelize_model
 
 from .jetmoe import JetMoEConfig, JetMoEForCausalLM
 from .train import (
@@ -69,21 +67,21 @@ from .train import (
     run_steps,
 )
 
-MESH_DIMS = ("dp", "ep")
-
 
 def parallelize(
     model: JetMoEForCausalLM, mesh: DeviceMesh, *, balance: str = "global"
 ) -> JetMoEForCausalLM:
-    """Shard ``model`` in place over ``mesh`` and return it.
+    """Shard ``model`` in place over ``mesh`` and return it: :func:`moe_blocks.parallel.parallelize`
+    with each decoder layer a unit of its own (see the module docstring).
 
     Args:
         model: a :class:`JetMoEForCausalLM` with the same weights on every rank (on CPU or the
             mesh's device; FSDP moves its shards to the mesh's device).
-        mesh: a 1-D mesh (pure FSDP over its ranks) or a 2-D mesh named ``("dp", "ep")`` (see
-            the module docstring); ``num_local_experts`` must be divisible by its ``ep`` size.
-        balance: ``ExpertParallel``'s ``balance`` (``"global"``: the MoE routers' balance
-            statistics count the whole EP group's tokens; ``"local"``: each rank's own).
+        mesh: a 1-D mesh (pure FSDP over its ranks) or a 2-D mesh named ``("dp", "ep")``;
+            ``num_local_experts`` must be divisible by its ``ep`` size.
+        balance: ``"global"`` (default): every router's balance statistics (MoA and MoE) count
+            the tokens of all ranks, so losses and gradients are those of one process on the
+            global batch; ``"local"``: each rank's own micro-batch.
 
     Parameters become DTensors; the state-dict keys stay those of the unsharded model. Each
     rank then runs the model on its own batch, and the gradients after ``backward`` are those
@@ -91,55 +89,7 @@ def parallelize(
     """
     if not isinstance(model, JetMoEForCausalLM):
         raise TypeError(f"model must be a JetMoEForCausalLM, got {type(model).__name__}")
-    if not isinstance(mesh, DeviceMesh):
-        raise TypeError(f"mesh must be a DeviceMesh, got {type(mesh).__name__}")
-    if mesh.ndim == 1:
-        shard_mesh = mesh
-    elif mesh.ndim == 2 and mesh.mesh_dim_names == MESH_DIMS:
-        shard_mesh = mesh._flatten("dp_ep")
-    else:
-        raise ValueError(
-            f"mesh must be 1-D (FSDP) or 2-D with dims named {MESH_DIMS}, got shape "
-            f"{tuple(mesh.shape)} with names {mesh.mesh_dim_names}"
-        )
-    for layer in model.model.layers:
-        if mesh.ndim == 2:
-            # src_data_rank=None: each rank keeps its slice of its own copy (every rank built
-            # the same model), no scatter from rank 0.
-            parallelize_module(
-                layer.mlp, mesh["ep"], ExpertParallel(balance=balance), src_data_rank=None
-            )
-            experts = fully_shard(
-                [layer.mlp.input_linear, layer.mlp.output_linear], mesh=mesh["dp"]
-            )
-            # Their gradients sum the EP group's tokens: average over all ranks, not over dp.
-            # Summed in the collective and divided after (gloo has no pre-multiplied sum).
-            experts[0].set_gradient_divide_factor(float(mesh.size()))
-            experts[0].set_force_sum_reduction_for_comms(True)
-        fully_shard(layer, mesh=shard_mesh)
-    fully_shard(model, mesh=shard_mesh)
-    return model
-
-
-@torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for a model whose parameters are DTensors on
-    different meshes (experts on ``("dp", "ep")``, the rest on all ranks): the total 2-norm of
-    all gradients (a 0-dim fp32 tensor, the same on every rank) and, when it exceeds
-    ``max_norm``, every gradient scaled by ``max_norm / total``. Collective: every rank calls it.
-    """
-    by_mesh: dict[DeviceMesh | None, list[nn.Parameter]] = {}
-    for param in model.parameters():
-        if param.grad is not None:
-            by_mesh.setdefault(getattr(param, "device_mesh", None), []).append(param)
-    squares = []
-    for params in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
-    for params in by_mesh.values():
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
+    return parallelize_model(model, mesh, layers=model.model.layers, balance=balance)
 
 
 def spawn_local(worker, nprocs: int, *args, backend: str = "gloo") -> None:
@@ -397,7 +347,7 @@ def _train(
     names = router_names(model)
 
     def statistics(output, stop_requested: bool) -> tuple[dict, bool]:
-        losses, loads, stop = _reduce_step(model, output, ep, stop_requested)
+        losses, loads, stop = _reduce_step(model, output, stop_requested)
         entry = dict(zip(("loss", "lm_loss", "aux_loss"), losses, strict=True))
         return {**entry, "tokens_per_expert": dict(zip(names, loads, strict=True))}, stop
 
@@ -425,7 +375,7 @@ def _train(
     return TrainResult(out, log, stopped)
 
 
-def _reduce_step(model: JetMoEForCausalLM, output, ep: int, stop: bool):
+def _reduce_step(model: JetMoEForCausalLM, output, stop: bool):
     """One all-reduce per step: the mean over ranks of (loss, LM loss, aux loss), the tokens
     per expert of every router over all ranks, and whether any rank was asked to stop."""
     routers = model.routers()
@@ -441,9 +391,9 @@ def _reduce_step(model: JetMoEForCausalLM, output, ep: int, stop: bool):
     world = dist.get_world_size()
     losses = (local[:3] / world).tolist()
     loads = local[3:-1].view(len(routers), -1)
-    # The expert-parallel MoE routers already count their whole EP group ("global" balance).
+    # With "global" balance every router already counts all ranks' tokens.
     shared = torch.tensor([r.reduce_tokens_per_expert is not None for r in routers])
-    loads[shared] /= ep
+    loads[shared] /= world
     return losses, loads.round().long().tolist(), bool(local[-1] > 0)
 
 

@@ -14,7 +14,10 @@ checked before anything is changed, so a failed call leaves the block as it was.
 
 from __future__ import annotations
 
+import functools
 import operator
+import sys
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -243,9 +246,9 @@ def expert_usage(model: nn.Module, data: Iterable[Tensor] | Tensor) -> dict[str,
 
 
 class FrozenExperts:
-    """What :func:`freeze_experts` installed: a zero-gradient hook on each tensor holding frozen
-    rows, and step hooks on every optimiser that keep those rows bit-identical. ``remove()``
-    takes all of them off.
+    """What :func:`freeze_experts` installed: a hook on each tensor holding frozen rows that
+    zeroes those rows of its gradient once backward has accumulated it, and step hooks on every
+    optimiser that keep those rows bit-identical. ``remove()`` takes all of them off.
 
     A zero gradient is not enough: AdamW's decoupled weight decay (``p -= lr·wd·p``) moves
     every row whatever its gradient, and momentum left from earlier steps moves rows whose
@@ -254,37 +257,115 @@ class FrozenExperts:
     own; instead a global optimiser step pre-hook (``torch.optim.Optimizer``'s
     ``register_optimizer_step_pre_hook``) saves the frozen rows of the tensors that optimiser
     holds and a post-hook writes them back. The trainable rows get exactly the optimiser's
-    update, with any optimiser, made before or after freezing."""
+    update, with any optimiser, made before or after freezing.
 
-    def __init__(self, rows: list[tuple[nn.Parameter, Tensor]]) -> None:
+    Sharded models: the rows are held as (module, parameter name, expert ids), not as tensor
+    objects, because ``ExpertParallel`` and FSDP2's ``fully_shard`` replace a module's
+    parameters by DTensors. Whatever a module holds when an optimiser steps (or when
+    :func:`moe_blocks.parallel.parallelize` finishes) gets the hooks, and a DTensor's frozen rows
+    are found in this rank's shard. So freezing works before or after parallelising; wrapped by
+    hand after freezing, a model's first gradients keep their frozen rows until the first
+    optimiser step, which zeroes them before it updates anything."""
+
+    def __init__(self, rows: list[tuple[nn.Module, str, list[int]]]) -> None:
         self.rows = rows
-        self._saved: dict[int, list[tuple[nn.Parameter, Tensor, Tensor]]] = {}
+        # id(tensor) -> (tensor, local row index, hook handle) for the tensors hooked so far
+        self._hooked: dict[int, tuple[Tensor, Tensor, object]] = {}
+        self._saved: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
         self._handles = [
-            param.register_hook(lambda grad, index=index: grad.index_fill(0, index, 0.0))
-            for param, index in rows
-        ]
-        self._handles += [
             register_optimizer_step_pre_hook(self._save),
             register_optimizer_step_post_hook(self._restore),
         ]
+        _LIVE.add(self)
+        self.refresh()
 
+    def refresh(self) -> list[tuple[Tensor, Tensor]]:
+        """Hook the tensors the modules hold now (those not hooked yet): returns each with the
+        index of its frozen rows in this rank's part of it."""
+        current = []
+        for module, name, ids in self.rows:
+            param = module._parameters[name]
+            if param is None or not param.requires_grad:
+                continue
+            if id(param) not in self._hooked or self._hooked[id(param)][0] is not param:
+                index = _local_rows(param, ids)
+                handle = param.register_post_accumulate_grad_hook(
+                    functools.partial(_zero_gradient_rows, index=index)
+                )
+                self._hooked[id(param)] = (param, index, handle)
+            current.append(self._hooked[id(param)][:2])
+        return current
+
+    @torch.no_grad()
     def _save(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        self._saved[id(optimizer)] = [
-            (param, index, param.detach()[index]) for param, index in self.rows if id(param) in held
-        ]
+        saved = []
+        for param, index in self.refresh():
+            if id(param) in held:
+                _zero_gradient_rows(param, index)  # made before the tensor was hooked?
+                saved.append((param, index, _local(param)[index]))
+        self._saved[id(optimizer)] = saved
 
     @torch.no_grad()
     def _restore(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         for param, index, values in self._saved.pop(id(optimizer), []):
-            param.index_copy_(0, index, values)
+            _local(param).index_copy_(0, index, values)
 
     def remove(self) -> None:
         """Take every hook off: the experts train again."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for _, _, handle in self._hooked.values():
+            handle.remove()
+        self._handles, self._hooked = [], {}
         self._saved.clear()
+        _LIVE.discard(self)
+
+
+# Every FrozenExperts not removed: parallelize() hooks the tensors it made.
+_LIVE: weakref.WeakSet[FrozenExperts] = weakref.WeakSet()
+
+
+def refresh_frozen_experts() -> None:
+    """Hook the tensors that modules with frozen experts hold now (after sharding them)."""
+    for frozen in list(_LIVE):
+        frozen.refresh()
+
+
+def _dtensor_type() -> type | None:
+    """``DTensor`` if torch.distributed.tensor is loaded (slow to import: a DTensor can only
+    exist once it is), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's part of ``tensor`` (itself unless it is a DTensor), sharing its storage."""
+    dtensor = _dtensor_type()
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+
+
+def _zero_gradient_rows(param: Tensor, index: Tensor) -> None:
+    if param.grad is not None:
+        _local(param.grad).index_fill_(0, index, 0.0)
+
+
+def _local_rows(param: Tensor, ids: list[int]) -> Tensor:
+    """The positions of experts ``ids`` (global ids along dim 0) among the rows of this rank's
+    part of ``param``: for a DTensor, an ``arange`` distributed as its dim 0 is (each rank
+    places its own copy: no communication) says which global rows this rank holds."""
+    local = _local(param)
+    if local is param:
+        return torch.tensor(ids, dtype=torch.long, device=param.device)
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    rows = torch.arange(param.shape[0], device=local.device)
+    # Shard(0) and _StridedShard(0) (FSDP over expert parallelism) split the rows; any other
+    # placement leaves each rank whole rows
+    placements = [p if getattr(p, "dim", None) == 0 else Replicate() for p in param.placements]
+    held = distribute_tensor(rows, param.device_mesh, placements, src_data_rank=None).to_local()
+    frozen = torch.isin(held, torch.tensor(ids, device=local.device))
+    return frozen.nonzero().flatten()
 
 
 def freeze_experts(
@@ -331,10 +412,9 @@ def freeze_experts(
                 f"{argument}: all {count} experts of {label} would be frozen; to freeze a whole "
                 "block use requires_grad_(False)"
             )
-        for param in _expert_parameters(block):
-            index = torch.tensor(sorted(set(frozen)), dtype=torch.long, device=param.device)
-            rows.append((param, index))
-    return FrozenExperts([(param, index) for param, index in rows if param.requires_grad])
+        for module, name in _expert_parameter_owners(block):
+            rows.append((module, name, sorted(set(frozen))))
+    return FrozenExperts(rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,17 +434,23 @@ def _check_block(block: object) -> TopKRouter:
     for tensor in _expert_parameters(block):
         if type(tensor.data) is not torch.Tensor:  # e.g. a DTensor under expert parallelism
             raise TypeError(
-                f"the block's experts are a {type(tensor.data).__name__}: grow, prune or freeze "
-                "before parallelising"
+                f"the block's experts are a {type(tensor.data).__name__}: grow or prune before "
+                "parallelising"
             )
     return block.router
 
 
+def _expert_parameter_owners(block: ModularBlock) -> list[tuple[nn.Module, str]]:
+    """(module, name) of each of the block's parameters indexed by expert along dim 0."""
+    router = block.router
+    owners = [(block.input_linear, "weight"), (block.output_linear, "weight"),
+              (router.layer, "weight")]  # fmt: skip
+    return owners if router.expert_prior is None else [*owners, (router, "expert_prior")]
+
+
 def _expert_parameters(block: ModularBlock) -> list[nn.Parameter]:
     """The block's parameters indexed by expert along dim 0."""
-    router = block.router
-    params = [block.input_linear.weight, block.output_linear.weight, router.layer.weight]
-    return params if router.expert_prior is None else [*params, router.expert_prior]
+    return [module._parameters[name] for module, name in _expert_parameter_owners(block)]
 
 
 def _router_buffers(router: TopKRouter) -> dict[str, Tensor]:

@@ -27,9 +27,11 @@ to a capacity.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed._functional_collectives import (
@@ -39,15 +41,23 @@ from torch.distributed._functional_collectives import (
     wait_tensor,
 )
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from .experts import ParallelExperts
 from .kernels import plan_dispatch
+from .modular import refresh_frozen_experts
 from .moe_mlp import MoEMLP
-from .router import RouterOutput
+from .router import RouterOutput, TopKRouter
 
 BALANCE_SCOPES = ("global", "local")
+MESH_DIMS = ("dp", "ep")
+
+
+def check_balance(balance: object) -> None:
+    if balance not in BALANCE_SCOPES:
+        raise ValueError(f"balance must be one of {BALANCE_SCOPES}, got {balance!r}")
 
 
 class ExpertParallel(ParallelStyle):
@@ -58,23 +68,26 @@ class ExpertParallel(ParallelStyle):
 
     Args:
         balance: which tokens the router's load-balancing statistics count.
-            ``"global"`` (default): the per-expert assignment counts are summed over the EP
-            group (an all-reduce of ``E`` integers per forward), as Megatron-LM's global
-            balancing does, so the Switch loss's ``f_e``, ``router.last_tokens_per_expert`` and
-            the auxiliary-loss-free bias load describe the whole EP batch, as a single process
+            ``"global"`` (default): the per-expert assignment counts are summed over
+            ``balance_group`` (an all-reduce of ``E`` integers per forward): global-batch
+            balancing, so the Switch loss's ``f_e``, ``router.last_tokens_per_expert`` and the
+            auxiliary-loss-free bias load describe the whole global batch, as a single process
             running that batch would see them (``P_e``, the mean router probability, stays the
-            rank's own, as do the z-loss and the mutual-information loss).
-            ``"local"``: each rank counts only its own tokens (no extra collective).
+            rank's own, as do the z-loss and the mutual-information loss; the mean of the
+            ranks' losses is then the one-process loss). ``"local"``: each rank counts only
+            its own micro-batch (no extra collective).
+        balance_group: the ranks whose tokens ``"global"`` counts: every rank that trains on a
+            share of the global batch (data parallel × expert parallel). Default: all ranks
+            (the default process group).
 
     Requirements (``ValueError``/``TypeError`` otherwise): the module is an ``MoEMLP`` not yet
     expert-parallel, the mesh is 1-D, and ``num_experts`` is divisible by the mesh size.
     """
 
-    def __init__(self, *, balance: str = "global") -> None:
+    def __init__(self, *, balance: str = "global", balance_group: ProcessGroup | None = None):
         super().__init__()
-        if balance not in BALANCE_SCOPES:
-            raise ValueError(f"balance must be one of {BALANCE_SCOPES}, got {balance!r}")
-        self.balance = balance
+        check_balance(balance)
+        self.balance, self.balance_group = balance, balance_group
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, MoEMLP):
@@ -101,7 +114,9 @@ class ExpertParallel(ParallelStyle):
         group = device_mesh.get_group()
         module.token_dispatcher = AllToAllDispatcher(group, ep_size, num_experts // ep_size)
         if self.balance == "global":
-            module.router.reduce_tokens_per_expert = GroupSum(group)
+            module.router.reduce_tokens_per_expert = GroupSum(
+                self.balance_group or dist.group.WORLD
+            )
         return module
 
     def _shard_experts(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
@@ -110,6 +125,136 @@ class ExpertParallel(ParallelStyle):
                 module.weight, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank
             )
             module.register_parameter("weight", nn.Parameter(weight))
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    layers: Iterable[nn.Module] = (),
+    balance: str = "global",
+) -> nn.Module:
+    """Shard any model that contains :class:`~moe_blocks.MoEMLP` blocks over ``mesh``, in place,
+    for data-parallel (and expert-parallel) training; returns it.
+
+    - A 1-D mesh: FSDP2 (``fully_shard``) over its ranks; every rank trains on its own share
+      of the global batch.
+    - A 2-D mesh named ``("dp", "ep")`` of ``dp × ep`` ranks: every ``MoEMLP`` gets
+      :class:`ExpertParallel` over ``"ep"`` (rank ``(d, e)`` holds experts ``[e·E/ep,
+      (e+1)·E/ep)`` and exchanges tokens within its EP group), its experts are FSDP-sharded
+      further over ``"dp"``, and every other parameter (embeddings, attention, MoA, routers,
+      norms) over all ``dp × ep`` ranks. ``ep`` may be the whole mesh (``dp = 1``).
+
+    After each rank's ``loss.backward()`` (the mean over its own tokens, every rank the same
+    number), every gradient is that of the mean of all ranks' losses, i.e. of one process
+    running the concatenated global batch, on every mesh shape: expert gradients, which sum
+    the tokens of the EP group, are averaged over all ``dp × ep`` ranks. Clip with
+    :func:`clip_grad_norm_` (parameters then live on different meshes).
+
+    Args:
+        model: the plain model, the same weights on every rank (on CPU or the mesh's device;
+            FSDP moves its shards to the mesh's device). Freeze experts before or after.
+        mesh: see above.
+        layers: submodules to shard as units of their own (the transformer blocks, e.g.
+            ``model.layers``), before the whole model: FSDP then gathers one unit's
+            parameters at a time instead of all at once. Default: the model as one unit.
+        balance: ``"global"`` (default): every router's balance statistics (the Switch loss's
+            ``f_e``, ``last_tokens_per_expert``, the bias balancing's load) count the tokens of
+            all ``dp × ep`` ranks, so the losses are those of one process on the global batch;
+            ``"local"``: each rank's own micro-batch.
+
+    Parameters become DTensors; state-dict keys stay those of the plain model. Raises
+    TypeError/ValueError (naming the argument) for a model already sharded (``ExpertParallel``
+    or ``fully_shard`` applied: apply this to the plain model instead), a mesh of another shape,
+    ``num_experts`` not divisible by ``ep``, or a ``layers`` entry that is not a submodule.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"mesh must be a DeviceMesh, got {type(mesh).__name__}")
+    check_balance(balance)
+    if mesh.ndim == 2 and mesh.mesh_dim_names == MESH_DIMS:
+        shard_mesh = mesh._flatten("dp_ep")
+    elif mesh.ndim != 1:
+        raise ValueError(
+            f"mesh must be 1-D (FSDP) or 2-D with dims named {MESH_DIMS}, got shape "
+            f"{tuple(mesh.shape)} with names {mesh.mesh_dim_names}"
+        )
+    else:
+        shard_mesh = mesh
+    check_plain(model)
+    units = list(layers)
+    submodules = {id(module) for module in model.modules()}
+    for unit in units:
+        if not isinstance(unit, nn.Module) or id(unit) not in submodules:
+            raise ValueError(f"layers must hold submodules of model, got {type(unit).__name__}")
+    group = shard_mesh.get_group()
+    if mesh.ndim == 2:
+        for block in [module for module in model.modules() if isinstance(module, MoEMLP)]:
+            # src_data_rank=None: each rank keeps its slice of its own copy (every rank built
+            # the same model), no scatter from rank 0.
+            style = ExpertParallel(balance=balance, balance_group=group)
+            parallelize_module(block, mesh["ep"], style, src_data_rank=None)
+            experts = fully_shard([block.input_linear, block.output_linear], mesh=mesh["dp"])
+            # Their gradients sum the EP group's tokens: average over all ranks, not over dp.
+            experts[0].set_gradient_divide_factor(float(mesh.size()))
+            if mesh["dp"].size() > 1:
+                # Summed in the collective and divided after (gloo has no pre-multiplied sum).
+                # Not on one dp rank: torch 2.13 FSDP2 then divides twice (grad / ep²).
+                experts[0].set_force_sum_reduction_for_comms(True)
+    if balance == "global":
+        for router in model.modules():
+            if isinstance(router, TopKRouter):
+                router.reduce_tokens_per_expert = GroupSum(group)
+    for unit in units:
+        fully_shard(unit, mesh=shard_mesh)
+    fully_shard(model, mesh=shard_mesh)
+    refresh_frozen_experts()  # experts frozen before: their tensors are new DTensors
+    return model
+
+
+def check_plain(model: nn.Module) -> None:
+    """ValueError unless ``model`` is not sharded yet: no DTensor parameter, no MoEMLP with a
+    token dispatcher, no FSDP module."""
+    sharded = [
+        name for name, param in model.named_parameters() if isinstance(param, DTensor)
+    ] + [
+        name or "model" for name, module in model.named_modules()
+        if getattr(module, "token_dispatcher", None) is not None or isinstance(module, FSDPModule)
+    ]  # fmt: skip
+    if sharded:
+        raise ValueError(
+            f"model is already sharded ({sharded[0]}: ExpertParallel or fully_shard applied): "
+            "call moe_blocks.parallel.parallelize once, on the plain model, instead of "
+            "wrapping it by hand"
+        )
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: nn.Module | Iterable[Tensor] | Tensor, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (the 2-norm) for parameters that are DTensors on
+    different meshes (experts on ``("dp", "ep")``, the rest on all ranks; torch's own refuses
+    the mix) or plain tensors (taken as replicated: the same gradient on every rank): the total
+    norm of all gradients, which is the one-process norm of a :func:`parallelize`-d model (a
+    0-dim fp32 tensor, the same on every rank), and, when it exceeds ``max_norm``, every
+    gradient scaled by ``max_norm / total``. ``parameters``: a model or an iterable of tensors.
+    Collective when any gradient is a DTensor: every rank calls it."""
+    if isinstance(parameters, nn.Module):
+        parameters = parameters.parameters()
+    elif isinstance(parameters, Tensor):
+        parameters = [parameters]
+    by_mesh: dict[DeviceMesh | None, list[Tensor]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            by_mesh.setdefault(getattr(param, "device_mesh", None), []).append(param)
+    squares = []
+    for params in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    for params in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 @dataclass(frozen=True)
@@ -153,4 +298,11 @@ class AllToAllDispatcher:
         return (per_slot * route.gates[..., None]).sum(1).to(returned.dtype)
 
 
-__all__ = ["BALANCE_SCOPES", "AllToAllDispatcher", "ExpertParallel", "GroupSum"]
+__all__ = [
+    "BALANCE_SCOPES",
+    "AllToAllDispatcher",
+    "ExpertParallel",
+    "GroupSum",
+    "clip_grad_norm_",
+    "parallelize",
+]
