@@ -56,15 +56,19 @@ from .train import (
     TrainSettings,
     _check_output,
     announce,
+    check_overwrite_keeps_origin,
     check_positive_int,
-    evaluate,
     load_corpus,
     load_log,
+    load_model,
+    load_origin,
     make_optimizer,
     plot_run,
+    prepare_model,
     prepare_output,
     router_names,
     run_steps,
+    validate,
 )
 
 
@@ -265,11 +269,6 @@ def train_sharded(
     """
     settings.check()
     check_positive_int("--ep", ep)
-    if settings.resume_from or settings.train_new_experts_only or settings.balance_loss:
-        raise TrainingError(
-            "--resume-from, --train-new-experts-only and --balance-loss run in one process "
-            "only (not with --ep or torchrun)"
-        )
     created = not dist.is_initialized()
     try:
         mesh, device = init_distributed(ep)
@@ -301,24 +300,30 @@ def _train(
             "moe-blocks train --resume (without torchrun)"
         )
     corpus = load_corpus(settings.data, settings.seq_len)
+    origin = load_origin(settings)
+    check_overwrite_keeps_origin(settings, origin, overwrite=overwrite)
     if settings.batch_size % world:
         raise TrainingError(
             f"--batch-size {settings.batch_size} must be divisible by the number of processes "
             f"({world}): each rank trains on an equal share of every batch"
         )
-    config = JetMoEConfig.from_preset(settings.preset, **settings.overrides)
-    if config.num_local_experts % ep:
+    # The initial weights of a one-process run, on every rank (a resumed run's come after).
+    if origin is not None:
+        model = load_model(origin.checkpoint, "--resume-from")
+    else:
+        torch.manual_seed(settings.seed)
+        model = JetMoEForCausalLM(JetMoEConfig.from_preset(settings.preset, **settings.overrides))
+    if model.config.num_local_experts % ep:
         raise TrainingError(
-            f"--ep {ep} must divide the number of experts ({config.num_local_experts})"
+            f"--ep {ep} must divide the number of experts ({model.config.num_local_experts})"
         )
     dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
     if main:
         prepare_output(out, overwrite=overwrite)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    torch.manual_seed(settings.seed)
-    model = JetMoEForCausalLM(config)  # the initial weights of a one-process run, on every rank
     model.train()
+    frozen = prepare_model(model, settings, origin)
     parallelize(model, mesh)
     optimizer = make_optimizer(model, settings)
     log: list[dict] = []
@@ -329,6 +334,8 @@ def _train(
         log = load_log(checkpoint_dir, model)
     if main:
         announce(settings, corpus, model, state)
+        if origin is not None:
+            print(origin.summary(settings))
         print(f"ranks:  {world} (data parallel {world // ep} x expert parallel {ep}) on {device}")
 
     def checkpoint(step: int) -> None:
@@ -351,14 +358,11 @@ def _train(
         entry = dict(zip(("loss", "lm_loss", "aux_loss"), losses, strict=True))
         return {**entry, "tokens_per_expert": dict(zip(names, loads, strict=True))}, stop
 
-    def validate() -> dict:
-        return {"val_bpb": evaluate(model, corpus, settings, sharded=True, device=device)}
-
     stop = _StopRequest()
     steps = StepLoop(
         clip=lambda: clip_grad_norm_(model, 1.0),
         statistics=statistics,
-        validate=validate,
+        validate=lambda: validate(model, corpus, settings, origin, sharded=True, device=device),
         checkpoint=checkpoint,
         rows=slice(rank * settings.batch_size // world, (rank + 1) * settings.batch_size // world),
         device=device,
@@ -367,6 +371,8 @@ def _train(
     with stop:
         step, stopped = run_steps(model, optimizer, settings, corpus, log, start_step, steps,
                                   progress=progress and main)  # fmt: skip
+        if frozen is not None:
+            frozen.remove()  # the model is not used here after training
         checkpoint(step)
         export_hf(model, out / "model")
     if main:

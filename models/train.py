@@ -635,11 +635,7 @@ def train(
     state = _check_output(settings, resume=resume, overwrite=overwrite)
     corpus = load_corpus(settings.data, settings.seq_len)
     origin = load_origin(settings)
-    if overwrite and origin is not None and out.resolve() in origin.checkpoint.resolve().parents:
-        raise TrainingError(
-            f"--resume-from {settings.resume_from} lies in --out {out}, which --overwrite "
-            "would delete: write the new run elsewhere"
-        )
+    check_overwrite_keeps_origin(settings, origin, overwrite=overwrite)
     prepare_output(out, overwrite=overwrite)
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -901,12 +897,26 @@ def prepare_model(model, settings: TrainSettings, origin: Origin | None) -> Froz
     return freeze_experts(model, trainable_experts=list(origin.new_experts))
 
 
-def validate(model, corpus: Corpus, settings: TrainSettings, origin: Origin | None) -> dict:
+def check_overwrite_keeps_origin(
+    settings: TrainSettings, origin: Origin | None, *, overwrite: bool
+) -> None:
+    """Refuse an ``--overwrite`` of ``--out`` that would delete the ``--resume-from`` model."""
+    out = Path(settings.out)
+    if overwrite and origin is not None and out.resolve() in origin.checkpoint.resolve().parents:
+        raise TrainingError(
+            f"--resume-from {settings.resume_from} lies in --out {out}, which --overwrite "
+            "would delete: write the new run elsewhere"
+        )
+
+
+def validate(
+    model, corpus: Corpus, settings: TrainSettings, origin: Origin | None, **evaluation
+) -> dict:
     """``val_bpb`` on the run's corpus, and ``old_val_bpb`` on the corpus the starting
-    checkpoint was trained on when there is one."""
-    result = {"val_bpb": evaluate(model, corpus, settings)}
+    checkpoint was trained on when there is one; ``evaluation``: :func:`evaluate`'s options."""
+    result = {"val_bpb": evaluate(model, corpus, settings, **evaluation)}
     if origin is not None and origin.previous is not None:
-        result["old_val_bpb"] = evaluate(model, origin.previous, settings)
+        result["old_val_bpb"] = evaluate(model, origin.previous, settings, **evaluation)
     return result
 
 

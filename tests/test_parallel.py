@@ -77,7 +77,8 @@ def _check_equivalence(mesh) -> None:
             seed = 10 * case
             reference = _reference(routing, num_experts, dtype, seed)
             block = _reference(routing, num_experts, dtype, seed)
-            parallelize_module(block, mesh, ExpertParallel())
+            # each EP group is a job of its own here: its balance statistics count the group
+            parallelize_module(block, mesh, ExpertParallel(balance_group=mesh.get_group()))
             weight = block.input_linear.weight
             assert isinstance(weight, DTensor) and weight.placements == (Shard(0),), what
             assert weight.to_local().shape[0] == 2, what
@@ -163,6 +164,26 @@ def _check_local_balance_and_errors(mesh) -> None:
         parallelize_module(MoA(D_MODEL, 4, TOP_K, head_dim=4), mesh, ExpertParallel())
 
 
+def _check_default_balance_counts_every_rank(ep_mesh) -> None:
+    """By default ("global", no balance_group) the statistics count the tokens of all ranks of
+    the job, not only the EP group's: data parallel x expert parallel share one global batch."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from moe_blocks import ExpertParallel
+
+    torch.manual_seed(0)
+    block = MoEMLP(D_MODEL, D_HIDDEN, 4, TOP_K, aux_loss_coef=0.0)
+    reference = MoEMLP(D_MODEL, D_HIDDEN, 4, TOP_K, aux_loss_coef=0.0)
+    reference.load_state_dict(block.state_dict())
+    parallelize_module(block, ep_mesh, ExpertParallel())
+    sizes = [3, 5, 2, 6][: dist.get_world_size()]
+    x = torch.randn(sum(sizes), D_MODEL, generator=torch.Generator().manual_seed(7))
+    rank = dist.get_rank()
+    block(x[sum(sizes[:rank]) : sum(sizes[: rank + 1])])
+    reference(x)
+    assert torch.equal(block.router.last_tokens_per_expert, reference.router.last_tokens_per_expert)
+
+
 def _check_exchange_volume() -> None:
     """The EP benchmark's measured exchange volume (from the profiled collectives) is the
     arithmetic one: 2·T·k·d_model·bytes per layer in each of forward and backward."""
@@ -179,6 +200,7 @@ def _worker(rank: int, world_size: int) -> None:
 
     groups_of_two = init_device_mesh("cpu", (world_size // 2, 2), mesh_dim_names=("dp", "ep"))
     _check_equivalence(groups_of_two["ep"])  # ep=2: two groups side by side
+    _check_default_balance_counts_every_rank(groups_of_two["ep"])
     whole = init_device_mesh("cpu", (world_size,))
     _check_equivalence(whole)  # ep=4
     _check_local_balance_and_errors(whole)
