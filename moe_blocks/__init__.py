@@ -26,12 +26,15 @@ from .router import RouterOutput, TopKRouter, router_stats
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # ExpertParallel needs torch.distributed.tensor, ~0.7 s to import: loaded on first use.
-    if name == "ExpertParallel":
-        from .parallel import ExpertParallel
+_PARALLEL = ("ExpertParallel", "clip_grad_norm_", "parallelize")
 
-        return ExpertParallel
+
+def __getattr__(name: str):
+    # moe_blocks.parallel needs torch.distributed.tensor, ~0.7 s to import: loaded on first use.
+    if name in _PARALLEL:
+        from . import parallel
+
+        return getattr(parallel, name)
     raise AttributeError(f"module 'moe_blocks' has no attribute {name!r}")
 
 
@@ -50,6 +53,7 @@ __all__ = [
     "add_experts",
     "attach_aux_loss",
     "aux_loss_scale",
+    "clip_grad_norm_",
     "expert_blocks",
     "expert_linear",
     "expert_usage",
@@ -57,6 +61,7 @@ __all__ = [
     "load_balancing_loss",
     "load_concentration_loss",
     "mutual_information_loss",
+    "parallelize",
     "plan_dispatch",
     "prune_experts",
     "router_stats",

@@ -109,6 +109,12 @@ class ExpertParallel(ParallelStyle):
             )
         if module.token_dispatcher is not None:
             raise ValueError("this MoEMLP already has a token dispatcher (ExpertParallel twice?)")
+        if sharded_parts(module):
+            raise ValueError(
+                "this MoEMLP is already sharded (fully_shard applied before ExpertParallel): "
+                "apply ExpertParallel to the plain block, then fully_shard; "
+                "moe_blocks.parallel.parallelize(model, mesh) does both in the right order"
+            )
         for experts in (module.input_linear, module.output_linear):
             distribute_module(experts, device_mesh, self._shard_experts)
         group = device_mesh.get_group()
@@ -182,7 +188,13 @@ def parallelize(
         )
     else:
         shard_mesh = mesh
-    check_plain(model)
+    sharded = sharded_parts(model)
+    if sharded:
+        raise ValueError(
+            f"model is already sharded ({sharded[0]}: ExpertParallel or fully_shard applied): "
+            "call moe_blocks.parallel.parallelize once, on the plain model, instead of "
+            "wrapping it by hand"
+        )
     units = list(layers)
     submodules = {id(module) for module in model.modules()}
     for unit in units:
@@ -213,21 +225,15 @@ def parallelize(
     return model
 
 
-def check_plain(model: nn.Module) -> None:
-    """ValueError unless ``model`` is not sharded yet: no DTensor parameter, no MoEMLP with a
-    token dispatcher, no FSDP module."""
-    sharded = [
+def sharded_parts(model: nn.Module) -> list[str]:
+    """Names of what in ``model`` is sharded already: DTensor parameters, MoEMLPs with a token
+    dispatcher (ExpertParallel), FSDP modules (``"model"`` for the model itself)."""
+    return [
         name for name, param in model.named_parameters() if isinstance(param, DTensor)
     ] + [
         name or "model" for name, module in model.named_modules()
         if getattr(module, "token_dispatcher", None) is not None or isinstance(module, FSDPModule)
     ]  # fmt: skip
-    if sharded:
-        raise ValueError(
-            f"model is already sharded ({sharded[0]}: ExpertParallel or fully_shard applied): "
-            "call moe_blocks.parallel.parallelize once, on the plain model, instead of "
-            "wrapping it by hand"
-        )
 
 
 @torch.no_grad()

@@ -181,9 +181,44 @@ def _check_frozen_rows(model, reference, initial: dict, what: str) -> None:
         torch.testing.assert_close(weights, expected.detach(), atol=1e-4, rtol=2e-5, msg=what)
 
 
+def _check_errors(world_size: int) -> None:
+    """Wrappings that cannot work get an error naming the fix, not torch's."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from moe_blocks import ExpertParallel
+    from moe_blocks.models import parallelize as parallelize_jetmoe
+    from moe_blocks.parallel import parallelize
+
+    ep_mesh = _mesh((1, world_size))
+    _, model = _models("user", 0.01)
+    parallelize(model, ep_mesh)
+    with pytest.raises(ValueError, match="already sharded.*parallelize once, on the plain"):
+        parallelize(model, ep_mesh)
+    _, model = _models("user", 0.01)
+    fully_shard(model, mesh=_mesh((world_size,)))
+    with pytest.raises(ValueError, match="already sharded.*ExpertParallel to the plain block"):
+        parallelize_module(model.layers[0].mlp, ep_mesh["ep"], ExpertParallel())
+    _, model = _models("user", 0.01)
+    with pytest.raises(ValueError, match="layers must hold submodules"):
+        parallelize(model, ep_mesh, layers=[nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="balance"):
+        parallelize(model, ep_mesh, balance="per-rank")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    misnamed = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("ep", "dp"))
+    with pytest.raises(ValueError, match="names"):
+        parallelize(model, misnamed)
+    reference, _ = _models("jetmoe", 0.01)
+    with pytest.raises(TypeError, match="JetMoEForCausalLM"):
+        parallelize_jetmoe(reference.model, ep_mesh)
+
+
 def _grid(rank: int, world_size: int) -> None:
     _check_gradients(rank, world_size)
     _check_freezing(rank, world_size)
+    if world_size == 2:
+        _check_errors(world_size)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
