@@ -339,6 +339,14 @@ def _check_inputs(x, weight, plan, bias, gates, grouped_in, grouped_out, backend
 AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what autocast casts
 
 
+def _autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or nothing for a device type without
+    autocast (``meta``: shape inference and FLOP counting run there)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def autocasting(device_type: str) -> bool:
     """Whether ``torch.autocast`` is on for ``device_type`` (False where it does not exist,
     as on the meta device)."""
@@ -396,7 +404,7 @@ def expert_linear(
     else:
         y_layout = RowLayout.GROUPED if grouped_out else RowLayout.ASSIGNMENT
     gather_gemm = _OPS[name][0]
-    with torch.autocast(device_type, enabled=False):
+    with _autocast_off(device_type):
         return gather_gemm(
             x, weight, bias, None if gates is None else gates.contiguous().view(-1),
             plan.sorted_indices, plan.sorted_experts, plan.expert_offsets,

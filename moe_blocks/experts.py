@@ -49,16 +49,16 @@ class ParallelExperts(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: Tensor, plan: DispatchPlan, **kwargs) -> Tensor:
-        return expert_linear(x, _local(self.weight), plan, backend=self.backend, **kwargs)
+        return expert_linear(x, local_tensor(self.weight), plan, backend=self.backend, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, in={self.in_features}, out={self.out_features}"
 
 
-def _local(weight: Tensor) -> Tensor:
-    """This rank's experts: the local shard when expert parallelism made ``weight`` a DTensor
-    sharded over experts (the plan then numbers them locally), else ``weight`` itself. A DTensor
-    exists only once ``torch.distributed.tensor`` is imported; importing it here would add
-    ~0.7 s to ``import moe_blocks``."""
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's part of ``tensor``, sharing its storage: the local shard of a DTensor (for
+    expert weights sharded by expert parallelism, this rank's experts, which the plan numbers
+    locally), else ``tensor`` itself. A DTensor exists only once ``torch.distributed.tensor``
+    is imported; importing it here would add ~0.7 s to ``import moe_blocks``."""
     dtensor = sys.modules.get("torch.distributed.tensor")
-    return weight.to_local() if dtensor and isinstance(weight, dtensor.DTensor) else weight
+    return tensor.to_local() if dtensor and isinstance(tensor, dtensor.DTensor) else tensor

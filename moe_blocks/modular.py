@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import sys
 import weakref
 from collections.abc import Iterable, Sequence
 
@@ -27,7 +26,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from .experts import ParallelExperts
+from .experts import ParallelExperts, local_tensor
 from .kernels.plan import check_positive_int
 from .router import TopKRouter
 
@@ -303,13 +302,13 @@ class FrozenExperts:
         for param, index in self.refresh():
             if id(param) in held:
                 _zero_gradient_rows(param, index)  # made before the tensor was hooked?
-                saved.append((param, index, _local(param)[index]))
+                saved.append((param, index, local_tensor(param)[index]))
         self._saved[id(optimizer)] = saved
 
     @torch.no_grad()
     def _restore(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         for param, index, values in self._saved.pop(id(optimizer), []):
-            _local(param).index_copy_(0, index, values)
+            local_tensor(param).index_copy_(0, index, values)
 
     def remove(self) -> None:
         """Take every hook off: the experts train again."""
@@ -332,29 +331,16 @@ def refresh_frozen_experts() -> None:
         frozen.refresh()
 
 
-def _dtensor_type() -> type | None:
-    """``DTensor`` if torch.distributed.tensor is loaded (slow to import: a DTensor can only
-    exist once it is), else None."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else module.DTensor
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """This rank's part of ``tensor`` (itself unless it is a DTensor), sharing its storage."""
-    dtensor = _dtensor_type()
-    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
-
-
 def _zero_gradient_rows(param: Tensor, index: Tensor) -> None:
     if param.grad is not None:
-        _local(param.grad).index_fill_(0, index, 0.0)
+        local_tensor(param.grad).index_fill_(0, index, 0.0)
 
 
 def _local_rows(param: Tensor, ids: list[int]) -> Tensor:
     """The positions of experts ``ids`` (global ids along dim 0) among the rows of this rank's
     part of ``param``: for a DTensor, an ``arange`` distributed as its dim 0 is (each rank
     places its own copy: no communication) says which global rows this rank holds."""
-    local = _local(param)
+    local = local_tensor(param)
     if local is param:
         return torch.tensor(ids, dtype=torch.long, device=param.device)
     from torch.distributed.tensor import Replicate, distribute_tensor
