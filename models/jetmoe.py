@@ -203,7 +203,9 @@ class JetMoEDecoderLayer(nn.Module):
             kv_cache=kv_cache,
             position_ids=position_ids,
         )
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # padding counts in no router statistic (MoA takes it from attention_mask itself)
+        token_mask = None if attention_mask is None else attention_mask[:, -x.shape[1] :]
+        return x + self.mlp(self.post_attention_layernorm(x), token_mask=token_mask)
 
 
 class JetMoEModel(nn.Module):

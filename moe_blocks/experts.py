@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,12 @@ class ParallelExperts(nn.Module):
 
     ``forward(x, plan, **kwargs)`` is ``expert_linear(x, self.weight, plan, **kwargs)``: see
     :func:`moe_blocks.kernels.expert_linear` for the row layouts and ``gates``.
+
+    ``init_method``: how :meth:`reset_parameters` initialises the weight: None (default) as
+    ``nn.Linear`` would each expert; a float ``std`` for ``N(0, std²)``; or a callable that
+    fills the ``[E, out, in]`` tensor in place (``functools.partial(nn.init.normal_,
+    std=0.02)``, megablocks' ``init_method``). A host model's own init reaches the experts
+    too: ``isinstance(module, (nn.Linear, ParallelExperts))`` and ``module.weight``.
     """
 
     def __init__(
@@ -27,11 +34,14 @@ class ParallelExperts(nn.Module):
         out_features: int,
         *,
         backend: str = "auto",
+        init_method: InitMethod | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_backend_name(backend)
+        check_init_method(init_method)
+        self.init_method = init_method
         self.num_experts, self.in_features, self.out_features = (
             num_experts,
             in_features,
@@ -43,16 +53,39 @@ class ParallelExperts(nn.Module):
         )
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Each expert initialised as ``nn.Linear`` would be: U(-1/sqrt(in), 1/sqrt(in))."""
-        bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
-        nn.init.uniform_(self.weight, -bound, bound)
+        """The weight by ``init_method``; by default each expert as ``nn.Linear`` initialises
+        its weight: U(-1/sqrt(in), 1/sqrt(in))."""
+        if callable(self.init_method):
+            self.init_method(self.weight)
+        elif self.init_method is not None:
+            nn.init.normal_(self.weight, 0.0, self.init_method)
+        else:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
+            nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: Tensor, plan: DispatchPlan, **kwargs) -> Tensor:
         return expert_linear(x, local_tensor(self.weight), plan, backend=self.backend, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, in={self.in_features}, out={self.out_features}"
+
+
+InitMethod = float | Callable[[Tensor], object]
+
+
+def check_init_method(init_method: object, name: str = "init_method") -> None:
+    """None, a callable, or a float std >= 0 (TypeError/ValueError naming ``name``)."""
+    if init_method is None or callable(init_method):
+        return
+    if isinstance(init_method, bool) or not isinstance(init_method, int | float):
+        raise TypeError(
+            f"{name} must be a std (float), a callable filling the weight, or None; got "
+            f"{type(init_method).__name__}"
+        )
+    if not (math.isfinite(init_method) and init_method >= 0):
+        raise ValueError(f"{name} as a std must be finite and >= 0, got {init_method}")
 
 
 def local_tensor(tensor: Tensor) -> Tensor:

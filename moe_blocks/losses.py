@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -160,7 +161,8 @@ def load_concentration_loss(logits: Tensor) -> Tensor:
     return _marginal_entropy(torch.softmax(logits.to(_loss_dtype(logits)), dim=-1))
 
 
-_aux_loss_scale: float | Tensor = 1.0
+# The innermost aux_loss_scale context's factor; None outside every context (factor 1).
+_aux_loss_scale: float | Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -203,15 +205,25 @@ class _AddAuxLossGradient(torch.autograd.Function):
     """Identity on ``output``; in backward, also sends gradient 1 into ``aux_loss``."""
 
     @staticmethod
-    def forward(ctx, output: Tensor, aux_loss: Tensor) -> Tensor:
+    def forward(ctx, output: Tensor, aux_loss: Tensor, unscaled_fp16: bool) -> Tensor:
         ctx.aux_shape = aux_loss.shape
         ctx.aux_dtype = aux_loss.dtype
+        ctx.unscaled_fp16 = unscaled_fp16
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        if ctx.unscaled_fp16:
+            raise RuntimeError(
+                "an MoE block attached its aux loss at scale 1 in a forward under fp16 autocast: "
+                "a GradScaler multiplies the loss, not the attached aux loss, which then does "
+                "nothing. Build the blocks with aux_loss='collect' and add "
+                "moe_blocks.collect_aux_loss(model) to the loss, or run the forward inside "
+                "moe_blocks.aux_loss_scale(scaler.get_scale()) (aux_loss_scale(1.0) without a "
+                "scaler)"
+            )
         aux_grad = torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad_output.device)
-        return grad_output, aux_grad
+        return grad_output, aux_grad, None
 
 
 def attach_aux_loss(output: Tensor, aux_loss: Tensor) -> Tensor:
@@ -231,4 +243,100 @@ def attach_aux_loss(output: Tensor, aux_loss: Tensor) -> Tensor:
     output callers receive and may modify (``y += x``)."""
     if not (torch.is_grad_enabled() and aux_loss.requires_grad):
         return output
-    return _AddAuxLossGradient.apply(output, aux_loss * _aux_loss_scale)
+    device = output.device.type
+    unscaled_fp16 = (
+        _aux_loss_scale is None
+        and torch.amp.is_autocast_available(device)
+        and torch.is_autocast_enabled(device)
+        and torch.get_autocast_dtype(device) == torch.float16
+    )
+    scale = 1.0 if _aux_loss_scale is None else _aux_loss_scale
+    return _AddAuxLossGradient.apply(output, aux_loss * scale, unscaled_fp16)
+
+
+# --------------------------------------------------------------------------------------------
+# The two aux-loss modes of a block: "attach" (the default) or "collect"
+
+AUX_LOSS_MODES = ("attach", "collect")
+
+
+def check_aux_loss_mode(aux_loss: object) -> None:
+    if aux_loss not in AUX_LOSS_MODES:
+        raise ValueError(f"aux_loss must be one of {AUX_LOSS_MODES}, got {aux_loss!r}")
+
+
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing recomputing
+    a block (what the first forward already counted must not be counted again)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class _AuxLossRecord:
+    """A collect-mode block's aux loss of its last forward, and whether it was collected."""
+
+    loss: Tensor
+    collected: bool = False
+
+
+class _RequireCollected(torch.autograd.Function):
+    """Identity on ``gates``; its backward raises if the block's aux loss of that forward was
+    never collected (a loop that forgot ``collect_aux_loss``: no balance at all, silently)."""
+
+    @staticmethod
+    def forward(ctx, gates: Tensor, record: _AuxLossRecord, block: str) -> Tensor:
+        ctx.record, ctx.block = record, block
+        return gates.view_as(gates)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if not ctx.record.collected:
+            raise RuntimeError(
+                f"{ctx.block} was built with aux_loss='collect', but the aux loss of its forward "
+                "was never collected: add moe_blocks.collect_aux_loss(model) to the loss before "
+                "backward (or build the block with aux_loss='attach')"
+            )
+        return grad, None, None
+
+
+def route_aux_loss(block, gates: Tensor, aux_loss: Tensor) -> Tensor:
+    """What a block does with its router's ``aux_loss`` in forward, by ``block.aux_loss_mode``:
+    ``"attach"``: :func:`attach_aux_loss` to the gates; ``"collect"``: keep it for
+    :func:`collect_aux_loss` (and return gates whose backward checks that it was collected)."""
+    if block.aux_loss_mode == "attach":
+        return attach_aux_loss(gates, aux_loss)
+    if recomputing():  # the first forward's loss is the one that was collected
+        return gates
+    record = _AuxLossRecord(aux_loss)
+    block._aux_loss_record = record
+    if torch.is_grad_enabled() and gates.requires_grad:
+        return _RequireCollected.apply(gates, record, type(block).__name__)
+    return gates
+
+
+def collect_aux_loss(module: torch.nn.Module) -> Tensor:
+    """The sum of the aux losses (each ``aux_loss_coef · (balance + z_loss_weight · z-loss)``)
+    of the last forward of every block in ``module`` (a block or a whole model) built with
+    ``aux_loss="collect"``: a differentiable 0-dim fp32 tensor to add to the loss before
+    scaling it (gradient accumulation, GradScaler, transformers' Trainer all scale it then).
+
+    Raises ValueError when ``module``'s blocks attach their aux loss themselves (the default,
+    ``aux_loss="attach"``: adding it again would count it twice), TypeError when it holds no
+    block, RuntimeError when none of its collect-mode blocks has run forward."""
+    blocks = [m for m in module.modules() if getattr(m, "aux_loss_mode", None) is not None]
+    if not blocks:
+        raise TypeError(f"module holds no MoEMLP or MoA block ({type(module).__name__})")
+    collecting = [block for block in blocks if block.aux_loss_mode == "collect"]
+    if not collecting:
+        raise ValueError(
+            "module's blocks attach their aux loss to the gradient themselves "
+            "(aux_loss='attach', the default): adding collect_aux_loss to the loss would count "
+            "it twice. Build them with aux_loss='collect' to add it yourself"
+        )
+    records = [block._aux_loss_record for block in collecting]
+    records = [record for record in records if record is not None]
+    if not records:
+        raise RuntimeError("no block built with aux_loss='collect' has run forward yet")
+    for record in records:
+        record.collected = True
+    return torch.stack([record.loss.float() for record in records]).sum()

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .experts import ParallelExperts
-from .kernels.plan import INTEGER_DTYPES, check_index_range, check_positive_int
-from .losses import attach_aux_loss
+from .experts import InitMethod, ParallelExperts, check_init_method
+from .kernels.plan import INTEGER_DTYPES, check_positive_int
+from .losses import check_aux_loss_mode, route_aux_loss
 from .modular import ModularBlock
-from .router import TopKRouter, check_input_dtype
+from .router import TopKRouter, check_input_dtype, check_keep_mask
 
 
 def rotary_cos_sin(
@@ -33,20 +33,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
-def check_keep_mask(attention_mask: Tensor) -> None:
-    """Require a keep mask: bool, or integers that are all 0 or 1. A float mask is rejected (an
-    additive mask of zeros means "keep all", a keep mask of zeros "keep none": guessing would
-    silently break causality)."""
-    if attention_mask.dtype == torch.bool:
-        return
-    if attention_mask.dtype not in INTEGER_DTYPES:
-        raise TypeError(
-            f"attention_mask must be bool or integer (1 = real token, 0 = padding), got "
-            f"{attention_mask.dtype}; for an additive float mask m use (m == 0)"
-        )
-    check_index_range(attention_mask, 2, "attention_mask", "2 (a 0/1 mask)")
-
-
 class KVCache:
     """Keys and values of one MoA layer, ``[B, T_cached, num_kv_heads, head_dim]`` each (RoPE
     applied), grown as tokens are decoded. Pass the same object to every forward call of one
@@ -61,7 +47,18 @@ class KVCache:
         return 0 if self.key is None else self.key.shape[1]
 
     def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``key``/``value`` ``[B, T_new, kv, hd]``; return everything cached."""
+        """Append ``key``/``value`` ``[B, T_new, kv, hd]``; return everything cached.
+        ValueError naming ``kv_cache`` when the cache holds another batch size or other heads
+        (a cache filled by another batch, or by a block with other KV heads)."""
+        if self.key is not None:
+            cached = (self.key.shape[0], *self.key.shape[2:])
+            given = (key.shape[0], *key.shape[2:])
+            if cached != given:
+                raise ValueError(
+                    "kv_cache holds keys of batch size {}, {} KV heads of {} features; this "
+                    "forward has batch size {}, {} KV heads of {} (use one KVCache per layer "
+                    "and sequence batch)".format(*cached, *given)
+                )
         if self.key is None:
             self.key, self.value = key, value
         else:
@@ -89,7 +86,11 @@ class MoA(ModularBlock, nn.Module):
         num_kv_heads: KV heads (= query heads per expert).
         rope_theta: RoPE base (10000). attention_dropout: dropout on attention weights in
             training. bias: the shared output bias (JetMoE has one).
-        backend: the kernel backend. **router_options: passed to :class:`TopKRouter`.
+        backend: the kernel backend.
+        aux_loss: ``"attach"`` (default) or ``"collect"``, as for :class:`MoEMLP`.
+        init_method, output_init_method: how the expert query and output projections are
+            initialised, as for :class:`MoEMLP`.
+        **router_options: passed to :class:`TopKRouter`.
 
     Parameters are named as in the JetMoE checkpoint: ``router.layer.weight``,
     ``input_linear.weight [E, kv·hd, d]``, ``output_linear.weight [E, d, kv·hd]``, ``bias``,
@@ -108,11 +109,16 @@ class MoA(ModularBlock, nn.Module):
         attention_dropout: float = 0.0,
         bias: bool = True,
         backend: str = "auto",
+        aux_loss: str = "attach",
+        init_method: InitMethod | None = None,
+        output_init_method: InitMethod | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **router_options,
     ) -> None:
         super().__init__()
+        check_aux_loss_mode(aux_loss)
+        self.aux_loss_mode, self._aux_loss_record = aux_loss, None
         factory = {"device": device, "dtype": dtype}
         self.router = TopKRouter(d_model, num_experts, top_k, **router_options, **factory)
         check_positive_int("num_kv_heads", num_kv_heads)
@@ -136,11 +142,14 @@ class MoA(ModularBlock, nn.Module):
         self.rope_theta, self.attention_dropout = rope_theta, attention_dropout
         projection = num_kv_heads * head_dim
         self.input_linear = ParallelExperts(
-            num_experts, d_model, projection, backend=backend, **factory
+            num_experts, d_model, projection, backend=backend, init_method=init_method, **factory
         )
+        output_init_method = init_method if output_init_method is None else output_init_method
+        check_init_method(output_init_method, "output_init_method")
         self.output_linear = ParallelExperts(
-            num_experts, projection, d_model, backend=backend, **factory
-        )
+            num_experts, projection, d_model, backend=backend, init_method=output_init_method,
+            **factory,
+        )  # fmt: skip
         self.kv_proj = nn.Linear(d_model, 2 * projection, bias=False, **factory)
         self.bias = nn.Parameter(torch.zeros(d_model, **factory)) if bias else None
 
@@ -159,6 +168,7 @@ class MoA(ModularBlock, nn.Module):
         attention_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
         position_ids: Tensor | None = None,
+        token_mask: Tensor | None = None,
     ) -> Tensor:
         """Args:
         x: ``[B, T, d_model]``, the block's dtype (any floating dtype under autocast).
@@ -167,7 +177,11 @@ class MoA(ModularBlock, nn.Module):
             rejected. A padding query that sees no key at all gets a zero attention output
             (as transformers' SDPA path gives), so the block returns its bias there.
         kv_cache: keys and values of the earlier tokens; updated in place.
-        position_ids: ``[B, T]`` or ``[T]`` RoPE positions; default ``T_past + arange(T)``.
+        position_ids: ``[B, T]`` or ``[T]`` integer RoPE positions; default
+            ``T_past + arange(T)``.
+        token_mask: ``[B, T]`` bool (or 0/1), True for the real tokens among ``x``'s: padding
+            counts in no statistic of the router (as for :class:`MoEMLP`). Default: the last
+            ``T`` columns of ``attention_mask`` when it is given, else every token.
         """
         check_input_dtype(x, self.kv_proj.weight.dtype)
         if x.dim() != 3 or x.shape[-1] != self.d_model:
@@ -176,14 +190,29 @@ class MoA(ModularBlock, nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         kv_heads, head_dim, top_k = self.num_kv_heads, self.head_dim, self.top_k
 
+        if attention_mask is not None:
+            attention_mask = check_keep_mask(
+                attention_mask, "attention_mask", (batch, past + length)
+            )
+        if token_mask is not None:
+            token_mask = check_keep_mask(token_mask, "token_mask", (batch, length))
+        elif attention_mask is not None:
+            token_mask = attention_mask[:, past:]
         tokens = x.reshape(-1, self.d_model)
-        route = self.router(tokens)
+        route = self.router(tokens, None if token_mask is None else token_mask.reshape(-1))
         query = self.input_linear(tokens, route.plan)  # [B*T*k, kv*hd], assignment order
         query = query.view(batch, length, top_k, kv_heads, head_dim)
         key, value = self.kv_proj(x).view(batch, length, 2, kv_heads, head_dim).unbind(2)
 
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=x.device)
+        elif not isinstance(position_ids, Tensor) or position_ids.dtype not in INTEGER_DTYPES:
+            raise TypeError(f"position_ids must be an integer tensor, got {position_ids!r:.80}")
+        elif tuple(position_ids.shape) not in ((batch, length), (length,)):
+            raise ValueError(
+                f"position_ids must be [B, T] = {(batch, length)} or [T] = ({length},), got "
+                f"{tuple(position_ids.shape)}"
+            )
         cos, sin = rotary_cos_sin(position_ids, head_dim, self.rope_theta, query.dtype)
         cos = cos.expand(batch, length, head_dim) if cos.dim() == 2 else cos
         sin = sin.expand(batch, length, head_dim) if sin.dim() == 2 else sin
@@ -211,10 +240,10 @@ class MoA(ModularBlock, nn.Module):
         attended = attended.view(batch, kv_heads, top_k, length, head_dim).permute(0, 3, 2, 1, 4)
         attended = attended.reshape(batch * length * top_k, kv_heads * head_dim)
         # The aux loss rides on the gates (see MoEMLP.forward).
-        gates = attach_aux_loss(route.gates, route.aux_loss)
+        gates = route_aux_loss(self, route.gates, route.aux_loss)
         out = self.output_linear(attended, route.plan, gates=gates)
         if self.bias is not None:
-            out = out + self.bias
+            out = out + self.bias.to(out.dtype)  # the autocast dtype stays, as nn.Linear's
         return out.view(batch, length, self.d_model)
 
     @staticmethod
@@ -233,12 +262,6 @@ class MoA(ModularBlock, nn.Module):
         mask = causal[None].expand(batch, length, total)
         if attention_mask is None:
             return mask[:, None], None
-        if tuple(attention_mask.shape) != (batch, total):
-            raise ValueError(
-                f"attention_mask must be [B, T_past + T] = {(batch, total)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        check_keep_mask(attention_mask)
-        mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
+        mask = mask & attention_mask.to(device)[:, None, :]
         sees_a_key = mask.any(-1, keepdim=True)
         return (mask | ~sees_a_key)[:, None], sees_a_key[:, None]

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .experts import ParallelExperts
+from .experts import InitMethod, ParallelExperts, check_init_method
 from .kernels.plan import DispatchPlan, check_positive_int
-from .losses import attach_aux_loss
+from .losses import check_aux_loss_mode, route_aux_loss
 from .modular import ModularBlock
-from .router import RouterOutput, TopKRouter, check_input_dtype
+from .router import RouterOutput, TopKRouter, check_input_dtype, check_keep_mask
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -75,13 +75,23 @@ class MoEMLP(ModularBlock, nn.Module):
         shared_d_hidden: h, the width of each shared expert (default ``d_hidden``).
         shared_gate: scale the shared output by ``sigmoid(shared_gate(x))``, a per-token scalar
             from a ``Linear(d_model, 1)`` (Qwen2-MoE's ``shared_expert_gate``).
+        aux_loss: what happens to the router's aux loss (times ``aux_loss_coef``).
+            ``"attach"`` (default): it reaches the gradient through the returned tensor, at
+            weight 1 per backward (times :func:`moe_blocks.aux_loss_scale` when the loop scales
+            its loss). ``"collect"``: the block attaches nothing; add
+            :func:`moe_blocks.collect_aux_loss` of the block or model to your loss (then any
+            scaling of the loss applies to it too); a backward through a forward whose aux
+            loss was never collected raises.
+        init_method: how the routed experts' input weights are initialised: a std (float),
+            a callable filling the ``[E, out, in]`` tensor, or None (as ``nn.Linear``); see
+            :class:`~moe_blocks.ParallelExperts`. output_init_method: the same for the output
+            weights (default: ``init_method``).
         **router_options: passed to :class:`TopKRouter` (score, balance_loss, z_loss_weight,
             aux_loss_coef, bias_update_rate, ...).
 
     Submodules ``router``, ``input_linear``, ``output_linear`` and the parameter ``bias`` are
-    named as in the JetMoE checkpoint. The router's aux loss (times ``aux_loss_coef``) reaches
-    the gradient through the returned tensor (scaled by :func:`moe_blocks.aux_loss_scale` when
-    the training loop scales its loss); ``router.last_*`` hold the batch's statistics.
+    named as in the JetMoE checkpoint; ``router.last_*`` hold the batch's statistics. Under
+    autocast the output has the autocast dtype, as ``nn.Linear``'s.
     """
 
     def __init__(
@@ -98,11 +108,16 @@ class MoEMLP(ModularBlock, nn.Module):
         num_shared_experts: int = 0,
         shared_d_hidden: int | None = None,
         shared_gate: bool = False,
+        aux_loss: str = "attach",
+        init_method: InitMethod | None = None,
+        output_init_method: InitMethod | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **router_options,
     ) -> None:
         super().__init__()
+        check_aux_loss_mode(aux_loss)
+        self.aux_loss_mode, self._aux_loss_record = aux_loss, None
         factory = {"device": device, "dtype": dtype}
         self.router = TopKRouter(d_model, num_experts, top_k, **router_options, **factory)
         check_positive_int("d_hidden", d_hidden)
@@ -118,11 +133,14 @@ class MoEMLP(ModularBlock, nn.Module):
         self.activation = resolve_activation(activation)
         expanded = 2 * d_hidden if glu else d_hidden
         self.input_linear = ParallelExperts(
-            num_experts, d_model, expanded, backend=backend, **factory
+            num_experts, d_model, expanded, backend=backend, init_method=init_method, **factory
         )
+        output_init_method = init_method if output_init_method is None else output_init_method
+        check_init_method(output_init_method, "output_init_method")
         self.output_linear = ParallelExperts(
-            num_experts, d_hidden, d_model, backend=backend, **factory
-        )
+            num_experts, d_hidden, d_model, backend=backend, init_method=output_init_method,
+            **factory,
+        )  # fmt: skip
         self.num_shared_experts = num_shared_experts
         self.shared_input_linear = self.shared_output_linear = self.shared_gate = None
         if num_shared_experts:
@@ -148,18 +166,25 @@ class MoEMLP(ModularBlock, nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x[..., d_model]`` of the block's dtype (any floating dtype under autocast)."""
+    def forward(self, x: Tensor, *, token_mask: Tensor | None = None) -> Tensor:
+        """``x[..., d_model]`` of the block's dtype (any floating dtype under autocast).
+
+        ``token_mask``: optional, ``x``'s shape without its last dimension, bool (or 0/1
+        integers), True for real tokens, False for padding: padding counts in no statistic of
+        the router (aux loss, balance, z-loss, tokens per expert, bias balancing's load)."""
         check_input_dtype(x, self.input_linear.weight.dtype)
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}"
             )
         tokens = x.reshape(-1, self.d_model)
-        route = self.router(tokens)
+        if token_mask is not None:
+            token_mask = check_keep_mask(token_mask, "token_mask", tuple(x.shape[:-1]))
+            token_mask = token_mask.reshape(-1)
+        route = self.router(tokens, token_mask)
         # The aux loss rides on the gates, which every backward pass through the output reaches,
         # so the returned tensor is an ordinary one that callers may modify in place.
-        route = replace(route, gates=attach_aux_loss(route.gates, route.aux_loss))
+        route = replace(route, gates=route_aux_loss(self, route.gates, route.aux_loss))
         if self.token_dispatcher is None:
             out = self.experts(tokens, route.plan, gates=route.gates)
         else:
@@ -167,7 +192,7 @@ class MoEMLP(ModularBlock, nn.Module):
         if self.shared_input_linear is not None:
             out = out + self.shared_experts(tokens)
         if self.bias is not None:
-            out = out + self.bias
+            out = out + self.bias.to(out.dtype)  # the autocast dtype stays, as nn.Linear's
         return out.view(x.shape)
 
     def shared_experts(self, tokens: Tensor) -> Tensor:

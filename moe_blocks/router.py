@@ -11,12 +11,13 @@ from torch import Tensor, nn
 
 from .kernels import DispatchPlan, gather_scores, plan_dispatch
 from .kernels.ops import AUTOCAST_DTYPES, autocasting
-from .kernels.plan import check_non_negative, check_positive_int
+from .kernels.plan import INTEGER_DTYPES, check_non_negative, check_positive_int
 from .losses import (
     BALANCE_LOSSES,
     load_balancing_loss,
     load_concentration_loss,
     mutual_information_loss,
+    recomputing,
     router_z_loss,
 )
 
@@ -141,11 +142,19 @@ class TopKRouter(nn.Module):
         for buffer in self.buffers(recurse=False):
             buffer.zero_()
 
-    def forward(self, x: Tensor) -> RouterOutput:
-        """Route ``x[N, d_model]`` (the gate's dtype, or any floating dtype under autocast)."""
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> RouterOutput:
+        """Route ``x[N, d_model]`` (the gate's dtype, or any floating dtype under autocast).
+
+        ``token_mask``: optional ``[N]`` bool (or 0/1 integers), True for real tokens: every
+        token is routed, but the aux loss and every statistic (balance and z-loss,
+        ``last_*``, the bias balancing's load) count the real tokens only (padding does not
+        skew the balance). With a mask, selecting the real tokens reads their count on the
+        host (one synchronisation)."""
         check_input_dtype(x, self.layer.weight.dtype)
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [N, d_model={self.d_model}], got {tuple(x.shape)}")
+        if token_mask is not None:
+            token_mask = check_keep_mask(token_mask, "token_mask", (x.shape[0],))
         raw_logits = gate_logits(x, self.layer.weight)
         logits = raw_logits
         if self.expert_prior is not None:
@@ -170,13 +179,17 @@ class TopKRouter(nn.Module):
         else:
             gates = picked
         plan = plan_dispatch(expert_idx, self.num_experts)
-        aux_loss = self._aux_loss(raw_logits, logits, expert_idx, plan)
+        if token_mask is None:
+            aux_loss = self._aux_loss(raw_logits, logits, expert_idx, plan.tokens_per_expert)
+        else:
+            real = token_mask.to(x.device)
+            counts = torch.bincount(expert_idx[real].flatten(), minlength=self.num_experts)
+            aux_loss = self._aux_loss(raw_logits[real], logits[real], expert_idx[real], counts)
         return RouterOutput(logits, expert_idx, gates, plan, aux_loss)
 
     def _aux_loss(
-        self, raw_logits: Tensor, logits: Tensor, expert_idx: Tensor, plan: DispatchPlan
+        self, raw_logits: Tensor, logits: Tensor, expert_idx: Tensor, tokens_per_expert: Tensor
     ) -> Tensor:
-        tokens_per_expert = plan.tokens_per_expert
         if self.reduce_tokens_per_expert is not None:
             tokens_per_expert = self.reduce_tokens_per_expert(tokens_per_expert)
         if self.balance_loss == "switch":
@@ -200,7 +213,8 @@ class TopKRouter(nn.Module):
             self.last_balance_loss.copy_(balance)
             self.last_z_loss.copy_(z_loss)
             self.last_tokens_per_expert.copy_(tokens_per_expert)
-            if self.selection_bias is not None and self.training:
+            # activation checkpointing runs the forward again in backward: counted once
+            if self.selection_bias is not None and self.training and not recomputing():
                 self.load_since_update.add_(tokens_per_expert)
         return aux_loss
 
@@ -279,6 +293,28 @@ def router_stats(model: nn.Module) -> dict:
 def tokens_per_expert(model: nn.Module) -> dict[str, list[int]]:
     """Each router's assignments per expert in its last forward, by :func:`named_routers`."""
     return {name: r.last_tokens_per_expert.tolist() for name, r in named_routers(model).items()}
+
+
+def check_keep_mask(mask: object, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
+    """``mask`` as a bool tensor (True = real token), after checking it: bool, or integers that
+    are all 0 or 1 (a float mask is refused: an additive mask of zeros means "keep all", a keep
+    mask of zeros "keep none"); of ``shape`` when given. TypeError/ValueError naming ``name``."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a bool tensor, got {type(mask).__name__}")
+    if shape is not None and tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if mask.dtype not in INTEGER_DTYPES:
+            raise TypeError(
+                f"{name} must be bool or integer (1 = real token, 0 = padding), got "
+                f"{mask.dtype}; for an additive float mask m use (m == 0)"
+            )
+        if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                f"{name} must hold only 0 and 1 (1 = real token, 0 = padding), got values in "
+                f"[{int(mask.min())}, {int(mask.max())}]"
+            )
+    return mask.bool()
 
 
 def check_input_dtype(x, dtype: torch.dtype, name: str = "x") -> None:
