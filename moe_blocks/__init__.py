@@ -5,6 +5,7 @@ from .kernels import DispatchPlan, expert_linear, plan_dispatch, use_backend
 from .losses import (
     attach_aux_loss,
     aux_loss_scale,
+    collect_aux_loss,
     load_balancing_loss,
     load_concentration_loss,
     mutual_information_loss,
@@ -54,6 +55,7 @@ __all__ = [
     "attach_aux_loss",
     "aux_loss_scale",
     "clip_grad_norm_",
+    "collect_aux_loss",
     "expert_blocks",
     "expert_linear",
     "expert_usage",
