@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -58,6 +57,7 @@ from .train import (
     announce,
     check_overwrite_keeps_origin,
     check_positive_int,
+    check_space,
     load_corpus,
     load_log,
     load_model,
@@ -66,9 +66,11 @@ from .train import (
     plot_run,
     prepare_model,
     prepare_output,
+    recover_run,
     router_names,
     run_steps,
     validate,
+    write_checkpoint,
 )
 
 
@@ -131,33 +133,18 @@ def save_sharded(
     directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, files: dict
 ) -> None:
     """Save ``model`` and ``optimizer`` with ``torch.distributed.checkpoint``: every rank writes
-    its own shards, rank 0 also the text ``files`` (name -> content, e.g. the trainer state).
-    Collective.
-
-    Consistent or absent, never partial: everything goes to ``<directory>.partial`` first;
-    after every rank has finished, rank 0 moves the previous checkpoint aside
-    (``<directory>.previous``), renames the new one to ``directory`` and deletes the previous.
-    A run killed in between leaves either the old checkpoint, or none at ``directory`` with
-    the old one complete at ``<directory>.previous``."""
-    directory = Path(directory)
-    partial, previous = _sibling(directory, "partial"), _sibling(directory, "previous")
+    its own shards, rank 0 also the text ``files`` (name -> content, e.g. the trainer state),
+    published by :func:`~moe_blocks.models.train.write_checkpoint` (consistent or absent, never
+    partial). Collective."""
     rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    dist.barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=partial)
-    if rank == 0:
-        for name, content in files.items():
-            (partial / name).write_text(content)
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(previous, ignore_errors=True)
-        if directory.exists():
-            directory.rename(previous)
-        partial.rename(directory)
-        shutil.rmtree(previous, ignore_errors=True)
-    dist.barrier()
+
+    def write(folder: Path) -> None:
+        dcp.save(_state(model, optimizer), checkpoint_id=folder)
+        if rank == 0:
+            for name, content in files.items():
+                (folder / name).write_text(content)
+
+    write_checkpoint(Path(directory), write, main=rank == 0, barrier=dist.barrier)
 
 
 def load_sharded(
@@ -186,17 +173,8 @@ def export_hf(model: JetMoEForCausalLM, path: str | Path) -> None:
             plain = JetMoEForCausalLM(model.config)
         plain.load_state_dict(full, strict=False, assign=True)
         plain.tie_weights()
-        path = Path(path)
-        partial = _sibling(path, "partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        plain.save_pretrained(partial)
-        shutil.rmtree(path, ignore_errors=True)
-        partial.rename(path)
+        write_checkpoint(Path(path), plain.save_pretrained)
     dist.barrier()
-
-
-def _sibling(directory: Path, suffix: str) -> Path:
-    return directory.with_name(f"{directory.name}.{suffix}")
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -293,6 +271,9 @@ def _train(
     main = rank == 0
     out = Path(settings.out)
     checkpoint_dir = out / "checkpoint"
+    if main:
+        recover_run(out)
+    dist.barrier()
     state = _check_output(settings, resume=resume, overwrite=overwrite)
     if state is not None and not is_sharded_checkpoint(checkpoint_dir):
         raise TrainingError(
@@ -320,6 +301,7 @@ def _train(
     dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
     if main:
         prepare_output(out, overwrite=overwrite)
+        check_space(out, model)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     model.train()

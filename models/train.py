@@ -9,15 +9,20 @@ train and validation by a stable hash of the path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import signal
 import sys
 import sysconfig
+import tempfile
+import threading
 import time
 import typing
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -270,11 +275,14 @@ RUN_FILES = ("checkpoint", "log.json", "training.png", "model")
 
 
 def prepare_output(out: Path, *, overwrite: bool) -> None:
-    """Create ``out``; with ``overwrite`` first delete what an earlier run wrote there
+    """Create ``out`` and check that files can be written there (before any step, not at the
+    first save); with ``overwrite`` first delete what an earlier run wrote there
     (:data:`RUN_FILES`), so none of it mixes with the new run's files (a one-process
     checkpoint written over a sharded one would keep its shards, which --resume reads)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
     except OSError as error:
         raise TrainingError(f"--out {out}: {error.strerror}") from None
     if overwrite:
@@ -284,6 +292,43 @@ def prepare_output(out: Path, *, overwrite: bool) -> None:
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+
+
+def check_space(out: Path, model) -> None:
+    """Refuse to start when ``out``'s disk has no room for one more checkpoint: the weights
+    and AdamW's two moments (a new checkpoint is written beside the last one)."""
+    needed = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise TrainingError(
+            f"--out {out}: {free / 1e6:.0f} MB free, a checkpoint of this model needs about "
+            f"{needed / 1e6:.0f} MB: free some space or write elsewhere"
+        )
+
+
+def recover_run(out: Path) -> None:
+    """:func:`recover_checkpoint` for the run's checkpoint and its model export."""
+    for folder in (out / "checkpoint", out / "model"):
+        recover_checkpoint(folder)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """In one process, SIGTERM (a scheduler, ``kill``) interrupts as Ctrl-C does, so the run
+    saves its last finished step instead of dying without a checkpoint. (Only the main thread
+    can take signals; elsewhere nothing changes.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -299,21 +344,102 @@ def checkpoint_folder(path: str | Path) -> Path:
     return path / "checkpoint" if (path / "checkpoint").is_dir() else path
 
 
+def sibling(directory: Path, suffix: str) -> Path:
+    """``directory.<suffix>``: where :func:`write_checkpoint` stages (``partial``) and keeps
+    the replaced checkpoint until the new one is published (``previous``)."""
+    return directory.with_name(f"{directory.name}.{suffix}")
+
+
+def write_checkpoint(
+    directory: Path,
+    write: Callable[[Path], None],
+    *,
+    main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> None:
+    """The one way a checkpoint (or model export) is written: consistent or absent, never
+    partial. ``write(folder)`` fills ``<directory>.partial``; once every file is written and
+    synced to disk, the main process publishes it: the current ``directory`` is renamed to
+    ``<directory>.previous``, the new folder to ``directory``, and the previous one deleted.
+    A crash at any moment leaves either the old checkpoint at ``directory``, or none there and
+    the old one complete at ``<directory>.previous``, which :func:`recover_checkpoint` puts
+    back; a ``.partial`` folder is never read. A failed write (a full disk) removes the new
+    folder and raises a :class:`TrainingError` saying the last checkpoint is intact.
+
+    Under torchrun every rank calls it with its own ``write`` (its shards; ``main``: rank 0,
+    ``barrier``: ``dist.barrier``)."""
+    partial, previous = sibling(directory, "partial"), sibling(directory, "previous")
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    try:
+        write(partial)
+        _sync(partial)
+    except (OSError, SafetensorError) as error:
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
+        kept = f"{directory} still holds the last checkpoint" if directory.exists() else (
+            "no earlier checkpoint")  # fmt: skip
+        raise TrainingError(f"writing {directory} failed ({error}); {kept}") from None
+    barrier()
+    if main:
+        shutil.rmtree(previous, ignore_errors=True)
+        if directory.exists():
+            directory.rename(previous)
+        partial.rename(directory)
+        _sync(directory.parent, recurse=False)
+        shutil.rmtree(previous, ignore_errors=True)
+    barrier()
+
+
+def recover_checkpoint(directory: Path) -> None:
+    """Undo what a crash inside :func:`write_checkpoint` left: a complete ``.previous`` with
+    no ``directory`` (killed between its two renames) becomes ``directory`` again; a
+    ``.partial`` (never published) is deleted, and so is a ``.previous`` beside a published
+    ``directory``. Main process only, before anything reads the checkpoint."""
+    partial, previous = sibling(directory, "partial"), sibling(directory, "previous")
+    if previous.is_dir() and not directory.exists():
+        previous.rename(directory)
+    for leftover in (partial, previous):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
+def _sync(path: Path, *, recurse: bool = True) -> None:
+    """fsync every file below ``path`` (with ``recurse``) and ``path`` itself."""
+    if recurse:
+        for file in path.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def save_checkpoint(
     directory: Path, model, optimizer, settings: TrainSettings, step: int, log: list
 ) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    """The one-process checkpoint of ``step``: the model in the Hugging Face layout, the
+    optimizer state, the trainer state and the log, published by :func:`write_checkpoint`."""
     names = {id(p): n for n, p in model.named_parameters()}
     tensors = {}
     for group in optimizer.param_groups:
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
                 tensors[f"{names[id(param)]}::{key}"] = value.detach().contiguous()
-    save_file(tensors, str(directory / "optimizer.safetensors"))
     state = {"format": CHECKPOINT_FORMAT, "step": step, "settings": asdict(settings)}
-    (directory / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-    (directory / "log.json").write_text(json.dumps(log) + "\n")
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        save_file(tensors, str(folder / "optimizer.safetensors"))
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+        (folder / "log.json").write_text(json.dumps(log) + "\n")
+
+    write_checkpoint(directory, write)
 
 
 @dataclass
@@ -632,6 +758,7 @@ def train(
     settings.check()
     out = Path(settings.out)
     checkpoint_dir = out / "checkpoint"
+    recover_run(out)
     state = _check_output(settings, resume=resume, overwrite=overwrite)
     corpus = load_corpus(settings.data, settings.seq_len)
     origin = load_origin(settings)
@@ -650,6 +777,7 @@ def train(
     else:
         torch.manual_seed(settings.seed)
         model = JetMoEForCausalLM(JetMoEConfig.from_preset(settings.preset, **settings.overrides))
+    check_space(out, model)
     model.train()
     frozen = prepare_model(model, settings, origin)
     optimizer = make_optimizer(model, settings)
@@ -665,11 +793,12 @@ def train(
         validate=lambda: validate(model, corpus, settings, origin),
         checkpoint=lambda at: save_checkpoint(checkpoint_dir, model, optimizer, settings, at, log),
     )
-    step, interrupted = run_steps(model, optimizer, settings, corpus, log, start_step, steps,
-                                  progress=progress)  # fmt: skip
-    if frozen is not None:
-        frozen.remove()  # the model is not used here after training
-    save_checkpoint(checkpoint_dir, model, optimizer, settings, step, log)
+    with sigterm_as_interrupt():  # a SIGTERM saves the last step, as Ctrl-C does
+        step, interrupted = run_steps(model, optimizer, settings, corpus, log, start_step, steps,
+                                      progress=progress)  # fmt: skip
+        if frozen is not None:
+            frozen.remove()  # the model is not used here after training
+        save_checkpoint(checkpoint_dir, model, optimizer, settings, step, log)
     (out / "log.json").write_text(json.dumps(log) + "\n")
     plot_run(log, out / "training.png")
     return TrainResult(out, log, interrupted)
