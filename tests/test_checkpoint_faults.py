@@ -1,0 +1,174 @@
+"""Faults in the middle of a save: a full disk, a process killed at each point of writing and
+publishing a checkpoint, SIGTERM. After each, ``--resume`` must end with the losses of an
+uninterrupted run (never a mix of two steps' state), in one process and under torchrun
+(2 spawned gloo ranks). Runs of 6 steps of a small JetMoE checkpoint every 2 steps; the fault
+hits the save of step 4, so the run resumes from step 2 (or from 4 where the new checkpoint
+was already published)."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_blocks.models import parallel as parallel_module
+from moe_blocks.models import train as train_module
+from moe_blocks.models.parallel import spawn_local, train_sharded
+from moe_blocks.models.train import TrainingError, TrainSettings, load_trainer_state, train
+
+OVERRIDES = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=32, kv_channels=8)
+
+
+class Killed(BaseException):
+    """Stands for the process dying (SIGKILL): nothing catches it, nothing cleans up."""
+
+
+def _settings(out: Path, data: Path, steps: int = 6) -> TrainSettings:
+    return TrainSettings(
+        data=str(data), out=str(out), steps=steps, batch_size=4, seq_len=16, lr=3e-3,
+        warmup_steps=1, decay_fraction=0.0, eval_every=100, eval_batches=1,
+        checkpoint_every=2, overrides=OVERRIDES,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    path = tmp_path / "text.txt"
+    generator = torch.Generator().manual_seed(0)
+    path.write_bytes(bytes(torch.randint(32, 127, (4000,), generator=generator).tolist()))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_plot(monkeypatch):
+    monkeypatch.setattr(train_module, "plot_run", lambda log, path: None)
+    monkeypatch.setattr(parallel_module, "plot_run", lambda log, path: None)
+
+
+def _losses(log) -> list[float]:
+    return [entry["loss"] for entry in log]
+
+
+def _fail_on_call(number: int, error: BaseException, original):
+    calls = []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise error
+        return original(*args, **kwargs)
+
+    return patched
+
+
+def _at_the_rename_publishing(original, directory: str):
+    """Path.rename that dies when it would publish ``directory.partial`` while the previous
+    checkpoint has been moved aside: between the two renames."""
+
+    def rename(self, target):
+        if self.name == f"{directory}.partial" and self.with_name(f"{directory}.previous").exists():
+            raise Killed
+        return original(self, target)
+
+    return rename
+
+
+def _after_publishing(original):
+    """shutil.rmtree that dies when it would delete the replaced checkpoint."""
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name == "checkpoint.previous" and Path(path).exists():
+            raise Killed
+        return original(path, *args, **kwargs)
+
+    return rmtree
+
+
+FAULTS = {
+    # the optimizer state's file, the second checkpoint's: no space left
+    "disk full": lambda mp: mp.setattr(train_module, "save_file", _fail_on_call(
+        2, OSError(errno.ENOSPC, "No space left on device"), train_module.save_file)),
+    # killed while writing, after the model weights, before the optimizer state
+    "killed while writing": lambda mp: mp.setattr(
+        train_module, "save_file", _fail_on_call(2, Killed(), train_module.save_file)),
+    "killed between the renames": lambda mp: mp.setattr(
+        Path, "rename", _at_the_rename_publishing(Path.rename, "checkpoint")),
+    "killed after publishing": lambda mp: mp.setattr(
+        train_module.shutil, "rmtree", _after_publishing(shutil.rmtree)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_fault_during_a_save_never_mixes_two_steps(fault, tmp_path, data, monkeypatch):
+    reference = train(_settings(tmp_path / "reference", data), progress=False)
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        FAULTS[fault](patch)
+        with pytest.raises((Killed, TrainingError)) as raised:
+            train(_settings(run, data), progress=False)
+    if fault == "disk full":  # one line saying what happened and what is kept
+        message = str(raised.value)
+        assert "No space left on device" in message and "still holds the last" in message
+        assert not (run / "checkpoint.partial").exists()
+    resumed = train(_settings(run, data), resume=True, progress=False)
+    assert _losses(resumed.log) == _losses(reference.log)
+    assert load_trainer_state(run / "checkpoint").step == 6
+    assert not [p.name for p in run.iterdir() if p.name.endswith((".partial", ".previous"))]
+
+
+def test_sigterm_in_one_process_saves_the_last_step(tmp_path, data, monkeypatch):
+    reference = train(_settings(tmp_path / "reference", data), progress=False)
+    learning_rate = train_module.learning_rate
+
+    def terminated_in_step_4(settings, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return learning_rate(settings, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "learning_rate", terminated_in_step_4)
+        result = train(_settings(tmp_path / "run", data), progress=False)
+    assert result.interrupted and load_trainer_state(tmp_path / "run" / "checkpoint").step == 3
+    resumed = train(_settings(tmp_path / "run", data), resume=True, progress=False)
+    assert _losses(resumed.log) == _losses(reference.log)
+
+
+def test_no_room_for_a_checkpoint_is_refused_before_any_step(tmp_path, data, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(TrainingError, match=r"MB free, a checkpoint of this model needs"):
+        train(_settings(tmp_path / "run", data), progress=False)
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def _sharded_run(rank: int, world: int, settings: TrainSettings, fault: bool) -> None:
+    parallel_module.plot_run = lambda log, path: None
+    if fault and rank == 0:
+        Path.rename = _at_the_rename_publishing(Path.rename, "checkpoint")
+    try:
+        train_sharded(settings, ep=2, resume=not fault, progress=False)
+    except Killed:
+        os._exit(0)  # rank 0 died between the renames; rank 1 is ended with it
+
+
+def test_a_sharded_run_killed_between_the_renames_resumes(tmp_path, data):
+    """Under torchrun the same writer publishes: killed between its two renames (where the
+    old writer left only checkpoint.previous and checkpoint.partial, and --resume said
+    trainer_state.json was missing), the next start puts the previous checkpoint back."""
+    reference = train(_settings(tmp_path / "reference", data), progress=False)
+    settings = _settings(tmp_path / "run", data)
+    try:
+        spawn_local(_sharded_run, 2, settings, True)
+    except Exception:  # noqa: BLE001  rank 1 ends with an error once rank 0 is gone
+        pass
+    assert (tmp_path / "run" / "checkpoint.previous").is_dir()
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    spawn_local(_sharded_run, 2, dataclasses.replace(settings), False)
+    log = train_module.read_json(tmp_path / "run" / "log.json", list)
+    torch.testing.assert_close(_losses(log), _losses(reference.log), atol=0.0, rtol=1e-5)
