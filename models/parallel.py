@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -311,7 +312,14 @@ def _train(
     log: list[dict] = []
     start_step = 0
     if state is not None:
-        load_sharded(checkpoint_dir, model, optimizer)
+        try:
+            load_sharded(checkpoint_dir, model, optimizer)
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+            raise TrainingError(
+                f"--resume: {checkpoint_dir} is damaged, a shard cannot be read ({reason}): "
+                "restore the folder, or start over with --overwrite"
+            ) from None
         start_step = state.step
         log = load_log(checkpoint_dir, model)
     if main:

@@ -769,6 +769,12 @@ def train(
     log: list[dict] = []
     start_step = 0
     if state is not None:
+        if not (checkpoint_dir / "config.json").exists() and any(checkpoint_dir.glob("*.distcp")):
+            raise TrainingError(
+                f"--resume: {checkpoint_dir} holds the shards of a torchrun run but no .metadata "
+                "(deleted: a save never publishes without it); the checkpoint cannot be read: "
+                "restore the file, or start over with --overwrite"
+            )
         model = load_model(checkpoint_dir, "--resume")
         start_step = state.step
         log = load_log(checkpoint_dir, model)

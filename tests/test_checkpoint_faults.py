@@ -172,3 +172,25 @@ def test_a_sharded_run_killed_between_the_renames_resumes(tmp_path, data):
     spawn_local(_sharded_run, 2, dataclasses.replace(settings), False)
     log = train_module.read_json(tmp_path / "run" / "log.json", list)
     torch.testing.assert_close(_losses(log), _losses(reference.log), atol=0.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("damage", [".metadata deleted", "a shard truncated"])
+def test_a_damaged_sharded_checkpoint_is_one_line(damage, tmp_path, data, capsys):
+    """A sharded checkpoint (written by a one-process torchrun-style run) with its .metadata
+    deleted or a shard cut short: --resume exits 2 with one line naming the folder and what to
+    do, not DCP's traceback (16 to 60 lines before)."""
+    from moe_blocks.models.cli import main
+
+    train_sharded(_settings(tmp_path / "run", data, steps=2), progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    if damage == ".metadata deleted":
+        (checkpoint / ".metadata").unlink()
+    else:
+        shard = next(checkpoint.glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--resume",
+            "--steps", "3", "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(checkpoint) in err[0] and "--overwrite" in err[0], err
