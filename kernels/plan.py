@@ -119,19 +119,20 @@ def check_non_negative(name: str, value) -> None:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
-def check_index_range(values: Tensor, upper: int, name: str, bound: str) -> None:
+def check_index_range(values: Tensor, upper: int, name: str, bound: str | None = None) -> None:
     """Require ``0 <= values < upper`` without a host synchronisation where one would cost:
-    ``ValueError`` naming ``name`` and ``bound`` on CPU; a device-side assertion on other
-    devices and under ``torch.compile``."""
+    ``ValueError`` naming ``name`` (and ``bound``, the name of ``upper``) on CPU; a device-side
+    assertion on other devices and under ``torch.compile``."""
     if values.numel() == 0:
         return
+    limit = str(upper) if bound is None else f"{bound}={upper}"
     if values.device.type == "cpu" and not torch.compiler.is_compiling():
         low, high = (int(v) for v in torch.aminmax(values))  # Python ints: no dtype wrap-around
         if low < 0 or high >= upper:
             raise ValueError(
-                f"{name} values must lie in [0, {bound}={upper}), got values in [{low}, {high}]"
+                f"{name} values must lie in [0, {limit}), got values in [{low}, {high}]"
             )
     else:
         wide = values.to(torch.int64)
         in_range = (wide >= 0).all() & (wide < upper).all()
-        torch._assert_async(in_range, f"{name} values must lie in [0, {bound})")
+        torch._assert_async(in_range, f"{name} values must lie in [0, {limit})")

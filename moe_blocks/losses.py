@@ -41,6 +41,29 @@ def _describe(value) -> str:
     return f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
 
 
+def _token_weights(logits: Tensor, token_mask: Tensor | None) -> Tensor | None:
+    """``token_mask[N]`` (True: a real token) as weights of the loss's dtype, or None."""
+    if token_mask is None:
+        return None
+    if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool:
+        raise TypeError(f"token_mask must be a bool tensor, got {_describe(token_mask)}")
+    if token_mask.shape != logits.shape[:1]:
+        raise ValueError(
+            f"token_mask must be [N={logits.shape[0]}] like logits' rows, "
+            f"got shape {tuple(token_mask.shape)}"
+        )
+    return token_mask.to(device=logits.device, dtype=_loss_dtype(logits))
+
+
+def _token_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    """The mean over tokens (dim 0) of ``values``, over the real tokens when ``weights`` are
+    given (0 when there is none)."""
+    if weights is None:
+        return values.mean(0)
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    return (values * weights.view(shape)).sum(0) / weights.sum().clamp_min(1.0)
+
+
 def _zero_loss(logits: Tensor) -> Tensor:
     """0.0 for an empty batch, still attached to ``logits``' graph."""
     return logits.to(_loss_dtype(logits)).sum() * 0.0
@@ -53,6 +76,7 @@ def load_balancing_loss(
     *,
     tokens_per_expert: Tensor | None = None,
     prior: Tensor | None = None,
+    token_mask: Tensor | None = None,
 ) -> Tensor:
     """Switch Transformer / GShard balance loss ``E · Σ_e f_e · P_e``.
 
@@ -63,6 +87,9 @@ def load_balancing_loss(
 
     ``tokens_per_expert``: optional ``[E]`` assignment counts to take ``f_e`` from instead of
     counting ``expert_idx`` (e.g. summed over the ranks of an expert-parallel group).
+
+    ``token_mask``: optional ``[N]`` bool, True for real tokens: padding counts in neither
+    ``f_e`` nor ``P_e`` (the mean over real tokens; 0 without any).
 
     ``prior``: optional ``[E]`` fp32 expert prior weights ``π_e >= 0`` (see
     :class:`~moe_blocks.TopKRouter`): then ``P_e`` averages ``π_e·exp(l_e) / Σ_j π_j·exp(l_j)``,
@@ -89,6 +116,7 @@ def load_balancing_loss(
             f"tokens_per_expert must be [num_experts={num_experts}], "
             f"got shape {tuple(tokens_per_expert.shape)}"
         )
+    weights = _token_weights(logits, token_mask)
     if logits.shape[0] == 0:
         return _zero_loss(logits)
     wide = logits.double()
@@ -99,20 +127,27 @@ def load_balancing_loss(
         probs = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(wide.dtype).tiny)
     if tokens_per_expert is None:
         flat = expert_idx.reshape(-1).long()
+        ones = torch.ones(expert_idx.shape, device=logits.device, dtype=wide.dtype)
+        if weights is not None:
+            ones = ones * weights.to(wide.dtype)[:, None]
         counts = torch.zeros(num_experts, device=logits.device, dtype=wide.dtype)
-        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=wide.dtype))
+        counts.scatter_add_(0, flat, ones.reshape(-1))
     else:
         counts = tokens_per_expert.to(wide.dtype)
-    fraction = counts / counts.sum()
-    return (num_experts * (fraction * probs.mean(0)).sum()).to(_loss_dtype(logits))
+    fraction = counts / counts.sum().clamp_min(1.0)
+    mean_probs = _token_mean(probs, None if weights is None else weights.to(wide.dtype))
+    return (num_experts * (fraction * mean_probs).sum()).to(_loss_dtype(logits))
 
 
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE router z-loss ``mean_n(logsumexp(logits_n)²)``: keeps router logits small."""
+def router_z_loss(logits: Tensor, *, token_mask: Tensor | None = None) -> Tensor:
+    """ST-MoE router z-loss ``mean_n(logsumexp(logits_n)²)``: keeps router logits small.
+    ``token_mask``: optional ``[N]`` bool, the mean over the real tokens only."""
     _check_logits(logits)
+    weights = _token_weights(logits, token_mask)
     if logits.shape[0] == 0:
         return _zero_loss(logits)
-    return torch.logsumexp(logits.to(_loss_dtype(logits)), dim=-1).square().mean()
+    squares = torch.logsumexp(logits.to(_loss_dtype(logits)), dim=-1).square()
+    return _token_mean(squares, weights)
 
 
 def _log_softmax(logits: Tensor) -> Tensor:
@@ -122,30 +157,33 @@ def _log_softmax(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits.to(dtype), dim=-1).clamp_min(torch.finfo(dtype).min)
 
 
-def _marginal_entropy(probs: Tensor) -> Tensor:
-    """``H(mean_n p_n)``: the entropy of the batch's mean routing distribution."""
-    marginal = probs.mean(0)
+def _marginal_entropy(probs: Tensor, weights: Tensor | None) -> Tensor:
+    """``H(mean_n p_n)``: the entropy of the batch's mean routing distribution (over the real
+    tokens with ``weights``)."""
+    marginal = _token_mean(probs, weights)
     return -(marginal * torch.log(marginal.clamp_min(torch.finfo(marginal.dtype).tiny))).sum()
 
 
-def mutual_information_loss(logits: Tensor) -> Tensor:
+def mutual_information_loss(logits: Tensor, *, token_mask: Tensor | None = None) -> Tensor:
     """ModuleFormer's loss: the negative mutual information between tokens and experts,
     ``-(H(mean_n p_n) - mean_n H(p_n))`` with ``p_n = softmax(logits_n)``.
 
     Minimising it makes each token's choice confident (low conditional entropy) while the
     experts stay used evenly over the batch (high marginal entropy). It lies in
     ``[-log E, 0]``; ``-log E`` is reached by confident, perfectly balanced routing.
+    ``token_mask``: optional ``[N]`` bool, the means over the real tokens only.
     """
     _check_logits(logits)
+    weights = _token_weights(logits, token_mask)
     if logits.shape[0] == 0:
         return _zero_loss(logits)
     log_probs = _log_softmax(logits)
     probs = log_probs.exp()
-    conditional_entropy = -(probs * log_probs).sum(-1).mean()
-    return conditional_entropy - _marginal_entropy(probs)
+    conditional_entropy = _token_mean(-(probs * log_probs).sum(-1), weights)
+    return conditional_entropy - _marginal_entropy(probs, weights)
 
 
-def load_concentration_loss(logits: Tensor) -> Tensor:
+def load_concentration_loss(logits: Tensor, *, token_mask: Tensor | None = None) -> Tensor:
     """ModuleFormer's load-concentration loss, for fine-tuning on one task before pruning:
     ``H(mean_n p_n) = -Σ_e P_e · log P_e`` with ``P_e = mean_n softmax(logits_n)_e``, the
     entropy of the batch's mean routing distribution.
@@ -153,12 +191,14 @@ def load_concentration_loss(logits: Tensor) -> Tensor:
     Minimising it concentrates the batch's routing on few experts (the opposite of balancing),
     so that the experts the task does not need receive no tokens and can be pruned. It lies in
     ``[0, log E]``: 0 when every token puts all its probability on the same expert, ``log E``
-    when the experts are used evenly.
+    when the experts are used evenly. ``token_mask``: optional ``[N]`` bool, the mean over the
+    real tokens only.
     """
     _check_logits(logits)
+    weights = _token_weights(logits, token_mask)
     if logits.shape[0] == 0:
         return _zero_loss(logits)
-    return _marginal_entropy(torch.softmax(logits.to(_loss_dtype(logits)), dim=-1))
+    return _marginal_entropy(torch.softmax(logits.to(_loss_dtype(logits)), dim=-1), weights)
 
 
 # The innermost aux_loss_scale context's factor; None outside every context (factor 1).

@@ -11,7 +11,12 @@ from torch import Tensor, nn
 
 from .kernels import DispatchPlan, gather_scores, plan_dispatch
 from .kernels.ops import AUTOCAST_DTYPES, autocasting
-from .kernels.plan import INTEGER_DTYPES, check_non_negative, check_positive_int
+from .kernels.plan import (
+    INTEGER_DTYPES,
+    check_index_range,
+    check_non_negative,
+    check_positive_int,
+)
 from .losses import (
     BALANCE_LOSSES,
     load_balancing_loss,
@@ -179,16 +184,23 @@ class TopKRouter(nn.Module):
         else:
             gates = picked
         plan = plan_dispatch(expert_idx, self.num_experts)
-        if token_mask is None:
-            aux_loss = self._aux_loss(raw_logits, logits, expert_idx, plan.tokens_per_expert)
-        else:
-            real = token_mask.to(x.device)
-            counts = torch.bincount(expert_idx[real].flatten(), minlength=self.num_experts)
-            aux_loss = self._aux_loss(raw_logits[real], logits[real], expert_idx[real], counts)
+        tokens_per_expert = plan.tokens_per_expert
+        if token_mask is not None:
+            token_mask = token_mask.to(x.device)
+            real = token_mask[:, None].expand_as(expert_idx).reshape(-1).long()
+            tokens_per_expert = torch.zeros_like(tokens_per_expert).scatter_add_(
+                0, expert_idx.reshape(-1), real
+            )
+        aux_loss = self._aux_loss(raw_logits, logits, expert_idx, tokens_per_expert, token_mask)
         return RouterOutput(logits, expert_idx, gates, plan, aux_loss)
 
     def _aux_loss(
-        self, raw_logits: Tensor, logits: Tensor, expert_idx: Tensor, tokens_per_expert: Tensor
+        self,
+        raw_logits: Tensor,
+        logits: Tensor,
+        expert_idx: Tensor,
+        tokens_per_expert: Tensor,
+        token_mask: Tensor | None,
     ) -> Tensor:
         if self.reduce_tokens_per_expert is not None:
             tokens_per_expert = self.reduce_tokens_per_expert(tokens_per_expert)
@@ -199,14 +211,15 @@ class TopKRouter(nn.Module):
                 self.num_experts,
                 tokens_per_expert=tokens_per_expert,
                 prior=self.expert_prior,
+                token_mask=token_mask,
             )
         elif self.balance_loss == "mutual_information":
-            balance = mutual_information_loss(logits)
+            balance = mutual_information_loss(logits, token_mask=token_mask)
         elif self.balance_loss == "load_concentration":
-            balance = load_concentration_loss(logits)
+            balance = load_concentration_loss(logits, token_mask=token_mask)
         else:
             balance = logits.new_zeros(())
-        z_loss = router_z_loss(logits)
+        z_loss = router_z_loss(logits, token_mask=token_mask)
         aux_loss = self.aux_loss_coef * (balance + self.z_loss_weight * z_loss)
         with torch.no_grad():
             self.last_aux_loss.copy_(aux_loss)
@@ -309,11 +322,7 @@ def check_keep_mask(mask: object, name: str, shape: tuple[int, ...] | None = Non
                 f"{name} must be bool or integer (1 = real token, 0 = padding), got "
                 f"{mask.dtype}; for an additive float mask m use (m == 0)"
             )
-        if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(
-                f"{name} must hold only 0 and 1 (1 = real token, 0 = padding), got values in "
-                f"[{int(mask.min())}, {int(mask.max())}]"
-            )
+        check_index_range(mask, 2, name)  # 0 and 1 only
     return mask.bool()
 
 

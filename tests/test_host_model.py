@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import moe_blocks.losses
 from moe_blocks import KVCache, MoA, MoEMLP, ParallelExperts, aux_loss_scale, collect_aux_loss
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
 
@@ -177,8 +178,29 @@ def test_padding_counts_in_no_statistic(kind):
         block(x, token_mask=mask[:, :4])
     with pytest.raises(TypeError, match="token_mask must be bool or integer"):
         block(x, token_mask=mask.float())
-    with pytest.raises(ValueError, match="token_mask must hold only 0 and 1"):
+    with pytest.raises(ValueError, match=r"token_mask values must lie in \[0, 2\)"):
         block(x, token_mask=mask.long() * 2)
+
+
+def test_each_loss_with_a_token_mask_is_the_loss_of_the_real_tokens():
+    """Masked tokens enter as zero weights (no host read, one compiled graph): the result is
+    the loss of the real tokens alone; with none real, 0."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(10, 5, generator=generator, dtype=torch.float64)
+    expert_idx = logits.topk(2, dim=-1).indices
+    mask = torch.rand(10, generator=generator) < 0.5
+    mask[0] = True
+    for name in ("router_z_loss", "mutual_information_loss", "load_concentration_loss"):
+        loss = getattr(moe_blocks.losses, name)
+        torch.testing.assert_close(loss(logits, token_mask=mask), loss(logits[mask]), msg=name)
+        assert loss(logits, token_mask=torch.zeros(10, dtype=torch.bool)) == 0, name
+    switch = moe_blocks.losses.load_balancing_loss
+    torch.testing.assert_close(
+        switch(logits, expert_idx, 5, token_mask=mask), switch(logits[mask], expert_idx[mask], 5)
+    )
+    assert switch(logits, expert_idx, 5, token_mask=torch.zeros(10, dtype=torch.bool)) == 0
+    with pytest.raises(ValueError, match="token_mask must be"):
+        switch(logits, expert_idx, 5, token_mask=mask[:4])
 
 
 def test_moa_takes_padding_from_its_attention_mask_and_jetmoe_from_its_own():
@@ -274,5 +296,7 @@ def test_moa_errors_name_the_argument():
     other = MoA(D, 4, 2, head_dim=2, num_kv_heads=3)
     with pytest.raises(ValueError, match="kv_cache holds keys of batch size 2, 2 KV heads"):
         other(torch.randn(2, 1, D), kv_cache=cache)
-    with pytest.raises(ValueError, match=r"attention_mask must hold only 0 and 1.*\[0, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"attention_mask values must lie in \[0, 2\), got .*\[0, 2\]"
+    ):
         moa(x, attention_mask=torch.tensor([[1, 1, 2], [0, 1, 1]]))
