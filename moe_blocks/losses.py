@@ -307,7 +307,10 @@ def check_aux_loss_mode(aux_loss: object) -> None:
 
 def recomputing() -> bool:
     """Whether this forward runs inside a backward pass: activation checkpointing recomputing
-    a block (what the first forward already counted must not be counted again)."""
+    a block (what the first forward already counted must not be counted again). Under
+    ``torch.compile`` the graph is traced once for both cases: False."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -349,7 +352,9 @@ def route_aux_loss(block, gates: Tensor, aux_loss: Tensor) -> Tensor:
         return gates
     record = _AuxLossRecord(aux_loss)
     block._aux_loss_record = record
-    if torch.is_grad_enabled() and gates.requires_grad:
+    # The check lives in eager autograd; a compiled graph traces its backward once, ahead of
+    # any collecting, so there it is left out.
+    if torch.is_grad_enabled() and gates.requires_grad and not torch.compiler.is_compiling():
         return _RequireCollected.apply(gates, record, type(block).__name__)
     return gates
 

@@ -131,6 +131,21 @@ def test_a_collect_mode_forward_whose_aux_loss_was_never_collected_cannot_backwa
     (out.sum() + aux).backward()
 
 
+def test_collect_mode_compiles_in_one_graph_with_the_eager_gradients():
+    """torch.compile(fullgraph=True) of a collect-mode block (with bias balancing): the same
+    gradients and load as eager (the never-collected check is eager-only)."""
+    torch.manual_seed(0)
+    block = BLOCKS["MoEMLP"](aux_loss="collect", bias_update_rate=0.01)
+    eager = copy.deepcopy(block)
+    x = torch.randn(2, 5, D)
+    compiled = torch.compile(block, fullgraph=True)
+    (compiled(x).sum() + collect_aux_loss(block)).backward()
+    (eager(x).sum() + collect_aux_loss(eager)).backward()
+    for name, param in eager.named_parameters():
+        torch.testing.assert_close(block.get_parameter(name).grad, param.grad, msg=name)
+    assert torch.equal(block.router.load_since_update, eager.router.load_since_update)
+
+
 def test_collect_aux_loss_sums_a_models_collect_mode_blocks_and_refuses_attached_ones():
     torch.manual_seed(0)
     model = nn.Sequential(BLOCKS["MoA"](aux_loss="collect"), BLOCKS["MoEMLP"](aux_loss="collect"))
