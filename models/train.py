@@ -334,13 +334,15 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def checkpoint_folder(path: str | Path) -> Path:
     """The model folder given either itself or the run folder (``--out``) holding it: the run's
     ``checkpoint/``, or for a sharded (torchrun) run, whose ``checkpoint/`` holds shards, its
-    Hugging Face export ``model/``."""
+    Hugging Face export ``model/``; read-only commands read a ``.previous`` that a killed save
+    left (:func:`recover_checkpoint` puts it back at the next ``train``)."""
     path = Path(path)
     if (path / "config.json").exists():
         return path
-    for inner in (path / "checkpoint", path / "model"):
-        if (inner / "config.json").exists():
-            return inner
+    # (.previous: the last complete one when a save was killed between its two renames)
+    for name in ("checkpoint", "checkpoint.previous", "model", "model.previous"):
+        if (path / name / "config.json").exists():
+            return path / name
     return path / "checkpoint" if (path / "checkpoint").is_dir() else path
 
 

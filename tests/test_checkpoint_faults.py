@@ -20,7 +20,13 @@ import torch
 from moe_blocks.models import parallel as parallel_module
 from moe_blocks.models import train as train_module
 from moe_blocks.models.parallel import spawn_local, train_sharded
-from moe_blocks.models.train import TrainingError, TrainSettings, load_trainer_state, train
+from moe_blocks.models.train import (
+    TrainingError,
+    TrainSettings,
+    checkpoint_folder,
+    load_trainer_state,
+    train,
+)
 
 OVERRIDES = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=32, kv_channels=8)
 
@@ -112,6 +118,8 @@ def test_a_fault_during_a_save_never_mixes_two_steps(fault, tmp_path, data, monk
         FAULTS[fault](patch)
         with pytest.raises((Killed, TrainingError)) as raised:
             train(_settings(run, data), progress=False)
+    if fault == "killed between the renames":  # generate reads the last complete one
+        assert checkpoint_folder(run) == run / "checkpoint.previous"
     if fault == "disk full":  # one line saying what happened and what is kept
         message = str(raised.value)
         assert "No space left on device" in message and "still holds the last" in message
