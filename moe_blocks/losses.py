@@ -116,7 +116,7 @@ def load_balancing_loss(
             f"tokens_per_expert must be [num_experts={num_experts}], "
             f"got shape {tuple(tokens_per_expert.shape)}"
         )
-    weights = _token_weights(logits, token_mask)
+    real = _token_weights(logits, token_mask)
     if logits.shape[0] == 0:
         return _zero_loss(logits)
     wide = logits.double()
@@ -128,14 +128,14 @@ def load_balancing_loss(
     if tokens_per_expert is None:
         flat = expert_idx.reshape(-1).long()
         ones = torch.ones(expert_idx.shape, device=logits.device, dtype=wide.dtype)
-        if weights is not None:
-            ones = ones * weights.to(wide.dtype)[:, None]
+        if real is not None:
+            ones = ones * real.to(wide.dtype)[:, None]
         counts = torch.zeros(num_experts, device=logits.device, dtype=wide.dtype)
         counts.scatter_add_(0, flat, ones.reshape(-1))
     else:
         counts = tokens_per_expert.to(wide.dtype)
     fraction = counts / counts.sum().clamp_min(1.0)
-    mean_probs = _token_mean(probs, None if weights is None else weights.to(wide.dtype))
+    mean_probs = _token_mean(probs, None if real is None else real.to(wide.dtype))
     return (num_experts * (fraction * mean_probs).sum()).to(_loss_dtype(logits))
 
 

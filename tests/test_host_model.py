@@ -213,6 +213,11 @@ def test_each_loss_with_a_token_mask_is_the_loss_of_the_real_tokens():
     torch.testing.assert_close(
         switch(logits, expert_idx, 5, token_mask=mask), switch(logits[mask], expert_idx[mask], 5)
     )
+    prior = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0])  # expert priors, one expert closed
+    torch.testing.assert_close(
+        switch(logits, expert_idx, 5, token_mask=mask, prior=prior),
+        switch(logits[mask], expert_idx[mask], 5, prior=prior),
+    )
     assert switch(logits, expert_idx, 5, token_mask=torch.zeros(10, dtype=torch.bool)) == 0
     with pytest.raises(ValueError, match="token_mask must be"):
         switch(logits, expert_idx, 5, token_mask=mask[:4])
