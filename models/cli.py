@@ -77,8 +77,8 @@ def _flops(value: float) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from .parallel import is_sharded_checkpoint, launched_by_torchrun, train_sharded
-    from .train import TrainSettings, resumed_settings, train, validations
+    from .parallel import launched_by_torchrun, train_sharded
+    from .train import TrainSettings, is_sharded_checkpoint, resumed_settings, train, validations
 
     options = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if f.name in args}
     if args.resume:  # the checkpoint's settings, but for the options given

@@ -59,6 +59,7 @@ from .train import (
     check_overwrite_keeps_origin,
     check_positive_int,
     check_space,
+    is_sharded_checkpoint,
     load_corpus,
     load_log,
     load_model,
@@ -72,6 +73,7 @@ from .train import (
     run_steps,
     validate,
     write_checkpoint,
+    write_export_step,
 )
 
 
@@ -161,11 +163,12 @@ def load_sharded(
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-def export_hf(model: JetMoEForCausalLM, path: str | Path) -> None:
+def export_hf(model: JetMoEForCausalLM, path: str | Path, *, step: int | None = None) -> None:
     """Write a sharded (or plain) model in the Hugging Face layout: rank 0 gathers the full
     weights on CPU and writes them with :meth:`JetMoEForCausalLM.save_pretrained`, so the
-    files equal those of the unsharded model. Collective; published as :func:`save_sharded`
-    publishes a checkpoint."""
+    files equal those of the unsharded model; with ``step``, also the training step they are
+    of (``export.json``), which readers compare with the run's checkpoint. Collective;
+    published as :func:`save_sharded` publishes a checkpoint."""
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
@@ -174,7 +177,13 @@ def export_hf(model: JetMoEForCausalLM, path: str | Path) -> None:
             plain = JetMoEForCausalLM(model.config)
         plain.load_state_dict(full, strict=False, assign=True)
         plain.tie_weights()
-        write_checkpoint(Path(path), plain.save_pretrained)
+
+        def write(folder: Path) -> None:
+            plain.save_pretrained(folder)
+            if step is not None:
+                write_export_step(folder, step)
+
+        write_checkpoint(Path(path), write)
     dist.barrier()
 
 
@@ -192,11 +201,6 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
 def launched_by_torchrun() -> bool:
     """Whether torchrun (or another launcher that sets ``WORLD_SIZE``) started this process."""
     return "WORLD_SIZE" in os.environ
-
-
-def is_sharded_checkpoint(directory: str | Path) -> bool:
-    """Whether ``directory`` holds a checkpoint written by :func:`save_sharded`."""
-    return (Path(directory) / ".metadata").is_file()
 
 
 def init_distributed(ep: int = 1) -> tuple[DeviceMesh, torch.device]:
@@ -364,7 +368,7 @@ def _train(
         if frozen is not None:
             frozen.remove()  # the model is not used here after training
         checkpoint(step)
-        export_hf(model, out / "model")
+        export_hf(model, out / "model", step=step)
     if main:
         (out / "log.json").write_text(json.dumps(log) + "\n")
         plot_run(log, out / "training.png")

@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import typing
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -331,6 +332,33 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+EXPORT_FILE = "export.json"  # in a torchrun run's model/: the training step it holds
+
+
+def is_sharded_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a checkpoint of a torchrun run (DCP shards)."""
+    return (Path(directory) / ".metadata").is_file()
+
+
+def write_export_step(folder: Path, step: int) -> None:
+    (folder / EXPORT_FILE).write_text(json.dumps({"step": step}) + "\n")
+
+
+def export_step(folder: Path) -> int | None:
+    """The training step a run's ``model/`` export holds, None when it does not say."""
+    try:
+        step = load_json(folder / EXPORT_FILE).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if _is_int(step) else None
+
+
+def export_lags(out: Path, step: int) -> bool:
+    """Whether the torchrun run in ``out``, whose checkpoint is at ``step``, has a ``model/``
+    export of another step or none (a crash between the checkpoint and the export)."""
+    return is_sharded_checkpoint(out / "checkpoint") and export_step(out / "model") != step
+
+
 def checkpoint_folder(path: str | Path) -> Path:
     """The model folder given either itself or the run folder (``--out``) holding it: the run's
     ``checkpoint/``, or for a sharded (torchrun) run, whose ``checkpoint/`` holds shards, its
@@ -342,8 +370,29 @@ def checkpoint_folder(path: str | Path) -> Path:
     # (.previous: the last complete one when a save was killed between its two renames)
     for name in ("checkpoint", "checkpoint.previous", "model", "model.previous"):
         if (path / name / "config.json").exists():
+            if name.startswith("model"):
+                _warn_if_export_lags(path, path / name)
             return path / name
     return path / "checkpoint" if (path / "checkpoint").is_dir() else path
+
+
+def _warn_if_export_lags(run: Path, model: Path) -> None:
+    """Say so when a torchrun run's ``model/`` export holds another step than its checkpoint
+    (the reader gets the older weights; ``train --resume --steps STEP`` rebuilds it)."""
+    if not is_sharded_checkpoint(run / "checkpoint"):
+        return
+    try:
+        step = load_json(run / "checkpoint" / "trainer_state.json").get("step")
+    except (OSError, ValueError, AttributeError):
+        return  # no step to compare with (--resume names what is wrong with that file)
+    held = export_step(model)
+    if held != step:
+        warnings.warn(
+            f"{model} holds the weights of step {held if held is not None else '(unknown)'} but "
+            f"{run / 'checkpoint'} is at step {step}: rebuild the export with moe-blocks train "
+            f"--out {run} --resume --steps {step}",
+            stacklevel=3,
+        )
 
 
 def sibling(directory: Path, suffix: str) -> Path:
@@ -840,7 +889,9 @@ def _check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> 
                 f"--resume: --{name.replace('_', '-')} {ours} differs from the checkpoint's "
                 f"({theirs}); leave it out to keep the checkpoint's"
             )
-    if settings.steps <= state.step:
+    if settings.steps < state.step or (
+        settings.steps == state.step and not export_lags(out, state.step)
+    ):  # the same step again only rebuilds a torchrun run's lagging model/ export
         raise TrainingError(
             f"--resume: the checkpoint is at step {state.step}; --steps {settings.steps} "
             "must be above it to train further"

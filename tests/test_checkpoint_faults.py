@@ -202,3 +202,40 @@ def test_a_damaged_sharded_checkpoint_is_one_line(damage, tmp_path, data, capsys
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(checkpoint) in err[0] and "--overwrite" in err[0], err
+
+
+def test_a_lagging_model_export_is_said_and_rebuilt(tmp_path, data, monkeypatch, capsys):
+    """A torchrun run killed after its checkpoint but before its model/ export: readers of the
+    run folder are told which step each holds, and train --resume --steps STEP (the
+    checkpoint's) rebuilds the export from the checkpoint, which a current export refuses."""
+    from moe_blocks.models.cli import main
+    from moe_blocks.models.jetmoe import JetMoEForCausalLM
+    from moe_blocks.models.parallel import load_sharded
+    from moe_blocks.models.train import export_step
+
+    run = tmp_path / "run"
+    train_sharded(_settings(run, data, steps=2), progress=False)
+    assert export_step(run / "model") == 2
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(parallel_module, "export_hf", killed)
+        with pytest.raises(Killed):
+            train_sharded(_settings(run, data, steps=4), resume=True, progress=False)
+    assert load_trainer_state(run / "checkpoint").step == 4
+    with pytest.warns(UserWarning, match=r"holds the weights of step 2 but .* is at step 4"):
+        assert checkpoint_folder(run) == run / "model"
+    args = ["train", "--data", str(data), "--out", str(run), "--resume", "--steps", "4",
+            "--quiet", "--batch-size", "4", "--seq-len", "16"]  # fmt: skip
+    assert main(args) == 0
+    assert export_step(run / "model") == 4
+    exported = JetMoEForCausalLM.from_pretrained(run / "model")
+    expected = JetMoEForCausalLM.from_pretrained(run / "model")
+    load_sharded(run / "checkpoint", expected)  # the checkpoint's weights, in one process
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name
+    capsys.readouterr()
+    assert main(args) == 2  # the export is current: nothing to rebuild, nothing to train
+    assert "must be above it" in capsys.readouterr().err
