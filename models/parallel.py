@@ -47,31 +47,17 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from moe_blocks.parallel import MESH_DIMS, clip_grad_norm_
 from moe_blocks.parallel import parallelize as parallelize_model
 
-from .jetmoe import JetMoEConfig, JetMoEForCausalLM
+from .jetmoe import JetMoEForCausalLM
 from .train import (
     CHECKPOINT_FORMAT,
-    StepLoop,
     TrainingError,
     TrainResult,
     TrainSettings,
-    _check_output,
-    announce,
-    check_overwrite_keeps_origin,
     check_positive_int,
-    check_space,
     is_sharded_checkpoint,
-    load_corpus,
-    load_log,
-    load_model,
-    load_origin,
-    make_optimizer,
-    plot_run,
-    prepare_model,
-    prepare_output,
-    recover_run,
     router_names,
-    run_steps,
-    validate,
+    run_training,
+    starting_model,
     write_checkpoint,
     write_export_step,
 )
@@ -255,124 +241,109 @@ def train_sharded(
     created = not dist.is_initialized()
     try:
         mesh, device = init_distributed(ep)
-        return _train(mesh, device, settings, ep, resume=resume, overwrite=overwrite,
-                      progress=progress)  # fmt: skip
+        return run_training(settings, Ranks(mesh, device, ep), resume=resume,
+                            overwrite=overwrite, progress=progress)  # fmt: skip
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(
-    mesh: DeviceMesh,
-    device: torch.device,
-    settings: TrainSettings,
-    ep: int,
-    *,
-    resume: bool,
-    overwrite: bool,
-    progress: bool,
-) -> TrainResult:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    main = rank == 0
-    out = Path(settings.out)
-    checkpoint_dir = out / "checkpoint"
-    if main:
-        recover_run(out)
-    dist.barrier()
-    state = _check_output(settings, resume=resume, overwrite=overwrite)
-    if state is not None and not is_sharded_checkpoint(checkpoint_dir):
-        raise TrainingError(
-            f"--resume: {checkpoint_dir} was written by a one-process run; continue it with "
-            "moe-blocks train --resume (without torchrun)"
-        )
-    corpus = load_corpus(settings.data, settings.seq_len)
-    origin = load_origin(settings)
-    check_overwrite_keeps_origin(settings, origin, overwrite=overwrite)
-    if settings.batch_size % world:
-        raise TrainingError(
-            f"--batch-size {settings.batch_size} must be divisible by the number of processes "
-            f"({world}): each rank trains on an equal share of every batch"
-        )
-    # The initial weights of a one-process run, on every rank (a resumed run's come after).
-    if origin is not None:
-        model = load_model(origin.checkpoint, "--resume-from")
-    else:
-        torch.manual_seed(settings.seed)
-        model = JetMoEForCausalLM(JetMoEConfig.from_preset(settings.preset, **settings.overrides))
-    if model.config.num_local_experts % ep:
-        raise TrainingError(
-            f"--ep {ep} must divide the number of experts ({model.config.num_local_experts})"
-        )
-    dist.barrier()  # every rank has looked at OUT before rank 0 writes into it
-    if main:
-        prepare_output(out, overwrite=overwrite)
-        check_space(out, model)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    model.train()
-    frozen = prepare_model(model, settings, origin)
-    parallelize(model, mesh)
-    optimizer = make_optimizer(model, settings)
-    log: list[dict] = []
-    start_step = 0
-    if state is not None:
+class Ranks:
+    """How every rank of a torchrun job trains, for
+    :func:`~moe_blocks.models.train.run_training` (which one process runs with
+    :class:`~moe_blocks.models.train.OneProcess`): rank 0 writes the files; the model is
+    :func:`parallelize`-d over ``("dp", "ep") = (world/ep, ep)``; each rank trains on its
+    ``batch_size / world`` windows of every step's batch; checkpoints are sharded
+    (:func:`save_sharded`), the model exported in the Hugging Face layout at the end; a step's
+    log holds the means over ranks; SIGINT/SIGTERM set a flag the ranks read together."""
+
+    def __init__(self, mesh: DeviceMesh, device: torch.device, ep: int) -> None:
+        self.mesh, self.device, self.ep = mesh, device, ep
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.main = self.rank == 0
+        self.evaluation = {"sharded": True, "device": device}
+        self._stop = _StopRequest()
+        self._router_names: list[str] | None = None
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def check_checkpoint(self, state, checkpoint: Path) -> None:
+        if state is not None and not is_sharded_checkpoint(checkpoint):
+            raise TrainingError(
+                f"--resume: {checkpoint} was written by a one-process run; continue it with "
+                "moe-blocks train --resume (without torchrun)"
+            )
+
+    def check(self, settings: TrainSettings, model: JetMoEForCausalLM) -> None:
+        if settings.batch_size % self.world:
+            raise TrainingError(
+                f"--batch-size {settings.batch_size} must be divisible by the number of "
+                f"processes ({self.world}): each rank trains on an equal share of every batch"
+            )
+        if model.config.num_local_experts % self.ep:
+            raise TrainingError(
+                f"--ep {self.ep} must divide the number of experts "
+                f"({model.config.num_local_experts})"
+            )
+
+    def initial_model(self, settings, origin, state, checkpoint: Path) -> JetMoEForCausalLM:
+        # the starting weights of a one-process run on every rank; a checkpoint's come later
+        return starting_model(settings, origin)
+
+    def shard(self, model: JetMoEForCausalLM) -> None:
+        parallelize(model, self.mesh)
+
+    def restore(self, checkpoint: Path, model, optimizer) -> None:
         try:
-            load_sharded(checkpoint_dir, model, optimizer)
+            load_sharded(checkpoint, model, optimizer)
         except (Exception, CheckpointException) as error:  # DCP's is a BaseException
             reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
             raise TrainingError(
-                f"--resume: {checkpoint_dir} is damaged, a shard cannot be read ({reason}): "
+                f"--resume: {checkpoint} is damaged, a shard cannot be read ({reason}): "
                 "restore the folder, or start over with --overwrite"
             ) from None
-        start_step = state.step
-        log = load_log(checkpoint_dir, model)
-    if main:
-        announce(settings, corpus, model, state)
-        if origin is not None:
-            print(origin.summary(settings))
-        print(f"ranks:  {world} (data parallel {world // ep} x expert parallel {ep}) on {device}")
 
-    def checkpoint(step: int) -> None:
+    def describe(self) -> str:
+        return (f"ranks:  {self.world} (data parallel {self.world // self.ep} x expert parallel "
+                f"{self.ep}) on {self.device}")  # fmt: skip
+
+    def rows(self, settings: TrainSettings) -> slice:
+        share = settings.batch_size // self.world
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def clip(self, model) -> None:
+        clip_grad_norm_(model, 1.0)
+
+    def statistics(self, model, output, stop_requested: bool) -> tuple[dict, bool]:
+        if self._router_names is None:
+            self._router_names = router_names(model)
+        losses, loads, stop = _reduce_step(model, output, stop_requested)
+        entry = dict(zip(("loss", "lm_loss", "aux_loss"), losses, strict=True))
+        tokens = dict(zip(self._router_names, loads, strict=True))
+        return {**entry, "tokens_per_expert": tokens}, stop
+
+    def save(self, checkpoint: Path, model, optimizer, settings, step: int, log: list) -> None:
         trainer_state = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
             "settings": dataclasses.asdict(settings),
-            "sharded": {"world_size": world, "ep": ep},
+            "sharded": {"world_size": self.world, "ep": self.ep},
         }
         files = {
             "trainer_state.json": json.dumps(trainer_state, indent=1) + "\n",
             "log.json": json.dumps(log) + "\n",
         }
-        save_sharded(checkpoint_dir, model, optimizer, files)
+        save_sharded(checkpoint, model, optimizer, files)
 
-    names = router_names(model)
-
-    def statistics(output, stop_requested: bool) -> tuple[dict, bool]:
-        losses, loads, stop = _reduce_step(model, output, stop_requested)
-        entry = dict(zip(("loss", "lm_loss", "aux_loss"), losses, strict=True))
-        return {**entry, "tokens_per_expert": dict(zip(names, loads, strict=True))}, stop
-
-    stop = _StopRequest()
-    steps = StepLoop(
-        clip=lambda: clip_grad_norm_(model, 1.0),
-        statistics=statistics,
-        validate=lambda: validate(model, corpus, settings, origin, sharded=True, device=device),
-        checkpoint=checkpoint,
-        rows=slice(rank * settings.batch_size // world, (rank + 1) * settings.batch_size // world),
-        device=device,
-        stop_requested=lambda: stop.requested,
-    )
-    with stop:
-        step, stopped = run_steps(model, optimizer, settings, corpus, log, start_step, steps,
-                                  progress=progress and main)  # fmt: skip
-        if frozen is not None:
-            frozen.remove()  # the model is not used here after training
-        checkpoint(step)
+    def finish(self, model, out: Path, step: int) -> None:
         export_hf(model, out / "model", step=step)
-    if main:
-        (out / "log.json").write_text(json.dumps(log) + "\n")
-        plot_run(log, out / "training.png")
-    return TrainResult(out, log, stopped)
+
+    def stopping(self) -> _StopRequest:
+        return self._stop
+
+    def stop_requested(self) -> bool:
+        return self._stop.requested
 
 
 def _reduce_step(model: JetMoEForCausalLM, output, stop: bool):

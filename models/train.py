@@ -797,67 +797,155 @@ class TrainResult:
 def train(
     settings: TrainSettings, *, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> TrainResult:
-    """Train, evaluate, checkpoint, log and plot into ``settings.out``.
+    """Train, evaluate, checkpoint, log and plot into ``settings.out``, in this one process
+    (:func:`run_training` with :class:`OneProcess`; under torchrun:
+    :func:`moe_blocks.models.parallel.train_sharded`, the same trainer on every rank).
 
     ``resume``: continue from ``out/checkpoint`` (same data order: batches depend on seed and
     step only) up to ``settings.steps``, which must lie beyond the checkpoint's step.
     ``overwrite``: replace a run already in ``out``; without it (or ``resume``) an existing run
     is an error. Every input is checked before training starts. Prints a summary (corpus,
     model size, steps, output folder) to stdout, then a progress bar to stderr when
-    ``progress``. A KeyboardInterrupt saves a checkpoint and returns with ``interrupted``; before
-    the run's first step has finished it propagates (see :func:`run_steps`)."""
+    ``progress``. A KeyboardInterrupt (or SIGTERM) saves a checkpoint and returns with
+    ``interrupted``; before the run's first step has finished it propagates (see
+    :func:`run_steps`)."""
     settings.check()
+    return run_training(settings, OneProcess(), resume=resume, overwrite=overwrite,
+                        progress=progress)  # fmt: skip
+
+
+def starting_model(settings: TrainSettings, origin: Origin | None) -> JetMoEForCausalLM:
+    """The weights a new run starts from: the ``--resume-from`` model, or a new one from
+    ``--seed`` (the same on every process)."""
+    if origin is not None:
+        return load_model(origin.checkpoint, "--resume-from")
+    torch.manual_seed(settings.seed)
+    return JetMoEForCausalLM(JetMoEConfig.from_preset(settings.preset, **settings.overrides))
+
+
+class OneProcess:
+    """How one plain process trains, for :func:`run_training`. Every rank of a torchrun job
+    trains through :class:`moe_blocks.models.parallel.Ranks`, which answers the same
+    questions: which process writes files, how the model is sharded, saved, restored and
+    clipped, what a step logs, how a stop is asked for."""
+
+    main, rank, world, device = True, 0, 1, None
+    evaluation: dict = {}  # evaluate's options
+
+    def barrier(self) -> None:
+        pass
+
+    def check_checkpoint(self, state: TrainerState | None, checkpoint: Path) -> None:
+        if state is not None and not (checkpoint / "config.json").exists():
+            if any(checkpoint.glob("*.distcp")):
+                raise TrainingError(
+                    f"--resume: {checkpoint} holds the shards of a torchrun run but no "
+                    ".metadata (deleted: a save never publishes without it); the checkpoint "
+                    "cannot be read: restore the file, or start over with --overwrite"
+                )
+
+    def check(self, settings: TrainSettings, model) -> None:
+        pass
+
+    def initial_model(self, settings, origin, state, checkpoint: Path) -> JetMoEForCausalLM:
+        if state is not None:
+            return load_model(checkpoint, "--resume")
+        return starting_model(settings, origin)
+
+    def shard(self, model) -> None:
+        pass
+
+    def restore(self, checkpoint: Path, model, optimizer) -> None:
+        _restore_optimizer(checkpoint, model, optimizer)
+
+    def describe(self) -> str | None:
+        return None
+
+    def rows(self, settings: TrainSettings) -> slice:
+        return slice(None)
+
+    def clip(self, model) -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    def statistics(self, model, output, stop: bool) -> tuple[dict, bool]:
+        return _step_statistics(model, output), stop
+
+    def save(self, checkpoint: Path, model, optimizer, settings, step: int, log: list) -> None:
+        save_checkpoint(checkpoint, model, optimizer, settings, step, log)
+
+    def finish(self, model, out: Path, step: int) -> None:
+        pass  # the one-process checkpoint is itself the model in the Hugging Face layout
+
+    def stopping(self):
+        return sigterm_as_interrupt()  # a SIGTERM saves the last step, as Ctrl-C does
+
+    def stop_requested(self) -> bool:
+        return False
+
+
+def run_training(
+    settings: TrainSettings, processes, *, resume: bool, overwrite: bool, progress: bool
+) -> TrainResult:
+    """The one trainer, for one process and for every rank of a torchrun job alike: check
+    the output and the inputs, build (or load) the model, shard it, restore a checkpoint,
+    train with :func:`run_steps`, save, log and plot. ``processes`` (:class:`OneProcess` or
+    :class:`moe_blocks.models.parallel.Ranks`) answers what differs between them."""
     out = Path(settings.out)
     checkpoint_dir = out / "checkpoint"
-    recover_run(out)
+    if processes.main:
+        recover_run(out)
+    processes.barrier()
     state = _check_output(settings, resume=resume, overwrite=overwrite)
+    processes.check_checkpoint(state, checkpoint_dir)
     corpus = load_corpus(settings.data, settings.seq_len)
     origin = load_origin(settings)
     check_overwrite_keeps_origin(settings, origin, overwrite=overwrite)
-    prepare_output(out, overwrite=overwrite)
+    model = processes.initial_model(settings, origin, state, checkpoint_dir)
+    processes.check(settings, model)
+    processes.barrier()  # every process has looked at OUT before the main one writes into it
+    if processes.main:
+        prepare_output(out, overwrite=overwrite)
+        check_space(out, model)
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    model.train()
+    frozen = prepare_model(model, settings, origin)
+    processes.shard(model)
+    optimizer = make_optimizer(model, settings)
     log: list[dict] = []
     start_step = 0
     if state is not None:
-        if not (checkpoint_dir / "config.json").exists() and any(checkpoint_dir.glob("*.distcp")):
-            raise TrainingError(
-                f"--resume: {checkpoint_dir} holds the shards of a torchrun run but no .metadata "
-                "(deleted: a save never publishes without it); the checkpoint cannot be read: "
-                "restore the file, or start over with --overwrite"
-            )
-        model = load_model(checkpoint_dir, "--resume")
+        processes.restore(checkpoint_dir, model, optimizer)
         start_step = state.step
         log = load_log(checkpoint_dir, model)
-    elif origin is not None:
-        model = load_model(origin.checkpoint, "--resume-from")
-    else:
-        torch.manual_seed(settings.seed)
-        model = JetMoEForCausalLM(JetMoEConfig.from_preset(settings.preset, **settings.overrides))
-    check_space(out, model)
-    model.train()
-    frozen = prepare_model(model, settings, origin)
-    optimizer = make_optimizer(model, settings)
-    if state is not None:
-        _restore_optimizer(checkpoint_dir, model, optimizer)
+    if processes.main:
+        announce(settings, corpus, model, state)
+        for line in (origin and origin.summary(settings), processes.describe()):
+            if line:
+                print(line)
 
-    announce(settings, corpus, model, state)
-    if origin is not None:
-        print(origin.summary(settings))
+    def save(step: int) -> None:
+        processes.save(checkpoint_dir, model, optimizer, settings, step, log)
+
     steps = StepLoop(
-        clip=lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
-        statistics=lambda output, stop: (_step_statistics(model, output), stop),
-        validate=lambda: validate(model, corpus, settings, origin),
-        checkpoint=lambda at: save_checkpoint(checkpoint_dir, model, optimizer, settings, at, log),
+        clip=lambda: processes.clip(model),
+        statistics=lambda output, stop: processes.statistics(model, output, stop),
+        validate=lambda: validate(model, corpus, settings, origin, **processes.evaluation),
+        checkpoint=save,
+        rows=processes.rows(settings),
+        device=processes.device,
+        stop_requested=processes.stop_requested,
     )
-    with sigterm_as_interrupt():  # a SIGTERM saves the last step, as Ctrl-C does
+    with processes.stopping():
         step, interrupted = run_steps(model, optimizer, settings, corpus, log, start_step, steps,
-                                      progress=progress)  # fmt: skip
+                                      progress=progress and processes.main)  # fmt: skip
         if frozen is not None:
             frozen.remove()  # the model is not used here after training
-        save_checkpoint(checkpoint_dir, model, optimizer, settings, step, log)
-    (out / "log.json").write_text(json.dumps(log) + "\n")
-    plot_run(log, out / "training.png")
+        save(step)
+        processes.finish(model, out, step)
+    if processes.main:
+        (out / "log.json").write_text(json.dumps(log) + "\n")
+        plot_run(log, out / "training.png")
     return TrainResult(out, log, interrupted)
 
 

@@ -54,7 +54,6 @@ def data(tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def _no_plot(monkeypatch):
     monkeypatch.setattr(train_module, "plot_run", lambda log, path: None)
-    monkeypatch.setattr(parallel_module, "plot_run", lambda log, path: None)
 
 
 def _losses(log) -> list[float]:
@@ -156,7 +155,7 @@ def test_no_room_for_a_checkpoint_is_refused_before_any_step(tmp_path, data, mon
 
 
 def _sharded_run(rank: int, world: int, settings: TrainSettings, fault: bool) -> None:
-    parallel_module.plot_run = lambda log, path: None
+    train_module.plot_run = lambda log, path: None
     if fault and rank == 0:
         Path.rename = _at_the_rename_publishing(Path.rename, "checkpoint")
     try:

@@ -51,19 +51,19 @@ def _no_plot(log, path) -> None:
 
 
 def _train_four(rank: int, world_size: int, settings: TrainSettings) -> None:
-    parallel_module.plot_run = _no_plot
+    train_module.plot_run = _no_plot
     train_sharded(settings, ep=2, progress=False)
 
 
 def _train_ranks(rank: int, world_size: int, settings: TrainSettings, ep: int) -> None:
-    parallel_module.plot_run = _no_plot
+    train_module.plot_run = _no_plot
     train_sharded(settings, ep=ep, progress=False)
 
 
 def _resume_two_then_interrupt(rank: int, world_size: int, settings: TrainSettings) -> None:
     """Resume at 2 ranks (ep 2) for one step; then continue towards step 6 while rank 1 gets
     a SIGINT during step 4: both ranks must stop after step 4 and save it."""
-    parallel_module.plot_run = _no_plot
+    train_module.plot_run = _no_plot
     train_sharded(settings, ep=2, resume=True, progress=False)
     learning_rate = train_module.learning_rate
 
@@ -88,8 +88,7 @@ def _trainer_state(out) -> dict:
 
 @pytest.mark.slow  # 33-70 s on this 2-core machine (other jobs): spawns of 4 and 2 ranks
 def test_sharded_training_equals_one_process(tmp_path, monkeypatch):
-    for module in (train_module, parallel_module):
-        monkeypatch.setattr(module, "plot_run", _no_plot)
+    monkeypatch.setattr(train_module, "plot_run", _no_plot)
     data = _text(tmp_path / "text.txt")
 
     # One process, 2 steps, then its HF files; resumed to step 3 for the next-step loss.
@@ -185,7 +184,7 @@ def test_training_only_new_experts_under_expert_parallelism_equals_one_process(
 def test_a_sharded_run_interrupted_before_its_first_step_saves_that_step(tmp_path, monkeypatch):
     """Under torchrun a SIGINT only sets a flag once the loop has begun: one during the
     validation before step 1 lets step 1 finish, which is saved (one process: nothing is)."""
-    monkeypatch.setattr(parallel_module, "plot_run", _no_plot)
+    monkeypatch.setattr(train_module, "plot_run", _no_plot)
     data = tmp_path / "text.txt"
     data.write_bytes(bytes(range(32, 127)) * 20)
     evaluate = train_module.evaluate
