@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from moe_blocks import KVCache, MoA, MoEMLP, TopKRouter
 from moe_blocks.kernels.plan import INTEGER_DTYPES, check_index_range, check_positive_int
 from moe_blocks.moe_mlp import ACTIVATIONS
+from moe_blocks.router import named_routers
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -368,7 +369,9 @@ class JetMoEForCausalLM(nn.Module):
         )
 
     def routers(self) -> list[TopKRouter]:
-        return [m for m in self.modules() if isinstance(m, TopKRouter)]
+        """Every router (MoA's and MoE's, layer by layer), as :func:`moe_blocks.router_stats`
+        names them."""
+        return list(named_routers(self).values())
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in INTEGER_DTYPES:

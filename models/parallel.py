@@ -46,6 +46,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe_blocks.parallel import MESH_DIMS, clip_grad_norm_
 from moe_blocks.parallel import parallelize as parallelize_model
+from moe_blocks.router import named_routers
 
 from .jetmoe import JetMoEForCausalLM
 from .train import (
@@ -55,7 +56,6 @@ from .train import (
     TrainSettings,
     check_positive_int,
     is_sharded_checkpoint,
-    router_names,
     run_training,
     starting_model,
     write_checkpoint,
@@ -317,7 +317,7 @@ class Ranks:
 
     def statistics(self, model, output, stop_requested: bool) -> tuple[dict, bool]:
         if self._router_names is None:
-            self._router_names = router_names(model)
+            self._router_names = list(named_routers(model))
         losses, loads, stop = _reduce_step(model, output, stop_requested)
         entry = dict(zip(("loss", "lm_loss", "aux_loss"), losses, strict=True))
         tokens = dict(zip(self._router_names, loads, strict=True))

@@ -678,15 +678,9 @@ def evaluate(
     return (total[0] / total[1]).item() / math.log(2)
 
 
-def router_names(model) -> list[str]:
-    """Names of ``model.routers()``, in order, as :func:`moe_blocks.router_stats` gives them
-    (e.g. ``model.layers.0.self_attention.router``)."""
-    return list(named_routers(model))
-
-
 def _step_statistics(model, output) -> dict:
     """A step's log fields of one process: its losses and each router's tokens per expert,
-    keyed by :func:`router_names`."""
+    keyed by :func:`moe_blocks.router.named_routers`."""
     return {
         "loss": output.loss.item(),
         "lm_loss": output.lm_loss.item(),
