@@ -42,6 +42,20 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+def glu(activation: Callable[[Tensor], Tensor], *, interleaved: bool = False) -> Callable:
+    """Rows ``[N, 2F] -> [N, F]``: ``activation(gate) * up`` with the gate and up features as
+    the two halves of each row, or interleaved (gate at even, up at odd positions)."""
+
+    def apply(hidden: Tensor) -> Tensor:
+        if interleaved:
+            gate, up = hidden[:, ::2], hidden[:, 1::2]
+        else:
+            gate, up = hidden.chunk(2, dim=-1)
+        return activation(gate) * up
+
+    return apply
+
+
 def resolve_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable:
     if callable(activation):
         return activation
@@ -205,10 +219,7 @@ class MoEMLP(ModularBlock, nn.Module):
 
     def _activate(self, hidden: Tensor) -> Tensor:
         """The activation: ``act(first half) * second half`` with GLU, else ``act(hidden)``."""
-        if self.glu:
-            gate, up = hidden.chunk(2, dim=-1)
-            return self.activation(gate) * up
-        return self.activation(hidden)
+        return glu(self.activation)(hidden) if self.glu else self.activation(hidden)
 
     def experts(self, rows: Tensor, plan: DispatchPlan, gates: Tensor | None = None) -> Tensor:
         """The routed experts ``W_out[e] · act(W_in[e] · row)`` for each assignment of ``plan``.

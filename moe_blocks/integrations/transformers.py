@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..kernels import expert_linear, plan_dispatch
 from ..kernels.torch_backend import accumulation_dtype
+from ..moe_mlp import glu
 
 try:
     from transformers.integrations import moe as _hf_moe
@@ -189,20 +190,6 @@ def _activation(module: nn.Module) -> Callable[[Tensor], Tensor]:
     if own_gate is _DEFAULT_APPLY_GATE:
         return glu(module.act_fn, interleaved=not module.is_concatenated)
     return module._apply_gate
-
-
-def glu(activation: Callable[[Tensor], Tensor], *, interleaved: bool) -> Callable:
-    """Rows ``[N, 2F] -> [N, F]``: ``activation(gate) * up`` with the gate and up features as
-    the two halves of each row, or interleaved (gate at even, up at odd positions)."""
-
-    def apply(hidden: Tensor) -> Tensor:
-        if interleaved:
-            gate, up = hidden[:, ::2], hidden[:, 1::2]
-        else:
-            gate, up = hidden.chunk(2, dim=-1)
-        return activation(gate) * up
-
-    return apply
 
 
 def experts_forward(
