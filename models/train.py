@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moe_blocks import FrozenExperts, expert_blocks, freeze_experts
+from moe_blocks.kernels.plan import check_positive_int as check_int_at_least_one
 from moe_blocks.losses import BALANCE_LOSSES
 from moe_blocks.router import named_routers, tokens_per_expert
 
@@ -230,9 +231,11 @@ class TrainSettings:
 
 
 def check_positive_int(flag: str, value: object) -> None:
-    """A TrainingError naming ``flag`` unless ``value`` is an int >= 1."""
-    if not _is_int(value) or value < 1:
-        raise TrainingError(f"{flag} must be a positive integer, got {value}")
+    """The library's check (an int >= 1, not a bool), as a TrainingError naming ``flag``."""
+    try:
+        check_int_at_least_one(flag, value)
+    except ValueError:
+        raise TrainingError(f"{flag} must be a positive integer, got {value}") from None
 
 
 def check_path_given(flag: str, path: str | None, what: str) -> None:
