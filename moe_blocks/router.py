@@ -153,8 +153,8 @@ class TopKRouter(nn.Module):
         ``token_mask``: optional ``[N]`` bool (or 0/1 integers), True for real tokens: every
         token is routed, but the aux loss and every statistic (balance and z-loss,
         ``last_*``, the bias balancing's load) count the real tokens only (padding does not
-        skew the balance). With a mask, selecting the real tokens reads their count on the
-        host (one synchronisation)."""
+        skew the balance), as zero weights for the padding: no host synchronisation, one
+        compiled graph."""
         check_input_dtype(x, self.layer.weight.dtype)
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [N, d_model={self.d_model}], got {tuple(x.shape)}")
