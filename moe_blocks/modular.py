@@ -279,20 +279,27 @@ class FrozenExperts:
         self.refresh()
 
     def refresh(self) -> list[tuple[Tensor, Tensor]]:
-        """Hook the tensors the modules hold now (those not hooked yet): returns each with the
-        index of its frozen rows in this rank's part of it."""
-        current = []
+        """Hook the tensors the modules hold now (those not hooked yet), and let go of the ones
+        they replaced (sharding swaps whole weights: keeping them would keep their memory):
+        returns each current tensor with the index of its frozen rows in this rank's part."""
+        hooked, current = {}, []
         for module, name, ids in self.rows:
             param = module._parameters[name]
             if param is None or not param.requires_grad:
                 continue
-            if id(param) not in self._hooked or self._hooked[id(param)][0] is not param:
+            entry = self._hooked.get(id(param))
+            if entry is None or entry[0] is not param:
                 index = _local_rows(param, ids)
                 handle = param.register_post_accumulate_grad_hook(
                     functools.partial(_zero_gradient_rows, index=index)
                 )
-                self._hooked[id(param)] = (param, index, handle)
-            current.append(self._hooked[id(param)][:2])
+                entry = (param, index, handle)
+            hooked[id(param)] = entry
+            current.append(entry[:2])
+        for key, (_, _, handle) in self._hooked.items():
+            if hooked.get(key, (None, None, None))[2] is not handle:
+                handle.remove()
+        self._hooked = hooked
         return current
 
     @torch.no_grad()

@@ -658,3 +658,23 @@ def test_bad_modularity_commands_fail_in_one_line(args, message, base_run, tmp_p
         assert cli(*filled) == 2
     assert message in one_line_error(capsys)
     assert not (tmp_path / "x").exists()
+
+
+def test_freezing_follows_a_replaced_weight_and_lets_the_old_one_go():
+    """Sharding replaces a module's weight by a new tensor: the frozen rows of the new one get
+    a zero gradient, and the replaced one is not kept alive by the hooks (its memory is freed)."""
+    import gc
+    import weakref
+
+    torch.manual_seed(7)
+    block = make_block("mlp")
+    frozen = freeze_experts(block, experts=[0])
+    old = weakref.ref(block.input_linear.weight)
+    block.input_linear.weight = torch.nn.Parameter(block.input_linear.weight.detach().clone())
+    frozen.refresh()
+    gc.collect()
+    assert old() is None
+    block(torch.randn(16, D)).square().sum().backward()
+    grad = block.input_linear.weight.grad
+    assert not grad[0].any() and grad[1:].any()
+    frozen.remove()
