@@ -347,13 +347,18 @@ def write_export_step(folder: Path, step: int) -> None:
     (folder / EXPORT_FILE).write_text(json.dumps({"step": step}) + "\n")
 
 
-def export_step(folder: Path) -> int | None:
-    """The training step a run's ``model/`` export holds, None when it does not say."""
+def _recorded_step(path: Path) -> int | None:
+    """The ``"step"`` a JSON file records, None when it is missing, unreadable or says none."""
     try:
-        step = load_json(folder / EXPORT_FILE).get("step")
+        step = load_json(path).get("step")
     except (OSError, ValueError, AttributeError):
         return None
     return step if _is_int(step) else None
+
+
+def export_step(folder: Path) -> int | None:
+    """The training step a run's ``model/`` export holds, None when it does not say."""
+    return _recorded_step(folder / EXPORT_FILE)
 
 
 def export_lags(out: Path, step: int) -> bool:
@@ -382,12 +387,9 @@ def checkpoint_folder(path: str | Path) -> Path:
 def _warn_if_export_lags(run: Path, model: Path) -> None:
     """Say so when a torchrun run's ``model/`` export holds another step than its checkpoint
     (the reader gets the older weights; ``train --resume --steps STEP`` rebuilds it)."""
-    if not is_sharded_checkpoint(run / "checkpoint"):
-        return
-    try:
-        step = load_json(run / "checkpoint" / "trainer_state.json").get("step")
-    except (OSError, ValueError, AttributeError):
-        return  # no step to compare with (--resume names what is wrong with that file)
+    step = _recorded_step(run / "checkpoint" / "trainer_state.json")
+    if not is_sharded_checkpoint(run / "checkpoint") or step is None:
+        return  # (no step to compare with: --resume names what is wrong with that file)
     held = export_step(model)
     if held != step:
         warnings.warn(
