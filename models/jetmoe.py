@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_blocks import KVCache, MoA, MoEMLP, TopKRouter
-from moe_blocks.kernels.plan import INTEGER_DTYPES, check_index_range, check_positive_int
+from moe_blocks.kernels.checks import INTEGER_DTYPES, check_index_range, check_positive_int
 from moe_blocks.moe_mlp import ACTIVATIONS
 from moe_blocks.router import named_routers
 

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moe_blocks import FrozenExperts, expert_blocks, freeze_experts
-from moe_blocks.kernels.plan import check_positive_int as check_int_at_least_one
+from moe_blocks.kernels.checks import check_positive_int as check_int_at_least_one
 from moe_blocks.losses import BALANCE_LOSSES
 from moe_blocks.router import named_routers, tokens_per_expert
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels.plan import (
+from .kernels.checks import (
     INTEGER_DTYPES,
     check_index_range,
     check_non_negative,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import InitMethod, ParallelExperts, check_init_method
-from .kernels.plan import INTEGER_DTYPES, check_positive_int
+from .kernels.checks import INTEGER_DTYPES, check_positive_int
 from .losses import check_aux_loss_mode, route_aux_loss
 from .modular import ModularBlock
 from .router import TopKRouter, check_input_dtype, check_keep_mask

@@ -27,7 +27,7 @@ from torch.optim.optimizer import (
 )
 
 from .experts import ParallelExperts, local_tensor
-from .kernels.plan import check_positive_int
+from .kernels.checks import check_positive_int
 from .router import TopKRouter
 
 INITS = ("copy", "random")

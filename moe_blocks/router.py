@@ -10,13 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import DispatchPlan, gather_scores, plan_dispatch
-from .kernels.ops import AUTOCAST_DTYPES, autocasting
-from .kernels.plan import (
+from .kernels.checks import (
     INTEGER_DTYPES,
     check_index_range,
     check_non_negative,
     check_positive_int,
 )
+from .kernels.ops import AUTOCAST_DTYPES, autocasting
 from .losses import (
     BALANCE_LOSSES,
     load_balancing_loss,
