@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from .plan import DispatchPlan, RowLayout
+from .plan import DispatchPlan, RowLayout, accumulation_dtype, token_sum
 
 BACKENDS = ("torch", "triton")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
@@ -133,9 +133,7 @@ def _gated_input_grads(
         dots = torch.linalg.vecdot(u_by_x_row, x[:, None, :]).view(-1)
         dgates = _to_assignment_order(dots, u_layout, sorted_indices).to(gates.dtype)
     if need_x and x_layout == RowLayout.TOKEN:
-        wide = torch_backend.accumulation_dtype(u.dtype)
-        terms = u_by_x_row * gates.view(x.shape[0], per_row, 1).to(wide)
-        dx = terms.sum(1).to(u.dtype)
+        dx = token_sum(u, per_row, gates).to(u.dtype)
     elif need_x:
         gates_of_u = gates[sorted_indices] if u_layout == RowLayout.GROUPED else gates
         scale = gates_of_u[:, None].to(u.dtype)  # same dtypes: the fast elementwise kernels
@@ -148,7 +146,7 @@ def _bias_grads(bias, gates, dy, plan, y_layout) -> tuple[Tensor, Tensor | None]
     """dbias[e] = Σ_a g_a · dy_row(a) over the assignments of e, and (with gates) the bias part
     of dgates[a] = <dy_row(a), bias[e(a)]>."""
     sorted_indices, sorted_experts, _, fan_out = plan
-    wide = torch_backend.accumulation_dtype(dy.dtype)
+    wide = accumulation_dtype(dy.dtype)
     dy_grouped = torch_backend.to_grouped(dy, y_layout, sorted_indices, fan_out).to(wide)
     bias_dgates = None
     if gates is not None:

@@ -28,6 +28,22 @@ class RowLayout(IntEnum):
     TOKEN = 2
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype TOKEN outputs are summed in: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def token_sum(rows: Tensor, fan_out: int, gates: Tensor | None = None) -> Tensor:
+    """ASSIGNMENT rows to TOKEN rows: ``Σ_j gates[t, j] · rows[t*k + j]`` for every token t
+    (``rows [T*k, out]``, ``gates [T, k]`` or ``[T*k]``, 1 if None; k = ``fan_out``), summed in
+    :func:`accumulation_dtype`, which the result ``[T, out]`` keeps (the caller rounds once)."""
+    wide = accumulation_dtype(rows.dtype)
+    terms = rows.view(rows.shape[0] // fan_out, fan_out, rows.shape[1]).to(wide)
+    if gates is not None:
+        terms = terms * gates.reshape(terms.shape[0], fan_out, 1).to(wide)
+    return terms.sum(1)
+
+
 @dataclass(frozen=True)
 class DispatchPlan:
     """The grouping of ``T*k`` assignments by expert, built by :func:`plan_dispatch`.

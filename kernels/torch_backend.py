@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .plan import RowLayout
+from .plan import RowLayout, accumulation_dtype, token_sum
 
 _ALIGN_BYTES = 16  # _grouped_mm wants every non-unit stride to be a multiple of 16 bytes
 
@@ -43,11 +43,6 @@ def to_grouped(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int) -> 
     """The ``layout`` tensor ``t`` in grouped row order (``t`` itself if GROUPED)."""
     rows = source_rows(layout, sorted_indices, fan_out)
     return t if rows is None else t.index_select(0, rows)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype TOKEN outputs are summed in: float32, or float64 for float64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
@@ -169,8 +164,8 @@ def gather_gemm(
     """
     num_rows, num_out = sorted_indices.shape[0], weight.shape[1]
     experts, sizes = _runs(expert_offsets, x.dtype, num_rows)
-    token_sum = y_layout == RowLayout.TOKEN
-    y = x.new_empty(num_rows, num_out, dtype=accumulation_dtype(x.dtype) if token_sum else None)
+    token_output = y_layout == RowLayout.TOKEN
+    y = x.new_empty(num_rows, num_out, dtype=accumulation_dtype(x.dtype) if token_output else None)
     outs = y.split(sizes) if y_layout == RowLayout.GROUPED else None  # the mm writes there
     targets = None if outs else sorted_indices.split(sizes)  # else placed in assignment order
     gates_of_runs = None
@@ -188,11 +183,11 @@ def gather_gemm(
             if gates_of_runs is not None:
                 part *= gates_of_runs[run]
             y.index_copy_(0, targets[run], part)
-    if token_sum:
+    if token_output:
         # All tokens at once, not an index_add_ per expert: with more than one thread CPU
         # index_add_ along dim 0 radix-sorts its index in many parallel passes (on a busy 2-core
         # machine 150 ms against 0.05 ms for one 512-row add).
-        y = y.view(num_rows // fan_out, fan_out, num_out).sum(1)
+        y = token_sum(y, fan_out)
     return y.to(x.dtype)
 
 

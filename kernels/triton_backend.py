@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .plan import RowLayout
+from .plan import RowLayout, token_sum
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # MOE_BLOCKS_AUTOTUNE=0: each kernel runs the first configuration below, untimed (quick
@@ -338,7 +338,7 @@ def gather_gemm(
             **_common_constexprs(x.dtype, num_experts),
         )  # fmt: skip
     if token_output:
-        return y.view(num_rows // fan_out, fan_out, num_out).sum(1).to(x.dtype)
+        return token_sum(y, fan_out).to(x.dtype)
     return y
 
 

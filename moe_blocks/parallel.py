@@ -47,6 +47,7 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from .experts import ParallelExperts
 from .kernels import plan_dispatch
+from .kernels.plan import token_sum
 from .modular import refresh_frozen_experts
 from .moe_mlp import MoEMLP
 from .router import RouterOutput, TopKRouter
@@ -300,8 +301,7 @@ class AllToAllDispatcher:
         # returned[i] is assignment plan.sorted_indices[i]'s result: back to assignment order,
         # then each token's gate-weighted sum over its k slots, accumulated in fp32.
         per_assignment = torch.empty_like(returned).index_copy(0, plan.sorted_indices, returned)
-        per_slot = per_assignment.view(plan.num_tokens, plan.top_k, mlp.d_model).float()
-        return (per_slot * route.gates[..., None]).sum(1).to(returned.dtype)
+        return token_sum(per_assignment, plan.top_k, route.gates).to(returned.dtype)
 
 
 __all__ = [

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import expert_linear, plan_dispatch
-from ..kernels.torch_backend import accumulation_dtype
+from ..kernels.plan import accumulation_dtype, token_sum
 from ..moe_mlp import glu
 
 try:
@@ -280,9 +280,7 @@ def routed_forward(layout: ExpertsLayout, x: Tensor, expert_idx: Tensor, weights
         )
     rows = expert_linear(hidden, layout.down, plan, bias=layout.down_bias, grouped_in=True)
     rows = layout.post_norm(rows)  # [T*k, d], assignment order
-    wide = accumulation_dtype(rows.dtype)
-    terms = rows.view(*expert_idx.shape, rows.shape[1]).to(wide) * weights.to(wide)[..., None]
-    return terms.sum(1)
+    return token_sum(rows, expert_idx.shape[1], weights)
 
 
 def _local_assignments_forward(
