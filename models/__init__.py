@@ -1,4 +1,6 @@
-"""moe_blocks.models: reference models assembled from the blocks (JetMoE-8B)."""
+"""moe_blocks.models: the reference model assembled from the blocks (JetMoE-8B, in
+:mod:`.jetmoe`) and the applications built on it: training (:mod:`.train`), the benchmark
+harness (:mod:`.bench`) and the command line (:mod:`.cli`, argument parsing only)."""
 
 if __name__ == "models":
     # Imported as the top-level "models" from a checkout root on sys.path: hand over to the
@@ -14,10 +16,10 @@ if __name__ == "models":
 
 
 def __getattr__(name: str):
-    # parallelize (models/parallel.py) needs torch.distributed's tensor and FSDP modules, ~1 s to
-    # import: loaded on first use, as moe_blocks.models.parallelize.
+    # parallelize (models/jetmoe/sharding.py) needs torch.distributed's tensor and FSDP modules,
+    # ~1 s to import: loaded on first use, as moe_blocks.models.parallelize.
     if name == "parallelize":
-        from .parallel import parallelize
+        from .jetmoe.sharding import parallelize
 
         return parallelize
     raise AttributeError(f"module 'moe_blocks.models' has no attribute {name!r}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -40,14 +39,7 @@ def info(args: argparse.Namespace) -> int:
     config = JetMoEConfig.from_preset(args.preset)
     with torch.device("meta"):
         model = JetMoEForCausalLM(config)
-    total, active = model.num_parameters(), model.num_parameters(active=True)
-    embedding = config.vocab_size * config.hidden_size
-    attention_width = config.num_experts_per_tok * config.num_key_value_heads * config.kv_channels
-    # Forward FLOPs per token: 2 per active weight used in a matmul (the embedding is a lookup;
-    # the LM head is a matmul even when tied), plus QK^T and AV over a context of --context.
-    matmul_weights = active - embedding + config.vocab_size * config.hidden_size
-    attention = 4 * config.num_hidden_layers * args.context * attention_width
-    forward = 2 * matmul_weights + attention
+    forward = model.flops_per_token(args.context)
     rows = [
         ("preset", args.preset),
         ("layers", config.num_hidden_layers),
@@ -61,8 +53,11 @@ def info(args: argparse.Namespace) -> int:
         ("expert ffn size", config.intermediate_size),
         ("vocabulary", config.vocab_size),
         ("tied embeddings", config.tie_word_embeddings),
-        ("parameters", f"{total:,}"),
-        ("active parameters per token", f"{active:,} (with the embedding)"),
+        ("parameters", f"{model.num_parameters():,}"),
+        (
+            "active parameters per token",
+            f"{model.num_parameters(active=True):,} (with the embedding)",
+        ),
         (f"forward FLOPs per token (context {args.context})", _flops(forward)),
         ("training FLOPs per token (3x forward)", _flops(3 * forward)),
     ]
@@ -77,23 +72,18 @@ def _flops(value: float) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from .parallel import launched_by_torchrun, train_sharded
-    from .train import TrainSettings, is_sharded_checkpoint, resumed_settings, train, validations
+    from .train import TrainSettings, train, validations
+    from .train.run_folder import resumed_settings
 
     options = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if f.name in args}
     if args.resume:  # the checkpoint's settings, but for the options given
         settings = resumed_settings(args.out, {name: options[name] for name in args.given})
     else:
         settings = TrainSettings(**options)
-    options = {"resume": args.resume, "overwrite": args.overwrite, "progress": not args.quiet}
-    resumes_sharded = args.resume and is_sharded_checkpoint(Path(args.out) / "checkpoint")
-    sharded = args.ep != 1 or launched_by_torchrun() or resumes_sharded
-    if sharded:
-        result = train_sharded(settings, ep=args.ep, **options)
-        if int(os.environ.get("RANK", 0)):  # rank 0 alone reports
-            return 130 if result.interrupted else 0
-    else:
-        result = train(settings, **options)
+    result = train(settings, ep=args.ep, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.quiet)  # fmt: skip
+    if not result.main:  # the main process alone reports
+        return 130 if result.interrupted else 0
     last = result.log[-1]
     print(
         f"validation: {result.start_bpb:.3f} -> {result.final_bpb:.3f} bits per byte"
@@ -105,7 +95,7 @@ def train_command(args: argparse.Namespace) -> int:
     print(
         f"checkpoint: {result.out / 'checkpoint'}  log: {result.out / 'log.json'}  "
         f"plot: {result.out / 'training.png'}"
-        + (f"  model (Hugging Face layout): {result.out / 'model'}" if sharded else "")
+        + (f"  model (Hugging Face layout): {result.out / 'model'}" if result.sharded else "")
     )
     if result.interrupted:
         unfinished = last["step"] < settings.steps  # else only the last validation was cut
@@ -117,7 +107,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 def generate_command(args: argparse.Namespace) -> int:
     from .jetmoe import JetMoEForCausalLM
-    from .train import TrainingError, check_positive_int, checkpoint_folder
+    from .train import TrainingError, checkpoint_folder
+    from .train.settings import check_positive_int
 
     if not args.temperature >= 0:
         raise TrainingError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
@@ -155,9 +146,6 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from . import bench
     from .train import TrainingError
 
@@ -197,172 +185,55 @@ def bench_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise TrainingError(str(error)) from None
     print(bench.format_ep_table(results) if args.suite == "ep" else bench.format_table(results))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_{args.suite}.json").write_text(json.dumps(bench.to_json(results), indent=1))
-    if args.suite == "ep":
-        print(f"wrote {out / 'bench_ep.json'}")
-        return 0
-    bench.plot(results, out / f"bench_{args.suite}.png")
-    print(f"wrote {out / f'bench_{args.suite}.json'} and {out / f'bench_{args.suite}.png'}")
+    written = bench.write_results(results, args.suite, Path(args.out))
+    print(f"wrote {' and '.join(str(path) for path in written)}")
     return 0
 
 
 def extend_command(args: argparse.Namespace) -> int:
-    import json
+    from .train.continual import extend_checkpoint
 
-    from moe_blocks import add_experts, expert_blocks, expert_usage
-    from moe_blocks.modular import most_used
-
-    from . import train as training
-
-    training.check_positive_int("--add", args.add)
-    training.check_positive_int("--seq-len", args.seq_len)
-    source = training.checkpoint_folder(args.checkpoint)
-    out = _new_output_folder(args.out, args.overwrite)
-    model = training.load_model(source, "CHECKPOINT")
-    known, data = training.previous_data(source)
-    blocks = expert_blocks(model)
-    base_experts = model.config.num_local_experts
-    windows = _validation_windows(model, args, data if args.data is None else args.data)
-    sources = {}
-    if args.init == "copy":
-        if args.data is None and not known:
-            raise training.TrainingError(
-                f"{source}: unknown training corpus; give --data to find the most used experts "
-                "to copy, or --init random"
-            )
-        usage = expert_usage(model, windows)
-        sources = {name: most_used(usage[name], args.add) for name in blocks}
-    torch.manual_seed(args.seed)
-    with torch.no_grad():
-        before = model(windows[0]).logits
-    parameters = model.num_parameters()
-    for name, block in blocks.items():
-        add_experts(block, args.add, init=args.init, source=sources.get(name))
-    model.config.num_local_experts += args.add
-    model.config.expert_prior = True
-    with torch.no_grad():
-        change = (model(windows[0]).logits - before).abs().max().item()
-    model.save_pretrained(out)
-    record = {
-        "format": training.EXTENSION_FORMAT, "base_experts": base_experts, "added": args.add,
-        "init": args.init, "sources": sources, "base_checkpoint": str(source),
-    }  # fmt: skip
-    if known:
-        record["previous_data"] = data
-    (out / training.EXTENSION_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    done = extend_checkpoint(
+        args.checkpoint, args.out, add=args.add, init=args.init, data=args.data,
+        seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite,
+    )  # fmt: skip
     print(
-        f"experts: {base_experts} -> {model.config.num_local_experts} in each of "
-        f"{len(blocks)} blocks (MoA and MoE); parameters {parameters:,} -> "
-        f"{model.num_parameters():,}"
+        f"experts: {done.base_experts} -> {done.experts} in each of {done.blocks} blocks (MoA "
+        f"and MoE); parameters {done.parameters_before:,} -> {done.parameters_after:,}"
     )
     print(
-        f"new experts {base_experts}..{model.config.num_local_experts - 1} are closed (prior 0): "
-        f"max |change in logits| on {windows[0].numel():,} bytes = {change:.2g}"
+        f"new experts {done.base_experts}..{done.experts - 1} are closed (prior 0): "
+        f"max |change in logits| on {done.checked_bytes:,} bytes = {done.max_logit_change:.2g}"
     )
-    print(f"wrote {out}; train them with: moe-blocks train --resume-from {out} "
+    print(f"wrote {done.out}; train them with: moe-blocks train --resume-from {done.out} "
           "--train-new-experts-only --data NEW --out RUN")  # fmt: skip
     return 0
 
 
 def prune_command(args: argparse.Namespace) -> int:
-    import json
+    from .train.continual import prune_checkpoint
 
-    from moe_blocks import expert_blocks, expert_usage, prune_experts
-    from moe_blocks.modular import most_used
-
-    from . import train as training
-
-    for flag in ("--batches", "--batch-size", "--seq-len"):
-        training.check_positive_int(flag, getattr(args, flag[2:].replace("-", "_")))
-    if not 0 < args.keep_fraction <= 1:
-        raise training.TrainingError(
-            f"--keep-fraction must lie in (0, 1], got {args.keep_fraction}"
-        )
-    source = training.checkpoint_folder(args.checkpoint)
-    out = _new_output_folder(args.out, args.overwrite)
-    model = training.load_model(source, "CHECKPOINT")
-    config = model.config
-    keep = round(config.num_local_experts * args.keep_fraction)
-    if keep < config.num_experts_per_tok:
-        raise training.TrainingError(
-            f"--keep-fraction {args.keep_fraction} keeps {keep} of {config.num_local_experts} "
-            f"experts, fewer than the {config.num_experts_per_tok} each token uses"
-        )
-    settings = training.TrainSettings(
-        batch_size=args.batch_size, seq_len=args.seq_len, eval_batches=args.batches
-    )
-    corpus = training.load_corpus(args.data, args.seq_len)
-    usage = expert_usage(
-        model,
-        [
-            training.batch_at(corpus.train, step, 0, args.batch_size, args.seq_len)[:, :-1]
-            for step in range(args.batches)
-        ],
-    )
-    bpb_before, parameters = training.evaluate(model, corpus, settings), model.num_parameters()
-    kept = {name: sorted(most_used(counts, keep)) for name, counts in usage.items()}
-    lost = {
-        name: 1 - usage[name][kept[name]].sum().item() / max(1, usage[name].sum().item())
-        for name in usage
-    }
-    for name, block in expert_blocks(model).items():
-        prune_experts(block, kept[name])
-        prior = block.router.expert_prior
-        if prior is not None and bool((prior == 1).all()):
-            block.router.expert_prior = None  # all open at 1: the plain router, exactly
-    config.num_local_experts = keep
-    config.expert_prior = any(r.expert_prior is not None for r in model.routers())
-    bpb_after = training.evaluate(model, corpus, settings)
-    model.save_pretrained(out)
-    report = {
-        "data": args.data, "keep_fraction": args.keep_fraction, "kept_experts": kept,
-        "usage": {name: counts.tolist() for name, counts in usage.items()},
-        "share_of_assignments_lost": lost, "val_bpb_before": bpb_before,
-        "val_bpb_after": bpb_after, "parameters_before": parameters,
-        "parameters_after": model.num_parameters(),
-    }  # fmt: skip
-    (out / "prune.json").write_text(json.dumps(report, indent=1) + "\n")
+    done = prune_checkpoint(
+        args.checkpoint, args.out, keep_fraction=args.keep_fraction, data=args.data,
+        batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    report, lost = done.report, done.report["share_of_assignments_lost"]
+    kept = report["kept_experts"]
     print(
-        f"experts: {len(usage[next(iter(usage))])} -> {keep} in each of {len(usage)} blocks; "
-        f"parameters {parameters:,} -> {model.num_parameters():,}"
+        f"experts: {len(next(iter(report['usage'].values())))} -> "
+        f"{len(next(iter(kept.values())))} in each of {len(kept)} blocks; parameters "
+        f"{report['parameters_before']:,} -> {report['parameters_after']:,}"
     )
     print(
         f"routed assignments on the usage windows that went to pruned experts: "
         f"{max(lost.values()):.1%} at most (block), {sum(lost.values()) / len(lost):.1%} mean"
     )
-    print(f"validation: {bpb_before:.3f} -> {bpb_after:.3f} bits per byte")
-    print(f"wrote {out} (config.json, model.safetensors, prune.json)")
+    print(
+        f"validation: {report['val_bpb_before']:.3f} -> {report['val_bpb_after']:.3f} bits per byte"
+    )
+    print(f"wrote {done.out} (config.json, model.safetensors, prune.json)")
     return 0
-
-
-def _validation_windows(model, args: argparse.Namespace, data: str | None) -> list[torch.Tensor]:
-    """A few input windows ``[batch, seq_len]`` from the validation text of ``data``."""
-    from . import train as training
-
-    settings = training.TrainSettings(batch_size=8, seq_len=args.seq_len, eval_batches=4)
-    corpus = training.load_corpus(data, settings.seq_len)
-    return [
-        training._windows(corpus.validation, starts, settings.seq_len)[:, :-1]
-        for starts in training.validation_starts(corpus, settings)
-    ]
-
-
-def _new_output_folder(path: str, overwrite: bool):
-    """``--out`` as a Path, refused if it is a file or already holds a model (unless
-    ``overwrite``); checked before any work."""
-    from pathlib import Path
-
-    from .train import TrainingError, check_path_given
-
-    check_path_given("--out", path, "a folder")
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file, not a folder")
-    if (out / "config.json").exists() and not overwrite:
-        raise TrainingError(f"--out {out} already holds a model: choose another or --overwrite")
-    return out
 
 
 def _model_command(commands, name: str, summary: str, handler) -> argparse.ArgumentParser:

@@ -25,6 +25,9 @@ from moe_blocks.models.train import (
     TrainSettings,
     checkpoint_folder,
     load_trainer_state,
+    loop,
+    report,
+    run_folder,
     train,
 )
 
@@ -53,7 +56,7 @@ def data(tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _no_plot(monkeypatch):
-    monkeypatch.setattr(train_module, "plot_run", lambda log, path: None)
+    monkeypatch.setattr(report, "plot_run", lambda log, path: None)
 
 
 def _losses(log) -> list[float]:
@@ -97,15 +100,15 @@ def _after_publishing(original):
 
 FAULTS = {
     # the optimizer state's file, the second checkpoint's: no space left
-    "disk full": lambda mp: mp.setattr(train_module, "save_file", _fail_on_call(
-        2, OSError(errno.ENOSPC, "No space left on device"), train_module.save_file)),
+    "disk full": lambda mp: mp.setattr(run_folder, "save_file", _fail_on_call(
+        2, OSError(errno.ENOSPC, "No space left on device"), run_folder.save_file)),
     # killed while writing, after the model weights, before the optimizer state
     "killed while writing": lambda mp: mp.setattr(
-        train_module, "save_file", _fail_on_call(2, Killed(), train_module.save_file)),
+        run_folder, "save_file", _fail_on_call(2, Killed(), run_folder.save_file)),
     "killed between the renames": lambda mp: mp.setattr(
         Path, "rename", _at_the_rename_publishing(Path.rename, "checkpoint")),
     "killed after publishing": lambda mp: mp.setattr(
-        train_module.shutil, "rmtree", _after_publishing(shutil.rmtree)),
+        run_folder.shutil, "rmtree", _after_publishing(shutil.rmtree)),
 }  # fmt: skip
 
 
@@ -139,7 +142,7 @@ def test_sigterm_in_one_process_saves_the_last_step(tmp_path, data, monkeypatch)
         return learning_rate(settings, step)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "learning_rate", terminated_in_step_4)
+        patch.setattr(loop, "learning_rate", terminated_in_step_4)
         result = train(_settings(tmp_path / "run", data), progress=False)
     assert result.interrupted and load_trainer_state(tmp_path / "run" / "checkpoint").step == 3
     resumed = train(_settings(tmp_path / "run", data), resume=True, progress=False)
@@ -148,14 +151,14 @@ def test_sigterm_in_one_process_saves_the_last_step(tmp_path, data, monkeypatch)
 
 def test_no_room_for_a_checkpoint_is_refused_before_any_step(tmp_path, data, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     with pytest.raises(TrainingError, match=r"MB free, a checkpoint of this model needs"):
         train(_settings(tmp_path / "run", data), progress=False)
     assert not (tmp_path / "run" / "checkpoint").exists()
 
 
 def _sharded_run(rank: int, world: int, settings: TrainSettings, fault: bool) -> None:
-    train_module.plot_run = lambda log, path: None
+    report.plot_run = lambda log, path: None
     if fault and rank == 0:
         Path.rename = _at_the_rename_publishing(Path.rename, "checkpoint")
     try:
@@ -177,7 +180,7 @@ def test_a_sharded_run_killed_between_the_renames_resumes(tmp_path, data):
     assert (tmp_path / "run" / "checkpoint.previous").is_dir()
     assert not (tmp_path / "run" / "checkpoint").exists()
     spawn_local(_sharded_run, 2, dataclasses.replace(settings), False)
-    log = train_module.read_json(tmp_path / "run" / "log.json", list)
+    log = run_folder.read_json(tmp_path / "run" / "log.json", list)
     torch.testing.assert_close(_losses(log), _losses(reference.log), atol=0.0, rtol=1e-5)
 
 

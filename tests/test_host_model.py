@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 import moe_blocks.losses
 from moe_blocks import KVCache, MoA, MoEMLP, ParallelExperts, aux_loss_scale, collect_aux_loss
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
+from moe_blocks.router import named_routers
 
 D = 12
 BLOCKS = {
@@ -237,7 +238,7 @@ def test_moa_takes_padding_from_its_attention_mask_and_jetmoe_from_its_own():
     model = JetMoEForCausalLM(config)
     ids = torch.randint(0, config.vocab_size, (2, 8))
     model(ids, attention_mask=attention_mask)
-    for router in model.routers():
+    for router in named_routers(model).values():
         assert int(router.last_tokens_per_expert.sum()) == 4 * config.num_experts_per_tok
 
 

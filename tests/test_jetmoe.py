@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from moe_blocks import KVCache
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
 from moe_blocks.moe_mlp import ACTIVATIONS
+from moe_blocks.router import named_routers
 
 from .conftest import DEVICE
 
@@ -310,7 +311,7 @@ def test_loss_is_shifted_cross_entropy_plus_router_losses():
     out = model(ids, labels=labels)
     expected_lm = F.cross_entropy(out.logits[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(out.lm_loss, expected_lm)
-    routers = model.routers()
+    routers = list(named_routers(model).values())
     assert len(routers) == 4  # MoA and MoE in each of 2 layers
     per_router = [r.last_balance_loss + model.config.z_loss_coef * r.last_z_loss for r in routers]
     torch.testing.assert_close(out.aux_loss, model.config.aux_loss_coef * sum(per_router))

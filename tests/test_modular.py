@@ -650,11 +650,11 @@ def test_prune_writes_a_smaller_model_that_ours_and_transformers_load(
     ],
 )  # fmt: skip
 def test_bad_modularity_commands_fail_in_one_line(args, message, base_run, tmp_path, capsys):
-    from moe_blocks.models import train as train_module
+    from moe_blocks.models.train import loop
 
     filled = [a.format(base=base_run, tmp=tmp_path) for a in args]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "batch_at", lambda *a: pytest.fail("training started"))
+        patch.setattr(loop, "batch_at", lambda *a: pytest.fail("training started"))
         assert cli(*filled) == 2
     assert message in one_line_error(capsys)
     assert not (tmp_path / "x").exists()

@@ -22,7 +22,7 @@ from moe_blocks.models import parallel as parallel_module
 from moe_blocks.models import train as train_module
 from moe_blocks.models.cli import main
 from moe_blocks.models.parallel import spawn_local, train_sharded
-from moe_blocks.models.train import TrainSettings, train
+from moe_blocks.models.train import TrainSettings, continual, loop, report, train
 
 # Step losses: one process and several ranks sum in different orders, ~1e-7 apart.
 LOSS_TOLERANCE = {"atol": 0.0, "rtol": 1e-5}
@@ -51,19 +51,19 @@ def _no_plot(log, path) -> None:
 
 
 def _train_four(rank: int, world_size: int, settings: TrainSettings) -> None:
-    train_module.plot_run = _no_plot
+    report.plot_run = _no_plot
     train_sharded(settings, ep=2, progress=False)
 
 
 def _train_ranks(rank: int, world_size: int, settings: TrainSettings, ep: int) -> None:
-    train_module.plot_run = _no_plot
+    report.plot_run = _no_plot
     train_sharded(settings, ep=ep, progress=False)
 
 
 def _resume_two_then_interrupt(rank: int, world_size: int, settings: TrainSettings) -> None:
     """Resume at 2 ranks (ep 2) for one step; then continue towards step 6 while rank 1 gets
     a SIGINT during step 4: both ranks must stop after step 4 and save it."""
-    train_module.plot_run = _no_plot
+    report.plot_run = _no_plot
     train_sharded(settings, ep=2, resume=True, progress=False)
     learning_rate = train_module.learning_rate
 
@@ -72,7 +72,7 @@ def _resume_two_then_interrupt(rank: int, world_size: int, settings: TrainSettin
             os.kill(os.getpid(), signal.SIGINT)
         return learning_rate(settings, step)
 
-    train_module.learning_rate = interrupting
+    loop.learning_rate = interrupting
     longer = dataclasses.replace(settings, steps=6)
     result = train_sharded(longer, ep=2, resume=True, progress=False)
     assert result.interrupted and result.log[-1]["step"] == 4, result.log[-1]
@@ -88,7 +88,7 @@ def _trainer_state(out) -> dict:
 
 @pytest.mark.slow  # 33-70 s on this 2-core machine (other jobs): spawns of 4 and 2 ranks
 def test_sharded_training_equals_one_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "plot_run", _no_plot)
+    monkeypatch.setattr(report, "plot_run", _no_plot)
     data = _text(tmp_path / "text.txt")
 
     # One process, 2 steps, then its HF files; resumed to step 3 for the next-step loss.
@@ -140,7 +140,7 @@ def _text(path) -> str:
 def test_two_rank_training_equals_one_process(ep, tmp_path, monkeypatch):
     """torchrun 2 as FSDP, and --ep 2 (data-parallel size 1, where torch's FSDP2 would divide
     expert gradients twice): the one-process losses step by step, balance loss on."""
-    monkeypatch.setattr(train_module, "plot_run", _no_plot)
+    monkeypatch.setattr(report, "plot_run", _no_plot)
     data = _text(tmp_path / "text.txt")
     single = train(_settings(tmp_path / "single", data, 3), progress=False)
     spawn_local(_train_ranks, 2, _settings(tmp_path / "two", data, 3), ep)
@@ -157,7 +157,7 @@ def test_training_only_new_experts_under_expert_parallelism_equals_one_process(
 ):
     """moe-blocks extend, then train --resume-from EXT --train-new-experts-only at 2 ranks with
     --ep 2: the one-process losses, and the old experts bit-identical in the exported model."""
-    monkeypatch.setattr(train_module, "plot_run", _no_plot)
+    monkeypatch.setattr(report, "plot_run", _no_plot)
     data = _text(tmp_path / "text.txt")
     train(_settings(tmp_path / "base", data, 2), progress=False)
     extended = tmp_path / "extended"
@@ -184,7 +184,7 @@ def test_training_only_new_experts_under_expert_parallelism_equals_one_process(
 def test_a_sharded_run_interrupted_before_its_first_step_saves_that_step(tmp_path, monkeypatch):
     """Under torchrun a SIGINT only sets a flag once the loop has begun: one during the
     validation before step 1 lets step 1 finish, which is saved (one process: nothing is)."""
-    monkeypatch.setattr(train_module, "plot_run", _no_plot)
+    monkeypatch.setattr(report, "plot_run", _no_plot)
     data = tmp_path / "text.txt"
     data.write_bytes(bytes(range(32, 127)) * 20)
     evaluate = train_module.evaluate
@@ -193,7 +193,7 @@ def test_a_sharded_run_interrupted_before_its_first_step_saves_that_step(tmp_pat
         os.kill(os.getpid(), signal.SIGINT)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", interrupted)
+    monkeypatch.setattr(continual, "evaluate", interrupted)
     result = train_sharded(_settings(tmp_path / "run", data, 3), progress=False)
     assert result.interrupted and [entry["step"] for entry in result.log] == [1]
     assert _trainer_state(tmp_path / "run")["step"] == 1

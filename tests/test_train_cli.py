@@ -14,6 +14,8 @@ import moe_blocks
 from moe_blocks.models import train as train_module
 from moe_blocks.models.cli import main
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
+from moe_blocks.models.train import continual, loop
+from moe_blocks.models.train import data as data_module
 from moe_blocks.router import router_stats
 
 FAST = ["--steps", "8", "--batch-size", "4", "--seq-len", "32", "--eval-every", "4",
@@ -38,7 +40,7 @@ def no_training(monkeypatch):
     def fail(*args):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(train_module, "batch_at", fail)
+    monkeypatch.setattr(loop, "batch_at", fail)
 
 
 @pytest.fixture
@@ -212,12 +214,12 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, corpus, monkeypatch):
             raise KeyboardInterrupt
         return real_batch(data, step, *args)
 
-    monkeypatch.setattr(train_module, "batch_at", interrupt_at_step_3)
+    monkeypatch.setattr(loop, "batch_at", interrupt_at_step_3)
     out = tmp_path / "run"
     assert run(["--data", str(corpus), "--out", str(out), *FAST]) == 130
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 3
-    monkeypatch.setattr(train_module, "batch_at", real_batch)
+    monkeypatch.setattr(loop, "batch_at", real_batch)
     assert run(["--out", str(out), "--resume", "--quiet"]) == 0  # the checkpoint's settings
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 8
 
@@ -236,7 +238,7 @@ def test_ctrl_c_during_a_validation_after_a_step_keeps_that_step(
             raise KeyboardInterrupt
         return real_validate(*args)
 
-    monkeypatch.setattr(train_module, "validate", interrupt_the_last)
+    monkeypatch.setattr(loop, "validate", interrupt_the_last)
     out = tmp_path / "run"
     options = ["--data", str(corpus), "--out", str(out), *FAST[2:], "--eval-every", "1"]
     assert run([*options, "--steps", str(steps)]) == 130
@@ -258,7 +260,7 @@ def test_ctrl_c_before_the_first_step_is_one_line_and_130(
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, where, interrupt)
+    monkeypatch.setattr(continual if where == "evaluate" else loop, where, interrupt)
     out = tmp_path / "run"
     try:
         status = run(["--data", str(corpus), "--out", str(out), *FAST])
@@ -398,7 +400,7 @@ def test_any_text_of_two_windows_trains_split_by_position(files, tmp_path, capsy
     assert run(["--data", str(data), "--out", str(tmp_path / "run"), *FAST, "--steps", "1"]) == 0
     assert "split by position" in capsys.readouterr().out
     corpus = train_module.load_corpus(str(data), 32)  # FAST's --seq-len
-    text = train_module._join(sorted(folder.iterdir()))
+    text = data_module._join(sorted(folder.iterdir()))
     assert torch.equal(torch.cat([corpus.train, corpus.validation]), text)
     assert corpus.validation.numel() == max(text.numel() // 20, 33)
 
@@ -502,7 +504,7 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, corpus, capsys, 
         ("log.json", lambda path: path.write_text("{not json")),
         ("trainer_state.json", state_without_settings),
     ]
-    monkeypatch.setattr(train_module, "batch_at", None)  # no step may start
+    monkeypatch.setattr(loop, "batch_at", None)  # no step may start
     for index, (name, damage) in enumerate(damages):
         out = tmp_path / f"damaged{index}"
         shutil.copytree(good, out)
@@ -547,7 +549,7 @@ def test_damaged_json_of_a_checkpoint_is_one_line_naming_the_file(
         ("extension.json", write({**extension, "added": None})),
         ("extension.json", write({**extension, "previous_data": 5})),
     ]
-    monkeypatch.setattr(train_module, "batch_at", None)  # no step may start
+    monkeypatch.setattr(loop, "batch_at", None)  # no step may start
     for index, (name, damage) in enumerate(damages):
         out = tmp_path / f"damaged{index}"
         shutil.copytree(good, out)
@@ -577,7 +579,7 @@ def test_default_corpus_is_the_stdlib_split_by_path_hash():
     assert 0.01 < share < 0.15 and "split by path hash" in corpus.description
     # docs/train.md: a file validates when crc32(relative path) % 100 < 5.
     hashed = [p for p in files if zlib.crc32(p.relative_to(root).as_posix().encode()) % 100 < 5]
-    validation = train_module._join(hashed)
+    validation = data_module._join(hashed)
     assert torch.equal(corpus.validation, validation)
 
 

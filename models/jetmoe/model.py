@@ -1,15 +1,9 @@
-"""JetMoE-8B assembled from moe-blocks' MoA, MoEMLP and TopKRouter, interchangeable with
-Hugging Face JetMoe checkpoints.
-
-Read top to bottom: the config and its presets, RMSNorm, the decoder layer, the model (forward,
-loss, generation, initialisation, parameter counts), then checkpoint interop (the key mapping,
-from_pretrained, save_pretrained).
-"""
+"""JetMoE-8B assembled from moe-blocks' MoA, MoEMLP and TopKRouter: RMSNorm, the decoder layer
+and the causal LM (forward, loss, generation, initialisation, parameter counts); its checkpoints
+are read and written by :mod:`.hf_checkpoint`."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,134 +15,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_blocks import KVCache, MoA, MoEMLP, TopKRouter
-from moe_blocks.kernels.checks import INTEGER_DTYPES, check_index_range, check_positive_int
-from moe_blocks.moe_mlp import ACTIVATIONS
+from moe_blocks.kernels.checks import INTEGER_DTYPES, check_index_range, check_non_negative
 from moe_blocks.router import named_routers
 
-# --------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass
-class JetMoEConfig:
-    """The architecture. Field names are those of transformers' ``JetMoeConfig`` (config.json).
-
-    ``layer_rms_norm_eps``: transformers builds every layer's two RMSNorms with eps 1e-6 and
-    uses ``rms_norm_eps`` only for the final norm; we do the same so that logits match.
-
-    ``layer_rms_norm_eps`` and ``z_loss_coef`` are ours: config.json carries them so that our
-    ``from_pretrained`` restores them; transformers ignores them (its per-layer eps stays 1e-6).
-
-    ``expert_prior`` (ours, written to config.json only when true): every router has expert
-    priors (``TopKRouter(expert_prior=True)``), as after ``moe-blocks extend``. Transformers'
-    JetMoe has no such weights: it cannot run such a checkpoint faithfully.
-    """
-
-    vocab_size: int = 32000
-    hidden_size: int = 2048
-    num_hidden_layers: int = 24
-    num_local_experts: int = 8
-    num_experts_per_tok: int = 2
-    num_key_value_heads: int = 16
-    kv_channels: int = 128
-    intermediate_size: int = 5632
-    max_position_embeddings: int = 4096
-    activation_function: str = "silu"
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    layer_rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
-    initializer_range: float = 0.01
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.1
-    attention_dropout: float = 0.0
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    pad_token_id: int | None = None
-    expert_prior: bool = False
-
-    PRESETS = {
-        # JetMoE-8B as published: 8,522,237,952 parameters, 2.2B active per token.
-        "jetmoe-8b": {},
-        # For tests and demos: trains on a laptop CPU in minutes. initializer_range 0.02, not
-        # JetMoE-8B's 0.01: at this width it learns faster (docs/jetmoe.md). Its tokens are
-        # bytes, so it has no begin or end token (JetMoE-8B's ids 1 and 2 are bytes here).
-        "tiny": dict(
-            vocab_size=256, hidden_size=128, num_hidden_layers=4, num_local_experts=4,
-            num_experts_per_tok=2, num_key_value_heads=2, kv_channels=32,
-            intermediate_size=256, max_position_embeddings=512, initializer_range=0.02,
-            bos_token_id=None, eos_token_id=None,
-        ),
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        for name in (
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_local_experts",
-            "num_experts_per_tok", "num_key_value_heads", "kv_channels", "intermediate_size",
-        ):  # fmt: skip
-            check_positive_int(f"JetMoEConfig.{name}", getattr(self, name))
-        if self.num_experts_per_tok > self.num_local_experts:
-            raise ValueError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) must not exceed "
-                f"num_local_experts ({self.num_local_experts})"
-            )
-        if self.kv_channels % 2:
-            raise ValueError(f"kv_channels must be even (RoPE), got {self.kv_channels}")
-        if not isinstance(self.activation_function, str) or (
-            self.activation_function not in ACTIVATIONS
-        ):
-            raise ValueError(
-                f"activation_function must be one of {', '.join(ACTIVATIONS)}, "
-                f"got {self.activation_function!r}"
-            )
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> JetMoEConfig:
-        """``"jetmoe-8b"`` (the published model) or ``"tiny"``; keywords override fields."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[name], **overrides})
-
-    # config.json in transformers' format ------------------------------------------------
-    def to_hf_dict(self) -> dict:
-        fields = dataclasses.asdict(self)
-        fields.pop("rope_theta")  # written as rope_parameters
-        if self.activation_function == "gelu_tanh":  # ours; the same function in transformers:
-            fields["activation_function"] = "gelu_pytorch_tanh"
-        if not self.expert_prior:
-            fields.pop("expert_prior")
-        return {
-            "architectures": ["JetMoeForCausalLM"],
-            "model_type": "jetmoe",
-            **fields,
-            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
-            "num_attention_heads": self.num_key_value_heads * self.num_experts_per_tok,
-        }
-
-    @classmethod
-    def from_hf_dict(cls, data: dict, source: str = "config.json") -> JetMoEConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: not a JSON object but {type(data).__name__}")
-        if data.get("model_type") != "jetmoe":
-            raise ValueError(
-                f"{source}: model_type is {data.get('model_type')!r}, expected 'jetmoe'"
-            )
-        rope = data.get("rope_parameters") or {}
-        if not isinstance(rope, dict):
-            raise ValueError(f"{source}: rope_parameters must be a JSON object, got {rope!r}")
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{source}: rope_type {rope['rope_type']!r} is not supported")
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {name: data[name] for name in names if name in data}
-        values["rope_theta"] = rope.get("rope_theta", data.get("rope_theta", 10000.0))
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{source}: {error}") from error
-
-
-# --------------------------------------------------------------------------------------------
-# Layers
+from . import hf_checkpoint
+from .config import JetMoEConfig
 
 
 class RMSNorm(nn.Module):
@@ -236,10 +107,6 @@ class CausalLMOutput:
     kv_caches: list[KVCache] | None = None
 
 
-# --------------------------------------------------------------------------------------------
-# The model
-
-
 class _FromConfig:
     """``generate``'s default for ``eos_token_id`` and ``pad_token_id``: the model config's
     value (an explicit None means "no such token")."""
@@ -314,6 +181,18 @@ class JetMoEForCausalLM(nn.Module):
             total += count
         return total
 
+    def flops_per_token(self, context: int) -> int:
+        """Forward FLOPs per token: 2 per active weight used in a matmul (the embedding is a
+        lookup; the LM head is a matmul even when tied), plus ``QKᵀ`` and ``AV`` over a context
+        of ``context`` tokens. Training costs about 3× this."""
+        check_non_negative("context", context)
+        config = self.config
+        # Tied: the one matrix counted is the LM head's; untied, the embedding's is a lookup.
+        lookup = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+        matmul_weights = self.num_parameters(active=True) - lookup
+        width = config.num_experts_per_tok * config.num_key_value_heads * config.kv_channels
+        return 2 * matmul_weights + 4 * config.num_hidden_layers * context * width
+
     # forward ----------------------------------------------------------------------------
     def forward(
         self,
@@ -359,7 +238,7 @@ class JetMoEForCausalLM(nn.Module):
             labels[:, 1:].reshape(-1),
             ignore_index=-100,
         )
-        aux_loss = sum(router.last_aux_loss for router in self.routers())
+        aux_loss = sum(router.last_aux_loss for router in named_routers(self).values())
         return CausalLMOutput(
             logits=logits,
             loss=lm_loss + aux_loss,
@@ -367,11 +246,6 @@ class JetMoEForCausalLM(nn.Module):
             aux_loss=aux_loss,
             kv_caches=kv_caches,
         )
-
-    def routers(self) -> list[TopKRouter]:
-        """Every router (MoA's and MoE's, layer by layer), as :func:`moe_blocks.router_stats`
-        names them."""
-        return list(named_routers(self).values())
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in INTEGER_DTYPES:
@@ -509,165 +383,9 @@ class JetMoEForCausalLM(nn.Module):
         unpickled. Weights keep their stored dtype unless ``dtype`` is given. The model is
         returned in eval mode (dropout off), as transformers returns it: call ``.train()`` to
         fine-tune."""
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path)
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: not a checkpoint directory")
-        config = JetMoEConfig.from_hf_dict(load_json(config_path), str(config_path))
-        with torch.device("meta"):
-            model = cls(config, dtype=dtype)
-        expected = {
-            to_hf_key(name): param for name, param in model.state_dict(keep_vars=True).items()
-        }
-        if config.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-        state = {}
-        for file, keys in _checkpoint_files(path).items():
-            try:
-                handle = safe_open(str(file), framework="pt", device=device)
-            except SafetensorError as error:
-                raise ValueError(f"{file}: not a readable safetensors file ({error})") from error
-            with handle:
-                stored = set(handle.keys())
-                for key in keys or stored:
-                    if key not in stored:
-                        raise ValueError(
-                            f"{file.name}: lacks {key!r}, which {_INDEX} places in this file"
-                        )
-                    if key not in expected:
-                        if key == "lm_head.weight" and config.tie_word_embeddings:
-                            continue  # a tied copy, as transformers sometimes writes
-                        raise ValueError(f"{file.name}: unexpected key {key!r}")
-                    tensor = handle.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(expected[key].shape):
-                        raise ValueError(
-                            f"{file.name}: {key!r} has shape {tuple(tensor.shape)}, "
-                            f"expected {tuple(expected[key].shape)}"
-                        )
-                    if not tensor.is_floating_point():
-                        raise ValueError(
-                            f"{file.name}: {key!r} has dtype {tensor.dtype}, expected a "
-                            "floating-point dtype"
-                        )
-                    state[from_hf_key(key)] = tensor.to(dtype) if dtype is not None else tensor
-        missing = sorted(set(expected) - {to_hf_key(k) for k in state})
-        if missing:
-            raise ValueError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
-        model.load_state_dict(state, strict=False, assign=True)
-        model.tie_weights()
-        _materialize_buffers(model, device)
-        return model.eval()
+        return hf_checkpoint.load_pretrained(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write ``config.json`` and ``model.safetensors`` (or shards with an index when larger
         than ``max_shard_bytes``) in the layout transformers' ``JetMoeForCausalLM`` loads."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {to_hf_key(k): v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        dtype = next(iter(state.values())).dtype
-        config = self.config.to_hf_dict() | {"dtype": str(dtype).removeprefix("torch.")}
-        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        shards: list[dict[str, Tensor]] = [{}]
-        size = 0
-        for key, tensor in state.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][key] = tensor
-            size += nbytes
-        if len(shards) == 1:
-            save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for index, shard in enumerate(shards, start=1):
-            name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint key mapping
-
-_MOA_EXPERT_PARTS = ("router.", "input_linear.", "output_linear.", "bias")
-
-
-def to_hf_key(name: str) -> str:
-    """Our state_dict key -> transformers': MoA's expert weights live under ``experts``."""
-    head, sep, tail = name.partition(".self_attention.")
-    if sep and tail.startswith(_MOA_EXPERT_PARTS):
-        return f"{head}.self_attention.experts.{tail}"
-    return name
-
-
-def from_hf_key(name: str) -> str:
-    return name.replace(".self_attention.experts.", ".self_attention.")
-
-
-_INDEX = "model.safetensors.index.json"
-
-
-def load_json(file: Path):
-    """The JSON value in ``file``; ``ValueError`` naming the file when it is not UTF-8 JSON
-    (``FileNotFoundError``/``OSError`` pass through)."""
-    try:
-        return json.loads(file.read_text())
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{file}: not valid JSON ({error})") from error
-
-
-def _checkpoint_files(path: Path) -> dict[Path, list[str] | None]:
-    """The safetensors files of a checkpoint, each with its keys (None: all of them)."""
-    single = path / "model.safetensors"
-    index = path / _INDEX
-    if single.is_file():
-        return {single: None}
-    if index.is_file():
-        data = load_json(index)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        files_named = isinstance(weight_map, dict) and all(
-            isinstance(file, str) for file in weight_map.values()
-        )
-        if not files_named:
-            raise ValueError(f"{index}: not a safetensors index (no weight_map of file names)")
-        files: dict[Path, list[str]] = {}
-        for key, file in weight_map.items():
-            files.setdefault(path / file, []).append(key)
-        for file in files:
-            if not file.is_file():
-                raise FileNotFoundError(f"{file} (listed in {index.name}) not found")
-        return files
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise ValueError(f"{path}: only safetensors checkpoints are read (never pickles)")
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor {index.name} found")
-
-
-def _materialize_buffers(model: nn.Module, device: str) -> None:
-    """Give the router statistics buffers (not in checkpoints) real storage after a meta
-    build."""
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.device.type == "meta":
-                module._buffers[name] = torch.zeros_like(buffer, device=device)
-
-
-__all__ = [
-    "FROM_CONFIG",
-    "CausalLMOutput",
-    "JetMoEConfig",
-    "JetMoEDecoderLayer",
-    "JetMoEForCausalLM",
-    "JetMoEModel",
-    "RMSNorm",
-    "from_hf_key",
-    "to_hf_key",
-]
+        hf_checkpoint.save_pretrained(self, path, max_shard_bytes=max_shard_bytes)

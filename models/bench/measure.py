@@ -1,0 +1,220 @@
+"""Timing and memory: a case's implementations built together and timed in alternating
+rounds (medians), the memory a step keeps for backward (CPU) or peaks at (CUDA)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .baselines import build
+from .cases import (
+    HF_SUITE,
+    LOOP_BASELINES,
+    MEMORY_MEASURES,
+    SUITES,
+    Case,
+    applies,
+    cases,
+    hf_shapes,
+    implementations,
+    shapes_for,
+)
+
+
+def step_function(module: nn.Module, x: Tensor, backward: bool):
+    """The callable that one timing repetition runs."""
+    if not backward:
+
+        def forward_only():
+            with torch.no_grad():
+                return module(x)
+
+        return forward_only
+    x = x.detach().requires_grad_()
+
+    def forward_backward():
+        for param in module.parameters():
+            param.grad = None
+        x.grad = None
+        out = module(x)
+        out.backward(torch.ones_like(out))
+        return out
+
+    return forward_backward
+
+
+def sync_device(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_medians_ms(
+    steps: dict, device: str, *, min_repeats: int = 3, max_repeats: int = 50, budget_s: float = 1.5
+) -> dict[str, float]:
+    """Median milliseconds of each callable in ``steps``, timed in rounds that run every one
+    of them once, so a slow spell on a shared machine slows them all alike and their ratios
+    hold. At least ``min_repeats`` rounds, then more while within ``budget_s`` per callable."""
+    for fn in steps.values():
+        fn()
+    sync_device(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    started, rounds = time.perf_counter(), 0
+    while rounds < min_repeats or (
+        rounds < max_repeats and time.perf_counter() - started < budget_s * len(steps)
+    ):
+        for name, fn in steps.items():
+            begin = time.perf_counter()
+            fn()
+            sync_device(device)
+            times[name].append((time.perf_counter() - begin) * 1e3)
+        rounds += 1
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def memory_mb(module: nn.Module, x: Tensor, device: str) -> float:
+    """MiB of one forward+backward, measured as :data:`MEMORY_MEASURES` names it per device.
+
+    CUDA, ``peak_allocated``: ``torch.cuda.max_memory_allocated()`` during the step minus
+    ``torch.cuda.memory_allocated()`` before it, with no gradients held then: the peak of
+    everything the step allocates (activations, what autograd saves, temporaries, the
+    gradients) above the input and the weights.
+
+    CPU, ``saved_for_backward``: the bytes of the distinct storages autograd saves for backward
+    in the step, the weights' excluded (the input's included where saved). Not a peak: it leaves
+    out temporaries and the gradients (the CPU allocator keeps no peak statistics)."""
+    step = step_function(module, x, backward=True)
+    for param in module.parameters():  # a previous step's gradients are not the step's memory
+        param.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    seen: dict[int, int] = {}
+
+    def pack(tensor: Tensor):
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(size for ptr, size in seen.items() if ptr not in parameters) / 2**20
+
+
+@dataclass
+class Result:
+    """One implementation's timing of a case, or (``error``) why it has none."""
+
+    suite: str
+    shape: str
+    tokens: int
+    dtype: str
+    device: str
+    impl: str
+    backward: bool
+    median_ms: float | None
+    tflops: float | None
+    memory_mb: float | None  # forward+backward only; what it is: memory_measure
+    vs_dense: float | None = None
+    # times faster than the suite's per-expert loop (LOOP_BASELINES): transformers' JetMoe
+    # module, in the hf suite transformers' eager experts, in expert_linear per_expert_loop
+    vs_transformers: float | None = None
+    vs_grouped_mm: float | None = None  # (hf suite only)
+    error: str | None = None
+
+    @property
+    def memory_measure(self) -> str:
+        """What ``memory_mb`` holds on this device (:func:`memory_mb`)."""
+        return MEMORY_MEASURES[self.device]
+
+
+def run_case(
+    case: Case,
+    backward: bool,
+    impls: tuple[str, ...] | None = None,
+    measure_memory: bool = True,
+    **timing,
+) -> list[Result]:
+    """Time every implementation of ``case`` that applies (of ``impls``, by default its
+    suite's: :func:`implementations`). On CPU they are built together and timed in alternating
+    rounds (shared CPUs drift by 10-20 % within minutes; the ratios are what the tables report).
+    On a GPU one at a time: the full-size weights of all of them may not fit together
+    (DeepSeek-V3's experts are 22 GB per implementation in bf16).
+
+    An implementation that raises (out of memory, say) gets a result with its ``error`` and no
+    timing; the others are still timed (on CPU, then one at a time)."""
+    impls = implementations(case.suite) if impls is None else impls
+    applicable = [impl for impl in impls if applies(case, impl)]
+    pending = [applicable] if case.device == "cpu" else [[impl] for impl in applicable]
+    results = []
+    while pending:
+        group = pending.pop(0)
+        try:
+            results += _measure(case, backward, group, measure_memory, timing)
+        except Exception as error:
+            if len(group) > 1:  # time them one at a time to find the one that fails
+                pending[:0] = [[impl] for impl in group]
+            else:
+                message = f"{type(error).__name__}: {error}"[:2000]
+                failed = (group[0], backward, None, None, None)
+                results.append(Result(*_case_fields(case), *failed, error=message))
+    times = {r.impl: r.median_ms for r in results if r.error is None}
+    for r in results:
+        if r.error is not None:
+            continue
+        if "dense" in times:
+            r.vs_dense = r.median_ms / times["dense"]
+        baseline = LOOP_BASELINES.get(case.suite, "transformers")
+        if baseline in times:
+            r.vs_transformers = times[baseline] / r.median_ms
+        if case.suite == HF_SUITE and "grouped_mm" in times:
+            r.vs_grouped_mm = times["grouped_mm"] / r.median_ms
+    return results
+
+
+def _case_fields(case: Case) -> tuple:
+    return case.suite, case.shape, case.tokens, case.dtype, case.device
+
+
+def _measure(
+    case: Case, backward: bool, impls: list[str], measure_memory: bool, timing: dict
+) -> list[Result]:
+    """Build ``impls`` together and time them in alternating rounds."""
+    built = {impl: build(case, impl) for impl in impls}
+    steps = {impl: step_function(module, x, backward) for impl, (module, x) in built.items()}
+    elapsed = time_medians_ms(steps, case.device, **timing)
+    results = []
+    for impl, (module, x) in built.items():
+        memory = memory_mb(module, x, case.device) if backward and measure_memory else None
+        tflops = case.matmul_flops(backward) / (elapsed[impl] / 1e3) / 1e12
+        results.append(Result(*_case_fields(case), impl, backward, elapsed[impl], tflops, memory))
+    return results
+
+
+def run_suite(
+    suite: str,
+    shapes: list[str],
+    tokens: list[int],
+    dtypes: list[str],
+    device: str,
+    *,
+    tiny: bool = False,
+    passes=(False, True),
+    **timing,
+) -> list[Result]:
+    if suite not in (*SUITES, HF_SUITE):
+        raise ValueError(f"suite must be one of {(*SUITES, HF_SUITE)}, got {suite!r}")
+    table = hf_shapes(device, tiny) if suite == HF_SUITE else shapes_for(device, tiny)
+    results = []
+    for case in cases(suite, shapes, tokens, dtypes, device, table):
+        for backward in passes:
+            results.append(run_case(case, backward, **timing))
+    return [r for group in results for r in group]

@@ -1,0 +1,156 @@
+"""The text a run trains and validates on, its batches, and the validation loss.
+
+The default corpus is the running interpreter's own standard library (``*.py`` files read as
+bytes, vocabulary 256): no download, no tokenizer. Files are sorted by path and split into
+train and validation by a stable hash of the path."""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .settings import DEFAULT_SEQ_LEN, TrainingError, TrainSettings, check_path_given
+
+VALIDATION_PERCENT = 5
+
+
+SEPARATOR = b"\n\n"
+
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@dataclass
+class Corpus:
+    train: torch.Tensor  # uint8 bytes
+    validation: torch.Tensor
+    description: str
+
+
+def _in_validation(relative_path: str) -> bool:
+    return zlib.crc32(relative_path.encode()) % 100 < VALIDATION_PERCENT
+
+
+def _join(paths: list[Path]) -> torch.Tensor:
+    data = SEPARATOR.join(path.read_bytes() for path in paths)
+    return (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.empty(0, dtype=torch.uint8)
+    )
+
+
+def load_corpus_files() -> list[Path]:
+    """The running interpreter's standard-library ``*.py`` files, sorted by path."""
+    root = STDLIB
+    return sorted(
+        path
+        for path in root.rglob("*.py")
+        if not {"site-packages", "__pycache__"} & set(path.relative_to(root).parts)
+    )
+
+
+def load_corpus(data: str | Path | None, seq_len: int = DEFAULT_SEQ_LEN) -> Corpus:
+    """The text to train and validate on, each part at least one window of ``seq_len + 1``
+    bytes: the standard library's Python sources (``data=None``), every file under a folder, or
+    one file. Files are split by a stable hash of their relative path; when that leaves either
+    part shorter than a window (one file, or a folder of few files), the text of all of them
+    is split by position instead: the last 5 %, and at least a window, is validation. Text
+    shorter than two windows is a :class:`TrainingError`."""
+    if data is None:
+        root = STDLIB
+        files = load_corpus_files()
+        description = f"Python {sysconfig.get_python_version()} standard library ({root})"
+    else:
+        check_path_given(
+            "--data",
+            data,
+            "a text file or folder (or leave --data out for Python's standard library)",
+        )
+        root = Path(data)
+        if not root.exists():
+            raise TrainingError(f"--data {data}: no such file or folder")
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        description = str(root)
+    hashed = [_in_validation(path.relative_to(root).as_posix()) for path in files]
+    train = _join([path for path, val in zip(files, hashed, strict=True) if not val])
+    validation = _join([path for path, val in zip(files, hashed, strict=True) if val])
+    window = seq_len + 1
+    split = "split by path hash"
+    if min(train.numel(), validation.numel()) < window:  # one file is all on one side
+        text = _join(files)
+        if text.numel() < 2 * window:
+            source = "Python's standard library" if data is None else f"--data {data}"
+            raise TrainingError(
+                f"--seq-len {seq_len}: {source} has {text.numel():,} bytes of text, fewer than "
+                f"two windows of --seq-len + 1 ({window}) bytes, one to train on and one to "
+                "validate; use a smaller --seq-len or more text"
+            )
+        size = max(text.numel() * VALIDATION_PERCENT // 100, window)
+        train, validation = text[:-size], text[-size:]
+        split = "split by position"
+    count = f"{len(files):,} file{'s' * (len(files) != 1)}"
+    return Corpus(
+        train,
+        validation,
+        f"{description}: {count}, {train.numel():,} + {validation.numel():,} bytes ({split})",
+    )
+
+
+def batch_at(
+    data: torch.Tensor, step: int, seed: int, batch_size: int, length: int
+) -> torch.Tensor:
+    """Windows ``[batch_size, length + 1]`` (int64) of the uint8 text ``data`` (at least
+    ``length + 1`` bytes) for one step, a function of (seed, step) only, so a resumed run sees
+    the same data order."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, _window_starts(data, length), (batch_size,), generator=generator)
+    return windows(data, starts, length)
+
+
+def _window_starts(data: torch.Tensor, length: int) -> int:
+    """How many windows of ``length + 1`` bytes fit."""
+    return data.numel() - length
+
+
+def windows(data: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    return data[starts[:, None] + torch.arange(length + 1)].long()
+
+
+def validation_starts(corpus: Corpus, settings: TrainSettings) -> list[torch.Tensor]:
+    """Start offsets of the validation windows, ``eval_batches`` batches of ``batch_size``,
+    spread evenly over the validation text."""
+    count = settings.eval_batches * settings.batch_size
+    last_start = _window_starts(corpus.validation, settings.seq_len) - 1
+    return list(torch.linspace(0, last_start, count).long().split(settings.batch_size))
+
+
+@torch.no_grad()
+def evaluate(
+    model, corpus: Corpus, settings: TrainSettings, *, sharded: bool = False, device=None
+) -> float:
+    """Validation loss in bits per byte on fixed windows spread over the validation text.
+    ``sharded``: each rank of the initialised process group scores its share of every batch
+    and the sums are all-reduced (collective: every rank must call it)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)  # summed loss (nats), scored bytes
+    for chunk in validation_starts(corpus, settings):
+        window = windows(corpus.validation, chunk.tensor_split(world)[rank], settings.seq_len)
+        window = window.to(device)
+        logits = model(window[:, :-1]).logits
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), window[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += torch.stack([loss.double().cpu(), torch.tensor(float(window[:, 1:].numel()))])
+    if sharded:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item() / math.log(2)

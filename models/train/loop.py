@@ -1,0 +1,317 @@
+"""The one trainer: :func:`run_training` sets a run up and trains it with :func:`run_steps`, in
+one process (:class:`OneProcess`) or on every rank of a torchrun job
+(:class:`~.distributed.Ranks`), which answer what differs between the two."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moe_blocks.router import tokens_per_expert
+
+from ..jetmoe import JetMoEForCausalLM
+from . import report
+from .continual import (
+    check_overwrite_keeps_origin,
+    load_origin,
+    prepare_model,
+    starting_model,
+    validate,
+)
+from .data import Corpus, batch_at, load_corpus
+from .run_folder import (
+    TrainerState,
+    check_output,
+    check_space,
+    load_log,
+    load_model,
+    prepare_output,
+    recover_run,
+    restore_optimizer,
+    save_checkpoint,
+)
+from .settings import TrainingError, TrainSettings, learning_rate
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """In one process, SIGTERM (a scheduler, ``kill``) interrupts as Ctrl-C does, so the run
+    saves its last finished step instead of dying without a checkpoint. (Only the main thread
+    can take signals; elsewhere nothing changes.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) with weight decay on the matrices, none on norms and biases."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.dim() < 2 or name.endswith("layernorm.weight") else decay).append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=settings.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def step_statistics(model, output) -> dict:
+    """A step's log fields of one process: its losses and each router's tokens per expert,
+    keyed by :func:`moe_blocks.router.named_routers`."""
+    return {
+        "loss": output.loss.item(),
+        "lm_loss": output.lm_loss.item(),
+        "aux_loss": output.aux_loss.item(),
+        "tokens_per_expert": tokens_per_expert(model),
+    }
+
+
+@dataclass
+class StepLoop:
+    """What a training run plugs into :func:`run_steps`: the gradient clipping, the step's log
+    statistics, validation and checkpointing (one process: :func:`train`; every rank of a
+    sharded run: :func:`moe_blocks.models.parallel.train_sharded`)."""
+
+    clip: Callable[[], object]
+    # (model output, stop requested here) -> (the entry's losses and tokens_per_expert, stop)
+    statistics: Callable[[object, bool], tuple[dict, bool]]
+    validate: Callable[[], dict]
+    checkpoint: Callable[[int], None]
+    rows: slice = field(default_factory=lambda: slice(None))  # this process's rows of a batch
+    device: torch.device | None = None
+    stop_requested: Callable[[], bool] = lambda: False
+
+
+def run_steps(
+    model, optimizer, settings: TrainSettings, corpus: Corpus, log: list[dict], start_step: int,
+    loop: StepLoop, *, progress: bool,
+) -> tuple[int, bool]:  # fmt: skip
+    """Train from ``start_step`` to ``settings.steps``, appending an entry per step to ``log``
+    (validation every ``eval_every`` steps and at the end; when ``log`` is empty, also before
+    the first step, logged in its entry with the suffix ``_before``: ``val_bpb_before``),
+    checkpointing every ``checkpoint_every`` steps before the last; a progress bar on stderr
+    when ``progress``.
+    Stops early on a KeyboardInterrupt or when ``loop.statistics`` says so (after that step);
+    a step's entry is logged before the validation after it, which an interrupt leaves out of
+    the entry. A KeyboardInterrupt before this call's first step has finished propagates
+    (there is no step to save), with a message saying so. Returns the last step trained and
+    whether it stopped early."""
+    tokens_per_step = settings.batch_size * settings.seq_len
+    bar = report.progress_bar(settings.steps, start_step, progress)
+    step, stopped = start_step, False
+    try:
+        before = {} if log else {f"{key}_before": bpb for key, bpb in loop.validate().items()}
+        last_bpb = before["val_bpb_before"] if before else report.validations(log)[-1][1]
+        while step < settings.steps:
+            started = time.perf_counter()
+            lr = learning_rate(settings, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = batch_at(corpus.train, step, settings.seed, settings.batch_size,
+                             settings.seq_len)  # fmt: skip
+            window = batch[loop.rows].to(loop.device)
+            output = model(window, labels=window)  # shifted inside: seq_len targets
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            loop.clip()
+            optimizer.step()
+            step += 1
+            statistics, stopped = loop.statistics(output, loop.stop_requested())
+            elapsed = time.perf_counter() - started
+            entry = {"step": step, **before, **statistics, "lr": lr,
+                     "tokens_per_s": tokens_per_step / elapsed}  # fmt: skip
+            log.append(entry)  # before validating: an interrupted validation keeps the step
+            before = {}
+            if step % settings.eval_every == 0 or step == settings.steps:
+                entry.update(loop.validate())
+                last_bpb = entry["val_bpb"]
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{entry['lm_loss']:.3f}",
+                tok_s=f"{entry['tokens_per_s']:.0f}",
+                lr=f"{lr:.2e}",
+                val_bpb=f"{last_bpb:.3f}",
+            )
+            if stopped:
+                break
+            if step % settings.checkpoint_every == 0 and step < settings.steps:
+                loop.checkpoint(step)
+    except KeyboardInterrupt:
+        if step == start_step:
+            kept = f"the checkpoint of step {step} is kept" if step else "nothing to save"
+            raise KeyboardInterrupt(
+                f"interrupted before step {step + 1} finished: {kept}"
+            ) from None
+        stopped = True
+    finally:
+        bar.close()
+    return step, stopped
+
+
+@dataclass
+class TrainResult:
+    """A finished (or interrupted) run: its folder and log; ``main``: this process wrote the
+    files (rank 0 of a sharded run); ``sharded``: its checkpoint holds shards and ``out/model``
+    the Hugging Face export."""
+
+    out: Path
+    log: list
+    interrupted: bool
+    main: bool = True
+    sharded: bool = False
+
+    @property
+    def start_bpb(self) -> float:
+        """Validation bits per byte before the run's first step."""
+        return report.validations(self.log)[0][1]
+
+    @property
+    def final_bpb(self) -> float:
+        """The last validation's bits per byte."""
+        return report.validations(self.log)[-1][1]
+
+
+class OneProcess:
+    """How one plain process trains, for :func:`run_training`. Every rank of a torchrun job
+    trains through :class:`moe_blocks.models.parallel.Ranks`, which answers the same
+    questions: which process writes files, how the model is sharded, saved, restored and
+    clipped, what a step logs, how a stop is asked for."""
+
+    main, rank, world, device, sharded = True, 0, 1, None, False
+    evaluation: dict = {}  # evaluate's options
+
+    def barrier(self) -> None:
+        pass
+
+    def check_checkpoint(self, state: TrainerState | None, checkpoint: Path) -> None:
+        if state is not None and not (checkpoint / "config.json").exists():
+            if any(checkpoint.glob("*.distcp")):
+                raise TrainingError(
+                    f"--resume: {checkpoint} holds the shards of a torchrun run but no "
+                    ".metadata (deleted: a save never publishes without it); the checkpoint "
+                    "cannot be read: restore the file, or start over with --overwrite"
+                )
+
+    def check(self, settings: TrainSettings, model) -> None:
+        pass
+
+    def initial_model(self, settings, origin, state, checkpoint: Path) -> JetMoEForCausalLM:
+        if state is not None:
+            return load_model(checkpoint, "--resume")
+        return starting_model(settings, origin)
+
+    def shard(self, model) -> None:
+        pass
+
+    def restore(self, checkpoint: Path, model, optimizer) -> None:
+        restore_optimizer(checkpoint, model, optimizer)
+
+    def describe(self) -> str | None:
+        return None
+
+    def rows(self, settings: TrainSettings) -> slice:
+        return slice(None)
+
+    def clip(self, model) -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    def statistics(self, model, output, stop: bool) -> tuple[dict, bool]:
+        return step_statistics(model, output), stop
+
+    def save(self, checkpoint: Path, model, optimizer, settings, step: int, log: list) -> None:
+        save_checkpoint(checkpoint, model, optimizer, settings, step, log)
+
+    def finish(self, model, out: Path, step: int) -> None:
+        pass  # the one-process checkpoint is itself the model in the Hugging Face layout
+
+    def stopping(self):
+        return sigterm_as_interrupt()  # a SIGTERM saves the last step, as Ctrl-C does
+
+    def stop_requested(self) -> bool:
+        return False
+
+
+def run_training(
+    settings: TrainSettings, processes, *, resume: bool, overwrite: bool, progress: bool
+) -> TrainResult:
+    """The one trainer, for one process and for every rank of a torchrun job alike: check
+    the output and the inputs, build (or load) the model, shard it, restore a checkpoint,
+    train with :func:`run_steps`, save, log and plot. ``processes`` (:class:`OneProcess` or
+    :class:`moe_blocks.models.parallel.Ranks`) answers what differs between them."""
+    out = Path(settings.out)
+    checkpoint_dir = out / "checkpoint"
+    if processes.main:
+        recover_run(out)
+    processes.barrier()
+    state = check_output(settings, resume=resume, overwrite=overwrite)
+    processes.check_checkpoint(state, checkpoint_dir)
+    corpus = load_corpus(settings.data, settings.seq_len)
+    origin = load_origin(settings)
+    check_overwrite_keeps_origin(settings, origin, overwrite=overwrite)
+    model = processes.initial_model(settings, origin, state, checkpoint_dir)
+    processes.check(settings, model)
+    processes.barrier()  # every process has looked at OUT before the main one writes into it
+    if processes.main:
+        prepare_output(out, overwrite=overwrite)
+        check_space(out, model)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    model.train()
+    frozen = prepare_model(model, settings, origin)
+    processes.shard(model)
+    optimizer = make_optimizer(model, settings)
+    log: list[dict] = []
+    start_step = 0
+    if state is not None:
+        processes.restore(checkpoint_dir, model, optimizer)
+        start_step = state.step
+        log = load_log(checkpoint_dir, model)
+    if processes.main:
+        report.announce(settings, corpus, model, state)
+        for line in (origin and origin.summary(settings), processes.describe()):
+            if line:
+                print(line)
+
+    def save(step: int) -> None:
+        processes.save(checkpoint_dir, model, optimizer, settings, step, log)
+
+    steps = StepLoop(
+        clip=lambda: processes.clip(model),
+        statistics=lambda output, stop: processes.statistics(model, output, stop),
+        validate=lambda: validate(model, corpus, settings, origin, **processes.evaluation),
+        checkpoint=save,
+        rows=processes.rows(settings),
+        device=processes.device,
+        stop_requested=processes.stop_requested,
+    )
+    with processes.stopping():
+        step, interrupted = run_steps(model, optimizer, settings, corpus, log, start_step, steps,
+                                      progress=progress and processes.main)  # fmt: skip
+        if frozen is not None:
+            frozen.remove()  # the model is not used here after training
+        save(step)
+        processes.finish(model, out, step)
+    if processes.main:
+        (out / "log.json").write_text(json.dumps(log) + "\n")
+        report.plot_run(log, out / "training.png")
+    return TrainResult(out, log, interrupted, processes.main, processes.sharded)

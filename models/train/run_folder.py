@@ -1,0 +1,423 @@
+"""A run folder (``--out``) and its checkpoints: the one checkpoint writer (every save
+consistent or absent), recovery after a crash, the trainer state, the log, the model export's
+step, and the checks made before a run writes anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import typing
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moe_blocks.router import named_routers
+
+from ..jetmoe import JetMoEForCausalLM, load_json
+from .settings import TrainingError, TrainSettings, is_int
+
+# 2: tokens_per_expert keyed by router name; 3: every entry of log.json is a step (the
+# validation before the first step is that step's val_bpb_before, not an entry of its own).
+CHECKPOINT_FORMAT = "moe-blocks-train/3"
+
+
+RESUMABLE_FORMATS = ("moe-blocks-train/2", CHECKPOINT_FORMAT)  # 2's log is converted
+
+
+# What a run writes into --out (model/: the Hugging Face export of a sharded run).
+RUN_FILES = ("checkpoint", "log.json", "training.png", "model")
+
+
+def prepare_output(out: Path, *, overwrite: bool) -> None:
+    """Create ``out`` and check that files can be written there (before any step, not at the
+    first save); with ``overwrite`` first delete what an earlier run wrote there
+    (:data:`RUN_FILES`), so none of it mixes with the new run's files (a one-process
+    checkpoint written over a sharded one would keep its shards, which --resume reads)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise TrainingError(f"--out {out}: {error.strerror}") from None
+    if overwrite:
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+
+def check_space(out: Path, model) -> None:
+    """Refuse to start when ``out``'s disk has no room for one more checkpoint: the weights
+    and AdamW's two moments (a new checkpoint is written beside the last one)."""
+    needed = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise TrainingError(
+            f"--out {out}: {free / 1e6:.0f} MB free, a checkpoint of this model needs about "
+            f"{needed / 1e6:.0f} MB: free some space or write elsewhere"
+        )
+
+
+def recover_run(out: Path) -> None:
+    """:func:`recover_checkpoint` for the run's checkpoint and its model export."""
+    for folder in (out / "checkpoint", out / "model"):
+        recover_checkpoint(folder)
+
+
+EXPORT_FILE = "export.json"  # in a torchrun run's model/: the training step it holds
+
+
+def is_sharded_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a checkpoint of a torchrun run (DCP shards)."""
+    return (Path(directory) / ".metadata").is_file()
+
+
+def write_export_step(folder: Path, step: int) -> None:
+    (folder / EXPORT_FILE).write_text(json.dumps({"step": step}) + "\n")
+
+
+def _recorded_step(path: Path) -> int | None:
+    """The ``"step"`` a JSON file records, None when it is missing, unreadable or says none."""
+    try:
+        step = load_json(path).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if is_int(step) else None
+
+
+def export_step(folder: Path) -> int | None:
+    """The training step a run's ``model/`` export holds, None when it does not say."""
+    return _recorded_step(folder / EXPORT_FILE)
+
+
+def export_lags(out: Path, step: int) -> bool:
+    """Whether the torchrun run in ``out``, whose checkpoint is at ``step``, has a ``model/``
+    export of another step or none (a crash between the checkpoint and the export)."""
+    return is_sharded_checkpoint(out / "checkpoint") and export_step(out / "model") != step
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """The model folder given either itself or the run folder (``--out``) holding it: the run's
+    ``checkpoint/``, or for a sharded (torchrun) run, whose ``checkpoint/`` holds shards, its
+    Hugging Face export ``model/``; read-only commands read a ``.previous`` that a killed save
+    left (:func:`recover_checkpoint` puts it back at the next ``train``)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    # (.previous: the last complete one when a save was killed between its two renames)
+    for name in ("checkpoint", "checkpoint.previous", "model", "model.previous"):
+        if (path / name / "config.json").exists():
+            if name.startswith("model"):
+                _warn_if_export_lags(path, path / name)
+            return path / name
+    return path / "checkpoint" if (path / "checkpoint").is_dir() else path
+
+
+def _warn_if_export_lags(run: Path, model: Path) -> None:
+    """Say so when a torchrun run's ``model/`` export holds another step than its checkpoint
+    (the reader gets the older weights; ``train --resume --steps STEP`` rebuilds it)."""
+    step = _recorded_step(run / "checkpoint" / "trainer_state.json")
+    if not is_sharded_checkpoint(run / "checkpoint") or step is None:
+        return  # (no step to compare with: --resume names what is wrong with that file)
+    held = export_step(model)
+    if held != step:
+        warnings.warn(
+            f"{model} holds the weights of step {held if held is not None else '(unknown)'} but "
+            f"{run / 'checkpoint'} is at step {step}: rebuild the export with moe-blocks train "
+            f"--out {run} --resume --steps {step}",
+            stacklevel=3,
+        )
+
+
+def sibling(directory: Path, suffix: str) -> Path:
+    """``directory.<suffix>``: where :func:`write_checkpoint` stages (``partial``) and keeps
+    the replaced checkpoint until the new one is published (``previous``)."""
+    return directory.with_name(f"{directory.name}.{suffix}")
+
+
+def write_checkpoint(
+    directory: Path,
+    write: Callable[[Path], None],
+    *,
+    main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> None:
+    """The one way a checkpoint (or model export) is written: consistent or absent, never
+    partial. ``write(folder)`` fills ``<directory>.partial``; once every file is written and
+    synced to disk, the main process publishes it: the current ``directory`` is renamed to
+    ``<directory>.previous``, the new folder to ``directory``, and the previous one deleted.
+    A crash at any moment leaves either the old checkpoint at ``directory``, or none there and
+    the old one complete at ``<directory>.previous``, which :func:`recover_checkpoint` puts
+    back; a ``.partial`` folder is never read. A failed write (a full disk) removes the new
+    folder and raises a :class:`TrainingError` saying the last checkpoint is intact.
+
+    Under torchrun every rank calls it with its own ``write`` (its shards; ``main``: rank 0,
+    ``barrier``: ``dist.barrier``)."""
+    partial, previous = sibling(directory, "partial"), sibling(directory, "previous")
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    try:
+        write(partial)
+        _sync(partial)
+    except (OSError, SafetensorError) as error:
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
+        kept = f"{directory} still holds the last checkpoint" if directory.exists() else (
+            "no earlier checkpoint")  # fmt: skip
+        raise TrainingError(f"writing {directory} failed ({error}); {kept}") from None
+    barrier()
+    if main:
+        shutil.rmtree(previous, ignore_errors=True)
+        if directory.exists():
+            directory.rename(previous)
+        partial.rename(directory)
+        _sync(directory.parent, recurse=False)
+        shutil.rmtree(previous, ignore_errors=True)
+    barrier()
+
+
+def recover_checkpoint(directory: Path) -> None:
+    """Undo what a crash inside :func:`write_checkpoint` left: a complete ``.previous`` with
+    no ``directory`` (killed between its two renames) becomes ``directory`` again; a
+    ``.partial`` (never published) is deleted, and so is a ``.previous`` beside a published
+    ``directory``. Main process only, before anything reads the checkpoint."""
+    partial, previous = sibling(directory, "partial"), sibling(directory, "previous")
+    if previous.is_dir() and not directory.exists():
+        previous.rename(directory)
+    for leftover in (partial, previous):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
+def _sync(path: Path, *, recurse: bool = True) -> None:
+    """fsync every file below ``path`` (with ``recurse``) and ``path`` itself."""
+    if recurse:
+        for file in path.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(
+    directory: Path, model, optimizer, settings: TrainSettings, step: int, log: list
+) -> None:
+    """The one-process checkpoint of ``step``: the model in the Hugging Face layout, the
+    optimizer state, the trainer state and the log, published by :func:`write_checkpoint`."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                tensors[f"{names[id(param)]}::{key}"] = value.detach().contiguous()
+    state = {"format": CHECKPOINT_FORMAT, "step": step, "settings": asdict(settings)}
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        save_file(tensors, str(folder / "optimizer.safetensors"))
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+        (folder / "log.json").write_text(json.dumps(log) + "\n")
+
+    write_checkpoint(directory, write)
+
+
+@dataclass
+class TrainerState:
+    """What ``trainer_state.json`` says: the steps done and the run's settings."""
+
+    step: int
+    settings: TrainSettings
+
+
+def load_trainer_state(directory: Path) -> TrainerState:
+    """The trainer state of the checkpoint in ``directory``; a :class:`TrainingError` naming
+    the file when it is missing or not one that moe-blocks train wrote."""
+    state_file = directory / "trainer_state.json"
+    if not state_file.is_file():
+        raise TrainingError(
+            f"{directory} holds no moe-blocks training checkpoint ({state_file.name} missing)"
+        )
+    state = read_json(state_file, dict)
+    if state.get("format") not in RESUMABLE_FORMATS:
+        raise TrainingError(
+            f"{state_file}: format {state.get('format')!r}, not {CHECKPOINT_FORMAT!r} "
+            "(written by another version of moe-blocks train, or by something else)"
+        )
+    step, settings = state.get("step"), state.get("settings")
+    if not is_int(step) or step < 0 or not isinstance(settings, dict):
+        raise TrainingError(f"{state_file}: no step count and settings of moe-blocks train")
+    return TrainerState(step, _settings_from_json(settings, state_file))
+
+
+def _settings_from_json(saved: dict, state_file: Path) -> TrainSettings:
+    """The :class:`TrainSettings` that ``trainer_state.json`` holds (those it lacks take their
+    defaults), each of its declared type and passing :meth:`TrainSettings.check`; a
+    :class:`TrainingError` naming the file and the setting otherwise."""
+    types = typing.get_type_hints(TrainSettings)
+    for name, value in saved.items():
+        if name not in types:
+            raise TrainingError(f"{state_file}: unknown setting {name!r}")
+        allowed = typing.get_args(types[name]) or (types[name],)
+        if float in allowed:
+            allowed += (int,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise TrainingError(
+                f"{state_file}: setting {name} is {value!r}, not "
+                f"{TrainSettings.__annotations__[name]}"
+            )
+    settings = TrainSettings(**saved)
+    try:
+        settings.check()
+    except TrainingError as error:
+        raise TrainingError(f"{state_file}: {error}") from None
+    return settings
+
+
+def read_json(path: Path, kind: type[dict] | type[list]) -> dict | list:
+    """The JSON object (``kind`` dict) or array (list) in ``path``; a :class:`TrainingError`
+    naming the file when it is missing, unreadable, not UTF-8 JSON or not a ``kind``."""
+    try:
+        value = load_json(path)
+    except FileNotFoundError:
+        raise TrainingError(f"{path} is missing") from None
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8 or not JSON
+        raise TrainingError(str(error)) from None
+    if not isinstance(value, kind):
+        found = "array" if isinstance(value, list) else type(value).__name__
+        raise TrainingError(
+            f"{path}: a JSON {found}, not {'an object' if kind is dict else 'an array'}"
+        )
+    return value
+
+
+def load_model(folder: Path, flag: str) -> JetMoEForCausalLM:
+    """The model in ``folder``; a :class:`TrainingError` naming ``flag`` and the file when
+    the folder holds none or one that is not ours."""
+    try:
+        return JetMoEForCausalLM.from_pretrained(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise TrainingError(f"{flag}: {error}") from None
+
+
+def load_log(directory: Path, model) -> list[dict]:
+    """The ``log.json`` saved with the checkpoint in ``directory``, whose entries must be
+    steps of ``model`` (each with its step, losses and the tokens per expert of the model's
+    routers), so that nothing fails on them after training."""
+    path = directory / "log.json"
+    log = read_json(path, list)
+    if log and isinstance(log[0], dict) and "loss" not in log[0]:
+        before = log.pop(0)  # format 2: step 0's validation was an entry of its own
+        if log and isinstance(log[0], dict):
+            log[0].update(
+                {f"{key}_before": value for key, value in before.items() if key != "step"}
+            )
+    experts = {name: router.num_experts for name, router in named_routers(model).items()}
+    for index, entry in enumerate(log):
+        if not _is_step_entry(entry, experts):
+            raise TrainingError(
+                f"{path}: entry {index} is not a step of this model (a step count, loss, "
+                "lm_loss and other numbers, and tokens_per_expert of its routers)"
+            )
+    return log
+
+
+def _is_step_entry(entry: object, experts: dict[str, int]) -> bool:
+    if not isinstance(entry, dict) or not {"step", "loss", "lm_loss"} <= entry.keys():
+        return False
+    loads = entry.get("tokens_per_expert")
+    numbers = [v for k, v in entry.items() if k not in ("step", "tokens_per_expert")]
+    return (
+        is_int(entry["step"])
+        and all(isinstance(v, float) or is_int(v) for v in numbers)
+        and isinstance(loads, dict)
+        and {name: len(c) if isinstance(c, list) else None for name, c in loads.items()} == experts
+        and all(is_int(count) for counts in loads.values() for count in counts)
+    )
+
+
+def restore_optimizer(directory: Path, model, optimizer) -> None:
+    path = directory / "optimizer.safetensors"
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise TrainingError(f"--resume: {path} is missing") from None
+    except SafetensorError as error:
+        raise TrainingError(f"--resume: {path}: {error}") from None
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        name, _, state_key = key.partition("::")
+        param = params.get(name)
+        known = param is not None and state_key in ("step", "exp_avg", "exp_avg_sq")
+        if not known or value.shape != (() if state_key == "step" else param.shape):
+            raise TrainingError(
+                f"--resume: {path}: {key!r} is not AdamW state of this model's parameters"
+            )
+        optimizer.state[params[name]][state_key] = value
+
+
+def check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> TrainerState | None:
+    """Refuse an ``out`` that would fail after training or lose a run; with ``resume``, return
+    the checkpoint's trainer state once it agrees with ``settings``."""
+    out = Path(settings.out)
+    if resume and overwrite:
+        raise TrainingError("--resume and --overwrite exclude each other: continue or replace")
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a folder")
+    if not resume:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and not overwrite:
+            raise TrainingError(
+                f"--out {out} already holds a run ({', '.join(found)}): continue it with "
+                "--resume or replace it with --overwrite"
+            )
+        return None
+    state = load_trainer_state(out / "checkpoint")
+    saved = state.settings
+    for name in (
+        "preset", "batch_size", "seq_len", "seed", "data", "overrides", "resume_from",
+        "train_new_experts_only", "balance_loss",
+    ):  # fmt: skip
+        theirs, ours = getattr(saved, name), getattr(settings, name)
+        if not (same_path(theirs, ours) if name in ("data", "resume_from") else theirs == ours):
+            raise TrainingError(
+                f"--resume: --{name.replace('_', '-')} {ours} differs from the checkpoint's "
+                f"({theirs}); leave it out to keep the checkpoint's"
+            )
+    if settings.steps < state.step or (
+        settings.steps == state.step and not export_lags(out, state.step)
+    ):  # the same step again only rebuilds a torchrun run's lagging model/ export
+        raise TrainingError(
+            f"--resume: the checkpoint is at step {state.step}; --steps {settings.steps} "
+            "must be above it to train further"
+        )
+    return state
+
+
+def same_path(theirs: str | None, ours: str | None) -> bool:
+    """Whether two ``--data`` (or ``--resume-from``) values name the same files: both None (the
+    standard library) or the same path once resolved (a checkpoint written before paths were
+    saved absolute holds a relative one)."""
+    if theirs is None or ours is None:
+        return theirs is ours
+    return Path(theirs).resolve() == Path(ours).resolve()
+
+
+def resumed_settings(out: str, given: dict) -> TrainSettings:
+    """The settings of the run in ``out`` (its checkpoint's) with ``given`` (the options on
+    the command line) in place of theirs; :func:`train` refuses a given one that changes the
+    data or the model."""
+    return replace(load_trainer_state(Path(out) / "checkpoint").settings, out=out, **given)

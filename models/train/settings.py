@@ -1,0 +1,130 @@
+"""A training run's settings (``moe-blocks train``'s options), their checks, and the
+learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from moe_blocks.kernels.checks import check_positive_int as check_int_at_least_one
+from moe_blocks.losses import BALANCE_LOSSES
+
+from ..jetmoe import JetMoEConfig
+
+DEFAULT_SEQ_LEN = 128  # bytes per training window
+
+
+class TrainingError(Exception):
+    """A problem with the user's input, reported as one line by the CLI."""
+
+
+DEFAULT_WARMUP_STEPS = 30
+
+
+@dataclass
+class TrainSettings:
+    preset: str = "tiny"
+    data: str | None = None
+    out: str = "runs/tiny"
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = DEFAULT_SEQ_LEN
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None  # None: min(DEFAULT_WARMUP_STEPS, steps)
+    schedule: str = "wsd"  # warmup-stable-decay (JetMoE, MiniCPM) or cosine
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    seed: int = 0
+    threads: int | None = None
+    overrides: dict = field(default_factory=dict)
+    resume_from: str | None = None  # start from this model (fresh optimizer, step 0)
+    train_new_experts_only: bool = False  # with resume_from: an extended checkpoint
+    balance_loss: str | None = None  # set every router's balance loss (None: the model's)
+
+    @property
+    def warmup(self) -> int:
+        """The warmup steps in effect: ``warmup_steps``, by default at most 30."""
+        if self.warmup_steps is None:
+            return min(DEFAULT_WARMUP_STEPS, self.steps)
+        return self.warmup_steps
+
+    def check(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+        ):
+            check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+        if self.threads is not None:
+            check_positive_int("--threads", self.threads)
+        for name in ("out", "resume_from"):
+            check_path_given(f"--{name.replace('_', '-')}", getattr(self, name), "a folder")
+        given = self.warmup_steps
+        if given is not None and (not is_int(given) or not 0 <= given <= self.steps):
+            raise TrainingError(
+                f"--warmup-steps must be an integer from 0 to --steps ({self.steps}), "
+                f"got {self.warmup_steps}"
+            )
+        if not self.lr > 0:
+            raise TrainingError(f"--lr must be positive, got {self.lr}")
+        if self.schedule not in ("wsd", "cosine"):
+            raise TrainingError(f"--schedule must be wsd or cosine, got {self.schedule}")
+        if self.preset not in JetMoEConfig.PRESETS:
+            raise TrainingError(
+                f"--preset: unknown preset {self.preset!r}; presets: "
+                f"{', '.join(JetMoEConfig.PRESETS)}"
+            )
+        if self.train_new_experts_only and self.resume_from is None:
+            raise TrainingError(
+                "--train-new-experts-only needs --resume-from DIR (a checkpoint written by "
+                "moe-blocks extend)"
+            )
+        if self.balance_loss is not None and self.balance_loss not in BALANCE_LOSSES:
+            raise TrainingError(
+                f"--balance-loss must be one of {', '.join(BALANCE_LOSSES)}, "
+                f"got {self.balance_loss!r}"
+            )
+
+
+def check_positive_int(flag: str, value: object) -> None:
+    """The library's check (an int >= 1, not a bool), as a TrainingError naming ``flag``."""
+    try:
+        check_int_at_least_one(flag, value)
+    except ValueError:
+        raise TrainingError(f"{flag} must be a positive integer, got {value}") from None
+
+
+def check_path_given(flag: str, path: str | None, what: str) -> None:
+    """A TrainingError naming ``flag`` when ``path`` is empty: ``Path("")`` is the current
+    folder, which nobody means by it."""
+    if path == "":
+        raise TrainingError(f"{flag} is empty: give {what}")
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an int and not a bool (JSON's true is no step count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def learning_rate(settings: TrainSettings, step: int) -> float:
+    """Linear warmup, then WSD (constant, then linear decay over the last ``decay_fraction``)
+    or cosine, down to ``min_lr_ratio · lr``."""
+    peak, floor = settings.lr, settings.lr * settings.min_lr_ratio
+    warmup = settings.warmup
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if settings.schedule == "cosine":
+        progress = (step - warmup) / max(1, settings.steps - warmup)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = settings.steps * (1 - settings.decay_fraction)
+    if step < decay_start:
+        return peak
+    progress = (step - decay_start) / max(1, settings.steps - decay_start)
+    return peak + (floor - peak) * min(1.0, progress)
