@@ -136,7 +136,7 @@ def test_an_implementation_that_raises_is_reported_and_the_others_still_timed(mo
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return build(case, impl)
 
-    monkeypatch.setattr(bench, "build", build_or_run_out_of_memory)
+    monkeypatch.setattr(bench.measure, "build", build_or_run_out_of_memory)
     results = bench.run_case(case, True, max_repeats=2, budget_s=0.0)
     by_impl = {r.impl: r for r in results}
     assert set(by_impl) == {"moe_blocks", "transformers", "grouped_mm", "dense"}

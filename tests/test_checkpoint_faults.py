@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_blocks.models import parallel as parallel_module
 from moe_blocks.models import train as train_module
 from moe_blocks.models.parallel import spawn_local, train_sharded
 from moe_blocks.models.train import (
     TrainingError,
     TrainSettings,
     checkpoint_folder,
+    distributed,
     load_trainer_state,
     loop,
     report,
@@ -223,7 +223,7 @@ def test_a_lagging_model_export_is_said_and_rebuilt(tmp_path, data, monkeypatch,
         raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(parallel_module, "export_hf", killed)
+        patch.setattr(distributed, "export_hf", killed)
         with pytest.raises(Killed):
             train_sharded(_settings(run, data, steps=4), resume=True, progress=False)
     assert load_trainer_state(run / "checkpoint").step == 4

@@ -230,7 +230,7 @@ def test_ctrl_c_during_a_validation_after_a_step_keeps_that_step(
 ):
     """A step that finished is logged and saved even when Ctrl-C interrupts the validation
     after it (with --steps 1 the log was [] and the summary raised IndexError)."""
-    real_validate, calls = train_module.validate, []
+    real_validate, calls = loop.validate, []
 
     def interrupt_the_last(*args):
         calls.append(args)

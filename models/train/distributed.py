@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe_blocks.parallel import MESH_DIMS, clip_grad_norm_
-from moe_blocks.router import named_routers
+from moe_blocks.router import TopKRouter, named_routers
 
 from ..jetmoe import JetMoEForCausalLM
 from ..jetmoe.sharding import parallelize
@@ -175,7 +175,6 @@ class Ranks:
         self.main, self.sharded = self.rank == 0, True
         self.evaluation = {"sharded": True, "device": device}
         self._stop = _StopRequest()
-        self._router_names: list[str] | None = None
 
     def barrier(self) -> None:
         dist.barrier()
@@ -228,11 +227,10 @@ class Ranks:
         clip_grad_norm_(model, 1.0)
 
     def statistics(self, model, output, stop_requested: bool) -> tuple[dict, bool]:
-        if self._router_names is None:
-            self._router_names = list(named_routers(model))
-        losses, loads, stop = _reduce_step(model, output, stop_requested)
+        routers = named_routers(model)
+        losses, loads, stop = _reduce_step(list(routers.values()), output, stop_requested)
         entry = dict(zip(("loss", "lm_loss", "aux_loss"), losses, strict=True))
-        tokens = dict(zip(self._router_names, loads, strict=True))
+        tokens = dict(zip(routers, loads, strict=True))
         return {**entry, "tokens_per_expert": tokens}, stop
 
     def save(self, checkpoint: Path, model, optimizer, settings, step: int, log: list) -> None:
@@ -258,10 +256,9 @@ class Ranks:
         return self._stop.requested
 
 
-def _reduce_step(model: JetMoEForCausalLM, output, stop: bool):
+def _reduce_step(routers: list[TopKRouter], output, stop: bool):
     """One all-reduce per step: the mean over ranks of (loss, LM loss, aux loss), the tokens
-    per expert of every router over all ranks, and whether any rank was asked to stop."""
-    routers = model.routers()
+    per expert of each of ``routers`` over all ranks, and whether any rank was asked to stop."""
     local = torch.cat(
         [
             torch.stack([output.loss.detach(), output.lm_loss.detach(),
