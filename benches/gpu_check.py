@@ -124,16 +124,17 @@ def run_tests(name: str, tests: list[str], env: dict, timeout: int, out: Path, s
             "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
 
 
-def run_child(code: str, arguments: list[str], env: dict, timeout: int, sink) -> dict:
-    """Run ``code`` in a fresh Python in ROOT with ``arguments``, for at most ``timeout`` s. It
-    prints its results as JSON lines, each flushed as soon as it is known, so a child that dies
+def run_child(command: list[str], env: dict, timeout: int, sink) -> dict:
+    """Run ``command`` (:func:`child_command`) in a fresh Python in ROOT, for at most
+    ``timeout`` s. The child prints its results as JSON lines, each flushed as soon as it is
+    known, so a child that dies
     or times out keeps what it printed before: returns ``{"rows": [every JSON line]}``, with
     ``"error"`` when it failed, timed out or printed no JSON line."""
     if timeout < MIN_STEP_S:
         return {"rows": [], "error": SKIPPED}
     try:
         result = subprocess.run(
-            [sys.executable, "-c", code, *arguments], cwd=ROOT, env=env, capture_output=True,
+            [sys.executable, *command], cwd=ROOT, env=env, capture_output=True,
             text=True, timeout=timeout,
         )  # fmt: skip
         stdout, stderr = result.stdout, result.stderr
@@ -239,108 +240,153 @@ def record_autotuning(path: Path, step: str, tuners: dict, configs: dict | None 
         tuner.run = recording(name, tuner, tuner.run)
 
 
-# Child-process prelude: moe_blocks' autotuners (triton_backend.TUNED) recorded into argv[1],
-# tagged with the step argv[2]; in the sweep (bf16), the 16-bit ones over the sweep's candidates.
-RECORDING = """
-import sys
-import triton
-from benches.gpu_check import SWEEP, record_autotuning
-from moe_blocks.kernels import triton_backend
-_configs = None
-if sys.argv[2] == "sweep":
-    _configs = {
-        "gather_gemm": [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w,
-                                      num_stages=s) for m, n, k, w, s in SWEEP["gather_gemm"]],
-        "weight_grad": [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, INNER_M=i),
-                                      num_warps=w, num_stages=s)
-                        for m, n, k, i, w, s in SWEEP["weight_grad"]],
-    }
-record_autotuning(sys.argv[1], sys.argv[2], triton_backend.TUNED, _configs)
-sys.argv[1:] = sys.argv[3:]
-"""
+# --------------------------------------------------------------------------------------------
+# The steps that run in a child process (``gpu_check.py --child NAME RECORD STEP ARGS...``): each
+# prints its results as JSON lines, flushed as soon as each is known.
 
-VERSIONS = """
-import json, torch, triton, transformers
-device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-print(json.dumps({"torch": torch.__version__, "triton": triton.__version__,
-                  "transformers": transformers.__version__, "device": device,
-                  "python": __import__("sys").version.split()[0]}))
-"""
 
-# One JSON line per result, printed as soon as its case is timed
-SUITE = """
-import json, sys
-from moe_blocks.models import bench
-device, tiny = sys.argv[1], sys.argv[2] == "1"
-decode, training = (int(t) for t in sys.argv[3].split(","))
-results = []
-for tokens, backward in ((training, True), (decode, False)):
-    for case in bench.cases("mlp", ["jetmoe-8b", "fine-grained"], [tokens], ["bf16"], device,
-                            bench.shapes_for(device, tiny)):
-        rows = bench.run_case(case, backward, max_repeats=20, budget_s=3.0)
-        results += rows
+def start_recording(path: str, step: str) -> None:
+    """Record moe_blocks' autotunings (``triton_backend.TUNED``) into ``path``, tagged ``step``;
+    in the sweep, the 16-bit ones over the sweep's candidates (:data:`SWEEP`)."""
+    import triton
+
+    from moe_blocks.kernels import triton_backend
+
+    configs = None
+    if step == "sweep":
+        configs = {
+            "gather_gemm": [
+                triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+                for m, n, k, w, s in SWEEP["gather_gemm"]
+            ],
+            "weight_grad": [
+                triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, INNER_M=i), num_warps=w,
+                              num_stages=s)
+                for m, n, k, i, w, s in SWEEP["weight_grad"]
+            ],
+        }  # fmt: skip
+    record_autotuning(Path(path), step, triton_backend.TUNED, configs)
+
+
+def versions() -> None:
+    """The versions this check runs with, and the device."""
+    import torch
+    import transformers
+    import triton
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(json.dumps({"torch": torch.__version__, "triton": triton.__version__,
+                      "transformers": transformers.__version__, "device": device,
+                      "python": sys.version.split()[0]}))  # fmt: skip
+
+
+def suite(device: str, tiny: str, tokens: str) -> None:
+    """MoEMLP at a training size (forward+backward) and a decode size (forward) beside its
+    baselines, then transformers' own experts implementations at the training size (last, so
+    the rows above are out even if time runs short there): one JSON line per result."""
+    from moe_blocks.models import bench
+
+    table = bench.shapes_for(device, tiny == "1")
+    decode, training = (int(t) for t in tokens.split(","))
+    results = []
+
+    def emit(rows) -> None:
+        results.extend(rows)
         for row in bench.to_json(rows):
             print(json.dumps(row), flush=True)
-# transformers' own experts implementations (its default "grouped_mm" among them) at the same
-# shapes, training size: last, so the rows above are out even if time runs short here
-for case in bench.cases("hf", ["jetmoe-8b", "fine-grained"], [training], ["bf16"], device,
-                        bench.hf_shapes(device, tiny)):
-    rows = bench.run_case(case, True, bench.HF_IMPLEMENTATIONS, max_repeats=10, budget_s=2.0)
-    results += rows
-    for row in bench.to_json(rows):
-        print(json.dumps(row), flush=True)
-print(bench.format_table(results), file=sys.stderr)
-"""
 
-# The sweep: one forward+backward of MoEMLP per shape, autotuned over SWEEP.
-TUNE = """
-import json, sys, torch
-from moe_blocks.models import bench
-device, tiny, tokens = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
-for shape in ("jetmoe-8b", "fine-grained"):
-    case = bench.Case("mlp", shape, tokens, "bf16", device, bench.shapes_for(device, tiny)[shape])
-    module, x = bench.build(case, "moe_blocks")
-    bench.step_function(module, x, backward=True)()
-    print(json.dumps({"shape": shape, "tokens": tokens}), flush=True)
-"""
+    for count, backward in ((training, True), (decode, False)):
+        for case in bench.cases("mlp", SUITE_SHAPES, [count], ["bf16"], device, table):
+            emit(bench.run_case(case, backward, max_repeats=20, budget_s=3.0))
+    hf_table = bench.hf_shapes(device, tiny == "1")
+    for case in bench.cases("hf", SUITE_SHAPES, [training], ["bf16"], device, hf_table):
+        emit(bench.run_case(case, True, bench.HF_IMPLEMENTATIONS, max_repeats=10, budget_s=2.0))
+    print(bench.format_table(results), file=sys.stderr)
 
-MODEL = """
-import json, statistics, sys, time, torch
-which, device, tiny = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-batch, length = (2, 32) if tiny else (2, 2048)
-dtype = torch.bfloat16
-from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
-config = JetMoEConfig.from_preset("tiny" if tiny else "jetmoe-8b")
-torch.manual_seed(0)
-if which == "moe_blocks":
-    with torch.device("meta"):
-        model = JetMoEForCausalLM(config, dtype=dtype)
-    model.to_empty(device=device)
-    model.init_weights()
-    step = lambda ids: model(ids, labels=ids).loss
-else:
+
+def sweep(device: str, tiny: str, tokens: str) -> None:
+    """One forward+backward of MoEMLP per shape, autotuned over :data:`SWEEP`."""
+    from moe_blocks.models import bench
+
+    for shape in SUITE_SHAPES:
+        dims = bench.shapes_for(device, tiny == "1")[shape]
+        module, x = bench.build(bench.Case("mlp", shape, int(tokens), "bf16", device, dims),
+                                "moe_blocks")  # fmt: skip
+        bench.step_function(module, x, backward=True)()
+        print(json.dumps({"shape": shape, "tokens": int(tokens)}), flush=True)
+
+
+def model(which: str, device: str, tiny: str) -> None:
+    """JetMoE-8B (random weights, bf16) forward+backward at a training batch, ours
+    (``moe_blocks``) or transformers' JetMoeForCausalLM: median ms of 3 after a warm-up, peak
+    memory, parameters."""
+    import statistics
+
+    import torch
     import transformers
-    hf_config = transformers.JetMoeConfig(**{k: v for k, v in config.to_hf_dict().items()
-        if k not in ("architectures", "model_type", "rope_parameters", "num_attention_heads")})
-    hf_config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = transformers.JetMoeForCausalLM(hf_config).to(dtype)
-    step = lambda ids: model(input_ids=ids, labels=ids).loss
-ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
-sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-times = []
-for repeat in range(4):
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync(); start = time.perf_counter()
-    model.zero_grad(set_to_none=True)
-    step(ids).backward()
-    sync(); times.append((time.perf_counter() - start) * 1e3)
-peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-print(json.dumps({"impl": which, "tokens": batch * length, "peak_gib": peak, "parameters": count,
-                  "median_ms": statistics.median(times[1:])}))
-"""
+
+    from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
+
+    batch, length = (2, 32) if tiny == "1" else (2, 2048)
+    dtype = torch.bfloat16
+    config = JetMoEConfig.from_preset("tiny" if tiny == "1" else "jetmoe-8b")
+    torch.manual_seed(0)
+    if which == "moe_blocks":
+        with torch.device("meta"):
+            net = JetMoEForCausalLM(config, dtype=dtype)
+        net.to_empty(device=device)
+        net.init_weights()
+
+        def loss(ids):
+            return net(ids, labels=ids).loss
+    else:
+        skip = ("architectures", "model_type", "rope_parameters", "num_attention_heads")
+        hf_config = transformers.JetMoeConfig(
+            **{k: v for k, v in config.to_hf_dict().items() if k not in skip}
+        )
+        hf_config._attn_implementation = "sdpa"
+        with torch.device(device):
+            net = transformers.JetMoeForCausalLM(hf_config).to(dtype)
+
+        def loss(ids):
+            return net(input_ids=ids, labels=ids).loss
+
+    ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
+    cuda = device == "cuda"
+    times = []
+    for _ in range(4):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        net.zero_grad(set_to_none=True)
+        loss(ids).backward()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    count = sum(p.numel() for p in {id(p): p for p in net.parameters()}.values())
+    print(json.dumps({"impl": which, "tokens": batch * length, "peak_gib": peak,
+                      "parameters": count, "median_ms": statistics.median(times[1:])}))  # fmt: skip
+
+
+CHILDREN = {"versions": versions, "suite": suite, "sweep": sweep, "model": model}
+SUITE_SHAPES = ["jetmoe-8b", "fine-grained"]
+
+
+def child(argv: list[str]) -> None:
+    """A child process's body: ``argv`` = [step name, the autotune record's path ("-": none),
+    the step's tag, its arguments...]."""
+    name, record, step, *arguments = argv
+    if record != "-":
+        start_recording(record, step)
+    CHILDREN[name](*arguments)
+
+
+def child_command(name: str, arguments: list[str], record: Path | None = None,
+                  step: str = "") -> list[str]:  # fmt: skip
+    """The command line (after the interpreter) that runs the child ``name``."""
+    return [str(Path(__file__).resolve()), "--child", name, str(record or "-"), step, *arguments]
 
 
 def main() -> int:
@@ -382,7 +428,9 @@ def main() -> int:
         env |= {"TRITON_DEFAULT_FP_FUSION": env.get("TRITON_DEFAULT_FP_FUSION", "1"),
                 "PYTHONUNBUFFERED": "1"}  # fmt: skip
         ensure_importable(env, sink)
-        report["versions"] = single(run_child(VERSIONS, [], env, limit("versions"), sink))
+        report["versions"] = single(
+            run_child(child_command("versions", []), env, limit("versions"), sink)
+        )
         log(f"versions: {report['versions']}  commit {report['commit']}", sink)
         cuda = report["versions"].get("device", "cpu") != "cpu"
         if not cuda and not args.tiny:
@@ -409,25 +457,25 @@ def main() -> int:
                 )
                 save()
 
-        def recorded(step: str, code: str, arguments: list[str]) -> dict:
-            """Run ``code`` as ``step``, recording its autotunings."""
-            arguments = [str(autotune), step, *arguments]
-            return run_child(RECORDING + code, arguments, env, limit(step), sink)
+        def recorded(step: str, name: str, arguments: list[str]) -> dict:
+            """Run the child ``name`` as ``step``, recording its autotunings."""
+            command = child_command(name, arguments, autotune, step)
+            return run_child(command, env, limit(step), sink)
 
         flag = "1" if tiny else "0"
         tokens = "4,16" if tiny else "8,16384"
         tests("quick tests")
-        report["suite"] = recorded("suite", SUITE, [device, flag, tokens])
+        report["suite"] = recorded("suite", "suite", [device, flag, tokens])
         save()
         report["model"] = []
         for which in ("moe_blocks", "transformers"):
-            result = {"impl": which} | single(recorded("model", MODEL, [which, device, flag]))
+            result = {"impl": which} | single(recorded("model", "model", [which, device, flag]))
             report["model"].append(result)
             save()
             log(f"JetMoE forward+backward {which}: {result}", sink)
         tests("rest of the tests")
         if not tiny:  # the interpreter runs a single candidate: nothing to sweep
-            report["sweep"] = recorded("sweep", TUNE, [device, flag, tokens.split(",")[1]])
+            report["sweep"] = recorded("sweep", "sweep", [device, flag, tokens.split(",")[1]])
             save()
         log(f"autotunings recorded in {autotune}: {report['autotunings_recorded']}", sink)
         log("\n" + summary_table(report), sink)
@@ -491,4 +539,7 @@ def summary_table(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2:])
+    else:
+        sys.exit(main())

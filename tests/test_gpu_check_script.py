@@ -121,7 +121,7 @@ def test_a_child_that_times_out_keeps_the_json_lines_it_printed(tmp_path):
     limit = gpu_check.MIN_STEP_S
     code = "import json, time; print(json.dumps({'case': 1}), flush=True); time.sleep(60)"
     with open(tmp_path / "gpu_check.log", "w") as sink:
-        child = gpu_check.run_child(code, [], {}, limit, sink)
+        child = gpu_check.run_child(["-c", code], {}, limit, sink)
         assert child == {"rows": [{"case": 1}], "error": f"timed out after {limit} s"}
-        finished = gpu_check.run_child("print('done')", [], {}, limit, sink)
+        finished = gpu_check.run_child(["-c", "print('done')"], {}, limit, sink)
         assert finished["rows"] == [] and finished["error"].startswith("printed no JSON line")
