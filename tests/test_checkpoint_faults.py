@@ -7,7 +7,6 @@ was already published)."""
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import shutil
@@ -157,31 +156,70 @@ def test_no_room_for_a_checkpoint_is_refused_before_any_step(tmp_path, data, mon
     assert not (tmp_path / "run" / "checkpoint").exists()
 
 
-def _sharded_run(rank: int, world: int, settings: TrainSettings, fault: bool) -> None:
-    report.plot_run = lambda log, path: None
-    if fault and rank == 0:
+def _dies(*args, **kwargs):
+    os._exit(9)  # as SIGKILL: no cleanup; torchrun (here mp.spawn) then ends the other ranks
+
+
+def _sharded_fault(fault: str, rank: int) -> None:
+    """Plant ``fault`` in the second checkpoint (step 4) of a two-rank run."""
+    if fault == "disk full" and rank == 0:  # rank 0's trainer state: the others wrote theirs
+
+        def write_text(self, *args, **kwargs):
+            if self.name == "trainer_state.json" and '"step": 4' in args[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return original_write_text(self, *args, **kwargs)
+
+        original_write_text = Path.write_text
+        Path.write_text = write_text
+    elif fault == "killed while writing" and rank == 1:  # in the middle of the shards
+        distributed.dcp.save = _fail_on_call(2, Killed(), distributed.dcp.save)
+    elif fault == "killed between the renames" and rank == 0:
         Path.rename = _at_the_rename_publishing(Path.rename, "checkpoint")
+    elif fault == "killed after publishing" and rank == 0:
+        shutil.rmtree = _after_publishing(shutil.rmtree)
+
+
+def _sharded_run(rank: int, world: int, settings: TrainSettings, fault: str | None) -> None:
+    report.plot_run = lambda log, path: None
+    if fault is not None:
+        _sharded_fault(fault, rank)
     try:
-        train_sharded(settings, ep=2, resume=not fault, progress=False)
+        train_sharded(settings, ep=2, resume=fault is None, progress=False)
     except Killed:
-        os._exit(0)  # rank 0 died between the renames; rank 1 is ended with it
+        _dies()
+    except TrainingError as error:  # every rank says it: a failed write fails the save
+        assert (
+            fault == "disk full"
+            and "No space left on device" in str(error)
+            or ("on another rank" in str(error))
+        ), error
+        assert "still holds the last checkpoint" in str(error), error
+        return
+    assert fault is None, f"{fault}: the run went on"
 
 
-def test_a_sharded_run_killed_between_the_renames_resumes(tmp_path, data):
-    """Under torchrun the same writer publishes: killed between its two renames (where the
-    old writer left only checkpoint.previous and checkpoint.partial, and --resume said
-    trainer_state.json was missing), the next start puts the previous checkpoint back."""
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_fault_during_a_sharded_save_never_mixes_two_steps(fault, tmp_path, data):
+    """Under torchrun (two ranks, ep 2) the same writer publishes: a full disk on one rank
+    fails the save on every rank (none waits forever) and keeps the last checkpoint; a rank
+    killed while writing, between the renames (where the old writer left only
+    checkpoint.previous and checkpoint.partial, and --resume said trainer_state.json was
+    missing) or after publishing leaves a checkpoint the next start reads; --resume then
+    gives the uninterrupted run's losses."""
     reference = train(_settings(tmp_path / "reference", data), progress=False)
     settings = _settings(tmp_path / "run", data)
-    try:
-        spawn_local(_sharded_run, 2, settings, True)
-    except Exception:  # noqa: BLE001  rank 1 ends with an error once rank 0 is gone
-        pass
-    assert (tmp_path / "run" / "checkpoint.previous").is_dir()
-    assert not (tmp_path / "run" / "checkpoint").exists()
-    spawn_local(_sharded_run, 2, dataclasses.replace(settings), False)
-    log = run_folder.read_json(tmp_path / "run" / "log.json", list)
+    if fault == "disk full":
+        spawn_local(_sharded_run, 2, settings, fault)
+    else:
+        with pytest.raises(Exception, match="exit code 9"):
+            spawn_local(_sharded_run, 2, settings, fault)
+    run = tmp_path / "run"
+    if fault == "killed between the renames":
+        assert (run / "checkpoint.previous").is_dir() and not (run / "checkpoint").exists()
+    spawn_local(_sharded_run, 2, settings, None)
+    log = run_folder.read_json(run / "log.json", list)
     torch.testing.assert_close(_losses(log), _losses(reference.log), atol=0.0, rtol=1e-5)
+    assert not [p.name for p in run.iterdir() if p.name.endswith((".partial", ".previous"))]
 
 
 @pytest.mark.parametrize("damage", [".metadata deleted", "a shard truncated"])

@@ -81,12 +81,16 @@ def save_sharded(
     rank = dist.get_rank()
 
     def write(folder: Path) -> None:
-        dcp.save(_state(model, optimizer), checkpoint_id=folder)
+        try:
+            dcp.save(_state(model, optimizer), checkpoint_id=folder)
+        except CheckpointException as error:  # every rank raises it: one line, as an OSError
+            raise OSError(_last_line(error)) from None
         if rank == 0:
             for name, content in files.items():
                 (folder / name).write_text(content)
 
-    write_checkpoint(Path(directory), write, main=rank == 0, barrier=dist.barrier)
+    write_checkpoint(Path(directory), write, main=rank == 0, barrier=dist.barrier,
+                     any_rank=_any_rank)  # fmt: skip
 
 
 def load_sharded(
@@ -124,6 +128,19 @@ def export_hf(model: JetMoEForCausalLM, path: str | Path, *, step: int | None = 
 
         write_checkpoint(Path(path), write)
     dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank of the default group (collective)."""
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, flag)
+    return any(flags)
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of ``error``'s message (DCP's carry every rank's traceback), at most 200
+    characters."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -209,7 +226,7 @@ class Ranks:
         try:
             load_sharded(checkpoint, model, optimizer)
         except (Exception, CheckpointException) as error:  # DCP's is a BaseException
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+            reason = _last_line(error)
             raise TrainingError(
                 f"--resume: {checkpoint} is damaged, a shard cannot be read ({reason}): "
                 "restore the folder, or start over with --overwrite"

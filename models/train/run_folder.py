@@ -149,6 +149,7 @@ def write_checkpoint(
     *,
     main: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    any_rank: Callable[[bool], bool] = lambda failed: failed,
 ) -> None:
     """The one way a checkpoint (or model export) is written: consistent or absent, never
     partial. ``write(folder)`` fills ``<directory>.partial``; once every file is written and
@@ -160,21 +161,26 @@ def write_checkpoint(
     folder and raises a :class:`TrainingError` saying the last checkpoint is intact.
 
     Under torchrun every rank calls it with its own ``write`` (its shards; ``main``: rank 0,
-    ``barrier``: ``dist.barrier``)."""
+    ``barrier``: ``dist.barrier``, ``any_rank``: whether a flag holds on any rank), so a write
+    that fails on one rank fails the save on all of them (none waits for it forever)."""
     partial, previous = sibling(directory, "partial"), sibling(directory, "previous")
     if main:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier()
+    error = None
     try:
         write(partial)
         _sync(partial)
-    except (OSError, SafetensorError) as error:
+    except (OSError, SafetensorError) as caught:
+        error = caught
+    if any_rank(error is not None):
         if main:
             shutil.rmtree(partial, ignore_errors=True)
         kept = f"{directory} still holds the last checkpoint" if directory.exists() else (
             "no earlier checkpoint")  # fmt: skip
-        raise TrainingError(f"writing {directory} failed ({error}); {kept}") from None
+        reason = error if error is not None else "on another rank"
+        raise TrainingError(f"writing {directory} failed ({reason}); {kept}")
     barrier()
     if main:
         shutil.rmtree(previous, ignore_errors=True)
