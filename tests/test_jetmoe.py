@@ -578,3 +578,19 @@ def test_byte_models_generate_exactly_the_bytes_asked_for(tmp_path, monkeypatch,
             "--temperature", "0"]  # fmt: skip
     assert main(args) == 0
     assert capsys.readouterr().out == "ab" + "\x02" * 9 + "\n"
+
+
+def test_flops_per_token_do_not_count_the_embedding_lookup():
+    """An untied model has one matrix more than a tied one, but it is the embedding's, a
+    lookup: both do the same matmul work per token (the old count of `info` gave the untied
+    one 2·vocab·d more). A negative context is refused by name."""
+    tied = JetMoEConfig.from_preset("tiny")
+    untied = JetMoEConfig.from_preset("tiny", tie_word_embeddings=False)
+    with torch.device("meta"):
+        models = [JetMoEForCausalLM(config) for config in (tied, untied)]
+    embedding = tied.vocab_size * tied.hidden_size
+    assert models[1].num_parameters() == models[0].num_parameters() + embedding
+    for context in (0, 100):
+        assert models[0].flops_per_token(context) == models[1].flops_per_token(context)
+    with pytest.raises(ValueError, match="context"):
+        models[0].flops_per_token(-1)

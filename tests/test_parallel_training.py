@@ -57,7 +57,7 @@ def _train_four(rank: int, world_size: int, settings: TrainSettings) -> None:
 
 def _train_ranks(rank: int, world_size: int, settings: TrainSettings, ep: int) -> None:
     report.plot_run = _no_plot
-    train_sharded(settings, ep=ep, progress=False)
+    train(settings, ep=ep, progress=False)  # the one entry point: sharded in a process group
 
 
 def _resume_two_then_interrupt(rank: int, world_size: int, settings: TrainSettings) -> None:
@@ -139,7 +139,8 @@ def _text(path) -> str:
 @pytest.mark.parametrize("ep", [1, 2], ids=["fsdp2", "dp1xep2"])
 def test_two_rank_training_equals_one_process(ep, tmp_path, monkeypatch):
     """torchrun 2 as FSDP, and --ep 2 (data-parallel size 1, where torch's FSDP2 would divide
-    expert gradients twice): the one-process losses step by step, balance loss on."""
+    expert gradients twice): the one-process losses step by step, balance loss on. Run through
+    train(), which takes the sharded path by itself inside a process group (ep 1 too)."""
     monkeypatch.setattr(report, "plot_run", _no_plot)
     data = _text(tmp_path / "text.txt")
     single = train(_settings(tmp_path / "single", data, 3), progress=False)
