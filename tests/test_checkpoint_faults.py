@@ -279,3 +279,29 @@ def test_a_lagging_model_export_is_said_and_rebuilt(tmp_path, data, monkeypatch,
     capsys.readouterr()
     assert main(args) == 2  # the export is current: nothing to rebuild, nothing to train
     assert "must be above it" in capsys.readouterr().err
+
+
+def _terminated_rank(rank: int, world: int, settings: TrainSettings) -> None:
+    report.plot_run = lambda log, path: None
+    learning_rate = loop.learning_rate
+
+    def terminated_in_step_3(settings, step):
+        if step == 2 and rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stopping one rank's job
+        return learning_rate(settings, step)
+
+    loop.learning_rate = terminated_in_step_3
+    result = train_sharded(settings, ep=2, progress=False)
+    assert result.interrupted and result.log[-1]["step"] == 3, result.log[-1]
+
+
+def test_sigterm_on_one_rank_saves_the_step_all_ranks_agree_on(tmp_path, data):
+    """Under torchrun a SIGTERM to one rank stops every rank after the same step, which is
+    saved; --resume then gives the uninterrupted run's losses."""
+    reference = train(_settings(tmp_path / "reference", data), progress=False)
+    settings = _settings(tmp_path / "run", data)
+    spawn_local(_terminated_rank, 2, settings)
+    assert load_trainer_state(tmp_path / "run" / "checkpoint").step == 3
+    spawn_local(_sharded_run, 2, settings, None)
+    log = run_folder.read_json(tmp_path / "run" / "log.json", list)
+    torch.testing.assert_close(_losses(log), _losses(reference.log), atol=0.0, rtol=1e-5)
