@@ -194,7 +194,25 @@ def test_torch_backend_one_grouped_mm_path_matches_reference(combination, data):
     the path is forced here by making ``_runs`` return that single run."""
     problem = data.draw(problems(combination, **TORCH_PROBLEMS))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch_backend, "_runs", lambda offsets, dtype, rows: ([None], [rows]))
+        patch.setattr(
+            torch_backend, "_runs", lambda offsets, dtype, rows: [(None, 0, rows)] if rows else []
+        )
+        check_against_reference(problem, "torch")
+
+
+@pytest.mark.usefixtures("poisoned_memory")
+@pytest.mark.parametrize("combination", COMBINATIONS)
+@pytest.mark.parametrize("weight_first_rows", [0, 2**62], ids=["rows_first", "weight_first"])
+@per_combination(2)
+@given(data=st.data())
+def test_torch_backend_both_matmul_orientations_match_reference(
+    weight_first_rows, combination, data
+):
+    """Each expert's product is ``weight[e] @ rows.T`` up to WEIGHT_FIRST_ROWS rows, else
+    ``rows @ weight[e].T``: both orientations, forced here for every run, match the oracle."""
+    problem = data.draw(problems(combination, **TORCH_PROBLEMS))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch_backend, "WEIGHT_FIRST_ROWS", weight_first_rows)
         check_against_reference(problem, "torch")
 
 
