@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +28,16 @@ from torch import Tensor
 from .plan import RowLayout, accumulation_dtype, token_sum
 
 # Up to this many rows an expert's product is computed as ``weight[e] @ rows.T`` (then viewed
-# transposed), not ``rows @ weight[e].T``: the same numbers, but with few rows the BLAS reads the
-# [out, in] weight as the streamed left operand instead of packing it as the right one. On the
-# 2-core AVX-512 BF16 EPYC (torch 2.13, MKL/oneDNN), an expert of JetMoE's shape took 1.3-1.6x
-# less time this way at 8-64 rows in bf16 (no difference at 1 row, mixed above 256).
-WEIGHT_FIRST_ROWS = int(os.environ.get("MOE_BLOCKS_WEIGHT_FIRST_ROWS", "128"))
+# transposed), not ``rows @ weight[e].T``: the same product, summed in another order, but with
+# few rows the BLAS streams the [out, in] weight as the left operand instead of packing it as
+# the right one. On the 2-core AVX-512 BF16 EPYC (torch 2.13) one JetMoE-shaped bf16 expert took
+# 1.3-1.6x less time so at 8-64 rows (the same at 1 row, mixed above 256); in the whole block,
+# with the transposed result copied back, 64 was the best limit of 0, 16, 64 and 128.
+WEIGHT_FIRST_ROWS = 64
+# Gathered rows up to this size are gathered in one call (one call per expert cost 0.3 ms of a
+# fine-grained block's 6.9 ms first linear at 256 tokens); larger ones one run at a time, so no
+# full-size copy is allocated (see the module docstring).
+GATHER_ONCE_BYTES = 8 * 2**20
 _ALIGN_BYTES = 16  # _grouped_mm wants every non-unit stride to be a multiple of 16 bytes
 
 
@@ -130,6 +134,8 @@ def _run_rows(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int, runs
     """For each run in turn, its rows of the ``layout`` tensor ``t``: views for GROUPED,
     otherwise gathered one run at a time, so only one run's copy exists at once."""
     rows = source_rows(layout, sorted_indices, fan_out)
+    if rows is not None and rows.numel() * t.shape[1] * t.element_size() <= GATHER_ONCE_BYTES:
+        t, rows = t.index_select(0, rows), None  # small: one gather, not one per run
     for _, start, end in runs:
         yield t[start:end] if rows is None else t.index_select(0, rows[start:end])
 
@@ -184,8 +190,8 @@ def gather_gemm(
         part = _matmul(x_rows, weight, expert, expert_offsets, y[start:end] if grouped else None)
         if bias is not None:
             part += bias[expert] if expert is not None else bias[sorted_experts]
-        if not grouped:
-            part = part.to(y.dtype)
+        if not grouped:  # placed by assignment: index_copy_ of a transposed part is slow
+            part = part.to(y.dtype, memory_format=torch.contiguous_format)
             if sorted_gates is not None:
                 part *= sorted_gates[start:end]
             y.index_copy_(0, sorted_indices[start:end], part)

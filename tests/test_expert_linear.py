@@ -203,16 +203,19 @@ def test_torch_backend_one_grouped_mm_path_matches_reference(combination, data):
 @pytest.mark.usefixtures("poisoned_memory")
 @pytest.mark.parametrize("combination", COMBINATIONS)
 @pytest.mark.parametrize("weight_first_rows", [0, 2**62], ids=["rows_first", "weight_first"])
+@pytest.mark.parametrize("gather_once_bytes", [0, 2**62], ids=["gather_per_run", "gather_once"])
 @per_combination(2)
 @given(data=st.data())
-def test_torch_backend_both_matmul_orientations_match_reference(
-    weight_first_rows, combination, data
+def test_torch_backend_matmul_orientations_and_gathers_match_reference(
+    weight_first_rows, gather_once_bytes, combination, data
 ):
     """Each expert's product is ``weight[e] @ rows.T`` up to WEIGHT_FIRST_ROWS rows, else
-    ``rows @ weight[e].T``: both orientations, forced here for every run, match the oracle."""
+    ``rows @ weight[e].T``; rows are gathered in one call up to GATHER_ONCE_BYTES, else per
+    expert: every choice, forced here for every run, matches the oracle."""
     problem = data.draw(problems(combination, **TORCH_PROBLEMS))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_backend, "WEIGHT_FIRST_ROWS", weight_first_rows)
+        patch.setattr(torch_backend, "GATHER_ONCE_BYTES", gather_once_bytes)
         check_against_reference(problem, "torch")
 
 
