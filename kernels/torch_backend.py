@@ -34,6 +34,7 @@ from .plan import RowLayout, accumulation_dtype, token_sum
 # 1.3-1.6x less time so at 8-64 rows (the same at 1 row, mixed above 256); in the whole block,
 # with the transposed result copied back, 64 was the best limit of 0, 16, 64 and 128.
 WEIGHT_FIRST_ROWS = 64
+
 # Gathered rows up to this size are gathered in one call (one call per expert cost 0.3 ms of a
 # fine-grained block's 6.9 ms first linear at 256 tokens); larger ones one run at a time, so no
 # full-size copy is allocated (see the module docstring).
@@ -140,13 +141,22 @@ def _run_rows(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int, runs
         yield t[start:end] if rows is None else t.index_select(0, rows[start:end])
 
 
+def _weight_first_helps(rows: Tensor) -> bool:
+    """Where WEIGHT_FIRST_ROWS applies: 16-bit products on a CPU that runs them natively. In
+    fp32 (and emulated 16-bit, computed in fp32) weight-first was slower at 1-8 rows: 1.3x the
+    time of the whole block at 8 tokens, Mixtral-like and fine-grained."""
+    return (
+        rows.device.type == "cpu" and rows.element_size() == 2 and cpu_has_native_matmul(rows.dtype)
+    )
+
+
 def _matmul(
     rows: Tensor, weight: Tensor, expert: int | None, expert_offsets: Tensor, out: Tensor | None
 ) -> Tensor:
     """``rows[i] @ weight[e(i)].T`` for the (non-empty) rows of one run, written into ``out``
     if given."""
     if expert is not None:
-        if rows.shape[0] <= WEIGHT_FIRST_ROWS:  # the weight as the left operand: see there
+        if rows.shape[0] <= WEIGHT_FIRST_ROWS and _weight_first_helps(rows):  # see there
             part = _mm(weight[expert], rows.t()).t()
             return part if out is None else out.copy_(part)
         return _mm(rows, weight[expert].t(), out)
