@@ -210,8 +210,8 @@ def test_torch_backend_matmul_orientations_and_gathers_match_reference(
     weight_first_rows, gather_once_bytes, combination, data
 ):
     """Each expert's product is ``weight[e] @ rows.T`` up to WEIGHT_FIRST_ROWS rows (16-bit on
-    CPU), else ``rows @ weight[e].T``; rows are gathered in one call up to GATHER_ONCE_BYTES, else per
-    expert: every choice, forced here for every run, matches the oracle."""
+    CPU), else ``rows @ weight[e].T``; rows are gathered in one call up to GATHER_ONCE_BYTES,
+    else per expert: every choice, forced here for every run, matches the oracle."""
     problem = data.draw(problems(combination, **TORCH_PROBLEMS))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_backend, "WEIGHT_FIRST_ROWS", weight_first_rows)
