@@ -394,7 +394,8 @@ def expert_linear(
         the autocast dtype inside ``torch.autocast``. Differentiable in x, weight, bias, gates.
     """
     name = resolve_backend(backend, x.device) if isinstance(x, Tensor) else backend
-    if isinstance(x, Tensor) and autocasting(x.device.type):
+    autocast = isinstance(x, Tensor) and autocasting(x.device.type)
+    if autocast:
         # Like a matmul under autocast: floating inputs but float64 run in the autocast dtype.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = (
@@ -417,7 +418,7 @@ def expert_linear(
     gather_gemm = _OPS[name][0]
     if _no_autograd(x, weight, bias, gates):  # the same function, without the op's dispatch
         gather_gemm = (torch_backend if name == "torch" else _triton_impl()).gather_gemm
-    with _autocast_off(device_type):
+    with _autocast_off(device_type) if autocast else contextlib.nullcontext():
         return gather_gemm(
             x, weight, bias, None if gates is None else gates.contiguous().view(-1),
             plan.sorted_indices, plan.sorted_experts, plan.expert_offsets,
