@@ -144,3 +144,24 @@ def test_an_implementation_that_raises_is_reported_and_the_others_still_timed(mo
     assert by_impl["transformers"].median_ms is None
     assert by_impl["moe_blocks"].error is None and by_impl["moe_blocks"].vs_dense is not None
     assert "error: OutOfMemoryError" in bench.format_table(results)
+
+
+@pytest.mark.parametrize("suite", ["expert_linear", "mlp"])
+def test_forward_rows_report_the_used_experts_weight_bandwidth(suite):
+    """ "weight GB/s": the weights of the experts the routing uses (counted here from the
+    routing itself: the kernel case's expert ids, the MLP's router run on the input), one
+    expert's for dense, per second of the row's time; fwd+bwd rows have none."""
+    dims = bench.TINY_SHAPES["fine-grained"]  # 64 experts, top-8: 3 tokens use at most 24
+    case = bench.Case(suite, "fine-grained", 3, "fp32", "cpu", dims)
+    module, x = bench.build(case, "moe_blocks")
+    with torch.no_grad():
+        routing = module.expert_idx if suite == "expert_linear" else module.router(x[0]).expert_idx
+    used = routing.unique().numel()
+    d_model, d_ffn = dims[:2]
+    expert_bytes = d_model * d_ffn * 4 * (1 if suite == "expert_linear" else 3)
+    rows = bench.run_case(case, False, max_repeats=2, budget_s=0.0)
+    for row in rows:
+        experts = 1 if row.impl == "dense" else used
+        expected = experts * expert_bytes / (row.median_ms / 1e3) / 1e9
+        assert row.weight_gbs == pytest.approx(expected, rel=1e-9), row.impl
+    assert all(r.weight_gbs is None for r in bench.run_case(case, True, max_repeats=1, budget_s=0))

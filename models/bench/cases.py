@@ -81,6 +81,15 @@ class Case:
         config._attn_implementation = "sdpa"
         return config
 
+    def expert_bytes(self) -> int | None:
+        """Bytes of one expert's routed weights: its linear (``expert_linear`` suite) or its
+        GLU MLP, ``3·d·ffn`` (``mlp``, ``hf``); None for the suites with attention."""
+        d_model, d_ffn, _, _ = self.dims
+        element = torch.empty((), dtype=self.torch_dtype).element_size()
+        if self.suite == KERNEL_SUITE:
+            return d_model * d_ffn * element
+        return 3 * d_model * d_ffn * element if self.suite in ("mlp", HF_SUITE) else None
+
     def matmul_flops(self, backward: bool) -> float:
         """Matmul FLOPs of the routed work (forward; ×3 with backward)."""
         d_model, d_ffn, experts, top_k = self.dims

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .baselines import build
 from .cases import (
     HF_SUITE,
+    KERNEL_SUITE,
     LOOP_BASELINES,
     MEMORY_MEASURES,
     SUITES,
@@ -128,6 +129,9 @@ class Result:
     # module, in the hf suite transformers' eager experts, in expert_linear per_expert_loop
     vs_transformers: float | None = None
     vs_grouped_mm: float | None = None  # (hf suite only)
+    # forward only: bytes of the weights of the experts the case's routing uses (one expert for
+    # dense), per second: the memory-bandwidth bound of small token counts, beside the FLOPs
+    weight_gbs: float | None = None
     error: str | None = None
 
     @property
@@ -191,12 +195,31 @@ def _measure(
     built = {impl: build(case, impl) for impl in impls}
     steps = {impl: step_function(module, x, backward) for impl, (module, x) in built.items()}
     elapsed = time_medians_ms(steps, case.device, **timing)
+    used = None if backward else _used_experts(case, built)
     results = []
     for impl, (module, x) in built.items():
         memory = memory_mb(module, x, case.device) if backward and measure_memory else None
         tflops = case.matmul_flops(backward) / (elapsed[impl] / 1e3) / 1e12
-        results.append(Result(*_case_fields(case), impl, backward, elapsed[impl], tflops, memory))
+        result = Result(*_case_fields(case), impl, backward, elapsed[impl], tflops, memory)
+        if used is not None:
+            experts = 1 if impl == "dense" else used
+            result.weight_gbs = experts * case.expert_bytes() / (elapsed[impl] / 1e3) / 1e9
+        results.append(result)
     return results
+
+
+def _used_experts(case: Case, built: dict) -> int | None:
+    """How many experts the routing of ``case`` uses (the same for every implementation: same
+    router weights and input), read from our built module after its timing: the kernel
+    suite's fixed ``expert_idx``, the MLP router's last token counts. None elsewhere."""
+    if "moe_blocks" not in built:
+        return None
+    module = built["moe_blocks"][0]
+    if case.suite == KERNEL_SUITE:
+        return module.expert_idx.unique().numel()
+    if case.suite == "mlp":
+        return int((module.router.last_tokens_per_expert > 0).sum())
+    return None
 
 
 def run_suite(

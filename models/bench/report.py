@@ -15,14 +15,17 @@ from .measure import Result
 def format_table(results: list[Result]) -> str:
     """One row per result; "x dense": time over the dense roofline's; "x faster": times faster
     than the suite's per-expert loop (:data:`LOOP_BASELINES`); "saved MB" (CPU) or "peak MB"
-    (CUDA): :func:`memory_mb`; "x grouped" (hf suite): times faster than its grouped_mm."""
+    (CUDA): :func:`memory_mb`; "x grouped" (hf suite): times faster than its grouped_mm;
+    "weight GB/s" (forward): the used experts' weight bytes per second (``Result.weight_gbs``)."""
     grouped = any(r.vs_grouped_mm is not None for r in results)
+    bandwidth = any(r.weight_gbs is not None for r in results)
     devices = sorted({r.device for r in results}) or ["cpu"]
     memory = "/".join(MEMORY_MEASURES[device].split("_")[0] for device in devices) + " MB"
     header = (
         f"{'suite':<14}{'shape':<16}{'tokens':>7} {'dtype':<5}{'pass':<9}{'impl':<16}"
         f"{'ms':>10}{'TFLOP/s':>9}{'x dense':>9}{'x faster':>10}{memory:>10}"
         + (f"{'x grouped':>11}" if grouped else "")
+        + (f"{'weight GB/s':>12}" if bandwidth else "")
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -35,6 +38,7 @@ def format_table(results: list[Result]) -> str:
             f"{case}{r.median_ms:>10.2f}{r.tflops:>9.3f}{_opt(r.vs_dense, 9, 2)}"
             f"{_opt(r.vs_transformers, 10, 2)}{_opt(r.memory_mb, 10, 1)}"
             + (_opt(r.vs_grouped_mm, 11, 2) if grouped else "")
+            + (_opt(r.weight_gbs, 12, 1) if bandwidth else "")
         )
     return "\n".join(lines)
 
