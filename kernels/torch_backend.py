@@ -2,10 +2,12 @@
 
 On CPU (and on CUDA where ``torch._grouped_mm`` cannot run the dtype) it loops over the experts
 that have rows: gather that expert's rows of ``x`` (a small copy that stays in cache), one
-``mm``, then place the result: in grouped order, in assignment order, or, for TOKEN output,
-in fp32 times the gates in assignment order, each token's k rows summed after the loop. No
-full-size gathered copy of ``x`` is ever made: on CPU a fresh allocation that large costs more
-than the copy itself (page faults), and such copies were a quarter of a block's time. The loop
+``mm`` (an ``mv`` for a single row; weight-first for a few 16-bit rows: WEIGHT_FIRST_ROWS), then
+place the result: in grouped order, in assignment order, or, for TOKEN output,
+in fp32 times the gates in assignment order, each token's k rows summed after the loop. Beyond
+GATHER_ONCE_BYTES no full-size gathered copy of ``x`` is made: on CPU a fresh allocation that
+large costs more than the copy itself (page faults), and such copies were a quarter of a
+block's time. The loop
 reads the E+1 expert offsets on the host (free on CPU).
 
 On CUDA, where ``_grouped_mm`` runs the dtype (bf16 on sm_90+), the same steps run once over
