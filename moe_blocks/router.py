@@ -191,7 +191,12 @@ class TopKRouter(nn.Module):
             tokens_per_expert = torch.zeros_like(tokens_per_expert).scatter_add_(
                 0, expert_idx.reshape(-1), real
             )
-        aux_loss = self._aux_loss(raw_logits, logits, expert_idx, tokens_per_expert, token_mask)
+        if inference(self):  # the aux losses are training terms: only the counts are kept
+            with torch.no_grad():
+                self.last_tokens_per_expert.copy_(tokens_per_expert)
+            aux_loss = torch.zeros((), device=logits.device)
+        else:
+            aux_loss = self._aux_loss(raw_logits, logits, expert_idx, tokens_per_expert, token_mask)
         return RouterOutput(logits, expert_idx, gates, plan, aux_loss)
 
     def _aux_loss(
@@ -241,6 +246,14 @@ class TopKRouter(nn.Module):
         load = self.load_since_update
         self.selection_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
         load.zero_()
+
+
+def inference(module: nn.Module) -> bool:
+    """Whether ``module`` runs for inference: eval mode and no autograd (``generate``,
+    evaluation). Its routers then compute no aux loss (0; ``last_aux_loss``,
+    ``last_balance_loss`` and ``last_z_loss`` keep the last other forward's values), a decode
+    step's router costs half as much; ``last_tokens_per_expert`` still counts."""
+    return not module.training and not torch.is_grad_enabled()
 
 
 def gate_logits(x: Tensor, weight: Tensor) -> Tensor:

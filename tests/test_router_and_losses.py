@@ -390,3 +390,50 @@ def test_gather_scores_rejects_bad_input():
         gather_scores(scores, torch.full((3, 2), 4))
     with pytest.raises(ValueError, match="scores"):
         gather_scores(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, 2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(("training", "grad"), [(False, False), (False, True), (True, False)])
+def test_inference_routes_alike_and_skips_only_the_aux_loss(training, grad):
+    """Eval mode without autograd (generate, evaluation): the same routing and gates, the token
+    counts still kept, no aux loss (0) and the aux statistics of the last other forward kept.
+    Eval with autograd, or training without it, compute the aux loss as before."""
+    torch.manual_seed(0)
+    router = TopKRouter(32, 8, 2, aux_loss_coef=0.01, z_loss_weight=0.1)
+    first, second = torch.randn(16, 32), torch.randn(10, 32)
+    router(first)  # a training forward leaves its statistics
+    kept = [
+        router.last_aux_loss.clone(),
+        router.last_balance_loss.clone(),
+        router.last_z_loss.clone(),
+    ]
+    reference = router(second)  # the training forward, as the oracle of the routing
+    router(first)
+    router.train(training)
+    with torch.set_grad_enabled(grad):
+        out = router(second)
+    torch.testing.assert_close(out.expert_idx, reference.expert_idx, atol=0, rtol=0)
+    torch.testing.assert_close(out.gates, reference.gates.detach(), atol=0, rtol=0)
+    counts = torch.bincount(
+        second.new_tensor(reference.expert_idx.flatten(), dtype=torch.long), minlength=8
+    )
+    assert router.last_tokens_per_expert.tolist() == counts.tolist()
+    if not training and not grad:
+        assert out.aux_loss.item() == 0.0
+        stats = [router.last_aux_loss, router.last_balance_loss, router.last_z_loss]
+        assert all(torch.equal(a, b) for a, b in zip(stats, kept, strict=True))
+    else:
+        torch.testing.assert_close(out.aux_loss.detach(), reference.aux_loss.detach())
+
+
+def test_a_model_in_inference_returns_its_language_model_loss_alone():
+    from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
+
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=1))
+    ids = torch.randint(0, 256, (2, 8))
+    trained = model(ids, labels=ids)
+    assert trained.aux_loss.item() > 0
+    with torch.no_grad():
+        out = model.eval()(ids, labels=ids)
+    torch.testing.assert_close(out.lm_loss, trained.lm_loss.detach())
+    assert out.aux_loss.item() == 0.0 and out.loss.item() == out.lm_loss.item()

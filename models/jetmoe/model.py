@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_blocks import KVCache, MoA, MoEMLP, TopKRouter
 from moe_blocks.kernels.checks import INTEGER_DTYPES, check_index_range, check_non_negative
-from moe_blocks.router import named_routers
+from moe_blocks.router import inference, named_routers
 
 from . import hf_checkpoint
 from .config import JetMoEConfig
@@ -238,7 +238,13 @@ class JetMoEForCausalLM(nn.Module):
             labels[:, 1:].reshape(-1),
             ignore_index=-100,
         )
-        aux_loss = sum(router.last_aux_loss for router in named_routers(self).values())
+        routers = named_routers(self).values()
+        # (in inference the routers compute no aux loss: moe_blocks.router.inference)
+        aux_loss = (
+            torch.zeros((), device=logits.device)
+            if inference(self)
+            else sum(router.last_aux_loss for router in routers)
+        )
         return CausalLMOutput(
             logits=logits,
             loss=lm_loss + aux_loss,
