@@ -184,6 +184,10 @@ def test_triton_backend_matches_reference(combination, data):
     check_against_reference(data.draw(problems(combination, **TRITON_PROBLEMS)), "triton")
 
 
+def _one_run(offsets, dtype, rows, row_bytes):
+    return [(None, 0, rows)] if rows else []
+
+
 @pytest.mark.usefixtures("poisoned_memory")
 @pytest.mark.parametrize("combination", COMBINATIONS)
 @per_combination(2)
@@ -194,9 +198,7 @@ def test_torch_backend_one_grouped_mm_path_matches_reference(combination, data):
     the path is forced here by making ``_runs`` return that single run."""
     problem = data.draw(problems(combination, **TORCH_PROBLEMS))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            torch_backend, "_runs", lambda offsets, dtype, rows: [(None, 0, rows)] if rows else []
-        )
+        patch.setattr(torch_backend, "_runs", _one_run)
         check_against_reference(problem, "torch")
 
 
@@ -342,4 +344,28 @@ def test_a_gated_sum_is_rounded_to_the_dtype_once(backend, dtype, rows_in):
     assert excess.max().item() <= 0, (
         f"error beyond one rounding of the fp32 sum at {int((excess > 0).sum())} of "
         f"{excess.numel()} elements; worst {(out.double() - exact).abs().max().item():.3g}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("experts", "rows_each", "one_run"),
+    [(64, 4, True), (64, 1, False), (8, 64, False), (64, 1024, False)],
+    ids=["many-small", "single-rows", "few-experts", "too-large"],
+)
+def test_cpu_runs_go_through_one_grouped_mm_only_for_many_small_experts(
+    experts, rows_each, one_run
+):
+    """On CPU the per-expert loop gives way to one ``_grouped_mm`` for many experts of several
+    rows each that fit GATHER_ONCE_BYTES; single rows (matrix-vector products), few experts and
+    large inputs keep the loop. Either way expert_linear matches the float64 oracle."""
+    routing = torch.arange(experts).repeat_interleave(rows_each)[:, None]
+    plan = plan_dispatch(routing, experts)
+    runs = torch_backend._runs(plan.expert_offsets, torch.float32, routing.shape[0], 64 * 4)
+    assert (runs == [(None, 0, routing.shape[0])]) == one_run
+    if not one_run:
+        assert [end - start for _, start, end in runs] == [rows_each] * experts
+    x, weight = torch.randn(routing.shape[0], 64), torch.randn(experts, 48, 64)
+    expected = torch.einsum("ti,toi->to", x.double(), weight.double()[routing[:, 0]])
+    torch.testing.assert_close(
+        expert_linear(x, weight, plan).double(), expected, rtol=1e-5, atol=1e-4
     )

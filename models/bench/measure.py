@@ -28,7 +28,8 @@ from .cases import (
 
 def step_function(module: nn.Module, x: Tensor, backward: bool):
     """The callable that one timing repetition runs."""
-    if not backward:
+    if not backward:  # inference: eval mode (no dropout, no router aux loss), no autograd
+        module.eval()
 
         def forward_only():
             with torch.no_grad():
