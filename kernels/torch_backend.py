@@ -158,16 +158,14 @@ def _run_rows(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int, runs
         yield t[start:end] if rows is None else t.index_select(0, rows[start:end])
 
 
-def _native_on_cpu(rows: Tensor) -> bool:
-    """Whether ``rows`` are on CPU in a dtype it multiplies natively (fp32/fp64 always)."""
-    return rows.device.type == "cpu" and cpu_has_native_matmul(rows.dtype)
-
-
 def _weight_first_helps(rows: Tensor) -> bool:
-    """Where WEIGHT_FIRST_ROWS applies: 16-bit products on a CPU that runs them natively. In
-    fp32 (and emulated 16-bit, computed in fp32) weight-first was slower at 1-8 rows: 1.3x the
-    time of the whole block at 8 tokens, Mixtral-like and fine-grained."""
-    return rows.element_size() == 2 and _native_on_cpu(rows)
+    """Where weight-first products (WEIGHT_FIRST_ROWS, and ``mv`` for one row) apply: 16-bit
+    products on a CPU that runs them natively. In fp32 (and emulated 16-bit, computed in fp32)
+    weight-first was slower at 1-8 rows: 1.3x the time of the whole block at 8 tokens,
+    Mixtral-like and fine-grained."""
+    return (
+        rows.device.type == "cpu" and rows.element_size() == 2 and cpu_has_native_matmul(rows.dtype)
+    )
 
 
 def _matmul(
@@ -176,10 +174,10 @@ def _matmul(
     """``rows[i] @ weight[e(i)].T`` for the (non-empty) rows of one run, written into ``out``
     if given."""
     if expert is not None:
-        if rows.shape[0] == 1 and _native_on_cpu(rows):
-            # One row (a decode step's expert): a matrix-vector product, which streams the
-            # weight once; as a 1-row mm it took 1.75x the time (bf16, JetMoE's up projection,
-            # caches cold as between two layers).
+        if rows.shape[0] == 1 and _weight_first_helps(rows):
+            # One 16-bit row (a decode step's expert): a matrix-vector product, which streams
+            # the weight once; as a 1-row mm it took 1.65x the time (bf16, JetMoE's up
+            # projection, caches cold as between two layers). In fp32 the mm was faster.
             part = torch.mv(weight[expert], rows[0])[None]
             return part if out is None else out.copy_(part)
         if rows.shape[0] <= WEIGHT_FIRST_ROWS and _weight_first_helps(rows):  # see there

@@ -217,7 +217,8 @@ def test_torch_backend_matmul_orientations_and_gathers_match_reference(
     problem = data.draw(problems(combination, **TORCH_PROBLEMS))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_backend, "WEIGHT_FIRST_ROWS", weight_first_rows)
-        patch.setattr(torch_backend, "_weight_first_helps", lambda rows: True)  # every dtype
+        forced = weight_first_rows > 0  # in every dtype (else 16-bit on CPU only), mv included
+        patch.setattr(torch_backend, "_weight_first_helps", lambda rows: forced)
         patch.setattr(torch_backend, "GATHER_ONCE_BYTES", gather_once_bytes)
         check_against_reference(problem, "torch")
 
