@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .kernels import DispatchPlan, gather_scores, plan_dispatch
+from .kernels import DispatchPlan, gather_scores
 from .kernels.checks import (
     INTEGER_DTYPES,
     check_index_range,
@@ -17,6 +17,7 @@ from .kernels.checks import (
     check_positive_int,
 )
 from .kernels.ops import AUTOCAST_DTYPES, autocasting
+from .kernels.plan import plan_valid_routing
 from .losses import (
     BALANCE_LOSSES,
     load_balancing_loss,
@@ -183,7 +184,7 @@ class TopKRouter(nn.Module):
             gates = picked / picked.sum(-1, keepdim=True).clamp_min(torch.finfo(picked.dtype).tiny)
         else:
             gates = picked
-        plan = plan_dispatch(expert_idx, self.num_experts)
+        plan = plan_valid_routing(expert_idx, self.num_experts)  # a top-k: in range
         tokens_per_expert = plan.tokens_per_expert
         if token_mask is not None:
             token_mask = token_mask.to(x.device)
@@ -263,8 +264,15 @@ def gate_logits(x: Tensor, weight: Tensor) -> Tensor:
     output, bit for bit unchanged (a fp32 matmul blocks its sums by the output width). Other
     dtypes and autocast: the gate's own linear, as transformers computes it."""
     if x.dtype == weight.dtype == torch.float32 and not autocasting(x.device.type):
-        return _Float64Logits.apply(x, weight)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _Float64Logits.apply(x, weight)
+        return _float64_product(x, weight)  # no autograd: without the Function's overhead
     return nn.functional.linear(x, weight).float()
+
+
+def _float64_product(x: Tensor, weight: Tensor) -> Tensor:
+    """fp32 ``x @ weight.T`` computed in float64 and rounded once."""
+    return (x.double() @ weight.double().T).float()
 
 
 class _Float64Logits(torch.autograd.Function):
@@ -274,7 +282,7 @@ class _Float64Logits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight)
-        return (x.double() @ weight.double().T).float()
+        return _float64_product(x, weight)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
