@@ -157,7 +157,8 @@ def bench_command(args: argparse.Namespace) -> int:
     if not args.budget > 0 or args.budget == float("inf"):
         raise TrainingError(f"--budget must be a positive number of seconds, got {args.budget}")
     try:
-        tokens = [int(t) for t in args.tokens.split(",")]
+        given = args.tokens or ("8,256,2048" if args.suite == "ep" else "1,8,256,2048")
+        tokens = [int(t) for t in given.split(",")]
     except ValueError:
         raise TrainingError(
             f"--tokens must be comma-separated integers, got {args.tokens!r}"
@@ -400,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         default="jetmoe-8b,fine-grained",
         help="comma-separated: jetmoe-8b, mixtral, fine-grained, deepseek-v3",
     )
-    bench_parser.add_argument("--tokens", default="8,256,2048", help="comma-separated counts")
+    bench_parser.add_argument(
+        "--tokens",
+        help="comma-separated counts (default: 1,8,256,2048, 1 being a decode step; --suite ep: "
+        "8,256,2048, each divisible by its 1, 2 and 4 processes)",
+    )
     bench_parser.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp32, fp16")
     bench_parser.add_argument("--passes", default="both", choices=["fwd", "fwd+bwd", "both"])
     bench_parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present")
