@@ -165,3 +165,16 @@ def test_forward_rows_report_the_used_experts_weight_bandwidth(suite):
         expected = experts * expert_bytes / (row.median_ms / 1e3) / 1e9
         assert row.weight_gbs == pytest.approx(expected, rel=1e-9), row.impl
     assert all(r.weight_gbs is None for r in bench.run_case(case, True, max_repeats=1, budget_s=0))
+
+
+def test_bench_command_starts_with_a_decode_row_by_default(tmp_path, capsys):
+    """Without --tokens the table starts at one token (a decode step), forward rows carrying
+    the weight bandwidth column."""
+    out = tmp_path / "bench"
+    args = ["bench", "--tiny", "--suite", "mlp", "--shapes", "fine-grained", "--dtypes", "fp32",
+            "--passes", "fwd", "--repeats", "1", "--budget", "0.01", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "weight GB/s" in capsys.readouterr().out
+    rows = json.loads((out / "bench_mlp.json").read_text())
+    assert sorted({r["tokens"] for r in rows}) == [1, 8, 256, 2048]
+    assert all(r["weight_gbs"] > 0 for r in rows)
