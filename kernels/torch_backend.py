@@ -174,16 +174,16 @@ def _matmul(
     """``rows[i] @ weight[e(i)].T`` for the (non-empty) rows of one run, written into ``out``
     if given."""
     if expert is not None:
-        if rows.shape[0] == 1 and _weight_first_helps(rows):
+        if rows.shape[0] > WEIGHT_FIRST_ROWS or not _weight_first_helps(rows):
+            return _mm(rows, weight[expert].t(), out)
+        if rows.shape[0] == 1:
             # One 16-bit row (a decode step's expert): a matrix-vector product, which streams
             # the weight once; as a 1-row mm it took 1.65x the time (bf16, JetMoE's up
             # projection, caches cold as between two layers). In fp32 the mm was faster.
             part = torch.mv(weight[expert], rows[0])[None]
-            return part if out is None else out.copy_(part)
-        if rows.shape[0] <= WEIGHT_FIRST_ROWS and _weight_first_helps(rows):  # see there
+        else:
             part = _mm(weight[expert], rows.t()).t()
-            return part if out is None else out.copy_(part)
-        return _mm(rows, weight[expert].t(), out)
+        return part if out is None else out.copy_(part)
     num_out = weight.shape[1]
     if num_out == 0 or rows.shape[1] == 0:  # _grouped_mm rejects zero-width operands
         result = rows.new_zeros(rows.shape[0], num_out)
