@@ -171,9 +171,8 @@ def _triton_impl() -> ModuleType:
     return triton_backend
 
 
-_OPS = {"torch": _register("torch", torch_backend)}
-if TRITON_AVAILABLE:
-    _OPS["triton"] = _register("triton", _triton_impl())
+_IMPLS = {"torch": torch_backend} | ({"triton": _triton_impl()} if TRITON_AVAILABLE else {})
+_OPS = {name: _register(name, impl) for name, impl in _IMPLS.items()}
 
 
 @torch.library.custom_op("moe_blocks::gather_scores", mutates_args=())
@@ -229,7 +228,7 @@ def gather_scores(scores: Tensor, expert_idx: Tensor) -> Tensor:
     if expert_idx.shape[0] != scores.shape[0]:
         raise ValueError(f"expert_idx has {expert_idx.shape[0]} rows but scores has "
                          f"{scores.shape[0]}")  # fmt: skip
-    if _no_autograd(scores):
+    if no_autograd(scores):
         return scores.gather(1, expert_idx)
     return _gather_scores(scores, expert_idx)  # out-of-range indices: gather's own error
 
@@ -336,11 +335,12 @@ def _check_inputs(x, weight, plan, bias, gates, grouped_in, grouped_out, backend
             )
 
 
-def _no_autograd(*tensors: Tensor | None) -> bool:
+def no_autograd(*tensors: Tensor | None) -> bool:
     """Whether a call needs neither autograd nor the op's registration: no gradient will flow
     (grad mode off, or no input requires one), eager (not traced by ``torch.compile``) and on
-    real storage (not ``meta``). Then the ops' implementations are called directly: the custom
-    op's dispatch cost 50-200 us per call on CPU, a tenth of a decode step's MoE layer."""
+    real storage (not ``meta``). Then the ops' implementations are called directly (the custom
+    op's dispatch cost 50-200 us per call on CPU, a tenth of a decode step's MoE layer), and
+    the router's fp32 gate skips its autograd Function."""
     if torch.compiler.is_compiling() or tensors[0].device.type == "meta":
         return False
     grad = torch.is_grad_enabled()
@@ -416,8 +416,8 @@ def expert_linear(
     else:
         y_layout = RowLayout.GROUPED if grouped_out else RowLayout.ASSIGNMENT
     gather_gemm = _OPS[name][0]
-    if _no_autograd(x, weight, bias, gates):  # the same function, without the op's dispatch
-        gather_gemm = (torch_backend if name == "torch" else _triton_impl()).gather_gemm
+    if no_autograd(x, weight, bias, gates):  # the same function, without the op's dispatch
+        gather_gemm = _IMPLS[name].gather_gemm
     with _autocast_off(device_type) if autocast else contextlib.nullcontext():
         return gather_gemm(
             x, weight, bias, None if gates is None else gates.contiguous().view(-1),

@@ -16,7 +16,7 @@ from .kernels.checks import (
     check_non_negative,
     check_positive_int,
 )
-from .kernels.ops import AUTOCAST_DTYPES, autocasting
+from .kernels.ops import AUTOCAST_DTYPES, autocasting, no_autograd
 from .kernels.plan import plan_valid_routing
 from .losses import (
     BALANCE_LOSSES,
@@ -264,9 +264,9 @@ def gate_logits(x: Tensor, weight: Tensor) -> Tensor:
     output, bit for bit unchanged (a fp32 matmul blocks its sums by the output width). Other
     dtypes and autocast: the gate's own linear, as transformers computes it."""
     if x.dtype == weight.dtype == torch.float32 and not autocasting(x.device.type):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _Float64Logits.apply(x, weight)
-        return _float64_product(x, weight)  # no autograd: without the Function's overhead
+        if no_autograd(x, weight):  # without the Function's overhead
+            return _float64_product(x, weight)
+        return _Float64Logits.apply(x, weight)
     return nn.functional.linear(x, weight).float()
 
 
