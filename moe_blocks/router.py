@@ -192,9 +192,11 @@ class TopKRouter(nn.Module):
             tokens_per_expert = torch.zeros_like(tokens_per_expert).scatter_add_(
                 0, expert_idx.reshape(-1), real
             )
+        if self.reduce_tokens_per_expert is not None:  # e.g. every rank's (global balance)
+            tokens_per_expert = self.reduce_tokens_per_expert(tokens_per_expert)
+        with torch.no_grad():
+            self.last_tokens_per_expert.copy_(tokens_per_expert)
         if inference(self):  # the aux losses are training terms: only the counts are kept
-            with torch.no_grad():
-                self.last_tokens_per_expert.copy_(tokens_per_expert)
             aux_loss = torch.zeros((), device=logits.device)
         else:
             aux_loss = self._aux_loss(raw_logits, logits, expert_idx, tokens_per_expert, token_mask)
@@ -208,8 +210,6 @@ class TopKRouter(nn.Module):
         tokens_per_expert: Tensor,
         token_mask: Tensor | None,
     ) -> Tensor:
-        if self.reduce_tokens_per_expert is not None:
-            tokens_per_expert = self.reduce_tokens_per_expert(tokens_per_expert)
         if self.balance_loss == "switch":
             balance = load_balancing_loss(
                 raw_logits,
@@ -231,7 +231,6 @@ class TopKRouter(nn.Module):
             self.last_aux_loss.copy_(aux_loss)
             self.last_balance_loss.copy_(balance)
             self.last_z_loss.copy_(z_loss)
-            self.last_tokens_per_expert.copy_(tokens_per_expert)
             # activation checkpointing runs the forward again in backward: counted once
             if self.selection_bias is not None and self.training and not recomputing():
                 self.load_since_update.add_(tokens_per_expert)

@@ -437,3 +437,19 @@ def test_a_model_in_inference_returns_its_language_model_loss_alone():
         out = model.eval()(ids, labels=ids)
     torch.testing.assert_close(out.lm_loss, trained.lm_loss.detach())
     assert out.aux_loss.item() == 0.0 and out.loss.item() == out.lm_loss.item()
+
+
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_token_counts_are_the_reduced_ones_in_training_and_inference(inference_mode):
+    """With a count reduction (expert parallelism's global balance sums every rank's counts),
+    ``last_tokens_per_expert`` holds the reduced counts whether or not the aux loss is
+    computed: inference counts what training counts."""
+    torch.manual_seed(0)
+    router = TopKRouter(16, 4, 2)
+    router.reduce_tokens_per_expert = lambda counts: 3 * counts  # stands for three ranks
+    x = torch.randn(9, 16)
+    router.train(not inference_mode)
+    with torch.set_grad_enabled(not inference_mode):
+        out = router(x)
+    local = torch.bincount(out.expert_idx.flatten(), minlength=4)
+    assert router.last_tokens_per_expert.tolist() == (3 * local).tolist()
