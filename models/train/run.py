@@ -47,11 +47,10 @@ def train(
         or dist.is_initialized()
         or (resume and is_sharded_checkpoint(Path(settings.out) / "checkpoint"))
     )
+    options = {"resume": resume, "overwrite": overwrite, "progress": progress}
     if sharded:
-        return train_sharded(settings, ep=ep, resume=resume, overwrite=overwrite,
-                             progress=progress)  # fmt: skip
-    return run_training(settings, OneProcess(), resume=resume, overwrite=overwrite,
-                        progress=progress)  # fmt: skip
+        return _train_ranks(settings, ep, options)
+    return run_training(settings, OneProcess(), **options)
 
 
 def train_sharded(
@@ -76,16 +75,22 @@ def train_sharded(
 
     Returns the :class:`~.loop.TrainResult` on every rank.
     """
+    settings.check()
+    check_positive_int("--ep", ep)
+    return _train_ranks(settings, ep, {"resume": resume, "overwrite": overwrite,
+                                       "progress": progress})  # fmt: skip
+
+
+def _train_ranks(settings: TrainSettings, ep: int, options: dict) -> TrainResult:
+    """The sharded run of checked ``settings`` and ``ep``: :func:`run_training` with
+    :class:`~.distributed.Ranks`, in the process group it joins (or creates, then ends)."""
     # torch.distributed's checkpoint and FSDP modules take about a second to import: only here
     from .distributed import Ranks, init_distributed
 
-    settings.check()
-    check_positive_int("--ep", ep)
     created = not dist.is_initialized()
     try:
         mesh, device = init_distributed(ep, torchrun=launched_by_torchrun())
-        return run_training(settings, Ranks(mesh, device, ep), resume=resume,
-                            overwrite=overwrite, progress=progress)  # fmt: skip
+        return run_training(settings, Ranks(mesh, device, ep), **options)
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
