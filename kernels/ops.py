@@ -11,7 +11,7 @@ anyway.
 
 import contextlib
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Optional
 
@@ -362,6 +362,33 @@ def autocasting(device_type: str) -> bool:
     """Whether ``torch.autocast`` is on for ``device_type`` (False where it does not exist,
     as on the meta device)."""
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def one_token_mlp(
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    plan: DispatchPlan,
+    gates: Tensor,
+    activate: Callable[[Tensor], Tensor],
+    backend: str = "auto",
+) -> Tensor | None:
+    """A single token's routed MLP ``Σ_j gates[0, j] · w_out[e_j] @ activate(w_in[e_j] @
+    x[0])`` (``x [1, in]``, weights ``[E, out, in]``, ``plan`` of that token, ``gates [1,
+    k]``) on the torch backend's decode path, equal bit for bit to two :func:`expert_linear`
+    calls, where that path applies: the torch backend on CPU, no autograd, no autocast. None
+    elsewhere (the caller makes the two calls)."""
+    if (
+        x.shape[0] != 1
+        or plan.num_tokens != 1
+        or x.device.type != "cpu"
+        or resolve_backend(backend, x.device) != "torch"
+        or autocasting(x.device.type)
+        or not no_autograd(x, w_in, w_out, gates)
+    ):
+        return None
+    experts = plan.expert_idx[0].tolist()
+    return torch_backend.one_token_mlp(x, w_in, w_out, activate, experts, gates[0])
 
 
 def expert_linear(

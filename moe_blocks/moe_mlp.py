@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .experts import InitMethod, ParallelExperts, check_init_method
+from .experts import InitMethod, ParallelExperts, check_init_method, local_tensor
 from .kernels import DispatchPlan
 from .kernels.checks import check_positive_int
+from .kernels.ops import one_token_mlp
 from .losses import check_aux_loss_mode, route_aux_loss
 from .modular import ModularBlock
 from .router import RouterOutput, TopKRouter, check_input_dtype, check_keep_mask
@@ -228,5 +229,20 @@ class MoEMLP(ModularBlock, nn.Module):
         ``rows`` are read as :func:`~moe_blocks.expert_linear` reads ``x`` (``[T, d_model]`` or
         ``[T*k, d_model]``). Returns each token's gate-weighted sum ``[T, d_model]`` with
         ``gates[T, k]``, else one row per assignment in assignment order ``[T*k, d_model]``."""
+        linears = (self.input_linear, self.output_linear)
+        if gates is not None and not any(map(_hooked_or_sharded, linears)):
+            out = one_token_mlp(  # a decode step of one token on CPU, else None
+                rows, *(linear.weight for linear in linears), plan, gates, self._activate,
+                self.input_linear.backend,
+            )  # fmt: skip
+            if out is not None:
+                return out
         hidden = self._activate(self.input_linear(rows, plan, grouped_out=True))
         return self.output_linear(hidden, plan, grouped_in=True, gates=gates)
+
+
+def _hooked_or_sharded(experts: ParallelExperts) -> bool:
+    """Whether ``experts`` must run through its own forward: it has forward hooks (FSDP2's
+    unsharding, a user's) or its weight is a DTensor (expert parallelism's local experts)."""
+    hooked = experts._forward_hooks or experts._forward_pre_hooks
+    return bool(hooked) or local_tensor(experts.weight) is not experts.weight

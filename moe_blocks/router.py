@@ -176,8 +176,12 @@ class TopKRouter(nn.Module):
         choice = scores if self.selection_bias is None else scores + self.selection_bias
         if self.expert_prior is not None:  # a closed expert's score 0 could win with a bias
             choice = choice.masked_fill(self.expert_prior <= 0, float("-inf"))
-        expert_idx = choice.topk(self.top_k, dim=-1).indices
-        picked = gather_scores(scores, expert_idx)
+        top = choice.topk(self.top_k, dim=-1)
+        expert_idx = top.indices
+        if choice is scores and no_autograd(scores):  # the chosen scores themselves
+            picked = top.values
+        else:
+            picked = gather_scores(scores, expert_idx)
         if self.score == "topk_softmax":
             gates = torch.softmax(picked, dim=-1)
         elif self.renormalize:
