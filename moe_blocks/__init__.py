@@ -23,6 +23,7 @@ from .modular import (
 )
 from .moe_mlp import MoEMLP
 from .router import RouterOutput, TopKRouter, router_stats
+from .upcycling import UPCYCLE_METHODS, upcycle_mlp, upcycle_weights
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "ParallelExperts",
     "RouterOutput",
     "TopKRouter",
+    "UPCYCLE_METHODS",
     "__version__",
     "add_experts",
     "attach_aux_loss",
@@ -68,5 +70,7 @@ __all__ = [
     "prune_experts",
     "router_stats",
     "router_z_loss",
+    "upcycle_mlp",
+    "upcycle_weights",
     "use_backend",
 ]

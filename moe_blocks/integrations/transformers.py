@@ -386,3 +386,135 @@ def _jetmoe_attention_reduce(self, layer_input: Tensor, topo_info) -> Tensor:
     rows = layer_input.reshape(-1, width)  # assignment order: token t's slot j at t*k + j
     out = expert_linear(rows, self.output_linear.weight, plan, gates=gates)
     return out.view(batch, length, -1) + self.bias
+
+
+# --------------------------------------------------------------------------------------------
+# Upcycling a dense transformers model into its family's MoE class
+
+# Dense model_type -> the MoE model_type whose classes take its weights.
+UPCYCLE_FAMILIES = {
+    "llama": "mixtral",
+    "mistral": "mixtral",
+    "qwen2": "qwen2_moe",
+    "qwen3": "qwen3_moe",
+}
+# Dense config fields that the MoE class cannot represent, with the value it implies.
+_IMPLIED = {"mixtral": {"attention_bias": False, "mlp_bias": False}, "qwen2_moe": {},
+            "qwen3_moe": {"attention_bias": False}}  # fmt: skip
+_NOT_COPIED = ("architectures", "model_type", "transformers_version", "_name_or_path", "dtype",
+               "pretraining_tp", "intermediate_size")  # fmt: skip
+
+
+def upcycle_config(config, *, num_experts: int, top_k: int, expert_hidden: int):
+    """The MoE config for a dense ``config`` (Llama/Mistral -> Mixtral, Qwen2 -> Qwen2-MoE,
+    Qwen3 -> Qwen3-MoE): the dense fields as they are, every layer an MoE layer with
+    ``num_experts`` experts of width ``expert_hidden``, ``top_k`` of them per token, gates
+    renormalised to sum to 1, no router jitter."""
+    from transformers import AutoConfig
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in UPCYCLE_FAMILIES:
+        raise ValueError(
+            f"model: upcycling supports the dense families {sorted(UPCYCLE_FAMILIES)}, got "
+            f"model_type {model_type!r}"
+        )
+    target = UPCYCLE_FAMILIES[model_type]
+    fields = config.to_dict()
+    for name, implied in _IMPLIED[target].items():
+        if fields.get(name, implied) != implied:
+            raise ValueError(
+                f"model: {model_type} with {name}={fields[name]!r} has no {target} equivalent "
+                f"({target} has {name}={implied!r})"
+            )
+    dense_hidden = config.intermediate_size
+    fields = {key: value for key, value in fields.items() if key not in _NOT_COPIED}
+    fields["dtype"] = config.dtype
+    if target == "mixtral":
+        fields |= dict(intermediate_size=expert_hidden, num_local_experts=num_experts,
+                       router_jitter_noise=0.0)  # fmt: skip
+    else:
+        fields |= dict(moe_intermediate_size=expert_hidden, num_experts=num_experts,
+                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                       intermediate_size=dense_hidden)  # fmt: skip
+    if target == "qwen2_moe":
+        fields |= dict(shared_expert_intermediate_size=dense_hidden, qkv_bias=True)
+    fields["num_experts_per_tok"] = top_k
+    return AutoConfig.for_model(target, **fields)
+
+
+def upcycle(
+    model: nn.Module, *, num_experts: int, top_k: int, method: str = "copy", **options
+) -> nn.Module:
+    """A transformers MoE model upcycled from the dense causal LM ``model``: a
+    ``LlamaForCausalLM`` or ``MistralForCausalLM`` becomes a ``MixtralForCausalLM``, a
+    ``Qwen2ForCausalLM`` a ``Qwen2MoeForCausalLM``, a ``Qwen3ForCausalLM`` a
+    ``Qwen3MoeForCausalLM`` (transformers' own classes; every layer an MoE layer).
+
+    Embeddings, attention, norms and the LM head are copied unchanged; each layer's MLP becomes
+    its experts and router by ``method`` (:mod:`moe_blocks.upcycling`: ``"copy"``, ``"drop"``,
+    ``"granular"``, with ``options`` such as ``router_std``, ``noise_std``, ``drop_ratio``,
+    ``granularity``, ``seed``). The gates are renormalised to sum to 1 (``norm_topk_prob``;
+    Mixtral always does), so with ``"copy"`` (and ``"granular"``) the MoE model's logits are
+    the dense model's. Qwen2-MoE's shared expert is a copy of the dense MLP with a zero
+    ``shared_expert_gate`` (sigmoid 0 = 1/2) and the routed experts' output weights are halved:
+    each layer computes ½·routed + ½·shared = the dense MLP. ``model`` is not modified; the
+    new model is on its device, in its dtype, in eval mode if ``model`` was."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from ..upcycling import check_upcycle_options, upcycle_weights
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
+    config = model.config
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not type(model).__name__.endswith("ForCausalLM") or layers is None:
+        raise ValueError(
+            f"model must be a dense causal LM (e.g. LlamaForCausalLM), got {type(model).__name__}"
+        )
+    seed = options.pop("seed", None)
+    check_upcycle_options(
+        config.intermediate_size, num_experts=num_experts, top_k=top_k, method=method, **options
+    )
+    moe_config = upcycle_config(
+        config, num_experts=num_experts, top_k=top_k,
+        expert_hidden=config.intermediate_size // (options.get("granularity") or 1),
+    )  # fmt: skip
+    parameter = next(model.parameters())
+    with no_init_weights(), torch.device(parameter.device):
+        moe = AutoModelForCausalLM.from_config(moe_config, dtype=parameter.dtype)
+    moe_state = moe.state_dict()
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if ".mlp." in name:
+                continue
+            if name not in moe_state or moe_state[name].shape != value.shape:
+                raise ValueError(f"model: {name} has no place in {type(moe).__name__}")
+            moe_state[name].copy_(value)
+        shared = moe_config.model_type == "qwen2_moe"
+        for index, (dense_layer, moe_layer) in enumerate(
+            zip(layers, moe.model.layers, strict=True)
+        ):
+            dense_mlp, block = dense_layer.mlp, moe_layer.mlp
+            linears = (dense_mlp.gate_proj, dense_mlp.up_proj, dense_mlp.down_proj)
+            if any(linear.bias is not None for linear in linears):
+                raise ValueError(f"model: layer {index}'s MLP has biases; its MoE class has none")
+            weights = upcycle_weights(
+                *(linear.weight for linear in linears), num_experts=num_experts, top_k=top_k,
+                method=method, seed=None if seed is None else seed + index, **options,
+            )  # fmt: skip
+            layout = read_layout(block.experts)
+            up = weights.w_in
+            if not block.experts.is_concatenated:  # gate and up rows interleaved
+                up = torch.stack(up.chunk(2, dim=1), dim=2).flatten(1, 2)
+            layout.up.copy_(up)
+            layout.down.copy_(weights.w_out * (0.5 if shared else 1.0))
+            block.gate.weight.copy_(weights.router)
+            if shared:
+                for name, linear in zip(
+                    ("gate_proj", "up_proj", "down_proj"), linears, strict=True
+                ):
+                    getattr(block.shared_expert, name).weight.copy_(linear.weight)
+                block.shared_expert_gate.weight.zero_()
+    moe.train(model.training)
+    return moe
