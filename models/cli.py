@@ -12,6 +12,8 @@ Subcommands:
               unchanged; train them with train --resume-from DIR --train-new-experts-only.
     prune     keep the experts a corpus uses most, write the smaller model (Hugging Face
               layout) and report its validation loss before and after.
+    upcycle   turn a dense transformers checkpoint (Llama, Mistral, Qwen2, Qwen3) into its
+              family's MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE) by copy, drop or granular.
 
 It lives in the top layer (models/) because it drives the reference model; moe_blocks' own
 modules never import it.
@@ -237,6 +239,26 @@ def prune_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def upcycle_command(args: argparse.Namespace) -> int:
+    from .train.continual import upcycle_checkpoint
+
+    options = {"router_std": args.router_std, "noise_std": args.noise_std, "seed": args.seed}
+    options |= {name: value for name, value in (("drop_ratio", args.drop_ratio),
+                ("granularity", args.granularity)) if value is not None}  # fmt: skip
+    done = upcycle_checkpoint(
+        args.dense, args.out, num_experts=args.experts, top_k=args.top_k, method=args.method,
+        overwrite=args.overwrite, **options,
+    )  # fmt: skip
+    record = done.record
+    print(
+        f"{record['model_type']} -> {record['moe_model_type']}: {record['num_experts']} experts, "
+        f"top-{record['top_k']}, method {record['method']}; max |change in logits| on "
+        f"{record['checked_tokens']} random tokens = {record['max_logit_change']:.2g}"
+    )
+    print(f"wrote {done.out}")
+    return 0
+
+
 def _model_command(commands, name: str, summary: str, handler) -> argparse.ArgumentParser:
     """A subcommand that reads CHECKPOINT and writes a model into --out (extend, prune)."""
     parser = commands.add_parser(name, help=summary)
@@ -453,6 +475,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     prune_parser.add_argument("--batches", type=int, default=8, help="usage and validation batches")
     prune_parser.add_argument("--batch-size", type=int, default=16, help="windows per batch")
+
+    upcycle_parser = commands.add_parser(
+        "upcycle", help="turn a dense transformers checkpoint into an MoE one (docs/upcycling.md)"
+    )
+    upcycle_parser.add_argument(
+        "dense", help="a transformers checkpoint folder: Llama, Mistral, Qwen2 or Qwen3"
+    )
+    upcycle_parser.add_argument("--experts", type=int, required=True, help="experts per layer")
+    upcycle_parser.add_argument("--top-k", type=int, required=True, help="experts per token")
+    upcycle_parser.add_argument(
+        "--method", default="copy", help="copy, drop (Drop-Upcycling) or granular"
+    )
+    upcycle_parser.add_argument(
+        "--drop-ratio", type=float, help="drop: share of each expert's neurons redrawn (0.5)"
+    )
+    upcycle_parser.add_argument(
+        "--granularity", type=int, help="granular: slices of the dense MLP (required there)"
+    )
+    upcycle_parser.add_argument(
+        "--router-std", type=float, default=0.02, help="std of the router's weights (0: zeros)"
+    )
+    upcycle_parser.add_argument(
+        "--noise-std", type=float, default=0.0, help="copy, granular: noise on each expert, "
+        "relative to each dense matrix's std"
+    )  # fmt: skip
+    upcycle_parser.add_argument("--seed", type=int, default=0, help="for every random draw")
+    upcycle_parser.add_argument("--out", required=True, help="folder for the MoE checkpoint")
+    upcycle_parser.add_argument("--overwrite", action="store_true", help="replace a model in OUT")
+    upcycle_parser.set_defaults(handler=upcycle_command)
 
     args = parser.parse_args(argv)
     try:

@@ -3,6 +3,7 @@ transformers level (integrations.transformers.upcycle) against the dense model's
 "eager" and "moe_blocks", before and after save/load."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -329,3 +330,104 @@ def test_unsupported_models_are_refused_with_the_reason():
         upcycle(dense_model("llama"), num_experts=2, top_k=3)
     with pytest.raises(TypeError, match="transformers model"):
         upcycle(nn.Linear(2, 2), num_experts=2, top_k=1)
+
+
+# ------------------------------------------------------------------------------------------
+# moe-blocks upcycle
+
+
+@pytest.fixture
+def dense_checkpoint(tmp_path):
+    model = dense_model("qwen3")
+    folder = tmp_path / "dense"
+    model.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}\n')
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    return model, folder
+
+
+def test_the_upcycle_command_writes_a_model_transformers_loads(dense_checkpoint, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from moe_blocks.models.cli import main
+
+    dense, folder = dense_checkpoint
+    out = tmp_path / "moe"
+    code = main([
+        "upcycle", str(folder), "--experts", "8", "--top-k", "4", "--method", "granular",
+        "--granularity", "2", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    assert "qwen3 -> qwen3_moe" in capsys.readouterr().out
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (folder / name).read_bytes()
+    record = json.loads((out / "upcycle.json").read_text())
+    assert record["method"] == "granular" and record["max_logit_change"] < 1e-5
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 61, (1, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--experts", "2", "--top-k", "3"], "--top-k (3) must not exceed --experts (2)"),
+        (["--experts", "4", "--top-k", "2", "--method", "merge"], "--method must be one of"),
+        (["--experts", "4", "--top-k", "2", "--method", "granular"], "needs --granularity"),
+        (["--experts", "4", "--top-k", "2", "--drop-ratio", "0.3"], "--drop-ratio applies"),
+        (["--experts", "0", "--top-k", "1"], "--experts"),
+    ],
+)
+def test_bad_upcycle_arguments_are_one_line_and_write_nothing(
+    dense_checkpoint, tmp_path, capsys, arguments, message
+):
+    from moe_blocks.models.cli import main
+
+    out = tmp_path / "moe"
+    assert main(["upcycle", str(dense_checkpoint[1]), *arguments, "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error, error
+    assert not out.exists()
+
+
+def test_the_upcycle_command_refuses_what_is_not_a_dense_causal_lm(
+    dense_checkpoint, tmp_path, capsys
+):
+    from moe_blocks.models.cli import main
+
+    _, folder = dense_checkpoint
+    config = json.loads((folder / "config.json").read_text())
+    cases = {
+        "moe": config | {"model_type": "qwen3_moe"},
+        "classifier": config | {"architectures": ["Qwen3ForSequenceClassification"]},
+        "gpt2": config | {"model_type": "gpt2"},
+    }
+    for name, changed in cases.items():
+        source = tmp_path / name
+        source.mkdir()
+        (source / "config.json").write_text(json.dumps(changed))
+        out = tmp_path / f"{name}-out"
+        assert (
+            main(["upcycle", str(source), "--experts", "4", "--top-k", "2", "--out", str(out)]) == 2
+        )
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and str(source) in error, error
+        assert not out.exists()
+    missing = tmp_path / "nothing"
+    assert (
+        main(
+            [
+                "upcycle",
+                str(missing),
+                "--experts",
+                "4",
+                "--top-k",
+                "2",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "not a folder" in capsys.readouterr().err

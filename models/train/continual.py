@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,14 @@ from moe_blocks.router import named_routers
 
 from ..jetmoe import JetMoEConfig, JetMoEForCausalLM
 from .data import Corpus, batch_at, evaluate, load_corpus, validation_starts, windows
-from .run_folder import checkpoint_folder, load_model, load_trainer_state, read_json, same_path
+from .run_folder import (
+    checkpoint_folder,
+    load_model,
+    load_trainer_state,
+    read_json,
+    same_path,
+    write_checkpoint,
+)
 from .settings import TrainingError, TrainSettings, check_path_given, check_positive_int, is_int
 
 
@@ -315,3 +323,89 @@ def prune_checkpoint(
     }  # fmt: skip
     (folder / "prune.json").write_text(json.dumps(report, indent=1) + "\n")
     return Pruning(folder, report)
+
+
+# A transformers checkpoint's tokenizer and generation files, copied beside an upcycled model.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "generation_config.json",
+)  # fmt: skip
+UPCYCLE_FILE = "upcycle.json"
+_UPCYCLE_FLAGS = {"num_experts": "--experts", "top_k": "--top-k", "drop_ratio": "--drop-ratio",
+                  "granularity": "--granularity", "router_std": "--router-std",
+                  "noise_std": "--noise-std", "method": "--method"}  # fmt: skip
+
+
+@dataclass
+class Upcycling:
+    """What :func:`upcycle_checkpoint` wrote to ``out`` (``record``: ``upcycle.json``)."""
+
+    out: Path
+    record: dict
+
+
+def upcycle_checkpoint(
+    dense: str, out: str, *, num_experts: int, top_k: int, method: str = "copy",
+    overwrite: bool = False, **options,
+) -> Upcycling:  # fmt: skip
+    """Upcycle the dense transformers checkpoint ``dense`` (Llama, Mistral, Qwen2, Qwen3: see
+    :func:`moe_blocks.integrations.transformers.upcycle`) and write the MoE model to ``out``
+    (config.json, safetensors, the tokenizer files found beside it, ``upcycle.json``: the
+    method, its options, and the largest change of the logits on random tokens). Every option
+    and the checkpoint's config are checked before a weight is read; ``out`` is written in one
+    step (:func:`write_checkpoint`): after an error nothing is there."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_blocks.integrations.transformers import UPCYCLE_FAMILIES, upcycle
+    from moe_blocks.upcycling import check_upcycle_options
+
+    check_path_given("DENSE", dense, "a transformers checkpoint folder")
+    source = Path(dense)
+    config = read_json(source / "config.json", dict) if source.is_dir() else None
+    if config is None:
+        raise TrainingError(f"DENSE {source}: not a folder holding a transformers checkpoint")
+    model_type, architectures = config.get("model_type"), config.get("architectures") or []
+    if model_type not in UPCYCLE_FAMILIES:
+        raise TrainingError(
+            f"DENSE {source}: model_type {model_type!r} is not a dense family upcycling "
+            f"supports ({', '.join(sorted(UPCYCLE_FAMILIES))})"
+        )
+    if not any(name.endswith("ForCausalLM") for name in architectures):
+        raise TrainingError(
+            f"DENSE {source}: architectures {architectures} hold no causal LM (…ForCausalLM)"
+        )
+    try:
+        check_upcycle_options(
+            config.get("intermediate_size"), num_experts=num_experts, top_k=top_k, method=method,
+            **{name: value for name, value in options.items() if name != "seed"},
+        )  # fmt: skip
+    except ValueError as error:
+        message = str(error)
+        for name, flag in _UPCYCLE_FLAGS.items():
+            message = message.replace(name, flag)
+        raise TrainingError(message) from None
+    folder = new_output_folder(out, overwrite)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").eval()
+    moe = upcycle(model, num_experts=num_experts, top_k=top_k, method=method, **options)
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        change = (moe(ids).logits.float() - model(ids).logits.float()).abs().max().item()
+    record = {
+        "format": 1, "dense": str(source.resolve()), "model_type": model_type,
+        "moe_model_type": moe.config.model_type, "num_experts": num_experts, "top_k": top_k,
+        "method": method, "options": options, "checked_tokens": ids.numel(),
+        "max_logit_change": change,
+    }  # fmt: skip
+
+    def write(target: Path) -> None:
+        moe.save_pretrained(target)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, target / name)
+        (target / UPCYCLE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+    write_checkpoint(folder, write)
+    return Upcycling(folder, record)
