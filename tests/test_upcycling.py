@@ -431,3 +431,31 @@ def test_the_upcycle_command_refuses_what_is_not_a_dense_causal_lm(
         == 2
     )
     assert "not a folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# benches/upcycling_curves.py, the demonstration in docs/upcycling.md
+
+
+def test_the_demonstration_starts_each_upcycled_model_where_the_dense_one_ended(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benches" / "upcycling_curves.py"
+    spec = importlib.util.spec_from_file_location("upcycling_curves", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main([
+        "--out", str(tmp_path), "--dense-steps", "3", "--steps", "2", "--eval-every", "1",
+        "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16", "--d-model", "16",
+        "--d-ffn", "32", "--layers", "1", "--heads", "2", "--experts", "4", "--top-k", "2",
+        "--methods", "copy,granular,drop", "--warmup", "1",
+    ])  # fmt: skip
+    curves = result["curves"]
+    dense_end = curves["dense (phase 1)"][-1]["val_bpb"]
+    for label in ("upcycled (copy)", "upcycled (granular)", "dense (continued)"):
+        assert curves[label][0]["val_bpb"] == pytest.approx(dense_end, abs=1e-5), label
+    assert curves["upcycled (drop)"][0]["val_bpb"] != pytest.approx(dense_end, abs=1e-5)
+    assert [point["step"] for point in curves["MoE from scratch"]] == [0, 1, 2]
+    assert json.loads((tmp_path / "upcycling.json").read_text())["curves"] == curves
+    assert (tmp_path / "upcycling.png").stat().st_size > 0
