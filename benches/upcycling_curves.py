@@ -133,13 +133,18 @@ def main(argv: list[str] | None = None) -> dict:
     )
     curves["dense (continued)"] = _train(dense, corpus, args, start, args.steps, "dense continued")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
     result = {
         "settings": vars(args), "commit": commit,
-        "machine": platform.processor() or platform.machine(),
+        "machine": _cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "curves": curves,
         "parameters": {"dense": sum(p.numel() for p in dense.parameters()),
                        "moe": sum(p.numel() for p in scratch.parameters())},
@@ -149,6 +154,17 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "upcycling.json").write_text(json.dumps(result, indent=1) + "\n")
     _plot(result, out / "upcycling.png")
     return result
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _plot(result: dict, path: Path) -> None:
