@@ -139,7 +139,8 @@ def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: 
             if end > start]  # fmt: skip
     if (
         len(runs) > MANY_RUNS
-        and num_rows >= 2 * len(runs)  # fewer: mostly single rows, each a matrix-vector product
+        # in 16-bit, runs of mostly single rows stay ours: each a matrix-vector product
+        and (num_rows >= 2 * len(runs) or not _weight_first_helps(device, dtype))
         and num_rows * row_bytes <= GATHER_ONCE_BYTES
         and device.type == "cpu"
         and cpu_has_native_matmul(dtype)
@@ -159,14 +160,12 @@ def _run_rows(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int, runs
         yield t[start:end] if rows is None else t.index_select(0, rows[start:end])
 
 
-def _weight_first_helps(rows: Tensor) -> bool:
+def _weight_first_helps(device: torch.device, dtype: torch.dtype) -> bool:
     """Where weight-first products (WEIGHT_FIRST_ROWS, and ``mv`` for one row) apply: 16-bit
     products on a CPU that runs them natively. In fp32 (and emulated 16-bit, computed in fp32)
     weight-first was slower at 1-8 rows: 1.3x the time of the whole block at 8 tokens,
     Mixtral-like and fine-grained."""
-    return (
-        rows.device.type == "cpu" and rows.element_size() == 2 and cpu_has_native_matmul(rows.dtype)
-    )
+    return device.type == "cpu" and dtype.itemsize == 2 and cpu_has_native_matmul(dtype)
 
 
 def _matmul(
@@ -175,7 +174,7 @@ def _matmul(
     """``rows[i] @ weight[e(i)].T`` for the (non-empty) rows of one run, written into ``out``
     if given."""
     if expert is not None:
-        if rows.shape[0] > WEIGHT_FIRST_ROWS or not _weight_first_helps(rows):
+        if rows.shape[0] > WEIGHT_FIRST_ROWS or not _weight_first_helps(rows.device, rows.dtype):
             return _mm(rows, weight[expert].t(), out)
         if rows.shape[0] == 1:
             # One 16-bit row (a decode step's expert): a matrix-vector product, which streams
