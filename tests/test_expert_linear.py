@@ -218,7 +218,7 @@ def test_torch_backend_matmul_orientations_and_gathers_match_reference(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_backend, "WEIGHT_FIRST_ROWS", weight_first_rows)
         forced = weight_first_rows > 0  # in every dtype (else 16-bit on CPU only), mv included
-        patch.setattr(torch_backend, "_weight_first_helps", lambda rows: forced)
+        patch.setattr(torch_backend, "_weight_first_helps", lambda *args: forced)
         patch.setattr(torch_backend, "GATHER_ONCE_BYTES", gather_once_bytes)
         check_against_reference(problem, "torch")
 
