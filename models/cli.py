@@ -285,6 +285,20 @@ def _absolute(path: str) -> str:
     return str(Path(path).resolve()) if path else path
 
 
+def _absolute_sources(value: str) -> str:
+    """``--decay-data`` with each PATH absolute (as :func:`_absolute`), ``stdlib`` kept;
+    malformed parts are left for :meth:`TrainSettings.decay_sources` to report."""
+    from .train.settings import BUILTIN_CORPUS
+
+    parts = []
+    for part in value.split(","):
+        path, equals, weight = part.strip().rpartition("=")
+        if equals and path and path != BUILTIN_CORPUS:
+            part = f"{_absolute(path)}={weight}"
+        parts.append(part)
+    return ",".join(parts)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each option's default, except flags and options that are unset by
     default (their help says what happens then)."""
@@ -324,7 +338,32 @@ def main(argv: list[str] | None = None) -> int:
     setting("--batch-size", type=int, default=defaults.batch_size, help="windows per step")
     setting("--seq-len", type=int, default=defaults.seq_len, help="bytes per window")
     setting("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    setting("--schedule", default=defaults.schedule, help="wsd or cosine")
+    setting(
+        "--schedule",
+        default=defaults.schedule,
+        help="wsd (warmup, constant, linear decay), wsd-exp (the decay exponential: MiniCPM's, "
+        "JetMoE's phase 2) or cosine",
+    )
+    setting(
+        "--decay-fraction",
+        type=float,
+        default=defaults.decay_fraction,
+        help="wsd, wsd-exp: the share of --steps that decays (phase 2)",
+    )
+    setting(
+        "--min-lr-ratio",
+        type=float,
+        default=defaults.min_lr_ratio,
+        help="the learning rate the schedule decays to, as a share of --lr",
+    )
+    setting(
+        "--decay-data",
+        type=_absolute_sources,
+        metavar="PATH=WEIGHT[,...]",
+        help="phase 2's data mixture: from the decay start on, each window is drawn from these "
+        "texts (files or folders; stdlib: Python's standard library) in proportion to the "
+        "weights; may name --data",
+    )
     setting(
         "--warmup-steps",
         type=int,

@@ -22,13 +22,20 @@ from moe_blocks.modular import most_used
 from moe_blocks.router import named_routers
 
 from ..jetmoe import JetMoEConfig, JetMoEForCausalLM
-from .data import Corpus, batch_at, evaluate, load_corpus, validation_starts, windows
+from .data import (
+    Corpus,
+    batch_at,
+    evaluate,
+    load_corpus,
+    same_path,
+    validation_starts,
+    windows,
+)
 from .run_folder import (
     checkpoint_folder,
     load_model,
     load_trainer_state,
     read_json,
-    same_path,
     write_checkpoint,
 )
 from .settings import TrainingError, TrainSettings, check_path_given, check_positive_int, is_int

@@ -57,26 +57,26 @@ def load_corpus_files() -> list[Path]:
     )
 
 
-def load_corpus(data: str | Path | None, seq_len: int = DEFAULT_SEQ_LEN) -> Corpus:
+def load_corpus(
+    data: str | Path | None, seq_len: int = DEFAULT_SEQ_LEN, flag: str = "--data"
+) -> Corpus:
     """The text to train and validate on, each part at least one window of ``seq_len + 1``
     bytes: the standard library's Python sources (``data=None``), every file under a folder, or
     one file. Files are split by a stable hash of their relative path; when that leaves either
     part shorter than a window (one file, or a folder of few files), the text of all of them
     is split by position instead: the last 5 %, and at least a window, is validation. Text
-    shorter than two windows is a :class:`TrainingError`."""
+    shorter than two windows is a :class:`TrainingError` naming ``flag``."""
     if data is None:
         root = STDLIB
         files = load_corpus_files()
         description = f"Python {sysconfig.get_python_version()} standard library ({root})"
     else:
         check_path_given(
-            "--data",
-            data,
-            "a text file or folder (or leave --data out for Python's standard library)",
+            flag, data, f"a text file or folder (or leave {flag} out for Python's standard library)"
         )
         root = Path(data)
         if not root.exists():
-            raise TrainingError(f"--data {data}: no such file or folder")
+            raise TrainingError(f"{flag} {data}: no such file or folder")
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         description = str(root)
     hashed = [_in_validation(path.relative_to(root).as_posix()) for path in files]
@@ -87,7 +87,7 @@ def load_corpus(data: str | Path | None, seq_len: int = DEFAULT_SEQ_LEN) -> Corp
     if min(train.numel(), validation.numel()) < window:  # one file is all on one side
         text = _join(files)
         if text.numel() < 2 * window:
-            source = "Python's standard library" if data is None else f"--data {data}"
+            source = "Python's standard library" if data is None else f"{flag} {data}"
             raise TrainingError(
                 f"--seq-len {seq_len}: {source} has {text.numel():,} bytes of text, fewer than "
                 f"two windows of --seq-len + 1 ({window}) bytes, one to train on and one to "
@@ -113,6 +113,46 @@ def batch_at(
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, _window_starts(data, length), (batch_size,), generator=generator)
     return windows(data, starts, length)
+
+
+def load_decay_corpora(settings: TrainSettings, corpus: Corpus) -> list[tuple[Corpus, float]]:
+    """The ``--decay-data`` mixture as ``(corpus, share)`` pairs (empty without it); a source
+    that names ``--data`` (or ``stdlib`` for the built-in corpus) is ``corpus`` itself."""
+    if settings.decay_data is None:
+        return []
+    return [
+        (corpus if same_path(path, settings.data)
+         else load_corpus(path, settings.seq_len, "--decay-data"), share)
+        for path, share in settings.decay_sources()
+    ]  # fmt: skip
+
+
+def mixture_batch(
+    sources: list[tuple[Corpus, float]], step: int, seed: int, batch_size: int, length: int
+) -> torch.Tensor:
+    """Windows ``[batch_size, length + 1]`` of the training texts of ``sources``: each window's
+    source drawn with the sources' shares, then its start in that text, a function of (seed,
+    step) only (another random stream than :func:`batch_at`'s), so a resumed run sees the same
+    batches."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 2**40)
+    shares = torch.tensor([share for _, share in sources], dtype=torch.float64)
+    choice = torch.multinomial(shares, batch_size, replacement=True, generator=generator)
+    batch = torch.empty(batch_size, length + 1, dtype=torch.long)
+    for index, (corpus, _) in enumerate(sources):
+        rows = (choice == index).nonzero().flatten()
+        count = _window_starts(corpus.train, length)
+        starts = torch.randint(0, count, (rows.numel(),), generator=generator)
+        batch[rows] = windows(corpus.train, starts, length)
+    return batch
+
+
+def same_path(theirs: str | None, ours: str | None) -> bool:
+    """Whether two ``--data`` (or ``--resume-from``) values name the same files: both None (the
+    standard library) or the same path once resolved (a checkpoint written before paths were
+    saved absolute holds a relative one)."""
+    if theirs is None or ours is None:
+        return theirs is ours
+    return Path(theirs).resolve() == Path(ours).resolve()
 
 
 def _window_starts(data: torch.Tensor, length: int) -> int:

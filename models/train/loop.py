@@ -26,7 +26,7 @@ from .continual import (
     starting_model,
     validate,
 )
-from .data import Corpus, batch_at, load_corpus
+from .data import Corpus, batch_at, load_corpus, load_decay_corpora, mixture_batch
 from .run_folder import (
     TrainerState,
     check_output,
@@ -104,13 +104,14 @@ class StepLoop:
 
 def run_steps(
     model, optimizer, settings: TrainSettings, corpus: Corpus, log: list[dict], start_step: int,
-    loop: StepLoop, *, progress: bool,
+    loop: StepLoop, *, progress: bool, decay: list | None = None,
 ) -> tuple[int, bool]:  # fmt: skip
     """Train from ``start_step`` to ``settings.steps``, appending an entry per step to ``log``
     (validation every ``eval_every`` steps and at the end; when ``log`` is empty, also before
     the first step, logged in its entry with the suffix ``_before``: ``val_bpb_before``),
     checkpointing every ``checkpoint_every`` steps before the last; a progress bar on stderr
-    when ``progress``.
+    when ``progress``. Batches come from ``corpus``, and from the decay start on from the
+    ``decay`` mixture (:func:`load_decay_corpora`) when it is given.
     Stops early on a KeyboardInterrupt or when ``loop.statistics`` says so (after that step);
     a step's entry is logged before the validation after it, which an interrupt leaves out of
     the entry. A KeyboardInterrupt before this call's first step has finished propagates
@@ -127,8 +128,12 @@ def run_steps(
             lr = learning_rate(settings, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = batch_at(corpus.train, step, settings.seed, settings.batch_size,
-                             settings.seq_len)  # fmt: skip
+            if decay and step >= settings.decay_start:  # phase 2: the --decay-data mixture
+                batch = mixture_batch(decay, step, settings.seed, settings.batch_size,
+                                      settings.seq_len)  # fmt: skip
+            else:
+                batch = batch_at(corpus.train, step, settings.seed, settings.batch_size,
+                                 settings.seq_len)  # fmt: skip
             window = batch[loop.rows].to(loop.device)
             output = model(window, labels=window)  # shifted inside: seq_len targets
             optimizer.zero_grad(set_to_none=True)
@@ -266,6 +271,7 @@ def run_training(
     state = check_output(settings, resume=resume, overwrite=overwrite)
     processes.check_checkpoint(state, checkpoint_dir)
     corpus = load_corpus(settings.data, settings.seq_len)
+    decay = load_decay_corpora(settings, corpus)
     origin = load_origin(settings)
     check_overwrite_keeps_origin(settings, origin, overwrite=overwrite)
     model = processes.initial_model(settings, origin, state, checkpoint_dir)
@@ -288,7 +294,8 @@ def run_training(
         log = load_log(checkpoint_dir, model)
     if processes.main:
         report.announce(settings, corpus, model, state)
-        for line in (origin and origin.summary(settings), processes.describe()):
+        for line in (origin and origin.summary(settings), processes.describe(),
+                     decay and report.describe_decay(settings, decay)):  # fmt: skip
             if line:
                 print(line)
 
@@ -305,8 +312,10 @@ def run_training(
         stop_requested=processes.stop_requested,
     )
     with processes.stopping():
-        step, interrupted = run_steps(model, optimizer, settings, corpus, log, start_step, steps,
-                                      progress=progress and processes.main)  # fmt: skip
+        step, interrupted = run_steps(
+            model, optimizer, settings, corpus, log, start_step, steps,
+            progress=progress and processes.main, decay=decay,
+        )  # fmt: skip
         if frozen is not None:
             frozen.remove()  # the model is not used here after training
         save(step)

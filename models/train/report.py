@@ -41,7 +41,9 @@ def announce(settings: TrainSettings, corpus: Corpus, model, state: TrainerState
         step
         for step in range(state.step)
         if learning_rate(state.settings, step) != learning_rate(settings, step)
-    ]
+        or (settings.decay_data is not None  # a step's batch from the other phase's data
+            and (step >= state.settings.decay_start) != (step >= settings.decay_start))
+    ]  # fmt: skip
     if changed:
         print(
             f"note: the learning-rate schedule changed ({_schedule(state.settings)} -> "
@@ -50,6 +52,13 @@ def announce(settings: TrainSettings, corpus: Corpus, model, state: TrainerState
             f"{settings.steps}-step run",
             file=sys.stderr,
         )
+
+
+def describe_decay(settings: TrainSettings, decay: list[tuple[Corpus, float]]) -> str:
+    """One line: from which step the batches come from the ``--decay-data`` mixture."""
+    first = math.ceil(settings.decay_start)
+    parts = ", ".join(f"{share:.0%} {corpus.description.split(':')[0]}" for corpus, share in decay)
+    return f"decay:  from step {first + 1} on, batches drawn from {parts}"
 
 
 def _schedule(settings: TrainSettings) -> str:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from moe_blocks.router import named_routers
 
 from ..jetmoe import JetMoEForCausalLM, load_json
+from .data import same_path
 from .settings import TrainingError, TrainSettings, is_int
 
 # 2: tokens_per_expert keyed by router name; 3: every entry of log.json is a step (the
@@ -395,7 +396,7 @@ def check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> T
     saved = state.settings
     for name in (
         "preset", "batch_size", "seq_len", "seed", "data", "overrides", "resume_from",
-        "train_new_experts_only", "balance_loss",
+        "train_new_experts_only", "balance_loss", "decay_data",
     ):  # fmt: skip
         theirs, ours = getattr(saved, name), getattr(settings, name)
         if not (same_path(theirs, ours) if name in ("data", "resume_from") else theirs == ours):
@@ -411,15 +412,6 @@ def check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> T
             "must be above it to train further"
         )
     return state
-
-
-def same_path(theirs: str | None, ours: str | None) -> bool:
-    """Whether two ``--data`` (or ``--resume-from``) values name the same files: both None (the
-    standard library) or the same path once resolved (a checkpoint written before paths were
-    saved absolute holds a relative one)."""
-    if theirs is None or ours is None:
-        return theirs is ours
-    return Path(theirs).resolve() == Path(ours).resolve()
 
 
 def resumed_settings(out: str, given: dict) -> TrainSettings:

@@ -19,6 +19,8 @@ class TrainingError(Exception):
 
 
 DEFAULT_WARMUP_STEPS = 30
+SCHEDULES = ("wsd", "wsd-exp", "cosine")
+BUILTIN_CORPUS = "stdlib"  # names the built-in corpus (data=None) in --decay-data
 
 
 @dataclass
@@ -32,8 +34,9 @@ class TrainSettings:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None  # None: min(DEFAULT_WARMUP_STEPS, steps)
-    schedule: str = "wsd"  # warmup-stable-decay (JetMoE, MiniCPM) or cosine
+    schedule: str = "wsd"  # warmup-stable-decay, linear (wsd) or exponential (wsd-exp), or cosine
     decay_fraction: float = 0.2
+    decay_data: str | None = None  # "PATH=WEIGHT,...": phase 2's mixture (decay_sources)
     weight_decay: float = 0.1
     eval_every: int = 100
     eval_batches: int = 8
@@ -44,6 +47,32 @@ class TrainSettings:
     resume_from: str | None = None  # start from this model (fresh optimizer, step 0)
     train_new_experts_only: bool = False  # with resume_from: an extended checkpoint
     balance_loss: str | None = None  # set every router's balance loss (None: the model's)
+
+    @property
+    def decay_start(self) -> float:
+        """Where WSD's decay (and the ``decay_data`` mixture) begins: steps at or after it
+        decay."""
+        return self.steps * (1 - self.decay_fraction)
+
+    def decay_sources(self) -> list[tuple[str | None, float]]:
+        """``decay_data`` as ``(path, share)`` pairs, the shares summing to 1; the path None for
+        the built-in corpus (named ``stdlib``). A TrainingError naming ``--decay-data`` when it
+        is not ``PATH=WEIGHT[,PATH=WEIGHT...]`` with positive weights and distinct paths."""
+        sources, usage = [], "give PATH=WEIGHT[,PATH=WEIGHT...] with weights > 0"
+        for part in (self.decay_data or "").split(","):
+            path, equals, weight = part.strip().rpartition("=")
+            try:
+                share = float(weight) if equals and path else -1.0
+            except ValueError:
+                share = -1.0
+            if not (share > 0 and math.isfinite(share)):
+                raise TrainingError(f"--decay-data: {part.strip()!r} is not PATH=WEIGHT; {usage}")
+            sources.append((None if path == BUILTIN_CORPUS else path, share))
+        paths = [path for path, _ in sources]
+        if len(set(paths)) < len(paths):
+            raise TrainingError(f"--decay-data names a source twice: {self.decay_data}")
+        total = sum(share for _, share in sources)
+        return [(path, share / total) for path, share in sources]
 
     @property
     def warmup(self) -> int:
@@ -74,8 +103,24 @@ class TrainSettings:
             )
         if not self.lr > 0:
             raise TrainingError(f"--lr must be positive, got {self.lr}")
-        if self.schedule not in ("wsd", "cosine"):
-            raise TrainingError(f"--schedule must be wsd or cosine, got {self.schedule}")
+        if self.schedule not in SCHEDULES:
+            raise TrainingError(
+                f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule}"
+            )
+        if not 0 <= self.decay_fraction <= 1:
+            raise TrainingError(f"--decay-fraction must lie in [0, 1], got {self.decay_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TrainingError(f"--min-lr-ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.schedule == "wsd-exp" and self.min_lr_ratio == 0:
+            raise TrainingError(
+                "--schedule wsd-exp decays exponentially to --min-lr-ratio, which must be above 0"
+            )
+        if self.decay_data is not None:
+            if self.schedule == "cosine":
+                raise TrainingError(
+                    "--decay-data starts at the decay of --schedule wsd or wsd-exp; cosine has none"
+                )
+            self.decay_sources()  # parsed and checked
         if self.preset not in JetMoEConfig.PRESETS:
             raise TrainingError(
                 f"--preset: unknown preset {self.preset!r}; presets: "
@@ -114,8 +159,10 @@ def is_int(value: object) -> bool:
 
 
 def learning_rate(settings: TrainSettings, step: int) -> float:
-    """Linear warmup, then WSD (constant, then linear decay over the last ``decay_fraction``)
-    or cosine, down to ``min_lr_ratio · lr``."""
+    """Linear warmup, then WSD (constant, then a decay over the last ``decay_fraction``:
+    linear for ``wsd``; exponential for ``wsd-exp``, MiniCPM's form, halving every
+    ``decay steps / log2(1 / min_lr_ratio)`` steps) or cosine, down to ``min_lr_ratio · lr``
+    (which the decays reach after the last step)."""
     peak, floor = settings.lr, settings.lr * settings.min_lr_ratio
     warmup = settings.warmup
     if step < warmup:
@@ -123,8 +170,10 @@ def learning_rate(settings: TrainSettings, step: int) -> float:
     if settings.schedule == "cosine":
         progress = (step - warmup) / max(1, settings.steps - warmup)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_start = settings.steps * (1 - settings.decay_fraction)
+    decay_start = settings.decay_start
     if step < decay_start:
         return peak
-    progress = (step - decay_start) / max(1, settings.steps - decay_start)
-    return peak + (floor - peak) * min(1.0, progress)
+    progress = min(1.0, (step - decay_start) / max(1, settings.steps - decay_start))
+    if settings.schedule == "wsd-exp":
+        return peak * (floor / peak) ** progress
+    return peak + (floor - peak) * progress
