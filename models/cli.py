@@ -285,6 +285,13 @@ def _absolute(path: str) -> str:
     return str(Path(path).resolve()) if path else path
 
 
+def _tokenizer_option(value: str) -> str:
+    """``--tokenizer``: ``bytes`` as it is, a folder as an absolute path."""
+    from .train.tokens import BYTES
+
+    return value if value == BYTES else _absolute(value)
+
+
 def _absolute_sources(value: str) -> str:
     """``--decay-data`` with each PATH absolute (as :func:`_absolute`), ``stdlib`` kept;
     malformed parts are left for :meth:`TrainSettings.decay_sources` to report."""
@@ -331,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     setting = functools.partial(train_parser.add_argument, action=_Given)
     setting("--preset", default=defaults.preset, help=", ".join(presets))
     setting("--data", type=_absolute, help="a text file or folder (default: Python's stdlib)")
+    setting(
+        "--tokenizer",
+        type=_tokenizer_option,
+        metavar="DIR|bytes",
+        help="bytes (each byte a token), or a transformers tokenizer folder (default: "
+        "--resume-from's own tokenizer when it has one, else bytes); the text is tokenized once "
+        "into token files beside it, reused while neither changes",
+    )
     train_parser.add_argument(
         "--out", default=defaults.out, help="output folder: checkpoint/, log.json, training.png"
     )

@@ -257,7 +257,7 @@ def test_ctrl_c_during_a_validation_after_a_step_keeps_that_step(
 def test_ctrl_c_before_the_first_step_is_one_line_and_130(
     where, tmp_path, corpus, capsys, monkeypatch
 ):
-    def interrupt(*args):
+    def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(continual if where == "evaluate" else loop, where, interrupt)
@@ -400,7 +400,7 @@ def test_any_text_of_two_windows_trains_split_by_position(files, tmp_path, capsy
     assert run(["--data", str(data), "--out", str(tmp_path / "run"), *FAST, "--steps", "1"]) == 0
     assert "split by position" in capsys.readouterr().out
     corpus = train_module.load_corpus(str(data), 32)  # FAST's --seq-len
-    text = data_module._join(sorted(folder.iterdir()))
+    text = data_module._join([p.read_bytes() for p in sorted(folder.iterdir())])
     assert torch.equal(torch.cat([corpus.train, corpus.validation]), text)
     assert corpus.validation.numel() == max(text.numel() // 20, 33)
 
@@ -579,7 +579,7 @@ def test_default_corpus_is_the_stdlib_split_by_path_hash():
     assert 0.01 < share < 0.15 and "split by path hash" in corpus.description
     # docs/train.md: a file validates when crc32(relative path) % 100 < 5.
     hashed = [p for p in files if zlib.crc32(p.relative_to(root).as_posix().encode()) % 100 < 5]
-    validation = data_module._join(hashed)
+    validation = data_module._join([p.read_bytes() for p in hashed])
     assert torch.equal(corpus.validation, validation)
 
 

@@ -39,6 +39,7 @@ from .run_folder import (
     write_checkpoint,
 )
 from .settings import TrainingError, TrainSettings, check_path_given, check_positive_int, is_int
+from .tokens import TOKENIZER_FILES
 
 
 def starting_model(settings: TrainSettings, origin: Origin | None) -> JetMoEForCausalLM:
@@ -111,8 +112,9 @@ class Origin:
         return "\n".join(lines)
 
 
-def load_origin(settings: TrainSettings) -> Origin | None:
-    """Check ``--resume-from`` (and ``--train-new-experts-only``) before anything runs."""
+def load_origin(settings: TrainSettings, tokenizer=None) -> Origin | None:
+    """Check ``--resume-from`` (and ``--train-new-experts-only``) before anything runs; the
+    corpus it was trained on, when known, is read in the run's ``tokenizer``."""
     if settings.resume_from is None:
         return None
     checkpoint = checkpoint_folder(settings.resume_from)
@@ -134,7 +136,7 @@ def load_origin(settings: TrainSettings) -> Origin | None:
     known, data = previous_data(checkpoint)
     previous = None
     if known and not same_path(data, settings.data):
-        previous = load_corpus(data, settings.seq_len)
+        previous = load_corpus(data, settings.seq_len, tokenizer=tokenizer)
     name = "Python's standard library" if data is None else str(data)
     return Origin(checkpoint, new_experts, previous, name)
 
@@ -332,12 +334,6 @@ def prune_checkpoint(
     return Pruning(folder, report)
 
 
-# A transformers checkpoint's tokenizer and generation files, copied beside an upcycled model.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
-    "generation_config.json",
-)  # fmt: skip
 UPCYCLE_FILE = "upcycle.json"
 _UPCYCLE_FLAGS = {"num_experts": "--experts", "top_k": "--top-k", "drop_ratio": "--drop-ratio",
                   "granularity": "--granularity", "router_std": "--router-std",

@@ -6,6 +6,7 @@ train and validation by a stable hash of the path."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sysconfig
 import zlib
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import tokens
 from .settings import DEFAULT_SEQ_LEN, TrainingError, TrainSettings, check_path_given
 
 VALIDATION_PERCENT = 5
@@ -29,17 +31,22 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 @dataclass
 class Corpus:
-    train: torch.Tensor  # uint8 bytes
+    """Training and validation text as token ids (uint8 bytes, or a tokenizer's int32 ids);
+    ``tokens_per_byte``: the validation text's, which turns nats per token into bits per
+    byte."""
+
+    train: torch.Tensor
     validation: torch.Tensor
     description: str
+    tokens_per_byte: float = 1.0
 
 
 def _in_validation(relative_path: str) -> bool:
     return zlib.crc32(relative_path.encode()) % 100 < VALIDATION_PERCENT
 
 
-def _join(paths: list[Path]) -> torch.Tensor:
-    data = SEPARATOR.join(path.read_bytes() for path in paths)
+def _join(texts: list[bytes]) -> torch.Tensor:
+    data = SEPARATOR.join(texts)
     return (
         torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if data
@@ -58,14 +65,17 @@ def load_corpus_files() -> list[Path]:
 
 
 def load_corpus(
-    data: str | Path | None, seq_len: int = DEFAULT_SEQ_LEN, flag: str = "--data"
+    data: str | Path | None, seq_len: int = DEFAULT_SEQ_LEN, flag: str = "--data", tokenizer=None
 ) -> Corpus:
     """The text to train and validate on, each part at least one window of ``seq_len + 1``
-    bytes: the standard library's Python sources (``data=None``), every file under a folder, or
-    one file. Files are split by a stable hash of their relative path; when that leaves either
-    part shorter than a window (one file, or a folder of few files), the text of all of them
-    is split by position instead: the last 5 %, and at least a window, is validation. Text
-    shorter than two windows is a :class:`TrainingError` naming ``flag``."""
+    tokens: the standard library's Python sources (``data=None``), every file under a folder, or
+    one file; as bytes, or as the ids of ``tokenizer`` (a transformers tokenizer: each file is a
+    document followed by the end token; tokenized once into token files beside the text,
+    :func:`tokens.cached`, rebuilt when the text or the tokenizer changes). Files are split by
+    a stable hash of their relative path; when that leaves either part shorter than a window
+    (one file, or a folder of few files), the text of all of them is split by position instead:
+    the last 5 %, and at least a window, is validation. Text shorter than two windows is a
+    :class:`TrainingError` naming ``flag``."""
     if data is None:
         root = STDLIB
         files = load_corpus_files()
@@ -80,18 +90,28 @@ def load_corpus(
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         description = str(root)
     hashed = [_in_validation(path.relative_to(root).as_posix()) for path in files]
-    train = _join([path for path, val in zip(files, hashed, strict=True) if not val])
-    validation = _join([path for path, val in zip(files, hashed, strict=True) if val])
-    window = seq_len + 1
-    split = "split by path hash"
+    texts = [path.read_bytes() for path in files]
+    parts = {
+        name: [text for text, val in zip(texts, hashed, strict=True) if val == in_validation]
+        for name, in_validation in (("train", False), ("validation", True))
+    }
+    window, split = seq_len + 1, "split by path hash"
+    if tokenizer is None:
+        train, validation = _join(parts["train"]), _join(parts["validation"])
+        tokens_per_byte, unit = 1.0, "bytes"
+    else:
+        found = _tokenized(data, texts, parts, tokenizer, window)
+        train, validation, tokens_per_byte = found["train"], found["validation"], found["ratio"]
+        unit = f"tokens, {1 / tokens_per_byte:.2f} bytes per token, {tokens.describe(tokenizer)}"
+        split = "split by position" if found["by_position"] else split
     if min(train.numel(), validation.numel()) < window:  # one file is all on one side
-        text = _join(files)
+        text = _join(texts) if tokenizer is None else torch.cat([train, validation])
         if text.numel() < 2 * window:
             source = "Python's standard library" if data is None else f"{flag} {data}"
             raise TrainingError(
-                f"--seq-len {seq_len}: {source} has {text.numel():,} bytes of text, fewer than "
-                f"two windows of --seq-len + 1 ({window}) bytes, one to train on and one to "
-                "validate; use a smaller --seq-len or more text"
+                f"--seq-len {seq_len}: {source} has {text.numel():,} {unit.split(',')[0]} of "
+                f"text, fewer than two windows of --seq-len + 1 ({window}), one to train on and "
+                "one to validate; use a smaller --seq-len or more text"
             )
         size = max(text.numel() * VALIDATION_PERCENT // 100, window)
         train, validation = text[:-size], text[-size:]
@@ -100,29 +120,59 @@ def load_corpus(
     return Corpus(
         train,
         validation,
-        f"{description}: {count}, {train.numel():,} + {validation.numel():,} bytes ({split})",
+        f"{description}: {count}, {train.numel():,} + {validation.numel():,} {unit} ({split})",
+        tokens_per_byte,
     )
+
+
+def _tokenized(data, texts: list[bytes], parts: dict, tokenizer, window: int) -> dict:
+    """The train and validation ids of ``parts`` (by path hash; all the text by position when
+    either is shorter than a window) and ``ratio``, the validation's tokens per byte (the whole
+    text's when split by position, each file's separator counted as two bytes as in the byte
+    corpus), from the token cache."""
+    digest = hashlib.sha256(tokens.tokenizer_key(tokenizer).encode())
+    for name in ("train", "validation"):
+        digest.update(f"{name} {len(parts[name])}\n".encode())
+        for text in parts[name]:
+            digest.update(hashlib.sha256(text).digest())
+    key = f"{digest.hexdigest()[:32]}-w{window}"
+
+    def build() -> dict:
+        ids = {name: tokens.tokenize(tokenizer, parts[name]) for name in parts}
+        if min(t.numel() for t in ids.values()) >= window:
+            size = sum(map(len, parts["validation"])) + len(SEPARATOR) * len(parts["validation"])
+            return {**ids, "ratio": ids["validation"].numel() / max(1, size), "by_position": False}
+        every = tokens.tokenize(tokenizer, texts)
+        size = max(every.numel() * VALIDATION_PERCENT // 100, window)
+        ratio = every.numel() / max(1, sum(map(len, texts)) + len(SEPARATOR) * len(texts))
+        return {"train": every[:-size], "validation": every[-size:], "ratio": ratio,
+                "by_position": True}  # fmt: skip
+
+    return tokens.cached([tokens.cache_folder(data), tokens.USER_CACHE], key, build)
 
 
 def batch_at(
     data: torch.Tensor, step: int, seed: int, batch_size: int, length: int
 ) -> torch.Tensor:
-    """Windows ``[batch_size, length + 1]`` (int64) of the uint8 text ``data`` (at least
-    ``length + 1`` bytes) for one step, a function of (seed, step) only, so a resumed run sees
+    """Windows ``[batch_size, length + 1]`` (int64) of the text ``data`` (token ids, at least
+    ``length + 1``) for one step, a function of (seed, step) only, so a resumed run sees
     the same data order."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, _window_starts(data, length), (batch_size,), generator=generator)
     return windows(data, starts, length)
 
 
-def load_decay_corpora(settings: TrainSettings, corpus: Corpus) -> list[tuple[Corpus, float]]:
-    """The ``--decay-data`` mixture as ``(corpus, share)`` pairs (empty without it); a source
-    that names ``--data`` (or ``stdlib`` for the built-in corpus) is ``corpus`` itself."""
+def load_decay_corpora(
+    settings: TrainSettings, corpus: Corpus, tokenizer=None
+) -> list[tuple[Corpus, float]]:
+    """The ``--decay-data`` mixture as ``(corpus, share)`` pairs (empty without it), in the
+    run's ``tokenizer``; a source that names ``--data`` (or ``stdlib`` for the built-in
+    corpus) is ``corpus`` itself."""
     if settings.decay_data is None:
         return []
     return [
         (corpus if same_path(path, settings.data)
-         else load_corpus(path, settings.seq_len, "--decay-data"), share)
+         else load_corpus(path, settings.seq_len, "--decay-data", tokenizer), share)
         for path, share in settings.decay_sources()
     ]  # fmt: skip
 
@@ -176,7 +226,8 @@ def validation_starts(corpus: Corpus, settings: TrainSettings) -> list[torch.Ten
 def evaluate(
     model, corpus: Corpus, settings: TrainSettings, *, sharded: bool = False, device=None
 ) -> float:
-    """Validation loss in bits per byte on fixed windows spread over the validation text.
+    """Validation loss in bits per byte on fixed windows spread over the validation text
+    (bits per token times the corpus's tokens per byte).
     ``sharded``: each rank of the initialised process group scores its share of every batch
     and the sums are all-reduced (collective: every rank must call it)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
@@ -193,4 +244,4 @@ def evaluate(
     if sharded:
         dist.all_reduce(total)
     model.train()
-    return (total[0] / total[1]).item() / math.log(2)
+    return (total[0] / total[1]).item() / math.log(2) * corpus.tokens_per_byte

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from .run_folder import (
     TrainerState,
     check_output,
     check_space,
+    checkpoint_folder,
     load_log,
     load_model,
     prepare_output,
@@ -39,6 +40,7 @@ from .run_folder import (
     save_checkpoint,
 )
 from .settings import TrainingError, TrainSettings, learning_rate
+from .tokens import check_vocabulary, load_tokenizer
 
 
 @contextlib.contextmanager
@@ -270,11 +272,18 @@ def run_training(
     processes.barrier()
     state = check_output(settings, resume=resume, overwrite=overwrite)
     processes.check_checkpoint(state, checkpoint_dir)
-    corpus = load_corpus(settings.data, settings.seq_len)
-    decay = load_decay_corpora(settings, corpus)
-    origin = load_origin(settings)
+    origin_folder = settings.resume_from and checkpoint_folder(settings.resume_from)
+    tokenizer = load_tokenizer(settings.tokenizer, origin_folder)
+    if tokenizer is not None and origin_folder is None and state is None:
+        # a preset trained from scratch: its embedding sized for the tokenizer
+        overrides = {"vocab_size": len(tokenizer)} | settings.overrides
+        settings = replace(settings, overrides=overrides)
+    corpus = load_corpus(settings.data, settings.seq_len, tokenizer=tokenizer)
+    decay = load_decay_corpora(settings, corpus, tokenizer)
+    origin = load_origin(settings, tokenizer)
     check_overwrite_keeps_origin(settings, origin, overwrite=overwrite)
     model = processes.initial_model(settings, origin, state, checkpoint_dir)
+    check_vocabulary(tokenizer, model.config.vocab_size, settings.resume_from or settings.preset)
     processes.check(settings, model)
     processes.barrier()  # every process has looked at OUT before the main one writes into it
     if processes.main:

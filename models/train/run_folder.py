@@ -396,10 +396,11 @@ def check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> T
     saved = state.settings
     for name in (
         "preset", "batch_size", "seq_len", "seed", "data", "overrides", "resume_from",
-        "train_new_experts_only", "balance_loss", "decay_data",
+        "train_new_experts_only", "balance_loss", "decay_data", "tokenizer",
     ):  # fmt: skip
         theirs, ours = getattr(saved, name), getattr(settings, name)
-        if not (same_path(theirs, ours) if name in ("data", "resume_from") else theirs == ours):
+        paths = ("data", "resume_from", "tokenizer")
+        if not (same_path(theirs, ours) if name in paths else theirs == ours):
             raise TrainingError(
                 f"--resume: --{name.replace('_', '-')} {ours} differs from the checkpoint's "
                 f"({theirs}); leave it out to keep the checkpoint's"

@@ -37,6 +37,7 @@ class TrainSettings:
     schedule: str = "wsd"  # warmup-stable-decay, linear (wsd) or exponential (wsd-exp), or cosine
     decay_fraction: float = 0.2
     decay_data: str | None = None  # "PATH=WEIGHT,...": phase 2's mixture (decay_sources)
+    tokenizer: str | None = None  # "bytes", a folder, or None: --resume-from's own, else bytes
     weight_decay: float = 0.1
     eval_every: int = 100
     eval_batches: int = 8
@@ -93,7 +94,7 @@ class TrainSettings:
             check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.threads is not None:
             check_positive_int("--threads", self.threads)
-        for name in ("out", "resume_from"):
+        for name in ("out", "resume_from", "tokenizer"):
             check_path_given(f"--{name.replace('_', '-')}", getattr(self, name), "a folder")
         given = self.warmup_steps
         if given is not None and (not is_int(given) or not 0 <= given <= self.steps):
