@@ -43,3 +43,12 @@ def check_index_range(values: Tensor, upper: int, name: str, bound: str | None =
         wide = values.to(torch.int64)
         in_range = (wide >= 0).all() & (wide < upper).all()
         torch._assert_async(in_range, f"{name} values must lie in [0, {limit})")
+
+
+def check_top_k(top_k: object, num_experts: object) -> None:
+    """ValueError naming the argument unless ``num_experts`` and ``top_k`` are positive ints
+    with ``top_k <= num_experts``."""
+    check_positive_int("num_experts", num_experts)
+    check_positive_int("top_k", top_k)
+    if top_k > num_experts:
+        raise ValueError(f"top_k ({top_k}) must not exceed num_experts ({num_experts})")

@@ -23,7 +23,7 @@ from .modular import (
 )
 from .moe_mlp import MoEMLP
 from .router import RouterOutput, TopKRouter, router_stats
-from .upcycling import UPCYCLE_METHODS, upcycle_mlp, upcycle_weights
+from .upcycling import UPCYCLE_METHODS, UpcycleOptions, upcycle_mlp, upcycle_weights
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,7 @@ __all__ = [
     "RouterOutput",
     "TopKRouter",
     "UPCYCLE_METHODS",
+    "UpcycleOptions",
     "__version__",
     "add_experts",
     "attach_aux_loss",

@@ -15,6 +15,7 @@ from .kernels.checks import (
     check_index_range,
     check_non_negative,
     check_positive_int,
+    check_top_k,
 )
 from .kernels.ops import AUTOCAST_DTYPES, autocasting, no_autograd
 from .kernels.plan import plan_valid_routing
@@ -103,10 +104,7 @@ class TopKRouter(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int("d_model", d_model)
-        check_positive_int("num_experts", num_experts)
-        check_positive_int("top_k", top_k)
-        if top_k > num_experts:
-            raise ValueError(f"top_k ({top_k}) must not exceed num_experts ({num_experts})")
+        check_top_k(top_k, num_experts)
         if score not in SCORE_MODES:
             raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
         if balance_loss not in BALANCE_LOSSES:

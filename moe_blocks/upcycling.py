@@ -28,12 +28,12 @@ Three methods, each a function of the dense weights ``gate [F, d]``, ``up [F, d]
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from .kernels.checks import check_positive_int
+from .kernels.checks import check_positive_int, check_top_k
 from .moe_mlp import MoEMLP
 
 UPCYCLE_METHODS = ("copy", "drop", "granular")
@@ -50,27 +50,11 @@ class UpcycledWeights:
     w_out: Tensor
 
 
-def upcycle_weights(
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
-    *,
-    num_experts: int,
-    top_k: int,
-    method: str = "copy",
-    router_std: float = 0.02,
-    noise_std: float = 0.0,
-    drop_ratio: float | None = None,
-    granularity: int | None = None,
-    seed: int | None = None,
-) -> UpcycledWeights:
-    """The experts and router of an upcycled MoE block (see the module docstring for the
-    methods). ``gate``, ``up``: ``[F, d]``; ``down``: ``[d, F]``; the results have their dtype
-    and device, and share no storage with them (nothing passed in is modified).
+@dataclass(frozen=True)
+class UpcycleOptions:
+    """How a dense MLP is upcycled (see the module docstring for the methods).
 
-    Args:
-        num_experts: E; for ``"granular"`` a multiple of ``granularity``.
-        top_k: k in [1, E]; for ``"granular"`` a multiple of ``granularity``.
+    Attributes:
         method: ``"copy"``, ``"drop"`` or ``"granular"``.
         router_std: the router's initial weights are normal with this std (0: zeros). For
             ``"granular"`` with top_k < E it must be > 0 (zeros tie every copy).
@@ -79,16 +63,86 @@ def upcycle_weights(
         drop_ratio: ``"drop"`` only: the fraction of each expert's intermediate neurons drawn
             anew, in [0, 1], rounded to whole neurons (default 0.5, the paper's best).
         granularity: ``"granular"`` only (and required there): G, the slices of the
-            intermediate dimension (F % G == 0).
+            intermediate dimension (F % G == 0); E and top_k multiples of G.
+    """
+
+    method: str = "copy"
+    router_std: float = 0.02
+    noise_std: float = 0.0
+    drop_ratio: float | None = None
+    granularity: int | None = None
+
+    def checked(self, d_ffn: int, num_experts: int, top_k: int) -> UpcycleOptions:
+        """These options with the defaults that apply filled in, once checked for a dense MLP
+        of intermediate size ``d_ffn`` upcycled to ``num_experts`` experts, ``top_k`` per
+        token (before any weight is read or written); ValueError naming the option
+        otherwise."""
+        check_positive_int("d_ffn", d_ffn)
+        check_top_k(top_k, num_experts)
+        method, drop_ratio, granularity = self.method, self.drop_ratio, self.granularity
+        if method not in UPCYCLE_METHODS:
+            raise ValueError(f"method must be one of {UPCYCLE_METHODS}, got {method!r}")
+        for name in ("router_std", "noise_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if drop_ratio is not None and method != "drop":
+            raise ValueError(f"drop_ratio applies to method='drop', not {method!r}")
+        if granularity is not None and method != "granular":
+            raise ValueError(f"granularity applies to method='granular', not {method!r}")
+        if method == "drop":
+            drop_ratio = 0.5 if drop_ratio is None else drop_ratio
+            if (
+                isinstance(drop_ratio, bool)
+                or not isinstance(drop_ratio, (int, float))
+                or not (0 <= drop_ratio <= 1)
+            ):
+                raise ValueError(f"drop_ratio must be in [0, 1], got {drop_ratio!r}")
+            if self.noise_std:
+                raise ValueError("noise_std applies to methods 'copy' and 'granular', not 'drop'")
+        if method == "granular":
+            if granularity is None:
+                raise ValueError("method='granular' needs granularity (the slices per dense MLP)")
+            check_positive_int("granularity", granularity)
+            for name, value in (("d_ffn (the dense intermediate size)", d_ffn),
+                                ("num_experts", num_experts), ("top_k", top_k)):  # fmt: skip
+                if value % granularity:
+                    raise ValueError(f"{name} ({value}) must be a multiple of granularity "
+                                     f"({granularity}) for method='granular'")  # fmt: skip
+            if top_k < num_experts and self.router_std == 0:
+                raise ValueError(
+                    "method='granular' with top_k < num_experts needs router_std > 0: a zero "
+                    "router ties every copy, and the top-k would not pick whole copies"
+                )
+        return replace(self, drop_ratio=drop_ratio)
+
+
+def upcycle_weights(
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    *,
+    num_experts: int,
+    top_k: int,
+    seed: int | None = None,
+    **options,
+) -> UpcycledWeights:
+    """The experts and router of an upcycled MoE block (see the module docstring for the
+    methods). ``gate``, ``up``: ``[F, d]``; ``down``: ``[d, F]``; the results have their dtype
+    and device, and share no storage with them (nothing passed in is modified).
+
+    Args:
+        num_experts: E. top_k: k in [1, E].
         seed: seeds every random draw (router, noise, dropped neurons); None: a fresh random
             seed.
+        **options: the fields of :class:`UpcycleOptions` (``method``, ``router_std``,
+            ``noise_std``, ``drop_ratio``, ``granularity``).
     """
     _check_dense(gate, up, down)
     hidden, d_model = gate.shape
-    drop_ratio = check_upcycle_options(
-        hidden, num_experts=num_experts, top_k=top_k, method=method, router_std=router_std,
-        noise_std=noise_std, drop_ratio=drop_ratio, granularity=granularity,
-    )  # fmt: skip
+    chosen = UpcycleOptions(**options).checked(hidden, num_experts, top_k)
+    method, drop_ratio, granularity = chosen.method, chosen.drop_ratio, chosen.granularity
+    router_std, noise_std = chosen.router_std, chosen.noise_std
     copies = num_experts // (granularity or 1)
     generator = torch.Generator(gate.device)
     if seed is None:
@@ -127,62 +181,6 @@ def upcycle_weights(
     return UpcycledWeights(
         router=router.contiguous(), w_in=w_in.contiguous(), w_out=w_out.contiguous()
     )
-
-
-def check_upcycle_options(
-    d_ffn: int,
-    *,
-    num_experts: int,
-    top_k: int,
-    method: str = "copy",
-    router_std: float = 0.02,
-    noise_std: float = 0.0,
-    drop_ratio: float | None = None,
-    granularity: int | None = None,
-) -> float | None:
-    """Raise ValueError naming the option unless :func:`upcycle_weights` accepts these options
-    for a dense MLP of intermediate size ``d_ffn`` (before any weight is read or written);
-    returns the drop ratio that applies (None unless ``method="drop"``)."""
-    check_positive_int("d_ffn", d_ffn)
-    check_positive_int("num_experts", num_experts)
-    check_positive_int("top_k", top_k)
-    if top_k > num_experts:
-        raise ValueError(f"top_k ({top_k}) must not exceed num_experts ({num_experts})")
-    if method not in UPCYCLE_METHODS:
-        raise ValueError(f"method must be one of {UPCYCLE_METHODS}, got {method!r}")
-    for name, value in (("router_std", router_std), ("noise_std", noise_std)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    if drop_ratio is not None and method != "drop":
-        raise ValueError(f"drop_ratio applies to method='drop', not {method!r}")
-    if granularity is not None and method != "granular":
-        raise ValueError(f"granularity applies to method='granular', not {method!r}")
-    if method == "drop":
-        drop_ratio = 0.5 if drop_ratio is None else drop_ratio
-        if (
-            isinstance(drop_ratio, bool)
-            or not isinstance(drop_ratio, (int, float))
-            or not (0 <= drop_ratio <= 1)
-        ):
-            raise ValueError(f"drop_ratio must be in [0, 1], got {drop_ratio!r}")
-    if method == "granular":
-        if granularity is None:
-            raise ValueError("method='granular' needs granularity (the slices per dense MLP)")
-        check_positive_int("granularity", granularity)
-    if method == "drop" and noise_std:
-        raise ValueError("noise_std applies to methods 'copy' and 'granular', not 'drop'")
-    if method == "granular":
-        for name, value in (("d_ffn (the dense intermediate size)", d_ffn),
-                            ("num_experts", num_experts), ("top_k", top_k)):  # fmt: skip
-            if value % granularity:
-                raise ValueError(f"{name} ({value}) must be a multiple of granularity "
-                                 f"({granularity}) for method='granular'")  # fmt: skip
-        if top_k < num_experts and router_std == 0:
-            raise ValueError(
-                "method='granular' with top_k < num_experts needs router_std > 0: a zero router "
-                "ties every copy, and the top-k would not pick whole copies"
-            )
-    return drop_ratio
 
 
 def _statistics(weight: Tensor) -> tuple[float, float]:

@@ -361,7 +361,7 @@ def upcycle_checkpoint(
     from transformers import AutoModelForCausalLM
 
     from moe_blocks.integrations.transformers import UPCYCLE_FAMILIES, upcycle
-    from moe_blocks.upcycling import check_upcycle_options
+    from moe_blocks.upcycling import UpcycleOptions
 
     check_path_given("DENSE", dense, "a transformers checkpoint folder")
     source = Path(dense)
@@ -379,10 +379,10 @@ def upcycle_checkpoint(
             f"DENSE {source}: architectures {architectures} hold no causal LM (…ForCausalLM)"
         )
     try:
-        check_upcycle_options(
-            config.get("intermediate_size"), num_experts=num_experts, top_k=top_k, method=method,
-            **{name: value for name, value in options.items() if name != "seed"},
-        )  # fmt: skip
+        options_given = {name: value for name, value in options.items() if name != "seed"}
+        UpcycleOptions(method=method, **options_given).checked(
+            config.get("intermediate_size"), num_experts, top_k
+        )
     except ValueError as error:
         message = str(error)
         for name, flag in _UPCYCLE_FLAGS.items():

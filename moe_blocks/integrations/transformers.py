@@ -462,7 +462,7 @@ def upcycle(
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from ..upcycling import check_upcycle_options, upcycle_weights
+    from ..upcycling import UpcycleOptions, upcycle_weights
 
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
@@ -473,12 +473,12 @@ def upcycle(
             f"model must be a dense causal LM (e.g. LlamaForCausalLM), got {type(model).__name__}"
         )
     seed = options.pop("seed", None)
-    check_upcycle_options(
-        config.intermediate_size, num_experts=num_experts, top_k=top_k, method=method, **options
+    chosen = UpcycleOptions(method=method, **options).checked(
+        config.intermediate_size, num_experts, top_k
     )
     moe_config = upcycle_config(
         config, num_experts=num_experts, top_k=top_k,
-        expert_hidden=config.intermediate_size // (options.get("granularity") or 1),
+        expert_hidden=config.intermediate_size // (chosen.granularity or 1),
     )  # fmt: skip
     parameter = next(model.parameters())
     with no_init_weights(), torch.device(parameter.device):
