@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         "--drop-ratio", type=float, help="drop: share of each expert's neurons redrawn (0.5)"
     )
     upcycle_parser.add_argument(
-        "--granularity", type=int, help="granular: slices of the dense MLP (required there)"
+        "--granularity", type=int, help="granular: slices of the dense MLP (default: --top-k)"
     )
     upcycle_parser.add_argument(
         "--router-std", type=float, default=0.02, help="std of the router's weights (0: zeros)"

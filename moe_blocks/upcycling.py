@@ -62,8 +62,9 @@ class UpcycleOptions:
             expert's copy of each dense matrix W (0: exact copies).
         drop_ratio: ``"drop"`` only: the fraction of each expert's intermediate neurons drawn
             anew, in [0, 1], rounded to whole neurons (default 0.5, the paper's best).
-        granularity: ``"granular"`` only (and required there): G, the slices of the
-            intermediate dimension (F % G == 0); E and top_k multiples of G.
+        granularity: ``"granular"`` only: G, the slices of the intermediate dimension (F % G
+            == 0; E and top_k multiples of G); default top_k, so that each token's experts
+            are the G slices of one copy (E / top_k copies).
     """
 
     method: str = "copy"
@@ -101,8 +102,7 @@ class UpcycleOptions:
             if self.noise_std:
                 raise ValueError("noise_std applies to methods 'copy' and 'granular', not 'drop'")
         if method == "granular":
-            if granularity is None:
-                raise ValueError("method='granular' needs granularity (the slices per dense MLP)")
+            granularity = top_k if granularity is None else granularity
             check_positive_int("granularity", granularity)
             for name, value in (("d_ffn (the dense intermediate size)", d_ffn),
                                 ("num_experts", num_experts), ("top_k", top_k)):  # fmt: skip
@@ -114,7 +114,7 @@ class UpcycleOptions:
                     "method='granular' with top_k < num_experts needs router_std > 0: a zero "
                     "router ties every copy, and the top-k would not pick whole copies"
                 )
-        return replace(self, drop_ratio=drop_ratio)
+        return replace(self, drop_ratio=drop_ratio, granularity=granularity)
 
 
 def upcycle_weights(

@@ -163,7 +163,7 @@ def test_an_upcycled_block_trains():
         (dict(num_experts=2, top_k=3), "top_k"),
         (dict(num_experts=0, top_k=1), "num_experts"),
         (dict(num_experts=4, top_k=2, method="merge"), "method"),
-        (dict(num_experts=4, top_k=2, method="granular"), "granularity"),
+        (dict(num_experts=6, top_k=4, method="granular"), "num_experts"),  # G = top_k = 4
         (dict(num_experts=6, top_k=2, method="granular", granularity=4), "num_experts"),
         (dict(num_experts=8, top_k=2, method="granular", granularity=4), "top_k"),
         (dict(num_experts=8, top_k=4, method="granular", granularity=3), "d_ffn"),
@@ -212,6 +212,7 @@ ROUTINGS = [
     ("copy", 4, 4, {"noise_std": 0.0}),
     ("granular", 8, 4, {"granularity": 2}),
     ("granular", 4, 4, {"granularity": 4}),
+    ("granular", 8, 2, {}),  # granularity top_k: each token's 2 experts are one whole copy
 ]
 
 
@@ -374,7 +375,7 @@ def test_the_upcycle_command_writes_a_model_transformers_loads(dense_checkpoint,
     [
         (["--experts", "2", "--top-k", "3"], "--top-k (3) must not exceed --experts (2)"),
         (["--experts", "4", "--top-k", "2", "--method", "merge"], "--method must be one of"),
-        (["--experts", "4", "--top-k", "2", "--method", "granular"], "needs --granularity"),
+        (["--experts", "6", "--top-k", "4", "--method", "granular"], "--granularity (4)"),
         (["--experts", "4", "--top-k", "2", "--drop-ratio", "0.3"], "--drop-ratio applies"),
         (["--experts", "0", "--top-k", "1"], "--experts"),
     ],
