@@ -86,6 +86,16 @@ def test_a_jetmoe_checkpoint_fine_tunes_with_its_own_tokenizer(
     assert list(corpus.parent.glob("corpus.tokens/*.json"))  # the token files, beside the text
     trained = JetMoEForCausalLM.from_pretrained(out / "checkpoint")
     assert trained.config.vocab_size == VOCAB
+    # the checkpoint carries its tokenizer: resumed from, it tokenizes alike (not as bytes)
+    carried = transformers.AutoTokenizer.from_pretrained(out / "checkpoint")
+    assert carried.encode("def f(x):") == transformers.AutoTokenizer.from_pretrained(
+        hf_checkpoint
+    ).encode("def f(x):")
+    seen.clear()
+    again = tmp_path / "again"
+    assert main(["train", "--resume-from", str(out), "--data", str(corpus),
+                 "--out", str(again), *FAST, "--steps", "1"]) == 0  # fmt: skip
+    assert max(int(batch.max()) for batch in seen) >= 256
 
 
 def test_token_files_are_reused_and_rebuilt_when_the_text_or_tokenizer_changes(

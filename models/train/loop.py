@@ -274,10 +274,11 @@ def run_training(
     processes.check_checkpoint(state, checkpoint_dir)
     origin_folder = settings.resume_from and checkpoint_folder(settings.resume_from)
     tokenizer = load_tokenizer(settings.tokenizer, origin_folder)
-    if tokenizer is not None and origin_folder is None and state is None:
-        # a preset trained from scratch: its embedding sized for the tokenizer
-        overrides = {"vocab_size": len(tokenizer)} | settings.overrides
-        settings = replace(settings, overrides=overrides)
+    if tokenizer is not None:  # recorded as the folder it came from (--resume-from's own)
+        settings = replace(settings, tokenizer=tokenizer.name_or_path)
+        if origin_folder is None and state is None:  # a preset from scratch: sized for it
+            overrides = {"vocab_size": len(tokenizer)} | settings.overrides
+            settings = replace(settings, overrides=overrides)
     corpus = load_corpus(settings.data, settings.seq_len, tokenizer=tokenizer)
     decay = load_decay_corpora(settings, corpus, tokenizer)
     origin = load_origin(settings, tokenizer)

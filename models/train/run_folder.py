@@ -22,6 +22,7 @@ from moe_blocks.router import named_routers
 from ..jetmoe import JetMoEForCausalLM, load_json
 from .data import same_path
 from .settings import TrainingError, TrainSettings, is_int
+from .tokens import copy_tokenizer_files
 
 # 2: tokens_per_expert keyed by router name; 3: every entry of log.json is a step (the
 # validation before the first step is that step's val_bpb_before, not an entry of its own).
@@ -223,8 +224,9 @@ def _sync(path: Path, *, recurse: bool = True) -> None:
 def save_checkpoint(
     directory: Path, model, optimizer, settings: TrainSettings, step: int, log: list
 ) -> None:
-    """The one-process checkpoint of ``step``: the model in the Hugging Face layout, the
-    optimizer state, the trainer state and the log, published by :func:`write_checkpoint`."""
+    """The one-process checkpoint of ``step``: the model in the Hugging Face layout (with the
+    run's tokenizer files, if it has a tokenizer), the optimizer state, the trainer state and
+    the log, published by :func:`write_checkpoint`."""
     names = {id(p): n for n, p in model.named_parameters()}
     tensors = {}
     for group in optimizer.param_groups:
@@ -235,6 +237,7 @@ def save_checkpoint(
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
+        copy_tokenizer_files(settings.tokenizer, folder)
         save_file(tensors, str(folder / "optimizer.safetensors"))
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
         (folder / "log.json").write_text(json.dumps(log) + "\n")

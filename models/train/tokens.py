@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,17 @@ def load_tokenizer(spec: str | None, checkpoint: Path | None):
         )
     tokenizer.name_or_path = str(folder)
     return tokenizer
+
+
+def copy_tokenizer_files(source: str | None, folder: Path) -> None:
+    """Copy the tokenizer files of the folder ``source`` (a run's resolved ``--tokenizer``;
+    nothing for bytes) into ``folder``, so a checkpoint carries the tokenizer it was trained
+    with (``--resume-from`` it, transformers' ``AutoTokenizer``)."""
+    if source is None or source == BYTES:
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, folder / name)
 
 
 def vocabulary(tokenizer) -> int:
