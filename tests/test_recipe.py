@@ -165,3 +165,21 @@ def test_a_missing_mixture_source_is_one_line_before_any_step(tmp_path, two_corp
 def test_the_built_in_corpus_loads_under_its_own_flag_name():
     with pytest.raises(TrainingError, match="--decay-data /nonexistent"):
         load_corpus("/nonexistent", 32, "--decay-data")
+
+
+def test_a_mixture_folder_inside_data_never_trains_on_its_validation_files(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "good").mkdir(parents=True)
+    for index in range(300):
+        (root / ("good" if index % 2 else "") / f"f{index}.py").write_text(f"x = {index}\n" * 30)
+    settings = TrainSettings(data=str(root), seq_len=16, decay_data=f"{root / 'good'}=1")
+    corpus = load_corpus(str(root), 16)
+    [(good, share)] = data.load_decay_corpora(settings, corpus)
+    assert share == 1.0
+    # every file of good/ is on the side of the split that --data gives it
+    files = sorted((root / "good").iterdir())
+    held_out = [f for f in files if data._in_validation(f.relative_to(root).as_posix())]
+    assert held_out
+    train_text = bytes(good.train.tolist())
+    for path in files:
+        assert (path.read_bytes() in train_text) == (path not in held_out), path

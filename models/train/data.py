@@ -65,14 +65,20 @@ def load_corpus_files() -> list[Path]:
 
 
 def load_corpus(
-    data: str | Path | None, seq_len: int = DEFAULT_SEQ_LEN, flag: str = "--data", tokenizer=None
+    data: str | Path | None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    flag: str = "--data",
+    tokenizer=None,
+    split_root: Path | None = None,
 ) -> Corpus:
     """The text to train and validate on, each part at least one window of ``seq_len + 1``
     tokens: the standard library's Python sources (``data=None``), every file under a folder, or
     one file; as bytes, or as the ids of ``tokenizer`` (a transformers tokenizer: each file is a
     document followed by the end token; tokenized once into token files beside the text,
     :func:`tokens.cached`, rebuilt when the text or the tokenizer changes). Files are split by
-    a stable hash of their relative path; when that leaves either part shorter than a window
+    a stable hash of their path relative to ``split_root`` (default: the corpus's own folder;
+    a folder inside another corpus is split as that corpus splits it); when that leaves either
+    part shorter than a window
     (one file, or a folder of few files), the text of all of them is split by position instead:
     the last 5 %, and at least a window, is validation. Text shorter than two windows is a
     :class:`TrainingError` naming ``flag``."""
@@ -89,7 +95,8 @@ def load_corpus(
             raise TrainingError(f"{flag} {data}: no such file or folder")
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         description = str(root)
-    hashed = [_in_validation(path.relative_to(root).as_posix()) for path in files]
+    base = root if split_root is None else split_root
+    hashed = [_in_validation(path.relative_to(base).as_posix()) for path in files]
     texts = [path.read_bytes() for path in files]
     parts = {
         name: [text for text, val in zip(texts, hashed, strict=True) if val == in_validation]
@@ -167,14 +174,20 @@ def load_decay_corpora(
 ) -> list[tuple[Corpus, float]]:
     """The ``--decay-data`` mixture as ``(corpus, share)`` pairs (empty without it), in the
     run's ``tokenizer``; a source that names ``--data`` (or ``stdlib`` for the built-in
-    corpus) is ``corpus`` itself."""
+    corpus) is ``corpus`` itself, and a folder inside ``--data`` is split as ``--data`` splits
+    it, so phase 2 never trains on ``--data``'s validation files."""
     if settings.decay_data is None:
         return []
-    return [
-        (corpus if same_path(path, settings.data)
-         else load_corpus(path, settings.seq_len, "--decay-data", tokenizer), share)
-        for path, share in settings.decay_sources()
-    ]  # fmt: skip
+    data_root = STDLIB if settings.data is None else Path(settings.data).resolve()
+    sources = []
+    for path, share in settings.decay_sources():
+        if same_path(path, settings.data):
+            sources.append((corpus, share))
+            continue
+        inside = path is not None and Path(path).resolve().is_relative_to(data_root)
+        sources.append((load_corpus(path, settings.seq_len, "--decay-data", tokenizer,
+                                    data_root if inside else None), share))  # fmt: skip
+    return sources
 
 
 def mixture_batch(
