@@ -183,3 +183,16 @@ def test_a_mixture_folder_inside_data_never_trains_on_its_validation_files(tmp_p
     train_text = bytes(good.train.tolist())
     for path in files:
         assert (path.read_bytes() in train_text) == (path not in held_out), path
+
+
+def test_a_folder_corpus_leaves_out_compiled_python_and_hidden_files(tmp_path):
+    root = tmp_path / "corpus"
+    texts = {"a.py": b"a.py " * 20, "sub/b.txt": b"sub/b.txt " * 20}
+    hidden = ["__pycache__/a.cpython-311.pyc", ".git/HEAD", "sub/.hidden", "sub/__pycache__/b.pyc"]
+    for name, content in texts.items() | {name: b"\x00BINARY" for name in hidden}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    corpus = load_corpus(str(root), 8)
+    text = bytes(torch.cat([corpus.train, corpus.validation]).tolist())
+    assert b"a.py" in text and b"sub/b.txt" in text
+    assert b"BINARY" not in text and "2 files" in corpus.description

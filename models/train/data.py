@@ -54,6 +54,19 @@ def _join(texts: list[bytes]) -> torch.Tensor:
     )
 
 
+def _text_files(root: Path) -> list[Path]:
+    """Every file under the folder ``root``, sorted, but for compiled Python (``__pycache__``)
+    and hidden files and folders (``.git``, ``.venv``, ...)."""
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.is_file()
+        and not any(
+            part == "__pycache__" or part.startswith(".") for part in path.relative_to(root).parts
+        )  # fmt: skip
+    )
+
+
 def load_corpus_files() -> list[Path]:
     """The running interpreter's standard-library ``*.py`` files, sorted by path."""
     root = STDLIB
@@ -93,7 +106,7 @@ def load_corpus(
         root = Path(data)
         if not root.exists():
             raise TrainingError(f"{flag} {data}: no such file or folder")
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        files = [root] if root.is_file() else _text_files(root)
         description = str(root)
     base = root if split_root is None else split_root
     hashed = [_in_validation(path.relative_to(base).as_posix()) for path in files]
