@@ -4,7 +4,8 @@ Subcommands:
     train     train a JetMoE-style model from a preset on text (default: the Python standard
               library's sources, as bytes), with progress, validation, checkpoints, a JSON log
               and a PNG of the loss curves and expert loads.
-    generate  sample from a trained checkpoint given a prompt.
+    generate  sample from a trained checkpoint given a prompt (in bytes, or with the tokenizer
+              the checkpoint was trained with).
     info      a preset's architecture, total and active parameters, FLOPs per token.
     bench     time MoEMLP, MoA or a JetMoE layer beside transformers' modules, a grouped_mm
               pipeline and the dense roofline; print a table, write JSON and a PNG.
@@ -111,25 +112,31 @@ def generate_command(args: argparse.Namespace) -> int:
     from .jetmoe import JetMoEForCausalLM
     from .train import TrainingError, checkpoint_folder
     from .train.settings import check_positive_int
+    from .train.tokens import check_vocabulary, load_tokenizer
 
     if not args.temperature >= 0:
         raise TrainingError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.threads is not None:
         check_positive_int("--threads", args.threads)
         torch.set_num_threads(args.threads)
-    prompt = args.prompt.encode()
-    if not prompt:
+    if not args.prompt:
         raise TrainingError("--prompt must not be empty")
+    folder = checkpoint_folder(args.checkpoint)
     try:
-        model = JetMoEForCausalLM.from_pretrained(checkpoint_folder(args.checkpoint)).eval()
+        model = JetMoEForCausalLM.from_pretrained(folder).eval()
     except (FileNotFoundError, ValueError) as error:
         raise TrainingError(f"--checkpoint: {error}") from None
-    if model.config.vocab_size != 256:
+    tokenizer = load_tokenizer(None, folder)  # the checkpoint's own (train --tokenizer), or bytes
+    if tokenizer is None and model.config.vocab_size != 256:
         raise TrainingError(
-            f"--checkpoint {args.checkpoint}: vocabulary {model.config.vocab_size}, "
-            "not a byte-level model trained by moe-blocks"
+            f"--checkpoint {args.checkpoint}: vocabulary {model.config.vocab_size} and no "
+            "tokenizer beside it: not a byte-level model, nor one trained with --tokenizer"
         )
-    ids = torch.tensor([list(prompt)])
+    check_vocabulary(tokenizer, model.config.vocab_size, f"--checkpoint {args.checkpoint}")
+    if tokenizer is None:
+        ids = torch.tensor([list(args.prompt.encode())])
+    else:
+        ids = torch.tensor([tokenizer.encode(args.prompt, add_special_tokens=False)])
     generator = torch.Generator().manual_seed(args.seed)
     try:
         out = model.generate(
@@ -139,11 +146,16 @@ def generate_command(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             generator=generator,
-            eos_token_id=None,  # bytes: no end token (older runs' configs name byte 2)
+            # bytes: no end token (older runs' configs name byte 2); a tokenizer: its own
+            eos_token_id=None if tokenizer is None else tokenizer.eos_token_id,
         )
     except ValueError as error:
         raise TrainingError(str(error)) from None
-    sys.stdout.write(bytes(out[0].tolist()).decode("utf-8", errors="replace") + "\n")
+    if tokenizer is None:
+        text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
+    else:
+        text = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+    sys.stdout.write(text + "\n")
     return 0
 
 
@@ -449,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     generate_parser.add_argument("--prompt", default="def ", help="text to continue")
     generate_parser.add_argument(
-        "--max-new-tokens", type=int, default=300, help="bytes to generate"
+        "--max-new-tokens", type=int, default=300, help="tokens (bytes) to generate"
     )
     generate_parser.add_argument(
         "--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy"

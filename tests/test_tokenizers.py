@@ -182,3 +182,27 @@ def test_a_preset_trained_with_a_tokenizer_gets_its_vocabulary(tmp_path, corpus,
     assert code == 0
     assert JetMoEForCausalLM.from_pretrained(out / "checkpoint").config.vocab_size == VOCAB
     assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--quiet"]) == 0
+
+
+def test_generate_speaks_through_the_checkpoints_tokenizer(tmp_path, corpus, tokenizer_dir, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--tokenizer", str(tokenizer_dir), "--data", str(corpus),
+                 "--out", str(out), *FAST, "--steps", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    prompt = "def function_3(value):"
+    code = main(["generate", "--checkpoint", str(out), "--prompt", prompt,
+                 "--max-new-tokens", "6", "--temperature", "0"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = JetMoEForCausalLM.from_pretrained(out / "checkpoint").eval()
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+    logits_path = ids
+    with torch.no_grad():  # greedy by hand, stopping at the end token
+        for _ in range(6):
+            following = model(logits_path).logits[0, -1].argmax()
+            logits_path = torch.cat([logits_path, following.view(1, 1)], dim=1)
+            if following == tokenizer.eos_token_id:
+                break
+    expected = tokenizer.decode(logits_path[0].tolist(), skip_special_tokens=True)
+    assert printed == expected + "\n"
