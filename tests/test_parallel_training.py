@@ -214,3 +214,40 @@ def test_parallelize_is_importable_as_issue_11_names_it():
     from moe_blocks.models import parallelize
 
     assert parallelize is parallel_module.parallelize
+
+
+def _character_tokenizer(folder) -> None:
+    """A transformers tokenizer of the printable ASCII characters (97 ids with end and unknown
+    tokens: a vocabulary under 256), saved in ``folder``."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<eos>": 1} | {chr(c): c - 30 for c in range(32, 127)}
+    character = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    character.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=character, eos_token="<eos>", unk_token="<unk>"
+    ).save_pretrained(folder)
+
+
+def test_sharded_training_with_a_tokenizer_equals_one_process_and_exports_it(tmp_path, monkeypatch):
+    """--ep 2 with a 97-token tokenizer: the one-process losses, and the model/ export carries
+    the tokenizer files (a later --resume-from or generate reads them)."""
+    monkeypatch.setattr(report, "plot_run", _no_plot)
+    data = _text(tmp_path / "text.txt")
+    tokenizer = tmp_path / "tokenizer"
+    _character_tokenizer(tokenizer)
+    settings = {"tokenizer": str(tokenizer)}
+    single = train(
+        dataclasses.replace(_settings(tmp_path / "single", data, 3), **settings), progress=False
+    )
+    spawn_local(
+        _train_ranks, 2, dataclasses.replace(_settings(tmp_path / "two", data, 3), **settings), 2
+    )
+    two_log = json.loads((tmp_path / "two" / "log.json").read_text())
+    torch.testing.assert_close(_losses(two_log), _losses(single.log), **LOSS_TOLERANCE)
+    for folder in (tmp_path / "single" / "checkpoint", tmp_path / "two" / "model"):
+        assert (folder / "tokenizer.json").read_bytes() == (
+            tokenizer / "tokenizer.json"
+        ).read_bytes()
+        assert json.loads((folder / "config.json").read_text())["vocab_size"] == 97

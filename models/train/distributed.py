@@ -42,6 +42,7 @@ from .run_folder import (
     write_export_step,
 )
 from .settings import TrainingError, TrainSettings
+from .tokens import copy_tokenizer_files
 
 
 def spawn_local(worker, nprocs: int, *args, backend: str = "gloo") -> None:
@@ -106,12 +107,19 @@ def load_sharded(
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-def export_hf(model: JetMoEForCausalLM, path: str | Path, *, step: int | None = None) -> None:
+def export_hf(
+    model: JetMoEForCausalLM,
+    path: str | Path,
+    *,
+    step: int | None = None,
+    tokenizer: str | None = None,
+) -> None:
     """Write a sharded (or plain) model in the Hugging Face layout: rank 0 gathers the full
     weights on CPU and writes them with :meth:`JetMoEForCausalLM.save_pretrained`, so the
     files equal those of the unsharded model; with ``step``, also the training step they are
-    of (``export.json``), which readers compare with the run's checkpoint. Collective;
-    published as :func:`save_sharded` publishes a checkpoint."""
+    of (``export.json``), which readers compare with the run's checkpoint; with
+    ``tokenizer`` (a run's tokenizer folder), its files. Collective; published as
+    :func:`save_sharded` publishes a checkpoint."""
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
@@ -123,6 +131,7 @@ def export_hf(model: JetMoEForCausalLM, path: str | Path, *, step: int | None = 
 
         def write(folder: Path) -> None:
             plain.save_pretrained(folder)
+            copy_tokenizer_files(tokenizer, folder)
             if step is not None:
                 write_export_step(folder, step)
 
@@ -263,8 +272,8 @@ class Ranks:
         }
         save_sharded(checkpoint, model, optimizer, files)
 
-    def finish(self, model, out: Path, step: int) -> None:
-        export_hf(model, out / "model", step=step)
+    def finish(self, model, out: Path, step: int, tokenizer: str | None) -> None:
+        export_hf(model, out / "model", step=step, tokenizer=tokenizer)
 
     def stopping(self) -> _StopRequest:
         return self._stop

@@ -248,7 +248,7 @@ class OneProcess:
     def save(self, checkpoint: Path, model, optimizer, settings, step: int, log: list) -> None:
         save_checkpoint(checkpoint, model, optimizer, settings, step, log)
 
-    def finish(self, model, out: Path, step: int) -> None:
+    def finish(self, model, out: Path, step: int, tokenizer: str | None) -> None:
         pass  # the one-process checkpoint is itself the model in the Hugging Face layout
 
     def stopping(self):
@@ -329,7 +329,7 @@ def run_training(
         if frozen is not None:
             frozen.remove()  # the model is not used here after training
         save(step)
-        processes.finish(model, out, step)
+        processes.finish(model, out, step, settings.tokenizer)
     if processes.main:
         (out / "log.json").write_text(json.dumps(log) + "\n")
         report.plot_run(log, out / "training.png")
