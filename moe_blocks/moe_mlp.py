@@ -241,8 +241,12 @@ class MoEMLP(ModularBlock, nn.Module):
         return self.output_linear(hidden, plan, grouped_in=True, gates=gates)
 
 
-def _hooked_or_sharded(experts: ParallelExperts) -> bool:
-    """Whether ``experts`` must run through its own forward: it has forward hooks (FSDP2's
-    unsharding, a user's) or its weight is a DTensor (expert parallelism's local experts)."""
+def _hooked_or_sharded(experts: nn.Module) -> bool:
+    """Whether ``experts`` must run through its own forward: it is not a plain
+    :class:`ParallelExperts` (a wrapper such as PEFT's LoRA ``ParamWrapper``), it has forward
+    hooks (FSDP2's unsharding, a user's) or its weight is a DTensor (expert parallelism's local
+    experts)."""
+    if type(experts) is not ParallelExperts:
+        return True
     hooked = experts._forward_hooks or experts._forward_pre_hooks
     return bool(hooked) or local_tensor(experts.weight) is not experts.weight

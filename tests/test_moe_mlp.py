@@ -216,6 +216,39 @@ def test_one_token_inference_equals_the_two_kernel_calls_bit_for_bit(case, dtype
     torch.testing.assert_close(fast[0].double(), expected, atol=tolerance, rtol=tolerance)
 
 
+def test_a_wrapped_experts_module_runs_through_its_own_forward_in_decode_too():
+    """PEFT's LoRA on expert parameters (``target_parameters``) replaces ``input_linear`` by a
+    wrapper module (its ``ParamWrapper``) whose forward adds the adapter; a decode step must
+    call it, not read the wrapped weight around it."""
+    from torch import nn
+
+    class Wrapper(nn.Module):  # what such a wrapper does: a changed weight, its own forward
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+            self.delta = nn.Parameter(torch.randn_like(base.weight))
+
+        @property
+        def weight(self):  # PEFT's wrapper shows the base layer's weight
+            return self.base_layer.weight
+
+        def forward(self, x, plan, **kwargs):
+            from moe_blocks import expert_linear
+
+            weight = self.base_layer.weight + self.delta
+            return expert_linear(x, weight, plan, **kwargs)
+
+    torch.manual_seed(0)
+    mlp = MoEMLP(16, 8, 4, 2).eval()
+    x = torch.randn(1, 16)
+    changed = MoEMLP(16, 8, 4, 2).eval()
+    changed.load_state_dict(mlp.state_dict())
+    mlp.input_linear = Wrapper(mlp.input_linear)
+    with torch.no_grad():
+        changed.input_linear.weight += mlp.input_linear.delta
+        torch.testing.assert_close(mlp(x), changed(x))
+
+
 @pytest.mark.parametrize("case", ["training", "grad", "autocast", "hook", "two tokens"])
 def test_the_one_token_path_is_left_to_the_kernel_where_it_does_not_apply(case):
     from unittest import mock
