@@ -415,6 +415,15 @@ def test_the_upcycle_command_refuses_what_is_not_a_dense_causal_lm(
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and str(source) in error, error
         assert not out.exists()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text((folder / "config.json").read_text())
+    (damaged / "model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "damaged-out"
+    assert main(["upcycle", str(damaged), "--experts", "4", "--top-k", "2", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(damaged) in error, error
+    assert not out.exists()
     missing = tmp_path / "nothing"
     assert (
         main(

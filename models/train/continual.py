@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from moe_blocks import (
     FrozenExperts,
@@ -389,8 +390,12 @@ def upcycle_checkpoint(
             message = message.replace(name, flag)
         raise TrainingError(message) from None
     folder = new_output_folder(out, overwrite)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").eval()
-    moe = upcycle(model, num_experts=num_experts, top_k=top_k, method=method, **options)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").eval()
+        moe = upcycle(model, num_experts=num_experts, top_k=top_k, method=method, **options)
+    except (OSError, ValueError, SafetensorError) as error:  # missing or damaged weights
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrainingError(f"DENSE {source}: {reason}") from None
     ids = torch.randint(
         0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0)
     )
