@@ -205,7 +205,7 @@ def one_token_mlp(
     gates: Tensor,
 ) -> Tensor:
     """One token's routed MLP ``Σ_j gates[j] · w_out[e_j] @ activate(w_in[e_j] @ x[0])`` over
-    its k distinct ``experts`` (``x [1, in]``, ``w_in [E, hidden, in]``, ``w_out [E, out,
+    its k ``experts`` (``x [1, in]``, ``w_in [E, hidden, in]``, ``w_out [E, out,
     hidden']``, ``gates [k]``): ``[1, out]`` in x's dtype, the same bits as two
     :func:`gather_gemm` calls (the hidden rows in grouped order, activated in one call: a
     vectorised and a scalar activation can differ in the last bit, so the layout is the

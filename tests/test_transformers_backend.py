@@ -623,3 +623,44 @@ def test_bench_command_runs_the_hf_suite(tmp_path, capsys):
     assert [r["impl"] for r in rows] == ["eager", "grouped_mm", "batched_mm", "moe_blocks"]
     for row in rows:
         assert row["vs_transformers"] > 0 and row["vs_grouped_mm"] > 0
+
+
+@given(
+    flags=st.fixed_dictionaries({name: st.booleans() for name in FLAG_NAMES}),
+    own_gate=st.booleans(),
+    num_experts=st.integers(1, 6),
+    data=st.data(),
+    features=st.integers(1, 12),
+    hidden=st.integers(1, 10),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_one_token_decode_step_takes_the_fast_path_with_the_kernel_calls_bits(
+    flags, own_gate, num_experts, data, features, hidden, seed
+):
+    """Inference of one token (no autograd, CPU): modules without biases or a post-expert norm
+    run the torch backend's one-token path; its output is the two kernel calls' (computed
+    with autograd on, which takes them), bit for bit, and the float64 oracle's."""
+    from unittest import mock
+
+    from moe_blocks.kernels import torch_backend
+
+    torch.manual_seed(seed)
+    own_gate = own_gate and flags["has_gate"]
+    config = types.SimpleNamespace(_experts_implementation=backend.register())
+    module = experts_class(flags, own_gate)(config, num_experts, features, hidden, torch.float32)
+    top_k = data.draw(st.integers(1, num_experts))
+    top_k_index = torch.randperm(num_experts)[:top_k][None]
+    x, weights = torch.randn(1, features), torch.rand(1, top_k)
+    with (
+        torch.no_grad(),
+        mock.patch.object(
+            torch_backend, "one_token_mlp", wraps=torch_backend.one_token_mlp
+        ) as path,
+    ):
+        out = module(x, top_k_index, weights)
+    fast = not flags["has_bias"] and not flags["has_post_expert_norm"]
+    assert path.call_count == int(fast)
+    general = module(x.clone().requires_grad_(), top_k_index, weights)
+    assert torch.equal(out, general.detach())
+    expected = oracle(module, flags, own_gate, x, top_k_index, weights)
+    assert relative_error(out.double(), expected.detach()) < TOLERANCE[torch.float32]
