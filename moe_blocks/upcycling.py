@@ -28,7 +28,7 @@ Three methods, each a function of the dense weights ``gate [F, d]``, ``up [F, d]
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -252,7 +252,7 @@ def upcycle_mlp(
     :class:`MoEMLP` (``aux_loss_coef``, ``backend``, ...). ``mlp`` is not modified."""
     weight_options = {
         key: options.pop(key)
-        for key in ("router_std", "noise_std", "drop_ratio", "granularity", "seed")
+        for key in {field.name for field in fields(UpcycleOptions)} - {"method"} | {"seed"}
         if key in options
     }
     gate, up, down, bias, activation = dense_glu_weights(mlp)

@@ -39,7 +39,14 @@ from .run_folder import (
     read_json,
     write_checkpoint,
 )
-from .settings import TrainingError, TrainSettings, check_path_given, check_positive_int, is_int
+from .settings import (
+    TrainingError,
+    TrainSettings,
+    check_path_given,
+    check_positive_int,
+    is_int,
+    message_lines,
+)
 from .tokens import TOKENIZER_FILES
 
 
@@ -394,8 +401,7 @@ def upcycle_checkpoint(
         model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").eval()
         moe = upcycle(model, num_experts=num_experts, top_k=top_k, method=method, **options)
     except (OSError, ValueError, SafetensorError) as error:  # missing or damaged weights
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TrainingError(f"DENSE {source}: {reason}") from None
+        raise TrainingError(f"DENSE {source}: {message_lines(error)[0]}") from None
     ids = torch.randint(
         0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0)
     )

@@ -41,7 +41,7 @@ from .run_folder import (
     write_checkpoint,
     write_export_step,
 )
-from .settings import TrainingError, TrainSettings
+from .settings import TrainingError, TrainSettings, message_lines
 from .tokens import copy_tokenizer_files
 
 
@@ -149,7 +149,7 @@ def _any_rank(flag: bool) -> bool:
 def _last_line(error: BaseException) -> str:
     """The last line of ``error``'s message (DCP's carry every rank's traceback), at most 200
     characters."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+    return message_lines(error)[-1][:200]
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:

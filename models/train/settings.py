@@ -18,6 +18,12 @@ class TrainingError(Exception):
     """A problem with the user's input, reported as one line by the CLI."""
 
 
+def message_lines(error: BaseException) -> list[str]:
+    """The lines of ``error``'s message, or its type's name when it has none: what a one-line
+    report quotes of an error raised by a library."""
+    return str(error).strip().splitlines() or [type(error).__name__]
+
+
 DEFAULT_WARMUP_STEPS = 30
 SCHEDULES = ("wsd", "wsd-exp", "cosine")
 BUILTIN_CORPUS = "stdlib"  # names the built-in corpus (data=None) in --decay-data

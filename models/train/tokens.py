@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .settings import TrainingError
+from .settings import TrainingError, message_lines
 
 BYTES = "bytes"  # --tokenizer bytes: each byte is a token
 # A transformers checkpoint's tokenizer and generation files (what AutoTokenizer reads).
@@ -53,7 +53,7 @@ def load_tokenizer(spec: str | None, checkpoint: Path | None):
 
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as error:  # transformers raises many kinds for a broken tokenizer
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = message_lines(error)[0]
         raise TrainingError(f"{flag} {folder}: cannot load it ({reason})") from None
     if tokenizer.eos_token_id is None:
         raise TrainingError(
