@@ -98,7 +98,7 @@ def train_command(args: argparse.Namespace) -> int:
     print(
         f"checkpoint: {result.out / 'checkpoint'}  log: {result.out / 'log.json'}  "
         f"plot: {result.out / 'training.png'}"
-        + (f"  model (Hugging Face layout): {result.out / 'model'}" if result.sharded else "")
+        + (f"  model: {result.out / 'model'}" if (result.out / "model").is_dir() else "")
     )
     if result.interrupted:
         unfinished = last["step"] < settings.steps  # else only the last validation was cut
@@ -109,8 +109,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from .jetmoe import JetMoEForCausalLM
     from .train import TrainingError, checkpoint_folder
+    from .train.run_folder import load_model
     from .train.settings import check_positive_int
     from .train.tokens import check_vocabulary, load_tokenizer
 
@@ -122,10 +122,7 @@ def generate_command(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise TrainingError("--prompt must not be empty")
     folder = checkpoint_folder(args.checkpoint)
-    try:
-        model = JetMoEForCausalLM.from_pretrained(folder).eval()
-    except (FileNotFoundError, ValueError) as error:
-        raise TrainingError(f"--checkpoint: {error}") from None
+    model = load_model(folder, "--checkpoint").eval()
     tokenizer = load_tokenizer(None, folder)  # the checkpoint's own (train --tokenizer), or bytes
     if tokenizer is None and model.config.vocab_size != 256:
         raise TrainingError(
@@ -443,6 +440,36 @@ def main(argv: list[str] | None = None) -> int:
         choices=["switch", "mutual_information", "load_concentration", "none"],
         help="every router's balance loss (default: the model's, switch); load_concentration "
         "concentrates routing on few experts before pruning",
+    )
+    setting(
+        "--lora-rank",
+        type=int,
+        metavar="R",
+        help="with --resume-from: train only LoRA adapters of rank R (PEFT; pip install "
+        "'moe-blocks[lora]'); the base weights stay frozen and the experts run through "
+        "moe-blocks' kernel; checkpoints hold the adapters, model/ the export (--lora-export)",
+    )
+    setting("--lora-alpha", type=float, help="LoRA's alpha: the adapters add alpha/R · B·A "
+            "(default: 2R)")  # fmt: skip
+    setting(
+        "--lora-targets",
+        metavar="attention,experts",
+        help="what the adapters adapt (default both): attention (kv_proj and the MoA experts' "
+        "query and output projections) and experts (the MLP experts' [E, out, in] weights)",
+    )
+    setting(
+        "--lora-export",
+        choices=["merged", "adapters"],
+        help="what OUT/model holds at the end: the merged model in the Hugging Face layout "
+        "(default), or the adapters in PEFT's format (transformers' JetMoe names)",
+    )
+    setting(
+        "--activation-checkpointing",
+        nargs=0,
+        const=True,
+        default=False,
+        help="recompute each layer's activations in backward instead of keeping them "
+        "(less memory, about a third more compute)",
     )
     train_parser.add_argument(
         "--ep",

@@ -140,11 +140,15 @@ def _text(path) -> str:
 def test_two_rank_training_equals_one_process(ep, tmp_path, monkeypatch):
     """torchrun 2 as FSDP, and --ep 2 (data-parallel size 1, where torch's FSDP2 would divide
     expert gradients twice): the one-process losses step by step, balance loss on. Run through
-    train(), which takes the sharded path by itself inside a process group (ep 1 too)."""
+    train(), which takes the sharded path by itself inside a process group (ep 1 too). The
+    --ep 2 run recomputes its layers in backward (--activation-checkpointing), which must
+    change no loss."""
     monkeypatch.setattr(report, "plot_run", _no_plot)
     data = _text(tmp_path / "text.txt")
     single = train(_settings(tmp_path / "single", data, 3), progress=False)
-    spawn_local(_train_ranks, 2, _settings(tmp_path / "two", data, 3), ep)
+    sharded = _settings(tmp_path / "two", data, 3)
+    sharded.activation_checkpointing = ep == 2
+    spawn_local(_train_ranks, 2, sharded, ep)
     two_log = json.loads((tmp_path / "two" / "log.json").read_text())
     assert all(entry["aux_loss"] > 0 for entry in single.log)
     torch.testing.assert_close(_losses(two_log), _losses(single.log), **LOSS_TOLERANCE)

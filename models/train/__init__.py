@@ -3,7 +3,9 @@
 Its rooms, each importing only those above it in this list:
 
 - :mod:`.settings`: a run's settings, their checks, the learning-rate schedule;
+- :mod:`.tokens`: bytes or a tokenizer's ids, the cached token files;
 - :mod:`.data`: the corpus, its batches, the validation loss;
+- :mod:`.lora`: LoRA adapters (PEFT) on a model, their files, the merged model;
 - :mod:`.run_folder`: ``--out`` and its checkpoints (the one atomic writer, recovery, the
   trainer state, the log, the model export's step);
 - :mod:`.continual`: starting from another model (``--resume-from``,

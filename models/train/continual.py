@@ -34,6 +34,7 @@ from .data import (
 )
 from .run_folder import (
     checkpoint_folder,
+    is_model_folder,
     load_model,
     load_trainer_state,
     read_json,
@@ -126,7 +127,7 @@ def load_origin(settings: TrainSettings, tokenizer=None) -> Origin | None:
     if settings.resume_from is None:
         return None
     checkpoint = checkpoint_folder(settings.resume_from)
-    if not (checkpoint / "config.json").is_file():
+    if not is_model_folder(checkpoint):
         raise TrainingError(
             f"--resume-from {settings.resume_from}: no checkpoint there (config.json missing)"
         )

@@ -40,6 +40,11 @@ class Corpus:
     description: str
     tokens_per_byte: float = 1.0
 
+    @property
+    def unit(self) -> str:
+        """What one id is: "bytes" or (a tokenizer's) "tokens"."""
+        return "bytes" if self.train.dtype == torch.uint8 else "tokens"
+
 
 def _in_validation(relative_path: str) -> bool:
     return zlib.crc32(relative_path.encode()) % 100 < VALIDATION_PERCENT

@@ -27,11 +27,13 @@ from .continual import (
     validate,
 )
 from .data import Corpus, batch_at, load_corpus, load_decay_corpora, mixture_batch
+from .lora import attach_lora, describe_lora, load_adapters, lora_config
 from .run_folder import (
     TrainerState,
     check_output,
     check_space,
     checkpoint_folder,
+    export_lora,
     load_log,
     load_model,
     prepare_output,
@@ -63,9 +65,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
-    """AdamW (betas 0.9, 0.95) with weight decay on the matrices, none on norms and biases."""
+    """AdamW (betas 0.9, 0.95) over the parameters that require gradients, with weight decay
+    on the matrices, none on norms and biases."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         (no_decay if param.dim() < 2 or name.endswith("layernorm.weight") else decay).append(param)
     return torch.optim.AdamW(
         [
@@ -223,7 +228,7 @@ class OneProcess:
         pass
 
     def initial_model(self, settings, origin, state, checkpoint: Path) -> JetMoEForCausalLM:
-        if state is not None:
+        if state is not None and settings.lora_rank is None:  # (LoRA's holds the adapters)
             return load_model(checkpoint, "--resume")
         return starting_model(settings, origin)
 
@@ -271,6 +276,7 @@ def run_training(
         recover_run(out)
     processes.barrier()
     state = check_output(settings, resume=resume, overwrite=overwrite)
+    adapters = lora_config(settings) if settings.lora_rank is not None else None  # needs PEFT
     processes.check_checkpoint(state, checkpoint_dir)
     origin_folder = settings.resume_from and checkpoint_folder(settings.resume_from)
     tokenizer = load_tokenizer(settings.tokenizer, origin_folder)
@@ -289,11 +295,18 @@ def run_training(
     processes.barrier()  # every process has looked at OUT before the main one writes into it
     if processes.main:
         prepare_output(out, overwrite=overwrite)
-        check_space(out, model)
+        check_space(out, model, lora=settings.lora_rank is not None)
+        report.announce(settings, corpus, model, state)  # (before adapters join the model)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     model.train()
+    model.gradient_checkpointing = settings.activation_checkpointing
     frozen = prepare_model(model, settings, origin)
+    lora = None
+    if adapters is not None:  # one process (train refuses a sharded LoRA run)
+        lora = attach_lora(model, adapters, seed=settings.seed)
+        if state is not None:
+            load_adapters(model, checkpoint_dir)
     processes.shard(model)
     optimizer = make_optimizer(model, settings)
     log: list[dict] = []
@@ -303,8 +316,8 @@ def run_training(
         start_step = state.step
         log = load_log(checkpoint_dir, model)
     if processes.main:
-        report.announce(settings, corpus, model, state)
         for line in (origin and origin.summary(settings), processes.describe(),
+                     lora and describe_lora(model, settings),
                      decay and report.describe_decay(settings, decay)):  # fmt: skip
             if line:
                 print(line)
@@ -330,6 +343,8 @@ def run_training(
             frozen.remove()  # the model is not used here after training
         save(step)
         processes.finish(model, out, step, settings.tokenizer)
+        if lora is not None:
+            export_lora(lora, out, settings, step)
     if processes.main:
         (out / "log.json").write_text(json.dumps(log) + "\n")
         report.plot_run(log, out / "training.png")

@@ -20,6 +20,8 @@ def announce(settings: TrainSettings, corpus: Corpus, model, state: TrainerState
     preset = f"preset {settings.preset}" + (
         f" with {settings.overrides}" if settings.overrides else ""
     )
+    if settings.resume_from is not None:
+        preset = "--resume-from's"
     start_step = state.step if state is not None else 0
     count = settings.steps - start_step
     steps = f"{count} step{'s' * (count != 1)}"
@@ -31,7 +33,7 @@ def announce(settings: TrainSettings, corpus: Corpus, model, state: TrainerState
         f"({model.num_parameters(active=True):,} active per token)"
     )
     print(
-        f"train:  {steps} of {settings.batch_size} x {settings.seq_len} bytes, "
+        f"train:  {steps} of {settings.batch_size} x {settings.seq_len} {corpus.unit}, "
         f"lr {settings.lr:g} ({settings.schedule}, warmup {settings.warmup})"
     )
     print(f"output: {settings.out}")

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from .loop import OneProcess, TrainResult, run_training
 from .run_folder import is_sharded_checkpoint
-from .settings import TrainSettings, check_positive_int
+from .settings import TrainingError, TrainSettings, check_positive_int
 
 
 def launched_by_torchrun() -> bool:
@@ -84,6 +84,11 @@ def train_sharded(
 def _train_ranks(settings: TrainSettings, ep: int, options: dict) -> TrainResult:
     """The sharded run of checked ``settings`` and ``ep``: :func:`run_training` with
     :class:`~.distributed.Ranks`, in the process group it joins (or creates, then ends)."""
+    if settings.lora_rank is not None:
+        raise TrainingError(
+            "--lora-rank trains in one process: leave out --ep and torchrun (LoRA's adapters "
+            "are small; --activation-checkpointing saves activation memory instead)"
+        )
     # torch.distributed's checkpoint and FSDP modules take about a second to import: only here
     from .distributed import Ranks, init_distributed
 

@@ -21,6 +21,15 @@ from moe_blocks.router import named_routers
 
 from ..jetmoe import JetMoEForCausalLM, load_json
 from .data import same_path
+from .lora import (
+    ADAPTER_CONFIG,
+    attach_lora,
+    load_adapters,
+    lora_config,
+    merged_model,
+    read_adapter_config,
+    save_adapters,
+)
 from .settings import TrainingError, TrainSettings, is_int
 from .tokens import copy_tokenizer_files
 
@@ -56,10 +65,11 @@ def prepare_output(out: Path, *, overwrite: bool) -> None:
                 target.unlink()
 
 
-def check_space(out: Path, model) -> None:
+def check_space(out: Path, model, *, lora: bool = False) -> None:
     """Refuse to start when ``out``'s disk has no room for one more checkpoint: the weights
-    and AdamW's two moments (a new checkpoint is written beside the last one)."""
-    needed = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    and AdamW's two moments (a new checkpoint is written beside the last one); with ``lora``,
+    for the merged model's export (the adapters' checkpoints are small beside it)."""
+    needed = (1 if lora else 3) * sum(p.numel() * p.element_size() for p in model.parameters())
     free = shutil.disk_usage(out).free
     if free < needed:
         raise TrainingError(
@@ -74,12 +84,18 @@ def recover_run(out: Path) -> None:
         recover_checkpoint(folder)
 
 
-EXPORT_FILE = "export.json"  # in a torchrun run's model/: the training step it holds
+EXPORT_FILE = "export.json"  # in a torchrun or LoRA run's model/: the training step it holds
 
 
 def is_sharded_checkpoint(directory: str | Path) -> bool:
     """Whether ``directory`` holds a checkpoint of a torchrun run (DCP shards)."""
     return (Path(directory) / ".metadata").is_file()
+
+
+def exports_model(directory: Path) -> bool:
+    """Whether the checkpoint in ``directory`` is not itself the model, which the run writes
+    to ``model/`` at its end: a torchrun run's (shards) or a LoRA run's (adapters)."""
+    return is_sharded_checkpoint(directory) or (directory / ADAPTER_CONFIG).is_file()
 
 
 def write_export_step(folder: Path, step: int) -> None:
@@ -101,33 +117,44 @@ def export_step(folder: Path) -> int | None:
 
 
 def export_lags(out: Path, step: int) -> bool:
-    """Whether the torchrun run in ``out``, whose checkpoint is at ``step``, has a ``model/``
-    export of another step or none (a crash between the checkpoint and the export)."""
-    return is_sharded_checkpoint(out / "checkpoint") and export_step(out / "model") != step
+    """Whether the torchrun or LoRA run in ``out``, whose checkpoint is at ``step``, has a
+    ``model/`` export of another step or none (a crash between the checkpoint and the
+    export)."""
+    return exports_model(out / "checkpoint") and export_step(out / "model") != step
 
 
 def checkpoint_folder(path: str | Path) -> Path:
     """The model folder given either itself or the run folder (``--out``) holding it: the run's
-    ``checkpoint/``, or for a sharded (torchrun) run, whose ``checkpoint/`` holds shards, its
-    Hugging Face export ``model/``; read-only commands read a ``.previous`` that a killed save
-    left (:func:`recover_checkpoint` puts it back at the next ``train``)."""
+    ``checkpoint/``, or for a sharded (torchrun) or LoRA run, whose ``checkpoint/`` holds
+    shards or adapters, its export ``model/`` (the model in the Hugging Face layout, or LoRA
+    adapters: :func:`load_model` reads either); read-only commands read a ``.previous`` that a
+    killed save left (:func:`recover_checkpoint` puts it back at the next ``train``)."""
     path = Path(path)
-    if (path / "config.json").exists():
+    if is_model_folder(path):
         return path
     # (.previous: the last complete one when a save was killed between its two renames)
     for name in ("checkpoint", "checkpoint.previous", "model", "model.previous"):
-        if (path / name / "config.json").exists():
+        if (path / name / "config.json").exists() or (
+            name.startswith("model") and is_model_folder(path / name)
+        ):
             if name.startswith("model"):
                 _warn_if_export_lags(path, path / name)
             return path / name
     return path / "checkpoint" if (path / "checkpoint").is_dir() else path
 
 
+def is_model_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a model: its ``config.json``, or LoRA adapters (of a model
+    named in their config)."""
+    return (folder / "config.json").exists() or (folder / ADAPTER_CONFIG).exists()
+
+
 def _warn_if_export_lags(run: Path, model: Path) -> None:
-    """Say so when a torchrun run's ``model/`` export holds another step than its checkpoint
-    (the reader gets the older weights; ``train --resume --steps STEP`` rebuilds it)."""
+    """Say so when a torchrun or LoRA run's ``model/`` export holds another step than its
+    checkpoint (the reader gets the older weights; ``train --resume --steps STEP`` rebuilds
+    it)."""
     step = _recorded_step(run / "checkpoint" / "trainer_state.json")
-    if not is_sharded_checkpoint(run / "checkpoint") or step is None:
+    if not exports_model(run / "checkpoint") or step is None:
         return  # (no step to compare with: --resume names what is wrong with that file)
     held = export_step(model)
     if held != step:
@@ -236,7 +263,10 @@ def save_checkpoint(
     state = {"format": CHECKPOINT_FORMAT, "step": step, "settings": asdict(settings)}
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        if settings.lora_rank is not None:  # the base model is --resume-from's
+            save_adapters(model, lora_config(settings), folder)
+        else:
+            model.save_pretrained(folder)
         copy_tokenizer_files(settings.tokenizer, folder)
         save_file(tensors, str(folder / "optimizer.safetensors"))
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
@@ -315,12 +345,39 @@ def read_json(path: Path, kind: type[dict] | type[list]) -> dict | list:
 
 
 def load_model(folder: Path, flag: str) -> JetMoEForCausalLM:
-    """The model in ``folder``; a :class:`TrainingError` naming ``flag`` and the file when
-    the folder holds none or one that is not ours."""
+    """The model in ``folder`` (LoRA adapters: their base model with them merged in); a
+    :class:`TrainingError` naming ``flag`` and the file when the folder holds none or one
+    that is not ours."""
+    if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").exists():
+        config = read_adapter_config(folder)
+        base = config.base_model_name_or_path
+        if not base:
+            raise TrainingError(f"{flag}: {folder / ADAPTER_CONFIG} names no base model")
+        model = load_model(checkpoint_folder(base), f"{flag} {folder}'s base model")
+        lora = attach_lora(model, config)
+        load_adapters(model, folder)
+        return merged_model(lora).eval()
     try:
         return JetMoEForCausalLM.from_pretrained(folder)
     except (FileNotFoundError, ValueError) as error:
         raise TrainingError(f"{flag}: {error}") from None
+
+
+def export_lora(lora, out: Path, settings: TrainSettings, step: int) -> None:
+    """A LoRA run's ``model/`` at ``step``: the merged model (``--lora-export merged``, the
+    Hugging Face layout) or the adapters (PEFT's files), with the tokenizer files and the
+    step, published as a checkpoint is. Merging changes the model in place: the last use."""
+    model = merged_model(lora) if settings.lora_export != "adapters" else lora.model
+
+    def write(folder: Path) -> None:
+        if settings.lora_export == "adapters":
+            save_adapters(model, lora_config(settings), folder)
+        else:
+            model.save_pretrained(folder)
+        copy_tokenizer_files(settings.tokenizer, folder)
+        write_export_step(folder, step)
+
+    write_checkpoint(out / "model", write)
 
 
 def load_log(directory: Path, model) -> list[dict]:
@@ -399,7 +456,8 @@ def check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> T
     saved = state.settings
     for name in (
         "preset", "batch_size", "seq_len", "seed", "data", "overrides", "resume_from",
-        "train_new_experts_only", "balance_loss", "decay_data", "tokenizer",
+        "train_new_experts_only", "balance_loss", "decay_data", "tokenizer", "lora_rank",
+        "lora_alpha", "lora_targets",
     ):  # fmt: skip
         theirs, ours = getattr(saved, name), getattr(settings, name)
         paths = ("data", "resume_from", "tokenizer")

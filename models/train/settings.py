@@ -27,6 +27,8 @@ def message_lines(error: BaseException) -> list[str]:
 DEFAULT_WARMUP_STEPS = 30
 SCHEDULES = ("wsd", "wsd-exp", "cosine")
 BUILTIN_CORPUS = "stdlib"  # names the built-in corpus (data=None) in --decay-data
+LORA_TARGETS = ("attention", "experts")  # --lora-targets (what each adapts: lora.py)
+LORA_EXPORTS = ("merged", "adapters")  # --lora-export
 
 
 @dataclass
@@ -54,6 +56,11 @@ class TrainSettings:
     resume_from: str | None = None  # start from this model (fresh optimizer, step 0)
     train_new_experts_only: bool = False  # with resume_from: an extended checkpoint
     balance_loss: str | None = None  # set every router's balance loss (None: the model's)
+    lora_rank: int | None = None  # with resume_from: train LoRA adapters only (lora.py)
+    lora_alpha: float | None = None  # None: 2 · lora_rank (the adapters' scale alpha / rank)
+    lora_targets: str | None = None  # "attention,experts" (None: both)
+    lora_export: str | None = None  # "merged" (None) or "adapters": what model/ holds
+    activation_checkpointing: bool = False  # recompute each layer in backward
 
     @property
     def decay_start(self) -> float:
@@ -80,6 +87,16 @@ class TrainSettings:
             raise TrainingError(f"--decay-data names a source twice: {self.decay_data}")
         total = sum(share for _, share in sources)
         return [(path, share / total) for path, share in sources]
+
+    @property
+    def lora_target_names(self) -> list[str]:
+        """``lora_targets`` as a list (by default attention and experts)."""
+        return [part.strip() for part in (self.lora_targets or "attention,experts").split(",")]
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        """LoRA's alpha in effect: the adapters add ``alpha / rank · B·A``."""
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
 
     @property
     def warmup(self) -> int:
@@ -138,10 +155,44 @@ class TrainSettings:
                 "--train-new-experts-only needs --resume-from DIR (a checkpoint written by "
                 "moe-blocks extend)"
             )
+        self._check_lora()
         if self.balance_loss is not None and self.balance_loss not in BALANCE_LOSSES:
             raise TrainingError(
                 f"--balance-loss must be one of {', '.join(BALANCE_LOSSES)}, "
                 f"got {self.balance_loss!r}"
+            )
+
+    def _check_lora(self) -> None:
+        if self.lora_rank is None:
+            given = [name for name in ("lora_alpha", "lora_targets", "lora_export")
+                     if getattr(self, name) is not None]  # fmt: skip
+            if given:
+                raise TrainingError(f"--{given[0].replace('_', '-')} needs --lora-rank R")
+            return
+        check_positive_int("--lora-rank", self.lora_rank)
+        if self.resume_from is None:
+            raise TrainingError(
+                "--lora-rank fine-tunes a trained model: give --resume-from DIR (a checkpoint "
+                "or a transformers JetMoe folder)"
+            )
+        if self.train_new_experts_only:
+            raise TrainingError("--lora-rank and --train-new-experts-only exclude each other")
+        alpha = self.lora_alpha
+        if alpha is not None and not (isinstance(alpha, (int, float)) and 0 < alpha < math.inf):
+            raise TrainingError(f"--lora-alpha must be a positive number, got {alpha}")
+        names = self.lora_target_names
+        if (
+            not names
+            or any(name not in LORA_TARGETS for name in names)
+            or len(set(names)) < len(names)
+        ):
+            raise TrainingError(
+                f"--lora-targets must name some of {', '.join(LORA_TARGETS)} (comma-separated, "
+                f"each once), got {self.lora_targets!r}"
+            )
+        if self.lora_export not in (None, *LORA_EXPORTS):
+            raise TrainingError(
+                f"--lora-export must be one of {', '.join(LORA_EXPORTS)}, got {self.lora_export!r}"
             )
 
 
