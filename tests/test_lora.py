@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moe_blocks import experts
 from moe_blocks.models.cli import main
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
 from moe_blocks.models.train import TrainSettings, run_folder
@@ -58,9 +59,14 @@ def tiny_model(seed: int) -> JetMoEForCausalLM:
 
 @pytest.mark.parametrize("targets", TARGETS)
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_gradients_equal_the_explicit_w_plus_ba_model(targets, checkpointing):
+def test_lora_gradients_equal_the_explicit_w_plus_ba_model(targets, checkpointing, monkeypatch):
     """Loss and every adapter gradient (float64), against the plain model run with the
-    explicit weights W + scale · B·A, differentiated through that product."""
+    explicit weights W + scale · B·A, differentiated through that product; the adapted experts
+    run through moe-blocks' kernel (``expert_linear``), reading the adapted weights."""
+    read = []
+    kernel = experts.expert_linear
+    monkeypatch.setattr(experts, "expert_linear", lambda x, weight, *a, **k: read.append(
+        not isinstance(weight, torch.nn.Parameter)) or kernel(x, weight, *a, **k))  # fmt: skip
     for seed in range(3):
         model = tiny_model(seed)
         plain = copy.deepcopy(model)
@@ -82,7 +88,11 @@ def test_lora_gradients_equal_the_explicit_w_plus_ba_model(targets, checkpointin
             for param in adapters.values():
                 param.normal_(0.0, 0.3)  # B too: the adapters change the model
         ids = torch.randint(0, model.config.vocab_size, (3, 11))
+        read.clear()
         output = model(ids, labels=ids)
+        # the kernel's products read W + scale · B·A (a tensor built each forward) for the
+        # adapted experts, their Parameter for the others
+        assert any(read) and all(read) == (targets == "attention,experts")
         output.loss.backward()
         scale = settings.lora_scale_alpha / rank
         leaves = {n: p.detach().clone().requires_grad_(True) for n, p in adapters.items()}
