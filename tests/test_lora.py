@@ -5,6 +5,7 @@ gradients equal those of the explicit W + scale · B·A model."""
 
 import copy
 import json
+import shutil
 import sys
 
 import pytest
@@ -278,3 +279,18 @@ def test_resuming_with_another_rank_is_refused_and_peft_missing_is_one_line(
                  "--lora-rank", "2", *FAST])  # fmt: skip
     error = capsys.readouterr().err.strip()
     assert code == 2 and error.count("\n") == 0 and "pip install 'moe-blocks[lora]'" in error
+
+
+def test_a_lost_export_is_rebuilt_by_resuming_at_the_same_step(tmp_path, corpus, hf_checkpoint):
+    """A kill between the last checkpoint and the export leaves model/ behind (or absent):
+    readers are warned, and ``--resume --steps STEP`` writes it from the checkpoint."""
+    out = run(tmp_path, hf_checkpoint, corpus, "--steps", "2")
+    expected = load_file(str(out / "model" / "model.safetensors"))
+    shutil.rmtree(out / "model")
+    assert main(["train", "--out", str(out), "--resume", "--steps", "2", "--quiet"]) == 0
+    rebuilt = load_file(str(out / "model" / "model.safetensors"))
+    assert rebuilt.keys() == expected.keys()
+    assert all(torch.equal(rebuilt[key], expected[key]) for key in expected)
+    (out / "model" / "export.json").write_text('{"step": 1}\n')
+    with pytest.warns(UserWarning, match="holds the weights of step 1"):
+        assert run_folder.checkpoint_folder(out) == out / "model"
