@@ -449,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         "'moe-blocks[lora]'); the base weights stay frozen and the experts run through "
         "moe-blocks' kernel; checkpoints hold the adapters, model/ the export (--lora-export)",
     )
-    setting("--lora-alpha", type=float, help="LoRA's alpha: the adapters add alpha/R · B·A "
-            "(default: 2R)")  # fmt: skip
+    setting("--lora-alpha", type=float, metavar="A",
+            help="LoRA's alpha: the adapters add A/R · B·A (default: 2R)")  # fmt: skip
     setting(
         "--lora-targets",
         metavar="attention,experts",
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         const=True,
         default=False,
         help="recompute each layer's activations in backward instead of keeping them "
-        "(less memory, about a third more compute)",
+        "(less memory; one more forward pass of each layer per step)",
     )
     train_parser.add_argument(
         "--ep",
