@@ -449,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         "'moe-blocks[lora]'); the base weights stay frozen and the experts run through "
         "moe-blocks' kernel; checkpoints hold the adapters, model/ the export (--lora-export)",
     )
-    setting("--lora-alpha", type=float, metavar="A",
-            help="LoRA's alpha: the adapters add A/R · B·A (default: 2R)")  # fmt: skip
+    setting("--lora-alpha", type=float, metavar="ALPHA",
+            help="the adapters add ALPHA/R · B·A (default: ALPHA = 2R)")  # fmt: skip
     setting(
         "--lora-targets",
         metavar="attention,experts",
