@@ -364,7 +364,7 @@ def autocasting(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-def one_token_mlp(
+def routed_mlp(
     x: Tensor,
     w_in: Tensor,
     w_out: Tensor,
@@ -373,22 +373,24 @@ def one_token_mlp(
     activate: Callable[[Tensor], Tensor],
     backend: str = "auto",
 ) -> Tensor | None:
-    """A single token's routed MLP ``Σ_j gates[0, j] · w_out[e_j] @ activate(w_in[e_j] @
-    x[0])`` (``x [1, in]``, weights ``[E, out, in]``, ``plan`` of that token, ``gates [1,
-    k]``) on the torch backend's decode path, equal bit for bit to two :func:`expert_linear`
-    calls, where that path applies: the torch backend on CPU, no autograd, no autocast. None
-    elsewhere (the caller makes the two calls)."""
+    """Every token's routed MLP ``Σ_j gates[t, j] · w_out[e_j] @ activate(w_in[e_j] @ x[t])``
+    (``x [T, in]``, weights ``[E, out, in]``, ``plan`` of that routing, ``gates [T, k]``) in
+    one pass over the experts (:func:`torch_backend.routed_mlp`: each expert's products and
+    activation together), where that path applies: inference (no autograd, no autocast) on
+    the torch backend on CPU. The two :func:`expert_linear` calls' result but for the last bit
+    of the activation. None elsewhere (the caller makes the two calls)."""
     if (
-        x.shape[0] != 1
-        or plan.num_tokens != 1
+        x.shape[0] != plan.num_tokens
         or x.device.type != "cpu"
         or resolve_backend(backend, x.device) != "torch"
         or autocasting(x.device.type)
         or not no_autograd(x, w_in, w_out, gates)
     ):
         return None
-    experts = plan.expert_idx[0].tolist()
-    return torch_backend.one_token_mlp(x, w_in, w_out, activate, experts, gates[0])
+    return torch_backend.routed_mlp(
+        x, w_in, w_out, activate, gates, plan.sorted_indices, plan.expert_offsets,
+        plan.expert_idx.shape[1],
+    )  # fmt: skip
 
 
 def expert_linear(

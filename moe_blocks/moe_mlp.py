@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .experts import InitMethod, ParallelExperts, check_init_method, local_tensor
 from .kernels import DispatchPlan
 from .kernels.checks import check_positive_int
-from .kernels.ops import one_token_mlp
+from .kernels.ops import routed_mlp
 from .losses import check_aux_loss_mode, route_aux_loss
 from .modular import ModularBlock
 from .router import RouterOutput, TopKRouter, check_input_dtype, check_keep_mask
@@ -231,7 +231,7 @@ class MoEMLP(ModularBlock, nn.Module):
         ``gates[T, k]``, else one row per assignment in assignment order ``[T*k, d_model]``."""
         linears = (self.input_linear, self.output_linear)
         if gates is not None and not any(map(_hooked_or_sharded, linears)):
-            out = one_token_mlp(  # a decode step of one token on CPU, else None
+            out = routed_mlp(  # inference on CPU: one pass over the experts, else None
                 rows, *(linear.weight for linear in linears), plan, gates, self._activate,
                 self.input_linear.backend,
             )  # fmt: skip

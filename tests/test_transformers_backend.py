@@ -568,14 +568,27 @@ def test_patch_jetmoe_gives_the_same_logits_and_gradients(router_logits):
 
 def test_patch_jetmoe_runs_on_our_kernel(monkeypatch):
     calls = []
-    original = backend.expert_linear
-    monkeypatch.setattr(
-        backend, "expert_linear", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
+
+    def counted(name):  # the calls that computed something (routed_mlp may decline: None)
+        original = getattr(backend, name)
+
+        def call(*args, **kwargs):
+            result = original(*args, **kwargs)
+            calls.extend([name] if result is not None else [])
+            return result
+
+        return call
+
+    for name in ("expert_linear", "routed_mlp"):
+        monkeypatch.setattr(backend, name, counted(name))
     model = backend.patch_jetmoe(tiny_jetmoe(seed=4))
-    with torch.no_grad():
-        model(torch.randint(0, 101, (1, 6)))
-    assert len(calls) == 2 * 4  # per layer: MoA map and reduce, MoE up and down
+    ids = torch.randint(0, 101, (1, 6))
+    model(ids)  # training: per layer MoA map and reduce, MoE up and down
+    assert calls == ["expert_linear"] * 4 * 2
+    calls.clear()
+    with torch.no_grad():  # inference: the MoE in one pass
+        model.eval()(ids)
+    assert calls == ["expert_linear", "expert_linear", "routed_mlp"] * 2
 
 
 def test_patch_jetmoe_rejects_other_models():
@@ -641,12 +654,13 @@ def test_bench_command_runs_the_hf_suite(tmp_path, capsys):
     hidden=st.integers(1, 10),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_a_one_token_decode_step_takes_the_fast_path_with_the_kernel_calls_bits(
+def test_inference_takes_the_one_pass_path_with_the_kernel_calls_result(
     flags, own_gate, num_experts, data, features, hidden, seed
 ):
-    """Inference of one token (no autograd, CPU): modules without biases or a post-expert norm
-    run the torch backend's one-token path; its output is the two kernel calls' (computed
-    with autograd on, which takes them), bit for bit, and the float64 oracle's."""
+    """Inference (no autograd, CPU): modules without biases or a post-expert norm run the
+    torch backend's one pass over the experts; its output is the two kernel calls' (computed
+    with autograd on, which takes them) but for the activation's last bit, and the float64
+    oracle's."""
     from unittest import mock
 
     from moe_blocks.kernels import torch_backend
@@ -656,18 +670,17 @@ def test_a_one_token_decode_step_takes_the_fast_path_with_the_kernel_calls_bits(
     config = types.SimpleNamespace(_experts_implementation=backend.register())
     module = experts_class(flags, own_gate)(config, num_experts, features, hidden, torch.float32)
     top_k = data.draw(st.integers(1, num_experts))
-    top_k_index = torch.randperm(num_experts)[:top_k][None]
-    x, weights = torch.randn(1, features), torch.rand(1, top_k)
+    tokens = data.draw(st.integers(1, 6))
+    top_k_index = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)])
+    x, weights = torch.randn(tokens, features), torch.rand(tokens, top_k)
     with (
         torch.no_grad(),
-        mock.patch.object(
-            torch_backend, "one_token_mlp", wraps=torch_backend.one_token_mlp
-        ) as path,
+        mock.patch.object(torch_backend, "routed_mlp", wraps=torch_backend.routed_mlp) as path,
     ):
         out = module(x, top_k_index, weights)
     fast = not flags["has_bias"] and not flags["has_post_expert_norm"]
     assert path.call_count == int(fast)
     general = module(x.clone().requires_grad_(), top_k_index, weights)
-    assert torch.equal(out, general.detach())
+    torch.testing.assert_close(out, general.detach(), atol=2e-6, rtol=2e-6)
     expected = oracle(module, flags, own_gate, x, top_k_index, weights)
     assert relative_error(out.double(), expected.detach()) < TOLERANCE[torch.float32]

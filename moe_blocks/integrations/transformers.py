@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import expert_linear, plan_dispatch
-from ..kernels.ops import one_token_mlp
+from ..kernels.ops import routed_mlp
 from ..kernels.plan import accumulation_dtype, token_sum
 from ..moe_mlp import glu
 
@@ -270,8 +270,8 @@ def routed_forward(layout: ExpertsLayout, x: Tensor, expert_idx: Tensor, weights
     plan = plan_dispatch(expert_idx, layout.num_experts)
     plain = layout.up_bias is None and layout.down_bias is None and layout.post_norm is None
     if plain and layout.up.shape[1] in (layout.down.shape[2], 2 * layout.down.shape[2]):
-        out = one_token_mlp(x, layout.up, layout.down, plan, weights, layout.activation)
-        if out is not None:  # a decode step of one token on CPU: the two calls' bits, faster
+        out = routed_mlp(x, layout.up, layout.down, plan, weights, layout.activation)
+        if out is not None:  # inference on CPU: one pass over the experts, faster
             return out
     hidden = expert_linear(x, layout.up, plan, bias=layout.up_bias, grouped_out=True)
     hidden = layout.activation(hidden)
