@@ -378,7 +378,8 @@ def routed_mlp(
     one pass over the experts (:func:`torch_backend.routed_mlp`: each expert's products and
     activation together), where that path applies: inference (no autograd, no autocast) on
     the torch backend on CPU. The two :func:`expert_linear` calls' result but for the last bit
-    of the activation. None elsewhere (the caller makes the two calls)."""
+    of the activation; for one token (:func:`torch_backend.one_token_mlp`, a decode step with a
+    batch of one) their bits. None elsewhere (the caller makes the two calls)."""
     if (
         x.shape[0] != plan.num_tokens
         or x.device.type != "cpu"
@@ -387,6 +388,9 @@ def routed_mlp(
         or not no_autograd(x, w_in, w_out, gates)
     ):
         return None
+    if plan.num_tokens == 1:  # a decode step of one token: the two calls' bits, no grouping
+        experts = plan.expert_idx[0].tolist()
+        return torch_backend.one_token_mlp(x, w_in, w_out, activate, experts, gates[0])
     return torch_backend.routed_mlp(
         x, w_in, w_out, activate, gates, plan.sorted_indices, plan.expert_offsets,
         plan.expert_idx.shape[1],

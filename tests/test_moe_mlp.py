@@ -189,8 +189,8 @@ def test_inference_takes_one_pass_over_the_experts_and_equals_the_kernel_calls(
 ):
     """Inference on CPU (eval, no autograd: generate, evaluation, a decode step) takes the
     torch backend's one pass over the experts; it computes what the two expert_linear calls
-    compute (the same products and sums; the activation's last bit may differ), and both are
-    the float64 reference rounded."""
+    compute (the same products and sums; the activation's last bit may differ; one token:
+    the same bits), and both are the float64 reference rounded."""
     from unittest import mock
 
     from moe_blocks.kernels import torch_backend
@@ -201,13 +201,19 @@ def test_inference_takes_one_pass_over_the_experts_and_equals_the_kernel_calls(
     with (
         torch.no_grad(),
         mock.patch.object(torch_backend, "routed_mlp", wraps=torch_backend.routed_mlp) as path,
+        mock.patch.object(
+            torch_backend, "one_token_mlp", wraps=torch_backend.one_token_mlp
+        ) as one_token,
     ):
         fast = mlp(x)
-        assert path.call_count == 1
+        one = x.shape[0] == 1  # a decode step of one token: its own path, the calls' bits
+        assert (path.call_count, one_token.call_count) == ((0, 1) if one else (1, 0))
     general = mlp(x.clone().requires_grad_()).detach()  # autograd: the kernel calls
-    assert path.call_count == 1
+    assert path.call_count + one_token.call_count == 1
     tolerance = {torch.bfloat16: 2e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
     last_bit = {torch.bfloat16: 1e-2, torch.float32: 2e-6, torch.float64: 1e-14}[dtype]
+    if one:
+        assert torch.equal(fast, general)
     torch.testing.assert_close(fast, general, atol=last_bit, rtol=last_bit)
     route = mlp.router(x.clone())
     w_in, w_out = mlp.input_linear.weight.double(), mlp.output_linear.weight.double()

@@ -676,11 +676,17 @@ def test_inference_takes_the_one_pass_path_with_the_kernel_calls_result(
     with (
         torch.no_grad(),
         mock.patch.object(torch_backend, "routed_mlp", wraps=torch_backend.routed_mlp) as path,
+        mock.patch.object(
+            torch_backend, "one_token_mlp", wraps=torch_backend.one_token_mlp
+        ) as one_token,
     ):
         out = module(x, top_k_index, weights)
     fast = not flags["has_bias"] and not flags["has_post_expert_norm"]
-    assert path.call_count == int(fast)
+    one = tokens == 1  # a decode step of one token: its own path, the calls' bits
+    assert (path.call_count, one_token.call_count) == (int(fast and not one), int(fast and one))
     general = module(x.clone().requires_grad_(), top_k_index, weights)
     torch.testing.assert_close(out, general.detach(), atol=2e-6, rtol=2e-6)
+    if one:
+        assert torch.equal(out, general.detach())
     expected = oracle(module, flags, own_gate, x, top_k_index, weights)
     assert relative_error(out.double(), expected.detach()) < TOLERANCE[torch.float32]
