@@ -43,6 +43,8 @@ WEIGHT_FIRST_ROWS = 64
 # full-size copy is allocated (see the module docstring).
 GATHER_ONCE_BYTES = 8 * 2**20
 MANY_RUNS = 16  # experts with rows above which small inputs go through one _grouped_mm (_runs)
+# routed_mlp: hidden rows of all experts above this size are activated run by run, in cache
+FUSE_BYTES = 2**20
 _ALIGN_BYTES = 16  # _grouped_mm wants every non-unit stride to be a multiple of 16 bytes
 
 
@@ -209,25 +211,38 @@ def routed_mlp(
     """The routed MLP of every token, ``Σ_j gates[t, j] · w_out[e] @ activate(w_in[e] @
     x[t])`` over its k = ``fan_out`` experts e (``x [T, in]``, ``w_in [E, hidden, in]``,
     ``w_out [E, out, hidden']``, ``gates [T, k]``, the plan's grouping): ``[T, out]`` in x's
-    dtype, with each run's two products and activation done together while its rows are in
-    cache. The products, their rounding, the gating and the token sum are those of two
-    :func:`gather_gemm` calls; the activation runs per run, not over all hidden rows at once,
-    which can move its last bit (a vectorised and a scalar tail differ). Against the two calls
-    (bf16, 2048 tokens): 1.6x faster at JetMoE's shape, where the hidden rows of all experts
-    (46 MB) no longer go through memory between the products."""
+    dtype. The products, their rounding, the gating and the token sum are those of two
+    :func:`gather_gemm` calls. When the hidden rows of all experts exceed FUSE_BYTES, each run's
+    two products, activation, gating and placement are done together while its rows are in
+    cache, in fresh small tensors (bf16, 2048 tokens, JetMoE's shape: 1.6x faster than the two
+    calls, whose 46 MB of hidden rows went through memory twice); the activation then runs per
+    run, which can move its last bit (a vectorised and a scalar tail differ). Smaller ones are
+    activated in one call, as the two calls do (the same bits), and gated and placed in one call
+    each, not one per run (a fine-grained block at 8 tokens has 40-odd runs of one or two
+    rows)."""
     num_rows, num_out = sorted_indices.shape[0], w_out.shape[1]
     row_bytes = max(x.shape[1], w_in.shape[1], num_out) * x.element_size()
     runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes)
-    y = x.new_empty(num_rows, num_out, dtype=accumulation_dtype(x.dtype))
-    sorted_gates = gates.reshape(-1)[sorted_indices].to(y.dtype)[:, None]
     x_runs = _run_rows(x, RowLayout.TOKEN, sorted_indices, fan_out, runs)
+    sorted_gates = gates.reshape(-1)[sorted_indices].to(accumulation_dtype(x.dtype))[:, None]
+    placed = x.new_empty(num_rows, num_out, dtype=sorted_gates.dtype)
+    if num_rows * w_in.shape[1] * x.element_size() > FUSE_BYTES:
+        for (expert, start, end), rows in zip(runs, x_runs, strict=True):
+            hidden = activate(_matmul(rows, w_in, expert, expert_offsets, None))
+            part = _matmul(hidden, w_out, expert, expert_offsets, None)
+            part = part.to(placed.dtype, memory_format=torch.contiguous_format)
+            part *= sorted_gates[start:end]
+            placed.index_copy_(0, sorted_indices[start:end], part)
+        return token_sum(placed, fan_out).to(x.dtype)
+    hidden = x.new_empty(num_rows, w_in.shape[1])
     for (expert, start, end), rows in zip(runs, x_runs, strict=True):
-        hidden = activate(_matmul(rows, w_in, expert, expert_offsets, None))
-        part = _matmul(hidden, w_out, expert, expert_offsets, None)
-        part = part.to(y.dtype, memory_format=torch.contiguous_format)
-        part *= sorted_gates[start:end]
-        y.index_copy_(0, sorted_indices[start:end], part)
-    return token_sum(y, fan_out).to(x.dtype)
+        _matmul(rows, w_in, expert, expert_offsets, hidden[start:end])
+    hidden = activate(hidden)
+    out = x.new_empty(num_rows, num_out)
+    for expert, start, end in runs:
+        _matmul(hidden[start:end], w_out, expert, expert_offsets, out[start:end])
+    placed.index_copy_(0, sorted_indices, out.to(placed.dtype) * sorted_gates)
+    return token_sum(placed, fan_out).to(x.dtype)
 
 
 def one_token_mlp(

@@ -183,14 +183,16 @@ def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(backend, shape)
     mlp_cases(),
     st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
     st.sampled_from(["silu", "gelu", "relu"]),
+    st.booleans(),
 )
 def test_inference_takes_one_pass_over_the_experts_and_equals_the_kernel_calls(
-    case, dtype, activation
+    case, dtype, activation, fused
 ):
     """Inference on CPU (eval, no autograd: generate, evaluation, a decode step) takes the
     torch backend's one pass over the experts; it computes what the two expert_linear calls
-    compute (the same products and sums; the activation's last bit may differ; one token:
-    the same bits), and both are the float64 reference rounded."""
+    compute, and both are the float64 reference rounded: the same bits, but where each run is
+    activated apart (``fused``: hidden rows above FUSE_BYTES, forced here with a threshold of
+    0), whose activation's last bit may differ."""
     from unittest import mock
 
     from moe_blocks.kernels import torch_backend
@@ -204,6 +206,7 @@ def test_inference_takes_one_pass_over_the_experts_and_equals_the_kernel_calls(
         mock.patch.object(
             torch_backend, "one_token_mlp", wraps=torch_backend.one_token_mlp
         ) as one_token,
+        mock.patch.object(torch_backend, "FUSE_BYTES", 0 if fused else torch_backend.FUSE_BYTES),
     ):
         fast = mlp(x)
         one = x.shape[0] == 1  # a decode step of one token: its own path, the calls' bits
@@ -212,7 +215,7 @@ def test_inference_takes_one_pass_over_the_experts_and_equals_the_kernel_calls(
     assert path.call_count + one_token.call_count == 1
     tolerance = {torch.bfloat16: 2e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
     last_bit = {torch.bfloat16: 1e-2, torch.float32: 2e-6, torch.float64: 1e-14}[dtype]
-    if one:
+    if one or not fused:
         assert torch.equal(fast, general)
     torch.testing.assert_close(fast, general, atol=last_bit, rtol=last_bit)
     route = mlp.router(x.clone())

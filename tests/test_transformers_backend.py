@@ -653,14 +653,16 @@ def test_bench_command_runs_the_hf_suite(tmp_path, capsys):
     features=st.integers(1, 12),
     hidden=st.integers(1, 10),
     seed=st.integers(0, 2**31 - 1),
+    fused=st.booleans(),
 )
 def test_inference_takes_the_one_pass_path_with_the_kernel_calls_result(
-    flags, own_gate, num_experts, data, features, hidden, seed
+    flags, own_gate, num_experts, data, features, hidden, seed, fused
 ):
     """Inference (no autograd, CPU): modules without biases or a post-expert norm run the
     torch backend's one pass over the experts; its output is the two kernel calls' (computed
-    with autograd on, which takes them) but for the activation's last bit, and the float64
-    oracle's."""
+    with autograd on, which takes them), to the bit but where each run is activated apart
+    (``fused``, forced with a FUSE_BYTES of 0: the activation's last bit may differ), and the
+    float64 oracle's."""
     from unittest import mock
 
     from moe_blocks.kernels import torch_backend
@@ -679,6 +681,7 @@ def test_inference_takes_the_one_pass_path_with_the_kernel_calls_result(
         mock.patch.object(
             torch_backend, "one_token_mlp", wraps=torch_backend.one_token_mlp
         ) as one_token,
+        mock.patch.object(torch_backend, "FUSE_BYTES", 0 if fused else torch_backend.FUSE_BYTES),
     ):
         out = module(x, top_k_index, weights)
     fast = not flags["has_bias"] and not flags["has_post_expert_norm"]
@@ -686,7 +689,7 @@ def test_inference_takes_the_one_pass_path_with_the_kernel_calls_result(
     assert (path.call_count, one_token.call_count) == (int(fast and not one), int(fast and one))
     general = module(x.clone().requires_grad_(), top_k_index, weights)
     torch.testing.assert_close(out, general.detach(), atol=2e-6, rtol=2e-6)
-    if one:
+    if one or not fused:
         assert torch.equal(out, general.detach())
     expected = oracle(module, flags, own_gate, x, top_k_index, weights)
     assert relative_error(out.double(), expected.detach()) < TOLERANCE[torch.float32]
