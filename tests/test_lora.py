@@ -294,3 +294,12 @@ def test_a_lost_export_is_rebuilt_by_resuming_at_the_same_step(tmp_path, corpus,
     (out / "model" / "export.json").write_text('{"step": 1}\n')
     with pytest.warns(UserWarning, match="holds the weights of step 1"):
         assert run_folder.checkpoint_folder(out) == out / "model"
+
+
+def test_a_damaged_adapter_config_is_one_line(tmp_path, corpus, hf_checkpoint, capsys):
+    out = run(tmp_path, hf_checkpoint, corpus, "--steps", "1", "--lora-export", "adapters")
+    (out / "model" / "adapter_config.json").write_text("{not json")
+    capsys.readouterr()
+    code = main(["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "2"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.count("\n") == 0 and "adapter_config.json" in error, error

@@ -6,7 +6,6 @@ files in PEFT's format with transformers' JetMoe names, and the merged model."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -106,9 +105,9 @@ def read_adapter_config(folder: Path):
     """The PEFT ``LoraConfig`` of the adapters in ``folder``, in this model's names; a
     TrainingError naming the file when it is not one."""
     path = folder / ADAPTER_CONFIG
+    peft = _peft()
     try:
-        saved = json.loads(path.read_text())
-        config = _peft().LoraConfig(**{k: v for k, v in saved.items() if k != "peft_type"})
+        config = peft.LoraConfig.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as error:
         reason = message_lines(error)[0]
         raise TrainingError(f"{path}: not a LoRA adapter's config ({reason})") from None
