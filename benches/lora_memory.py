@@ -79,10 +79,10 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure(layers: int, mode: str, *, tokens: int, rank: int, dtype, device, repeats: int):
+def measure(config, mode: str, *, tokens: int, rank: int, dtype, device, repeats: int):
+    """One row: ``config``'s model trained for a step in ``mode`` (:data:`MODES`)."""
     lora, checkpointing = MODES[mode]
     torch.manual_seed(0)
-    config = JetMoEConfig.from_preset("jetmoe-8b", num_hidden_layers=layers)
     model = JetMoEForCausalLM(config, dtype=dtype, device=device)
     settings = TrainSettings(resume_from="base", lora_rank=rank if lora else None)
     if lora:
@@ -121,7 +121,7 @@ def measure(layers: int, mode: str, *, tokens: int, rank: int, dtype, device, re
             step()
         peak = live.peak
     return {
-        "layers": layers,
+        "layers": config.num_hidden_layers,
         "mode": mode,
         "weights_bytes": _bytes(p for p in model.parameters() if not p.requires_grad)
         if lora
@@ -154,7 +154,8 @@ def main() -> None:
     rows = []
     for layers in layer_counts:
         for mode in MODES:
-            row = measure(layers, mode, tokens=args.tokens, rank=args.rank, dtype=dtype,
+            config = JetMoEConfig.from_preset("jetmoe-8b", num_hidden_layers=layers)
+            row = measure(config, mode, tokens=args.tokens, rank=args.rank, dtype=dtype,
                           device=args.device, repeats=args.repeats)  # fmt: skip
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -193,13 +194,14 @@ def main() -> None:
     (out / "lora_memory.json").write_text(json.dumps(result, indent=1) + "\n")
     gib = 2**30
     print(
-        f"\n| JetMoE-8B ({target} layers), {args.tokens} tokens, {args.dtype} | weights | "
-        "trainable | AdamW state | peak (all tensors) | step |"
+        f"\n| JetMoE-8B ({target} layers), {args.tokens} tokens, {args.dtype} | base weights | "
+        "adapters | gradients | AdamW state | peak (all tensors) | step |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for mode, values in extrapolated.items():
+        adapters = values["trainable_bytes"] if MODES[mode][0] else 0
         print(
-            f"| {mode} | {values['weights_bytes'] / gib:.1f} GiB | "
+            f"| {mode} | {values['weights_bytes'] / gib:.1f} GiB | {adapters / gib:.2f} GiB | "
             f"{values['trainable_bytes'] / gib:.2f} GiB | {values['optimizer_bytes'] / gib:.2f} "
             f"GiB | {values['peak_bytes'] / gib:.1f} GiB | {values['step_s']:.1f} s |"
         )

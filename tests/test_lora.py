@@ -303,3 +303,44 @@ def test_a_damaged_adapter_config_is_one_line(tmp_path, corpus, hf_checkpoint, c
     code = main(["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "2"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and error.count("\n") == 0 and "adapter_config.json" in error, error
+
+
+def _lora_memory():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benches" / "lora_memory.py"
+    spec = importlib.util.spec_from_file_location("lora_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_live_bytes_counts_each_storage_once_until_it_is_freed():
+    live_bytes = _lora_memory().LiveBytes
+    before = torch.zeros(1000)  # 4000 bytes, alive before
+    with live_bytes([before, before[:10]]) as live:
+        a = torch.ones(2000)  # + 8000
+        b = a * 2  # + 8000: the peak, 20000
+        view = b[:5]  # a view: no new storage
+        del a, b, view
+        c = torch.ones(500)  # + 2000 after 16000 were freed
+    assert (live.peak, live.current) == (20000, 6000)
+    assert c.numel() == 500
+
+
+def test_the_memory_benchmark_orders_the_modes_as_the_arithmetic_says():
+    """benches/lora_memory.py on a small JetMoE: each peak holds at least the weights (and
+    adapters), the gradients of what trains and AdamW's state; LoRA trains a small share; recomputing layers
+    lowers LoRA's peak (the adapted weights of every layer are not kept)."""
+    module = _lora_memory()
+    config = JetMoEConfig.from_preset("tiny", num_hidden_layers=4, intermediate_size=512)
+    rows = {mode: module.measure(config, mode, tokens=64, rank=2, dtype=torch.float32,
+                                 device="cpu", repeats=1) for mode in module.MODES}  # fmt: skip
+    for mode, row in rows.items():  # (weights_bytes: the base model's, trained or frozen)
+        adapters = row["trainable_bytes"] if mode.startswith("lora") else 0
+        floor = row["weights_bytes"] + adapters + row["trainable_bytes"] + row["optimizer_bytes"]
+        assert row["peak_bytes"] >= floor, mode
+        assert row["optimizer_bytes"] == 2 * row["trainable_bytes"], mode
+    assert rows["lora"]["trainable_bytes"] < rows["full"]["trainable_bytes"] / 10
+    assert rows["lora + checkpointing"]["peak_bytes"] < rows["lora"]["peak_bytes"]
