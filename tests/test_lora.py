@@ -331,8 +331,8 @@ def test_live_bytes_counts_each_storage_once_until_it_is_freed():
 
 def test_the_memory_benchmark_orders_the_modes_as_the_arithmetic_says():
     """benches/lora_memory.py on a small JetMoE: each peak holds at least the weights (and
-    adapters), the gradients of what trains and AdamW's state; LoRA trains a small share; recomputing layers
-    lowers LoRA's peak (the adapted weights of every layer are not kept)."""
+    adapters), the gradients of what trains and AdamW's state; LoRA trains a small share;
+    recomputing layers lowers LoRA's peak (the adapted weights of every layer are not kept)."""
     module = _lora_memory()
     config = JetMoEConfig.from_preset("tiny", num_hidden_layers=4, intermediate_size=512)
     rows = {mode: module.measure(config, mode, tokens=64, rank=2, dtype=torch.float32,
