@@ -344,3 +344,61 @@ def test_the_memory_benchmark_orders_the_modes_as_the_arithmetic_says():
         assert row["optimizer_bytes"] == 2 * row["trainable_bytes"], mode
     assert rows["lora"]["trainable_bytes"] < rows["full"]["trainable_bytes"] / 10
     assert rows["lora + checkpointing"]["peak_bytes"] < rows["lora"]["peak_bytes"]
+
+
+def test_adapters_of_a_bf16_model_train_in_fp32():
+    """A bf16 checkpoint's adapters (and so their AdamW state) are fp32: in bf16 most of a
+    fine-tuning rate's small updates would round away."""
+    from moe_blocks.models.train import make_optimizer
+
+    model = tiny_model(3).to(torch.bfloat16)
+    settings = TrainSettings(resume_from="x", lora_rank=4, lr=2e-5)
+    attach_lora(model, lora_config(settings))
+    adapters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters and all(p.dtype == torch.float32 for p in adapters.values())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    optimizer = make_optimizer(model, settings)
+    before = {n: p.detach().clone() for n, p in adapters.items()}
+    for _ in range(2):  # B moves at step 1, then A gets gradients
+        ids = torch.randint(0, model.config.vocab_size, (2, 9))
+        optimizer.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr
+        optimizer.step()
+    moved = [(adapters[n] != before[n]).float().mean().item() for n in adapters if "lora_A" in n]
+    assert min(moved) > 0.9  # (bf16 adapters: about a tenth of A's entries moved)
+
+
+def test_another_models_adapters_are_one_line(tmp_path, corpus, hf_checkpoint, capsys):
+    out = run(tmp_path, hf_checkpoint, corpus, "--steps", "1", "--lora-export", "adapters")
+    config_file = out / "model" / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved.update(target_modules=["q_proj", "v_proj"], target_parameters=[])  # a Llama's
+    config_file.write_text(json.dumps(saved))
+    capsys.readouterr()
+    code = main(["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "2"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.count("\n") == 0 and "do not fit their base model" in error, error
+
+
+def test_a_lora_run_on_a_named_device_equals_the_default(tmp_path, corpus, hf_checkpoint):
+    """One process on a named device (the GPU when there is one: ``train`` picks it) takes the
+    path that moves the model, the batches, the validation and the restored AdamW state there;
+    on the CPU it must train exactly as the default."""
+    from dataclasses import replace
+
+    from moe_blocks.models.train import OneProcess, run_training
+
+    default = run(tmp_path, hf_checkpoint, corpus, "--decay-fraction", "0", name="default")
+    settings = replace(
+        run_folder.load_trainer_state(default / "checkpoint").settings,
+        out=str(tmp_path / "named"), steps=3,
+    )  # fmt: skip
+    options = {"overwrite": False, "progress": False}
+    run_training(settings, OneProcess("cpu"), resume=False, **options)
+    run_training(replace(settings, steps=6), OneProcess("cpu"), resume=True, **options)
+    logs = [
+        json.loads((folder / "log.json").read_text()) for folder in (default, tmp_path / "named")
+    ]
+    assert [e["loss"] for e in logs[0]] == [e["loss"] for e in logs[1]]

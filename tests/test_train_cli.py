@@ -232,11 +232,11 @@ def test_ctrl_c_during_a_validation_after_a_step_keeps_that_step(
     after it (with --steps 1 the log was [] and the summary raised IndexError)."""
     real_validate, calls = loop.validate, []
 
-    def interrupt_the_last(*args):
+    def interrupt_the_last(*args, **options):
         calls.append(args)
         if len(calls) == steps + 1:  # the one after step --steps (the first is before step 1)
             raise KeyboardInterrupt
-        return real_validate(*args)
+        return real_validate(*args, **options)
 
     monkeypatch.setattr(loop, "validate", interrupt_the_last)
     out = tmp_path / "run"

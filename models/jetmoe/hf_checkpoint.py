@@ -100,7 +100,7 @@ def save_pretrained(model: nn.Module, path: str | Path, *, max_shard_bytes: int)
     ``JetMoEForCausalLM.save_pretrained``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {to_hf_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {to_hf_key(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     dtype = next(iter(state.values())).dtype

@@ -142,8 +142,8 @@ def run_steps(
                 batch = batch_at(corpus.train, step, settings.seed, settings.batch_size,
                                  settings.seq_len)  # fmt: skip
             window = batch[loop.rows].to(loop.device)
+            optimizer.zero_grad(set_to_none=True)  # the last step's gradients, before the forward
             output = model(window, labels=window)  # shifted inside: seq_len targets
-            optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
             loop.clip()
             optimizer.step()
@@ -209,8 +209,12 @@ class OneProcess:
     questions: which process writes files, how the model is sharded, saved, restored and
     clipped, what a step logs, how a stop is asked for."""
 
-    main, rank, world, device, sharded = True, 0, 1, None, False
-    evaluation: dict = {}  # evaluate's options
+    main, rank, world, sharded = True, 0, 1, False
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        """``device``: where the model trains (None: where it is loaded, the CPU)."""
+        self.device = None if device is None else torch.device(device)
+        self.evaluation = {"device": self.device}  # evaluate's options
 
     def barrier(self) -> None:
         pass
@@ -229,8 +233,10 @@ class OneProcess:
 
     def initial_model(self, settings, origin, state, checkpoint: Path) -> JetMoEForCausalLM:
         if state is not None and settings.lora_rank is None:  # (LoRA's holds the adapters)
-            return load_model(checkpoint, "--resume")
-        return starting_model(settings, origin)
+            model = load_model(checkpoint, "--resume")
+        else:
+            model = starting_model(settings, origin)
+        return model if self.device is None else model.to(self.device)
 
     def shard(self, model) -> None:
         pass
@@ -295,7 +301,7 @@ def run_training(
     processes.barrier()  # every process has looked at OUT before the main one writes into it
     if processes.main:
         prepare_output(out, overwrite=overwrite)
-        check_space(out, model, lora=settings.lora_rank is not None)
+        check_space(out, model, settings)
         report.announce(settings, corpus, model, state)  # (before adapters join the model)
     if settings.threads:
         torch.set_num_threads(settings.threads)

@@ -66,12 +66,15 @@ def lora_config(settings: TrainSettings):
 def attach_lora(model, config, *, seed: int = 0):
     """Freeze ``model`` and add LoRA adapters of the PEFT ``config`` in place (B = 0: the
     model's outputs are unchanged; A drawn from ``seed``, the global generator left as it
-    was); returns PEFT's ``LoraModel`` around it (for :func:`merged_model`). Only the
-    adapters require gradients."""
+    was), kept in fp32 whatever the model's dtype (in bf16, AdamW's small late updates would
+    round away: PeftModel upcasts them too); returns PEFT's ``LoraModel`` around it (for
+    :func:`merged_model`). Only the adapters require gradients."""
     peft = _peft()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return peft.tuners.lora.LoraModel(model, config, _ADAPTER)
+        lora = peft.tuners.lora.LoraModel(model, config, _ADAPTER)
+    peft.tuners.tuners_utils.cast_adapter_dtype(model, _ADAPTER, autocast_adapter_dtype=True)
+    return lora
 
 
 def describe_lora(model, settings: TrainSettings) -> str:
@@ -93,7 +96,7 @@ def save_adapters(model, config, folder: Path) -> None:
     state = peft.get_peft_model_state_dict(
         model, adapter_name=_ADAPTER, save_embedding_layers=False
     )
-    tensors = {_PREFIX + to_hf_key(key): value.detach().contiguous() for key, value in
+    tensors = {_PREFIX + to_hf_key(key): value.detach().cpu().contiguous() for key, value in
                state.items()}  # fmt: skip
     saved = peft.LoraConfig(**config.to_dict())
     saved.target_parameters = [_hf_name(name) for name in config.target_parameters]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from .loop import OneProcess, TrainResult, run_training
@@ -50,7 +51,8 @@ def train(
     options = {"resume": resume, "overwrite": overwrite, "progress": progress}
     if sharded:
         return _train_ranks(settings, ep, options)
-    return run_training(settings, OneProcess(), **options)
+    device = "cuda" if torch.cuda.is_available() else None  # one process: the GPU if any
+    return run_training(settings, OneProcess(device), **options)
 
 
 def train_sharded(

@@ -30,7 +30,7 @@ from .lora import (
     read_adapter_config,
     save_adapters,
 )
-from .settings import TrainingError, TrainSettings, is_int
+from .settings import TrainingError, TrainSettings, is_int, message_lines
 from .tokens import copy_tokenizer_files
 
 # 2: tokens_per_expert keyed by router name; 3: every entry of log.json is a step (the
@@ -65,11 +65,12 @@ def prepare_output(out: Path, *, overwrite: bool) -> None:
                 target.unlink()
 
 
-def check_space(out: Path, model, *, lora: bool = False) -> None:
+def check_space(out: Path, model, settings: TrainSettings) -> None:
     """Refuse to start when ``out``'s disk has no room for one more checkpoint: the weights
-    and AdamW's two moments (a new checkpoint is written beside the last one); with ``lora``,
-    for the merged model's export (the adapters' checkpoints are small beside it)."""
-    needed = (1 if lora else 3) * sum(p.numel() * p.element_size() for p in model.parameters())
+    and AdamW's two moments (a new checkpoint is written beside the last one); with LoRA, for
+    the merged model's export (adapters are small beside it; an adapters export needs none)."""
+    copies = 3 if settings.lora_rank is None else int(settings.lora_export != "adapters")
+    needed = copies * sum(p.numel() * p.element_size() for p in model.parameters())
     free = shutil.disk_usage(out).free
     if free < needed:
         raise TrainingError(
@@ -259,7 +260,7 @@ def save_checkpoint(
     for group in optimizer.param_groups:
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
-                tensors[f"{names[id(param)]}::{key}"] = value.detach().contiguous()
+                tensors[f"{names[id(param)]}::{key}"] = value.detach().cpu().contiguous()
     state = {"format": CHECKPOINT_FORMAT, "step": step, "settings": asdict(settings)}
 
     def write(folder: Path) -> None:
@@ -354,7 +355,13 @@ def load_model(folder: Path, flag: str) -> JetMoEForCausalLM:
         if not base:
             raise TrainingError(f"{flag}: {folder / ADAPTER_CONFIG} names no base model")
         model = load_model(checkpoint_folder(base), f"{flag} {folder}'s base model")
-        lora = attach_lora(model, config)
+        try:
+            lora = attach_lora(model, config)
+        except ValueError as error:  # PEFT's: a target the model lacks (another model's)
+            raise TrainingError(
+                f"{flag}: {folder}'s adapters do not fit their base model {base} "
+                f"({message_lines(error)[0]})"
+            ) from None
         load_adapters(model, folder)
         return merged_model(lora).eval()
     try:
@@ -433,7 +440,7 @@ def restore_optimizer(directory: Path, model, optimizer) -> None:
             raise TrainingError(
                 f"--resume: {path}: {key!r} is not AdamW state of this model's parameters"
             )
-        optimizer.state[params[name]][state_key] = value
+        optimizer.state[params[name]][state_key] = value.to(param.device)
 
 
 def check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> TrainerState | None:
