@@ -1,6 +1,8 @@
 """Shared test utilities: building inputs with chosen memory layouts and comparing results."""
 
+import contextlib
 import copy
+from unittest import mock
 
 import torch
 
@@ -120,3 +122,21 @@ def assert_empty_batch_is_handled(block, shape):
     experts = block.router.num_experts
     assert block.router.last_tokens_per_expert.tolist() == [0] * experts
     assert block.router.last_aux_loss.item() == 0.0  # logged statistics stay finite
+
+
+@contextlib.contextmanager
+def watched_inference_paths(*, fused: bool):
+    """Count the calls of the torch backend's inference paths (``routed_mlp``, ``one_token_mlp``)
+    inside, yielding their two mocks; with ``fused``, ``routed_mlp`` takes its run-by-run branch
+    whatever the size (a FUSE_BYTES of 0)."""
+    from moe_blocks.kernels import torch_backend
+
+    fuse_bytes = 0 if fused else torch_backend.FUSE_BYTES
+    with (
+        mock.patch.object(torch_backend, "routed_mlp", wraps=torch_backend.routed_mlp) as path,
+        mock.patch.object(
+            torch_backend, "one_token_mlp", wraps=torch_backend.one_token_mlp
+        ) as one_token,
+        mock.patch.object(torch_backend, "FUSE_BYTES", fuse_bytes),
+    ):
+        yield path, one_token

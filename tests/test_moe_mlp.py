@@ -14,6 +14,7 @@ from .helpers import (
     assert_autocast_matches_rounded_inputs,
     assert_backends_agree,
     assert_empty_batch_is_handled,
+    watched_inference_paths,
 )
 
 
@@ -193,20 +194,12 @@ def test_inference_takes_one_pass_over_the_experts_and_equals_the_kernel_calls(
     compute, and both are the float64 reference rounded: the same bits, but where each run is
     activated apart (``fused``: hidden rows above FUSE_BYTES, forced here with a threshold of
     0), whose activation's last bit may differ."""
-    from unittest import mock
-
-    from moe_blocks.kernels import torch_backend
-
     mlp, x = _mlp(case, activation=activation, backend="torch")
     mlp = mlp.to(dtype).eval()
     x = x.to(dtype)
     with (
         torch.no_grad(),
-        mock.patch.object(torch_backend, "routed_mlp", wraps=torch_backend.routed_mlp) as path,
-        mock.patch.object(
-            torch_backend, "one_token_mlp", wraps=torch_backend.one_token_mlp
-        ) as one_token,
-        mock.patch.object(torch_backend, "FUSE_BYTES", 0 if fused else torch_backend.FUSE_BYTES),
+        watched_inference_paths(fused=fused) as (path, one_token),
     ):
         fast = mlp(x)
         one = x.shape[0] == 1  # a decode step of one token: its own path, the calls' bits

@@ -26,6 +26,8 @@ from transformers.integrations.moe import (  # noqa: E402
 
 from moe_blocks.integrations import transformers as backend  # noqa: E402
 
+from .helpers import watched_inference_paths  # noqa: E402
+
 # Largest error allowed, relative to the reference's largest magnitude (at least 1), for a whole
 # model or experts module against float64: fp32 rounding through a few layers is ~1e-6 here;
 # bf16 (8 bits) through one layer and its backward reaches ~2e-2, as eager's own does.
@@ -663,10 +665,6 @@ def test_inference_takes_the_one_pass_path_with_the_kernel_calls_result(
     with autograd on, which takes them), to the bit but where each run is activated apart
     (``fused``, forced with a FUSE_BYTES of 0: the activation's last bit may differ), and the
     float64 oracle's."""
-    from unittest import mock
-
-    from moe_blocks.kernels import torch_backend
-
     torch.manual_seed(seed)
     own_gate = own_gate and flags["has_gate"]
     config = types.SimpleNamespace(_experts_implementation=backend.register())
@@ -677,11 +675,7 @@ def test_inference_takes_the_one_pass_path_with_the_kernel_calls_result(
     x, weights = torch.randn(tokens, features), torch.rand(tokens, top_k)
     with (
         torch.no_grad(),
-        mock.patch.object(torch_backend, "routed_mlp", wraps=torch_backend.routed_mlp) as path,
-        mock.patch.object(
-            torch_backend, "one_token_mlp", wraps=torch_backend.one_token_mlp
-        ) as one_token,
-        mock.patch.object(torch_backend, "FUSE_BYTES", 0 if fused else torch_backend.FUSE_BYTES),
+        watched_inference_paths(fused=fused) as (path, one_token),
     ):
         out = module(x, top_k_index, weights)
     fast = not flags["has_bias"] and not flags["has_post_expert_norm"]

@@ -77,6 +77,14 @@ def attach_lora(model, config, *, seed: int = 0):
     return lora
 
 
+def _adapter_state(model) -> dict:
+    """``model``'s adapter weights keyed as PEFT keys them, by this model's module names (no
+    embedding layers: none are adapted)."""
+    return _peft().get_peft_model_state_dict(
+        model, adapter_name=_ADAPTER, save_embedding_layers=False
+    )
+
+
 def describe_lora(model, settings: TrainSettings) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -93,9 +101,7 @@ def save_adapters(model, config, folder: Path) -> None:
     them, in transformers' JetMoe names: ``PeftModel.from_pretrained(JetMoeForCausalLM...,
     folder)`` loads them."""
     peft = _peft()
-    state = peft.get_peft_model_state_dict(
-        model, adapter_name=_ADAPTER, save_embedding_layers=False
-    )
+    state = _adapter_state(model)
     tensors = {_PREFIX + to_hf_key(key): value.detach().cpu().contiguous() for key, value in
                state.items()}  # fmt: skip
     saved = peft.LoraConfig(**config.to_dict())
@@ -129,9 +135,7 @@ def load_adapters(model, folder: Path) -> None:
     except (OSError, SafetensorError) as error:
         reason = message_lines(error)[0]
         raise TrainingError(f"{path}: cannot read the adapters ({reason})") from None
-    expected = _peft().get_peft_model_state_dict(
-        model, adapter_name=_ADAPTER, save_embedding_layers=False
-    )
+    expected = _adapter_state(model)
     state = {from_hf_key(key.removeprefix(_PREFIX)): value for key, value in stored.items()}
     if state.keys() != expected.keys() or any(
         state[key].shape != expected[key].shape for key in expected
