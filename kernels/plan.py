@@ -33,15 +33,20 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def token_sum(rows: Tensor, fan_out: int, gates: Tensor | None = None) -> Tensor:
+def token_sum(
+    rows: Tensor, fan_out: int, gates: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
     """ASSIGNMENT rows to TOKEN rows: ``Σ_j gates[t, j] · rows[t*k + j]`` for every token t
     (``rows [T*k, out]``, ``gates [T, k]`` or ``[T*k]``, 1 if None; k = ``fan_out``), summed in
-    :func:`accumulation_dtype`, which the result ``[T, out]`` keeps (the caller rounds once)."""
+    :func:`accumulation_dtype`, which the result ``[T, out]`` keeps (the caller rounds once);
+    written into ``out`` if given."""
     wide = accumulation_dtype(rows.dtype)
-    terms = rows.view(rows.shape[0] // fan_out, fan_out, rows.shape[1]).to(wide)
-    if gates is not None:
+    terms = rows.view(rows.shape[0] // fan_out, fan_out, rows.shape[1])
+    if gates is None:
+        terms = terms.to(wide)
+    else:  # the wide gates promote the rows in the same pass: each term float(row) * gate
         terms = terms * gates.reshape(terms.shape[0], fan_out, 1).to(wide)
-    return terms.sum(1)
+    return terms.sum(1) if out is None else torch.sum(terms, 1, out=out)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 On CPU (and on CUDA where ``torch._grouped_mm`` cannot run the dtype) it loops over the experts
 that have rows: gather that expert's rows of ``x`` (a small copy that stays in cache), one
-``mm`` (an ``mv`` for a single row; weight-first for a few 16-bit rows: WEIGHT_FIRST_ROWS), then
-place the result: in grouped order, in assignment order, or, for TOKEN output,
-in fp32 times the gates in assignment order, each token's k rows summed after the loop. Beyond
+``mm`` (an ``mv`` for a single row; weight-first for a few 16-bit rows: WEIGHT_FIRST_ROWS) into
+the grouped result; then, for ASSIGNMENT output, one gather into assignment order, or, for TOKEN
+output, each token's k rows gathered, times the gates and summed in fp32, a block of tokens at
+a time (:func:`gated_token_sum`). Beyond
 GATHER_ONCE_BYTES no full-size gathered copy of ``x`` is made: on CPU a fresh allocation that
 large costs more than the copy itself (page faults), and such copies were a quarter of a
 block's time. The loop
@@ -45,6 +46,8 @@ GATHER_ONCE_BYTES = 8 * 2**20
 MANY_RUNS = 16  # experts with rows above which small inputs go through one _grouped_mm (_runs)
 # routed_mlp: hidden rows of all experts above this size are activated run by run, in cache
 FUSE_BYTES = 2**20
+# gated_token_sum: fp32 terms of this many bytes at a time (a block of tokens' k rows)
+SUM_BLOCK_BYTES = 2 * 2**20
 _ALIGN_BYTES = 16  # _grouped_mm wants every non-unit stride to be a multiple of 16 bytes
 
 
@@ -198,6 +201,48 @@ def _matmul(
     return result.contiguous() if out is None else out.copy_(result)
 
 
+def _products(row_runs, weight: Tensor, runs: list, expert_offsets: Tensor, num_rows: int):
+    """Each run's rows (``row_runs``, one tensor per run) times its expert's weight, in grouped
+    order: ``[num_rows, out]``, written run by run into one buffer (a single run's result is
+    taken as it is)."""
+    if len(runs) == 1:
+        ((expert, _, _),) = runs
+        return _matmul(next(iter(row_runs)), weight, expert, expert_offsets, None).contiguous()
+    out = weight.new_empty(num_rows, weight.shape[1])
+    for (expert, start, end), rows in zip(runs, row_runs, strict=True):
+        _matmul(rows, weight, expert, expert_offsets, out[start:end])
+    return out
+
+
+def _grouped_rows_of(sorted_indices: Tensor) -> Tensor:
+    """The grouped row of each assignment: the inverse of the permutation ``sorted_indices``."""
+    positions = torch.arange(sorted_indices.shape[0], device=sorted_indices.device)
+    return torch.empty_like(sorted_indices).index_copy_(0, sorted_indices, positions)
+
+
+def gated_token_sum(
+    grouped: Tensor, sorted_indices: Tensor, gates: Tensor | None, fan_out: int
+) -> Tensor:
+    """:func:`token_sum` of rows given in grouped order: ``Σ_j gates[t, j] · grouped[g(t*k +
+    j)]`` summed in :func:`accumulation_dtype` in slot order, its bits, ``[T, out]``. Taken a
+    block of tokens at a time (their rows gathered, gated and summed while in cache), so the
+    T·k gated rows in fp32 are never all in memory (8 MB at 256 fine-grained tokens: 1.9
+    against 1.3 ms once placed and summed)."""
+    num_rows, width = grouped.shape
+    num_tokens = num_rows // fan_out
+    rows_of = _grouped_rows_of(sorted_indices)
+    wide = accumulation_dtype(grouped.dtype)
+    gates = None if gates is None else gates.reshape(-1)
+    sums = grouped.new_empty(num_tokens, width, dtype=wide)
+    block = max(1, SUM_BLOCK_BYTES // max(1, fan_out * width * wide.itemsize))
+    for first in range(0, num_tokens, block):
+        rows = slice(first * fan_out, min(first + block, num_tokens) * fan_out)
+        terms = grouped.index_select(0, rows_of[rows])
+        block_gates = None if gates is None else gates[rows]
+        token_sum(terms, fan_out, block_gates, out=sums[first : first + block])
+    return sums
+
+
 def routed_mlp(
     x: Tensor,
     w_in: Tensor,
@@ -211,38 +256,35 @@ def routed_mlp(
     """The routed MLP of every token, ``Σ_j gates[t, j] · w_out[e] @ activate(w_in[e] @
     x[t])`` over its k = ``fan_out`` experts e (``x [T, in]``, ``w_in [E, hidden, in]``,
     ``w_out [E, out, hidden']``, ``gates [T, k]``, the plan's grouping): ``[T, out]`` in x's
-    dtype. The products, their rounding, the gating and the token sum are those of two
-    :func:`gather_gemm` calls. When the hidden rows of all experts exceed FUSE_BYTES, each run's
-    two products, activation, gating and placement are done together while its rows are in
-    cache, in fresh small tensors (bf16, 2048 tokens, JetMoE's shape: 1.6x faster than the two
-    calls, whose 46 MB of hidden rows went through memory twice); the activation then runs per
-    run, which can move its last bit (a vectorised and a scalar tail differ). Smaller ones are
-    activated in one call, as the two calls do (the same bits), and gated and placed in one call
-    each, not one per run (a fine-grained block at 8 tokens has 40-odd runs of one or two
-    rows)."""
+    dtype. The products, their rounding and the gating are those of two :func:`gather_gemm`
+    calls. When the hidden rows of all experts exceed FUSE_BYTES and each expert is its own
+    run, each run's two products, activation and gating are done together while its rows are
+    in cache, in fresh small tensors, and added into its tokens' fp32 sums (bf16, 2048 tokens,
+    JetMoE's shape: 1.6x faster than the two calls, whose 46 MB of hidden rows went through
+    memory twice; the fine-grained shape's T·k gated rows, 64 MB in fp32, cost 38 ms placed
+    and summed against 13 ms added in). Two bits may then differ from the calls': the
+    activation runs per run (a vectorised and a scalar tail differ) and a token's k terms are
+    summed in expert order, not slot order. Otherwise the first products of all runs are
+    activated in one call and gated and placed in one call each (a fine-grained block at 8
+    tokens has 40-odd runs of one or two rows): the calls' bits."""
     num_rows, num_out = sorted_indices.shape[0], w_out.shape[1]
     row_bytes = max(x.shape[1], w_in.shape[1], num_out) * x.element_size()
     runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes)
     x_runs = _run_rows(x, RowLayout.TOKEN, sorted_indices, fan_out, runs)
     sorted_gates = gates.reshape(-1)[sorted_indices].to(accumulation_dtype(x.dtype))[:, None]
-    placed = x.new_empty(num_rows, num_out, dtype=sorted_gates.dtype)
-    if num_rows * w_in.shape[1] * x.element_size() > FUSE_BYTES:
+    if num_rows * w_in.shape[1] * x.element_size() > FUSE_BYTES and runs[0][0] is not None:
+        token_rows = source_rows(RowLayout.TOKEN, sorted_indices, fan_out)
+        sums = x.new_zeros(x.shape[0], num_out, dtype=sorted_gates.dtype)
         for (expert, start, end), rows in zip(runs, x_runs, strict=True):
             hidden = activate(_matmul(rows, w_in, expert, expert_offsets, None))
             part = _matmul(hidden, w_out, expert, expert_offsets, None)
-            part = part.to(placed.dtype, memory_format=torch.contiguous_format)
-            part *= sorted_gates[start:end]
-            placed.index_copy_(0, sorted_indices[start:end], part)
-        return token_sum(placed, fan_out).to(x.dtype)
-    hidden = x.new_empty(num_rows, w_in.shape[1])
-    for (expert, start, end), rows in zip(runs, x_runs, strict=True):
-        _matmul(rows, w_in, expert, expert_offsets, hidden[start:end])
-    hidden = activate(hidden)
-    out = x.new_empty(num_rows, num_out)
-    for expert, start, end in runs:
-        _matmul(hidden[start:end], w_out, expert, expert_offsets, out[start:end])
-    placed.index_copy_(0, sorted_indices, out.to(placed.dtype) * sorted_gates)
-    return token_sum(placed, fan_out).to(x.dtype)
+            # an expert's tokens are distinct: each sum gets one term per run, in expert order
+            sums.index_add_(0, token_rows[start:end], part * sorted_gates[start:end])
+        return sums.to(x.dtype)
+    hidden = activate(_products(x_runs, w_in, runs, expert_offsets, num_rows))
+    hidden_runs = (hidden[start:end] for _, start, end in runs)
+    out = _products(hidden_runs, w_out, runs, expert_offsets, num_rows)
+    return gated_token_sum(out, sorted_indices, gates, fan_out).to(x.dtype)
 
 
 def one_token_mlp(
@@ -293,26 +335,16 @@ def gather_gemm(
     """
     num_rows, num_out = sorted_indices.shape[0], weight.shape[1]
     runs = _runs(expert_offsets, x.dtype, num_rows, max(x.shape[1], num_out) * x.element_size())
-    token_output = y_layout == RowLayout.TOKEN
-    grouped = y_layout == RowLayout.GROUPED  # the mm writes there; else placed by assignment
-    y = x.new_empty(num_rows, num_out, dtype=accumulation_dtype(x.dtype) if token_output else None)
-    sorted_gates = None if gates is None else gates[sorted_indices].to(y.dtype)[:, None]
     x_runs = _run_rows(x, x_layout, sorted_indices, fan_out, runs)
-    for (expert, start, end), x_rows in zip(runs, x_runs, strict=True):
-        part = _matmul(x_rows, weight, expert, expert_offsets, y[start:end] if grouped else None)
-        if bias is not None:
-            part += bias[expert] if expert is not None else bias[sorted_experts]
-        if not grouped:  # placed by assignment: index_copy_ of a transposed part is slow
-            part = part.to(y.dtype, memory_format=torch.contiguous_format)
-            if sorted_gates is not None:
-                part *= sorted_gates[start:end]
-            y.index_copy_(0, sorted_indices[start:end], part)
-    if token_output:
-        # All tokens at once, not an index_add_ per expert: with more than one thread CPU
-        # index_add_ along dim 0 radix-sorts its index in many parallel passes (on a busy 2-core
-        # machine 150 ms against 0.05 ms for one 512-row add).
-        y = token_sum(y, fan_out)
-    return y.to(x.dtype)
+    y = _products(x_runs, weight, runs, expert_offsets, num_rows)  # grouped order
+    if bias is not None:
+        for expert, start, end in runs:
+            y[start:end] += bias[expert] if expert is not None else bias[sorted_experts]
+    if y_layout == RowLayout.GROUPED:
+        return y
+    if y_layout == RowLayout.ASSIGNMENT:
+        return y.index_select(0, _grouped_rows_of(sorted_indices))
+    return gated_token_sum(y, sorted_indices, gates, fan_out).to(x.dtype)
 
 
 def weight_grad(

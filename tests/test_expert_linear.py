@@ -217,20 +217,23 @@ def test_torch_backend_one_grouped_mm_path_matches_reference(combination, data):
 @pytest.mark.parametrize("combination", COMBINATIONS)
 @pytest.mark.parametrize("weight_first_rows", [0, 2**62], ids=["rows_first", "weight_first"])
 @pytest.mark.parametrize("gather_once_bytes", [0, 2**62], ids=["gather_per_run", "gather_once"])
+@pytest.mark.parametrize("sum_block_bytes", [0, 2**62], ids=["sum_per_token", "sum_at_once"])
 @per_combination(2)
 @given(data=st.data())
-def test_torch_backend_matmul_orientations_and_gathers_match_reference(
-    weight_first_rows, gather_once_bytes, combination, data
+def test_torch_backend_matmul_orientations_gathers_and_sums_match_reference(
+    weight_first_rows, gather_once_bytes, sum_block_bytes, combination, data
 ):
     """Each expert's product is ``weight[e] @ rows.T`` up to WEIGHT_FIRST_ROWS rows (16-bit on
     CPU), else ``rows @ weight[e].T``; rows are gathered in one call up to GATHER_ONCE_BYTES,
-    else per expert: every choice, forced here for every run, matches the oracle."""
+    else per expert; a gated token sum takes SUM_BLOCK_BYTES of terms at a time (a token at a
+    time, or all at once): every choice, forced here for every run, matches the oracle."""
     problem = data.draw(problems(combination, **TORCH_PROBLEMS))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_backend, "WEIGHT_FIRST_ROWS", weight_first_rows)
         forced = weight_first_rows > 0  # in every dtype (else 16-bit on CPU only), mv included
         patch.setattr(torch_backend, "_weight_first_helps", lambda *args: forced)
         patch.setattr(torch_backend, "GATHER_ONCE_BYTES", gather_once_bytes)
+        patch.setattr(torch_backend, "SUM_BLOCK_BYTES", sum_block_bytes)
         check_against_reference(problem, "torch")
 
 
