@@ -271,9 +271,9 @@ def routed_mlp(
     row_bytes = max(x.shape[1], w_in.shape[1], num_out) * x.element_size()
     runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes)
     x_runs = _run_rows(x, RowLayout.TOKEN, sorted_indices, fan_out, runs)
-    sorted_gates = gates.reshape(-1)[sorted_indices].to(accumulation_dtype(x.dtype))[:, None]
     if num_rows * w_in.shape[1] * x.element_size() > FUSE_BYTES and runs[0][0] is not None:
         token_rows = source_rows(RowLayout.TOKEN, sorted_indices, fan_out)
+        sorted_gates = gates.reshape(-1)[sorted_indices].to(accumulation_dtype(x.dtype))[:, None]
         sums = x.new_zeros(x.shape[0], num_out, dtype=sorted_gates.dtype)
         for (expert, start, end), rows in zip(runs, x_runs, strict=True):
             hidden = activate(_matmul(rows, w_in, expert, expert_offsets, None))

@@ -118,13 +118,24 @@ def test_bench_command_rejects_bad_input(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_timing_runs_every_implementation_in_the_same_rounds():
+def test_timing_runs_every_implementation_in_the_same_rounds_in_changing_orders():
     order: list[str] = []
-    steps = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
-    medians = bench.time_medians_ms(steps, "cpu", min_repeats=4, max_repeats=4, budget_s=0.0)
-    assert set(medians) == {"a", "b", "c"}
-    # one warm-up call each, then four rounds in which each runs once, in turn
-    assert order == ["a", "b", "c"] * 5
+    names = ("a", "b", "c", "d")
+    steps = {name: (lambda name=name: order.append(name)) for name in names}
+    rounds = 12
+    medians = bench.time_medians_ms(
+        steps, "cpu", min_repeats=rounds, max_repeats=rounds, budget_s=0.0
+    )
+    assert set(medians) == set(names)
+    # one warm-up call each, then rounds in which each runs once
+    assert order[:4] == list(names)
+    timed = [order[4 * i : 4 * i + 4] for i in range(1, rounds + 1)]
+    assert len(order) == 4 * (rounds + 1)
+    assert all(sorted(one) == list(names) for one in timed)
+    # no implementation always runs right after the same one (whose dirty caches it would
+    # inherit every round): each follows at least two others over the rounds
+    after = {name: {r[r.index(name) - 1] for r in timed if r.index(name)} for name in names}
+    assert all(len(predecessors) >= 2 for predecessors in after.values())
 
 
 def test_an_implementation_that_raises_is_reported_and_the_others_still_timed(monkeypatch):

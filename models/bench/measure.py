@@ -3,6 +3,7 @@ rounds (medians), the memory a step keeps for backward (CPU) or peaks at (CUDA).
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -59,21 +60,27 @@ def time_medians_ms(
 ) -> dict[str, float]:
     """Median milliseconds of each callable in ``steps``, timed in rounds that run every one
     of them once, so a slow spell on a shared machine slows them all alike and their ratios
-    hold. At least ``min_repeats`` rounds, then more while within ``budget_s`` per callable."""
+    hold. At least ``min_repeats`` rounds, then more while within ``budget_s`` per callable.
+    Each round after the first runs them in a new order (seeded, so a run repeats): one that
+    leaves the caches full of its own dirty data slows whichever runs next (transformers'
+    ``batched_mm`` at 8 fine-grained tokens copies 134 MB of weights: the one after it took
+    1 ms more of 7), and a fixed order charged that to the same one every round."""
     for fn in steps.values():
         fn()
     sync_device(device)
     times: dict[str, list[float]] = {name: [] for name in steps}
+    order, shuffle = list(steps), random.Random(0).shuffle
     started, rounds = time.perf_counter(), 0
     while rounds < min_repeats or (
         rounds < max_repeats and time.perf_counter() - started < budget_s * len(steps)
     ):
-        for name, fn in steps.items():
+        for name in order:
             begin = time.perf_counter()
-            fn()
+            steps[name]()
             sync_device(device)
             times[name].append((time.perf_counter() - begin) * 1e3)
         rounds += 1
+        shuffle(order)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
