@@ -186,13 +186,15 @@ def bench_command(args: argparse.Namespace) -> int:
         raise TrainingError("the baselines need transformers: pip install transformers") from None
     passes = {"fwd": (False,), "fwd+bwd": (True,), "both": (False, True)}[args.passes]
     timing = {"max_repeats": args.repeats, "budget_s": args.budget}
+    if args.cold_caches and args.suite == "ep":
+        raise TrainingError("--cold-caches applies to the block suites, not --suite ep")
     try:
         if args.suite == "ep":  # MoEMLP fwd+bwd, expert-parallel over 1, 2 and 4 processes
             results = bench.run_ep(shapes, tokens, dtypes, device, tiny=args.tiny, **timing)
         else:
             results = bench.run_suite(
                 args.suite, shapes, tokens, dtypes, device, tiny=args.tiny, passes=passes,
-                **timing,
+                cold_caches=args.cold_caches, **timing,
             )  # fmt: skip
     except ValueError as error:
         raise TrainingError(str(error)) from None
@@ -527,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--repeats", type=int, default=20, help="at most this many timings")
     bench_parser.add_argument("--budget", type=float, default=2.0, help="seconds per measurement")
     bench_parser.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
+    bench_parser.add_argument(
+        "--cold-caches", action="store_true",
+        help="write a buffer twice the last-level cache before every timed call: weights read "
+        "from memory, as in a model larger than the caches (decode)",
+    )  # fmt: skip
     bench_parser.add_argument("--out", default="runs/bench", help="folder for JSON and PNG")
     bench_parser.set_defaults(handler=bench_command)
 

@@ -2,6 +2,7 @@
 and plot."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -136,6 +137,48 @@ def test_timing_runs_every_implementation_in_the_same_rounds_in_changing_orders(
     # inherit every round): each follows at least two others over the rounds
     after = {name: {r[r.index(name) - 1] for r in timed if r.index(name)} for name in names}
     assert all(len(predecessors) >= 2 for predecessors in after.values())
+
+
+def test_cold_cache_timing_flushes_before_every_timed_call_and_times_only_the_call():
+    order: list[str] = []
+    steps = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+
+    def flush():
+        order.append("flush")
+        time.sleep(0.05)
+
+    medians = bench.time_medians_ms(
+        steps, "cpu", min_repeats=3, max_repeats=3, budget_s=0.0, before_each=flush
+    )
+    assert order[:2] == ["a", "b"]  # the warm-up calls
+    timed = order[2:]
+    assert len(timed) == 12 and timed[::2] == ["flush"] * 6
+    assert sorted(timed[1::2]) == ["a"] * 3 + ["b"] * 3
+    assert all(ms < 25 for ms in medians.values())  # the 50 ms flushes are not counted
+
+
+def test_the_last_level_cache_is_the_largest_listed(tmp_path):
+    for index, size in enumerate(["48K", "2048K", "480M", "junk"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert bench.last_level_cache_bytes("cpu", tmp_path) == 480 * 2**20
+    assert bench.last_level_cache_bytes("cpu", tmp_path / "absent") == 256 * 2**20
+
+
+def test_bench_command_with_cold_caches_marks_its_results(tmp_path, monkeypatch):
+    flushed = []
+    monkeypatch.setattr(bench.measure, "cache_flush", lambda device: lambda: flushed.append(device))
+    args = ["bench", "--tiny", "--suite", "mlp", "--passes", "fwd", "--tokens", "8",
+            "--dtypes", "fp32", "--shapes", "jetmoe-8b", "--repeats", "2", "--budget", "0.01",
+            "--device", "cpu", "--cold-caches", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "bench_mlp.json").read_text())
+    assert rows and all(row["cold_caches"] for row in rows)
+    assert len(flushed) == 2 * len(rows)  # two timed rounds, one flush before each call
+    assert main([*args[:-3], "--out", str(tmp_path / "warm")]) == 0
+    warm = json.loads((tmp_path / "warm" / "bench_mlp.json").read_text())
+    assert not any(row["cold_caches"] for row in warm)
+    assert main(["bench", "--tiny", "--suite", "ep", "--cold-caches"]) == 2
 
 
 def test_an_implementation_that_raises_is_reported_and_the_others_still_timed(monkeypatch):

@@ -58,7 +58,16 @@ from .cases import (
     shapes_for,
 )
 from .ep import EPResult, measure_ep, run_ep
-from .measure import Result, memory_mb, run_case, run_suite, step_function, time_medians_ms
+from .measure import (
+    Result,
+    cache_flush,
+    last_level_cache_bytes,
+    memory_mb,
+    run_case,
+    run_suite,
+    step_function,
+    time_medians_ms,
+)
 from .report import format_ep_table, format_table, plot, to_json, write_results
 
 __all__ = [
@@ -83,11 +92,13 @@ __all__ = [
     "RoutedLinear",
     "applies",
     "build",
+    "cache_flush",
     "case_implementations",
     "cases",
     "format_ep_table",
     "format_table",
     "hf_shapes",
+    "last_level_cache_bytes",
     "measure_ep",
     "memory_mb",
     "plot",

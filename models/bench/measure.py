@@ -6,7 +6,9 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -56,12 +58,20 @@ def sync_device(device: str) -> None:
 
 
 def time_medians_ms(
-    steps: dict, device: str, *, min_repeats: int = 3, max_repeats: int = 50, budget_s: float = 1.5
+    steps: dict,
+    device: str,
+    *,
+    min_repeats: int = 3,
+    max_repeats: int = 50,
+    budget_s: float = 1.5,
+    before_each: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """Median milliseconds of each callable in ``steps``, timed in rounds that run every one
     of them once, so a slow spell on a shared machine slows them all alike and their ratios
-    hold. At least ``min_repeats`` rounds, then more while within ``budget_s`` per callable.
-    Each round after the first runs them in a new order (seeded, so a run repeats): one that
+    hold. At least ``min_repeats`` rounds (never more than ``max_repeats``), then more while
+    within ``budget_s`` per callable (the time of ``before_each``, called untimed before
+    every timed call, counts too). Each round after the first runs them in a new order
+    (seeded, so a run repeats): one that
     leaves the caches full of its own dirty data slows whichever runs next (transformers'
     ``batched_mm`` at 8 fine-grained tokens copies 134 MB of weights: the one after it took
     1 ms more of 7), and a fixed order charged that to the same one every round."""
@@ -71,10 +81,13 @@ def time_medians_ms(
     times: dict[str, list[float]] = {name: [] for name in steps}
     order, shuffle = list(steps), random.Random(0).shuffle
     started, rounds = time.perf_counter(), 0
-    while rounds < min_repeats or (
+    while rounds < min(min_repeats, max_repeats) or (
         rounds < max_repeats and time.perf_counter() - started < budget_s * len(steps)
     ):
         for name in order:
+            if before_each is not None:
+                before_each()
+                sync_device(device)
             begin = time.perf_counter()
             steps[name]()
             sync_device(device)
@@ -82,6 +95,37 @@ def time_medians_ms(
         rounds += 1
         shuffle(order)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def last_level_cache_bytes(device: str, cpu_caches: Path = CPU_CACHES) -> int:
+    """The size of the last cache level that data passes on ``device``: CUDA's L2, the CPU's
+    largest cache as Linux lists it in ``cpu_caches`` (``index*/size``: ``480M``, ``2048K``);
+    256 MiB where none can be read."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    sizes = []
+    for entry in cpu_caches.glob("index*/size"):
+        text = entry.read_text().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=256 * 2**20)
+
+
+def cache_flush(device: str) -> Callable[[], None]:
+    """A callable that writes a buffer twice :func:`last_level_cache_bytes`, so the next call
+    finds none of its weights in the caches: a block of a model larger than the caches, whose
+    other layers run between two uses of its weights (every decode step)."""
+    buffer = torch.empty(2 * last_level_cache_bytes(device) // 4, device=device)
+
+    def flush() -> None:
+        buffer.fill_(1.0)
+
+    return flush
 
 
 def memory_mb(module: nn.Module, x: Tensor, device: str) -> float:
@@ -141,6 +185,7 @@ class Result:
     # dense), per second: the memory-bandwidth bound of small token counts, beside the FLOPs
     weight_gbs: float | None = None
     error: str | None = None
+    cold_caches: bool = False  # timed after a cache flush (:func:`cache_flush`), else warm
 
     @property
     def memory_measure(self) -> str:
@@ -209,6 +254,7 @@ def _measure(
         memory = memory_mb(module, x, case.device) if backward and measure_memory else None
         tflops = case.matmul_flops(backward) / (elapsed[impl] / 1e3) / 1e12
         result = Result(*_case_fields(case), impl, backward, elapsed[impl], tflops, memory)
+        result.cold_caches = timing.get("before_each") is not None
         if used is not None:
             experts = 1 if impl == "dense" else used
             result.weight_gbs = experts * case.expert_bytes() / (elapsed[impl] / 1e3) / 1e9
@@ -239,11 +285,16 @@ def run_suite(
     *,
     tiny: bool = False,
     passes=(False, True),
+    cold_caches: bool = False,
     **timing,
 ) -> list[Result]:
+    """Every case of ``suite`` timed by :func:`run_case`; with ``cold_caches`` each call after
+    :func:`cache_flush` (the weights read from memory, as in a model larger than the caches)."""
     if suite not in (*SUITES, HF_SUITE):
         raise ValueError(f"suite must be one of {(*SUITES, HF_SUITE)}, got {suite!r}")
     table = hf_shapes(device, tiny) if suite == HF_SUITE else shapes_for(device, tiny)
+    if cold_caches:
+        timing["before_each"] = cache_flush(device)
     results = []
     for case in cases(suite, shapes, tokens, dtypes, device, table):
         for backward in passes:
