@@ -2,7 +2,8 @@
 
 On CPU (and on CUDA where ``torch._grouped_mm`` cannot run the dtype) it loops over the experts
 that have rows: gather that expert's rows of ``x`` (a small copy that stays in cache), one
-``mm`` (an ``mv`` for a single row; weight-first for a few 16-bit rows: WEIGHT_FIRST_ROWS) into
+``mm`` (an ``mv`` for a single row; weight-first for a few 16-bit rows, WEIGHT_FIRST_ROWS, and
+for some fp32 rows of a large expert, FP32_WEIGHT_FIRST_ROWS) into
 the grouped result; then, for ASSIGNMENT output, one gather into assignment order, or, for TOKEN
 output, each token's k rows gathered, times the gates and summed in fp32, a block of tokens at
 a time (:func:`gated_token_sum`). Beyond
@@ -42,6 +43,14 @@ WEIGHT_FIRST_ROWS = 64
 # Gathered rows up to this size are gathered in one call (one call per expert cost 0.3 ms of a
 # fine-grained block's 6.9 ms first linear at 256 tokens); larger ones one run at a time, so no
 # full-size copy is allocated (see the module docstring).
+# In fp32, from 8 to 48 rows, the experts of at least 2M weights (8 MB: JetMoE's and Mixtral's,
+# not fine-grained ones) are computed weight-first too: on the 2-core AMX Xeon (torch 2.13, MKL)
+# a rows-first fp32 product of 4 or more rows packs the streamed weight and took 1.1-1.75x the
+# weight-first time (a [5632, 1024] expert: 16 rows 3.06 against 1.74 ms, the transposed copy
+# included); MoEMLP at 32-128 tokens ran 1.14-1.56x faster (JetMoE's and Mixtral's shapes,
+# alternating rounds). Below 8 rows and for smaller experts rows-first was as fast or faster.
+FP32_WEIGHT_FIRST_ROWS = (8, 48)
+FP32_WEIGHT_FIRST_NUMEL = 2**21
 GATHER_ONCE_BYTES = 8 * 2**20
 MANY_RUNS = 16  # experts with rows above which small inputs go through one _grouped_mm (_runs)
 # routed_mlp: hidden rows of all experts above this size are activated run by run, in cache
@@ -168,9 +177,26 @@ def _run_rows(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int, runs
 def _weight_first_helps(device: torch.device, dtype: torch.dtype) -> bool:
     """Where weight-first products (WEIGHT_FIRST_ROWS, and ``mv`` for one row) apply: 16-bit
     products on a CPU that runs them natively. In fp32 (and emulated 16-bit, computed in fp32)
-    weight-first was slower at 1-8 rows: 1.3x the time of the whole block at 8 tokens,
-    Mixtral-like and fine-grained."""
+    weight-first was slower at 1-8 rows on the AVX-512 EPYC (1.3x the time of the whole block
+    at 8 tokens, Mixtral-like and fine-grained) and below 4 rows on the AMX Xeon; fp32 has its
+    own range (FP32_WEIGHT_FIRST_ROWS)."""
     return device.type == "cpu" and dtype.itemsize == 2 and cpu_has_native_matmul(dtype)
+
+
+def _weight_first(rows: Tensor, weight: Tensor) -> bool:
+    """Whether one expert's product of ``rows`` is computed as ``weight[e] @ rows.T``: up to
+    WEIGHT_FIRST_ROWS 16-bit rows where :func:`_weight_first_helps`; in fp32 on CPU,
+    FP32_WEIGHT_FIRST_ROWS of an expert of at least FP32_WEIGHT_FIRST_NUMEL weights."""
+    num_rows = rows.shape[0]
+    if _weight_first_helps(rows.device, rows.dtype):
+        return num_rows <= WEIGHT_FIRST_ROWS
+    low, high = FP32_WEIGHT_FIRST_ROWS
+    return (
+        rows.device.type == "cpu"
+        and rows.dtype == torch.float32
+        and low <= num_rows <= high
+        and weight[0].numel() >= FP32_WEIGHT_FIRST_NUMEL
+    )
 
 
 def _matmul(
@@ -179,7 +205,7 @@ def _matmul(
     """``rows[i] @ weight[e(i)].T`` for the (non-empty) rows of one run, written into ``out``
     if given."""
     if expert is not None:
-        if rows.shape[0] > WEIGHT_FIRST_ROWS or not _weight_first_helps(rows.device, rows.dtype):
+        if not _weight_first(rows, weight):
             return _mm(rows, weight[expert].t(), out)
         if rows.shape[0] == 1:
             # One 16-bit row (a decode step's expert): a matrix-vector product, which streams

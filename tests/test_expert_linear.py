@@ -237,6 +237,33 @@ def test_torch_backend_matmul_orientations_gathers_and_sums_match_reference(
         check_against_reference(problem, "torch")
 
 
+@pytest.mark.parametrize("rows", [7, 8, 48, 49])
+def test_fp32_rows_of_a_large_expert_are_multiplied_weight_first_in_their_range(rows, monkeypatch):
+    """In fp32 an expert of FP32_WEIGHT_FIRST_NUMEL weights computes FP32_WEIGHT_FIRST_ROWS rows
+    as ``weight[e] @ rows.T`` (on this CPU faster than packing the streamed weight), fewer or
+    more rows as ``rows @ weight[e].T``; either way the float64 reference's product, rounded."""
+    low, high = torch_backend.FP32_WEIGHT_FIRST_ROWS
+    out_features = 2048
+    in_features = torch_backend.FP32_WEIGHT_FIRST_NUMEL // out_features
+    weight = torch.randn(2, out_features, in_features) / in_features**0.5
+    x = torch.randn(rows, in_features)
+    expert_idx = torch.ones(rows, 1, dtype=torch.long)  # every row to expert 1
+    products = []
+    real_mm = torch_backend._mm
+
+    def recorded_mm(a, b, out=None):
+        products.append(tuple(a.shape))
+        return real_mm(a, b, out)
+
+    monkeypatch.setattr(torch_backend, "_mm", recorded_mm)
+    y = expert_linear(x, weight, plan_dispatch(expert_idx, 2), backend="torch")
+    weight_first = products == [(out_features, in_features)]
+    assert weight_first == (low <= rows <= high)
+    assert products == [(out_features, in_features) if weight_first else (rows, in_features)]
+    expected = x.double() @ weight[1].double().T
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+
+
 def _spanning_routing(seed: int) -> Routing:
     """101 tokens, top-2 of 4 experts, with 1, 33, 67 and 101 rows: experts of one, two, three
     and four 32-row tiles (Triton's gemm under the interpreter) and one or two 64-row tiles
