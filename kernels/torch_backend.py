@@ -186,7 +186,8 @@ def _weight_first_helps(device: torch.device, dtype: torch.dtype) -> bool:
 def _weight_first(rows: Tensor, weight: Tensor) -> bool:
     """Whether one expert's product of ``rows`` is computed as ``weight[e] @ rows.T``: up to
     WEIGHT_FIRST_ROWS 16-bit rows where :func:`_weight_first_helps`; in fp32 on CPU,
-    FP32_WEIGHT_FIRST_ROWS of an expert of at least FP32_WEIGHT_FIRST_NUMEL weights."""
+    FP32_WEIGHT_FIRST_ROWS of a row-major expert of at least FP32_WEIGHT_FIRST_NUMEL weights
+    (tuned on the AMX Xeon only)."""
     num_rows = rows.shape[0]
     if _weight_first_helps(rows.device, rows.dtype):
         return num_rows <= WEIGHT_FIRST_ROWS
@@ -196,6 +197,7 @@ def _weight_first(rows: Tensor, weight: Tensor) -> bool:
         and rows.dtype == torch.float32
         and low <= num_rows <= high
         and weight[0].numel() >= FP32_WEIGHT_FIRST_NUMEL
+        and weight.stride(-1) == 1  # not the input gradient's weight.mT: slower so (2-2.5x)
     )
 
 
@@ -250,10 +252,10 @@ def gated_token_sum(
     grouped: Tensor, sorted_indices: Tensor, gates: Tensor | None, fan_out: int
 ) -> Tensor:
     """:func:`token_sum` of rows given in grouped order: ``Σ_j gates[t, j] · grouped[g(t*k +
-    j)]`` summed in :func:`accumulation_dtype` in slot order, its bits, ``[T, out]``. Taken a
-    block of tokens at a time (their rows gathered, gated and summed while in cache), so the
-    T·k gated rows in fp32 are never all in memory (8 MB at 256 fine-grained tokens: 1.9
-    against 1.3 ms once placed and summed)."""
+    j)]`` summed in :func:`accumulation_dtype` in slot order, its bits, ``[T, out]``. On CPU
+    taken a block of tokens at a time (their rows gathered, gated and summed while in cache),
+    so the T·k gated rows in fp32 are never all in memory (8 MB at 256 fine-grained tokens:
+    1.9 against 1.3 ms once placed and summed); elsewhere all at once."""
     num_rows, width = grouped.shape
     num_tokens = num_rows // fan_out
     rows_of = _grouped_rows_of(sorted_indices)
@@ -261,6 +263,8 @@ def gated_token_sum(
     gates = None if gates is None else gates.reshape(-1)
     sums = grouped.new_empty(num_tokens, width, dtype=wide)
     block = max(1, SUM_BLOCK_BYTES // max(1, fan_out * width * wide.itemsize))
+    if grouped.device.type != "cpu":  # no page faults to avoid; one launch per op
+        block = max(1, num_tokens)
     for first in range(0, num_tokens, block):
         rows = slice(first * fan_out, min(first + block, num_tokens) * fan_out)
         terms = grouped.index_select(0, rows_of[rows])
@@ -303,8 +307,9 @@ def routed_mlp(
         sums = x.new_zeros(x.shape[0], num_out, dtype=sorted_gates.dtype)
         for (expert, start, end), rows in zip(runs, x_runs, strict=True):
             hidden = activate(_matmul(rows, w_in, expert, expert_offsets, None))
-            part = _matmul(hidden, w_out, expert, expert_offsets, None)
-            # an expert's tokens are distinct: each sum gets one term per run, in expert order
+            # contiguous: a weight-first part is a transposed view, slow to add by row
+            part = _matmul(hidden, w_out, expert, expert_offsets, None).contiguous()
+            # each run adds its rows into their tokens' sums: a token's terms in expert order
             sums.index_add_(0, token_rows[start:end], part * sorted_gates[start:end])
         return sums.to(x.dtype)
     hidden = activate(_products(x_runs, w_in, runs, expert_offsets, num_rows))

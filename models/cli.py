@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
     bench_parser.add_argument(
         "--cold-caches", action="store_true",
-        help="write a buffer twice the last-level cache before every timed call: weights read "
+        help="read a buffer twice the last-level cache before every timed call: weights read "
         "from memory, as in a model larger than the caches (decode)",
     )  # fmt: skip
     bench_parser.add_argument("--out", default="runs/bench", help="folder for JSON and PNG")

@@ -157,6 +157,11 @@ def test_cold_cache_timing_flushes_before_every_timed_call_and_times_only_the_ca
     assert all(ms < 25 for ms in medians.values())  # the 50 ms flushes are not counted
 
 
+def test_timing_needs_at_least_one_round():
+    with pytest.raises(ValueError, match="max_repeats"):
+        bench.time_medians_ms({"a": lambda: None}, "cpu", max_repeats=0)
+
+
 def test_the_last_level_cache_is_the_largest_listed(tmp_path):
     for index, size in enumerate(["48K", "2048K", "480M", "junk"]):
         (tmp_path / f"index{index}").mkdir()

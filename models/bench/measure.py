@@ -75,6 +75,8 @@ def time_medians_ms(
     leaves the caches full of its own dirty data slows whichever runs next (transformers'
     ``batched_mm`` at 8 fine-grained tokens copies 134 MB of weights: the one after it took
     1 ms more of 7), and a fixed order charged that to the same one every round."""
+    if max_repeats < 1:
+        raise ValueError(f"max_repeats must be >= 1, got {max_repeats}")
     for fn in steps.values():
         fn()
     sync_device(device)
@@ -117,13 +119,15 @@ def last_level_cache_bytes(device: str, cpu_caches: Path = CPU_CACHES) -> int:
 
 
 def cache_flush(device: str) -> Callable[[], None]:
-    """A callable that writes a buffer twice :func:`last_level_cache_bytes`, so the next call
+    """A callable that reads a buffer twice :func:`last_level_cache_bytes`, so the next call
     finds none of its weights in the caches: a block of a model larger than the caches, whose
-    other layers run between two uses of its weights (every decode step)."""
-    buffer = torch.empty(2 * last_level_cache_bytes(device) // 4, device=device)
+    other layers run between two uses of its weights (every decode step). A read, not a
+    write: written lines would be left dirty, and the timed call would pay for writing them
+    back."""
+    buffer = torch.ones(2 * last_level_cache_bytes(device) // 4, dtype=torch.float32, device=device)
 
     def flush() -> None:
-        buffer.fill_(1.0)
+        buffer.sum()
 
     return flush
 
