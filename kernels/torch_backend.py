@@ -151,10 +151,18 @@ def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: 
     offsets = expert_offsets.tolist()
     runs = [(e, start, end) for e, (start, end) in enumerate(itertools.pairwise(offsets))
             if end > start]  # fmt: skip
+    weight_first = _weight_first_helps(device, dtype)
+    # where no product can be weight-first (fp32 runs below FP32_WEIGHT_FIRST_ROWS), the C++
+    # loop of one _grouped_mm costs less than ours: with the caches cold, as in a decode step,
+    # each Python-level mm cost ~50 us more (JetMoE fp32, 8 tokens: the first products of 8
+    # experts 9.1 against 8.5 ms). Not when every run is a single row (a one-token step): its
+    # products keep the per-expert calls' bits, which one_token_mlp reproduces.
+    few_rows = not weight_first and 1 < len(runs) < num_rows
+    few_rows = few_rows and max(end - start for _, start, end in runs) < FP32_WEIGHT_FIRST_ROWS[0]
     if (
-        len(runs) > MANY_RUNS
+        (few_rows or len(runs) > MANY_RUNS)
         # in 16-bit, runs of mostly single rows stay ours: each a matrix-vector product
-        and (num_rows >= 2 * len(runs) or not _weight_first_helps(device, dtype))
+        and (num_rows >= 2 * len(runs) or not weight_first)
         and num_rows * row_bytes <= GATHER_ONCE_BYTES
         and device.type == "cpu"
         and cpu_has_native_matmul(dtype)

@@ -399,16 +399,19 @@ def test_a_gated_sum_is_rounded_to_the_dtype_once(backend, dtype, rows_in):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("experts", "rows_each", "one_run"),
-    [(64, 4, True), (64, 1, "fp32"), (8, 64, False), (64, 1024, False)],
-    ids=["many-small", "single-rows", "few-experts", "too-large"],
-)
+    [(64, 4, True), (64, 1, "fp32"), (8, 7, "fp32"), (8, 8, False), (8, 64, False),
+     (64, 1024, False)],
+    ids=["many-small", "single-rows", "few-below-weight-first", "few-at-weight-first",
+         "few-experts", "too-large"],
+)  # fmt: skip
 def test_cpu_runs_go_through_one_grouped_mm_only_for_many_small_experts(
     experts, rows_each, one_run, dtype
 ):
     """On CPU the per-expert loop gives way to one ``_grouped_mm`` for many experts of a few
-    rows each that fit GATHER_ONCE_BYTES; in native 16-bit, single rows (matrix-vector
-    products) keep the loop, and so do few experts and large inputs. Either way expert_linear
-    matches the float64 oracle."""
+    rows each that fit GATHER_ONCE_BYTES, and in fp32 for experts that all have fewer rows
+    than any weight-first product (FP32_WEIGHT_FIRST_ROWS); in native 16-bit, single rows
+    (matrix-vector products) and a few experts keep the loop (weight-first products), and so
+    do large inputs. Either way expert_linear matches the float64 oracle."""
     if dtype == torch.bfloat16 and not torch_backend.cpu_has_native_matmul(dtype):
         one_run = one_run is True or one_run == "fp32"  # emulated bf16 runs as fp32
     elif one_run == "fp32":
