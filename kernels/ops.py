@@ -162,7 +162,7 @@ def _to_assignment_order(values: Tensor, layout: int, sorted_indices: Tensor) ->
     """Per-assignment values given in ``layout`` order (GROUPED or ASSIGNMENT)."""
     if layout != RowLayout.GROUPED:
         return values
-    return torch.empty_like(values).index_copy_(0, sorted_indices, values)
+    return torch_backend.to_assignment_order(values, sorted_indices)
 
 
 def _triton_impl() -> ModuleType:

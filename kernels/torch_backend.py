@@ -40,9 +40,6 @@ from .plan import RowLayout, accumulation_dtype, token_sum
 # with the transposed result copied back, 64 was the best limit of 0, 16, 64 and 128.
 WEIGHT_FIRST_ROWS = 64
 
-# Gathered rows up to this size are gathered in one call (one call per expert cost 0.3 ms of a
-# fine-grained block's 6.9 ms first linear at 256 tokens); larger ones one run at a time, so no
-# full-size copy is allocated (see the module docstring).
 # In fp32, from 8 to 48 rows, the experts of at least 2M weights (8 MB: JetMoE's and Mixtral's,
 # not fine-grained ones) are computed weight-first too: on the 2-core AMX Xeon (torch 2.13, MKL)
 # a rows-first fp32 product of 4 or more rows packs the streamed weight and took 1.1-1.75x the
@@ -51,6 +48,10 @@ WEIGHT_FIRST_ROWS = 64
 # alternating rounds). Below 8 rows and for smaller experts rows-first was as fast or faster.
 FP32_WEIGHT_FIRST_ROWS = (8, 48)
 FP32_WEIGHT_FIRST_NUMEL = 2**21
+
+# Gathered rows up to this size are gathered in one call (one call per expert cost 0.3 ms of a
+# fine-grained block's 6.9 ms first linear at 256 tokens); larger ones one run at a time, so no
+# full-size copy is allocated (see the module docstring).
 GATHER_ONCE_BYTES = 8 * 2**20
 MANY_RUNS = 16  # experts with rows above which small inputs go through one _grouped_mm (_runs)
 # routed_mlp: hidden rows of all experts above this size are activated run by run, in cache
@@ -256,6 +257,13 @@ def _grouped_rows_of(sorted_indices: Tensor) -> Tensor:
     return torch.empty_like(sorted_indices).index_copy_(0, sorted_indices, positions)
 
 
+def to_assignment_order(t: Tensor, sorted_indices: Tensor) -> Tensor:
+    """The grouped-order tensor ``t`` (rows or per-row values) in assignment order: one
+    gather by the inverse permutation (an ``index_copy_`` placing the same rows took 1.8x its
+    time, 8 MB of fp32 rows on CPU)."""
+    return t.index_select(0, _grouped_rows_of(sorted_indices))
+
+
 def gated_token_sum(
     grouped: Tensor, sorted_indices: Tensor, gates: Tensor | None, fan_out: int
 ) -> Tensor:
@@ -303,8 +311,8 @@ def routed_mlp(
     and summed against 13 ms added in). Two bits may then differ from the calls': the
     activation runs per run (a vectorised and a scalar tail differ) and a token's k terms are
     summed in expert order, not slot order. Otherwise the first products of all runs are
-    activated in one call and gated and placed in one call each (a fine-grained block at 8
-    tokens has 40-odd runs of one or two rows): the calls' bits."""
+    activated in one call and gated and summed by :func:`gated_token_sum` (a fine-grained
+    block at 8 tokens has 40-odd runs of one or two rows): the calls' bits."""
     num_rows, num_out = sorted_indices.shape[0], w_out.shape[1]
     row_bytes = max(x.shape[1], w_in.shape[1], num_out) * x.element_size()
     runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes)
@@ -382,7 +390,7 @@ def gather_gemm(
     if y_layout == RowLayout.GROUPED:
         return y
     if y_layout == RowLayout.ASSIGNMENT:
-        return y.index_select(0, _grouped_rows_of(sorted_indices))
+        return to_assignment_order(y, sorted_indices)
     return gated_token_sum(y, sorted_indices, gates, fan_out).to(x.dtype)
 
 

@@ -71,10 +71,10 @@ def time_medians_ms(
     hold. At least ``min_repeats`` rounds (never more than ``max_repeats``), then more while
     within ``budget_s`` per callable (the time of ``before_each``, called untimed before
     every timed call, counts too). Each round after the first runs them in a new order
-    (seeded, so a run repeats): one that
-    leaves the caches full of its own dirty data slows whichever runs next (transformers'
-    ``batched_mm`` at 8 fine-grained tokens copies 134 MB of weights: the one after it took
-    1 ms more of 7), and a fixed order charged that to the same one every round."""
+    (seeded, so a run repeats): one that leaves the caches full of its own dirty data slows
+    whichever runs next (transformers' ``batched_mm`` at 8 fine-grained tokens copies 134 MB
+    of weights: the one after it took 1 ms more of 7), and a fixed order charged that to the
+    same one every round."""
     if max_repeats < 1:
         raise ValueError(f"max_repeats must be >= 1, got {max_repeats}")
     for fn in steps.values():
