@@ -12,8 +12,10 @@ large costs more than the copy itself (page faults), and such copies were a quar
 block's time. The loop
 reads the E+1 expert offsets on the host (free on CPU).
 
-On CUDA, where ``_grouped_mm`` runs the dtype (bf16 on sm_90+), the same steps run once over
-all rows with one ``_grouped_mm``, with no host reads.
+On a CPU with native 16-bit products, many experts with a few rows each are one ``torch.bmm``
+over all experts, each expert's rows zero-padded to the largest count (PADDED_ROWS). On CUDA,
+where ``_grouped_mm`` runs the dtype (bf16 on sm_90+), the same steps run once over all rows
+with one ``_grouped_mm``, with no host reads.
 
 On a CPU without native bf16 (or fp16) matrix instructions torch emulates them, ~100x slower than
 fp32 (:func:`cpu_has_native_matmul`); there each expert's bf16/fp16 product is computed in fp32
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +57,20 @@ FP32_WEIGHT_FIRST_NUMEL = 2**21
 # full-size copy is allocated (see the module docstring).
 GATHER_ONCE_BYTES = 8 * 2**20
 MANY_RUNS = 16  # experts with rows above which small inputs go through one _grouped_mm (_runs)
+# On a CPU with native 16-bit matrix instructions, when more than MANY_RUNS experts and at
+# least PADDED_USED of all have rows, at most PADDED_ROWS each, their products are one
+# torch.bmm over all E experts, each expert's rows zero-padded to the largest count
+# (:class:`Padded`), while the padded rows number at most PADDED_WASTE times the real ones:
+# oneDNN's batched product streams the weights in one call, where each per-expert product
+# (or _grouped_mm's) packs its expert's weight anew. On the AMX Xeon (torch 2.13, bf16) the
+# fine-grained block (E64 k8 f256) ran 1.31-1.46x faster at 16-128 tokens, 1.05x at 256 and
+# 1.30x (32 tokens) / 1.08x (256) forward+backward, the copies into and out of the padded
+# layout included; at 4 tokens (28 of 64 experts with rows) reading every expert's weight
+# took 1.4x the time, at 8 (40 of 64) it broke even. In fp32, and for JetMoE's 8 large
+# experts, bmm was slower or no faster (single products: 0.95-1.7x the time).
+PADDED_ROWS = 64
+PADDED_USED = 0.75
+PADDED_WASTE = 4
 # routed_mlp: hidden rows of all experts above this size are activated run by run, in cache
 FUSE_BYTES = 2**20
 # gated_token_sum: fp32 terms of this many bytes at a time (a block of tokens' k rows)
@@ -137,11 +154,20 @@ def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.mm(a, b, out=out)
 
 
+class Padded(NamedTuple):
+    """The expert of a run of all grouped rows computed as one ``torch.bmm``, each expert's
+    rows at ``e * rows`` of a zero-padded ``[E * rows, width]`` layout (:func:`_padded_slots`)."""
+
+    rows: int
+
+
 def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: int) -> list:
     """Runs of grouped rows, ``(expert, start, end)``: one run of all rows (expert None, one
     ``_grouped_mm``) on CUDA where ``_grouped_mm`` runs ``dtype``, with no host read; else one
     run per expert that has rows, from the offsets read on the host (a decode step's few
-    assignments cost a few runs, not one per expert). On CPU also one run of all rows when
+    assignments cost a few runs, not one per expert). In native 16-bit on CPU one run of all
+    rows as a padded ``bmm`` (expert :class:`Padded`) by the rule of PADDED_ROWS. On CPU also
+    one run of all rows when
     there are many experts with several rows each and all of them (``row_bytes`` each, the
     wider of input and output) fit GATHER_ONCE_BYTES: ``_grouped_mm``'s own loop then costs
     less than ours (the fine-grained block at 64-256 tokens: 0.80-0.91 of the plain pipeline's
@@ -153,13 +179,22 @@ def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: 
     runs = [(e, start, end) for e, (start, end) in enumerate(itertools.pairwise(offsets))
             if end > start]  # fmt: skip
     weight_first = _weight_first_helps(device, dtype)
+    most = max((end - start for _, start, end in runs), default=0)
+    if (
+        weight_first
+        and len(runs) > MANY_RUNS
+        and len(runs) >= PADDED_USED * (len(offsets) - 1)
+        and most <= PADDED_ROWS
+        and (len(offsets) - 1) * most <= PADDED_WASTE * num_rows
+    ):
+        return [(Padded(most), 0, num_rows)]
     # where no product can be weight-first (fp32 runs below FP32_WEIGHT_FIRST_ROWS), the C++
     # loop of one _grouped_mm costs less than ours: with the caches cold, as in a decode step,
     # each Python-level mm cost ~50 us more (JetMoE fp32, 8 tokens: the first products of 8
     # experts 9.1 against 8.5 ms). Not when every run is a single row (a one-token step): its
     # products keep the per-expert calls' bits, which one_token_mlp reproduces.
     few_rows = not weight_first and 1 < len(runs) < num_rows
-    few_rows = few_rows and max(end - start for _, start, end in runs) < FP32_WEIGHT_FIRST_ROWS[0]
+    few_rows = few_rows and most < FP32_WEIGHT_FIRST_ROWS[0]
     if (
         (few_rows or len(runs) > MANY_RUNS)
         # in 16-bit, runs of mostly single rows stay ours: each a matrix-vector product
@@ -210,11 +245,34 @@ def _weight_first(rows: Tensor, weight: Tensor) -> bool:
     )
 
 
+def _padded_slots(expert_offsets: Tensor, padded: Padded) -> Tensor:
+    """The row of each grouped row in the padded layout of ``padded``: ``e * padded.rows + j``
+    for the j-th row of expert e."""
+    num_rows = int(expert_offsets[-1])
+    rows = torch.arange(num_rows, device=expert_offsets.device)
+    experts = torch.searchsorted(expert_offsets, rows, right=True) - 1
+    return rows + experts * padded.rows - expert_offsets[experts]
+
+
+def _to_padded(t: Tensor, slots: Tensor, num_experts: int, padded: Padded) -> Tensor:
+    """Grouped rows ``t`` in the zero-padded layout ``[E, padded.rows, width]``."""
+    flat = t.new_zeros(num_experts * padded.rows, t.shape[1]).index_copy_(0, slots, t)
+    return flat.view(num_experts, padded.rows, t.shape[1])
+
+
 def _matmul(
-    rows: Tensor, weight: Tensor, expert: int | None, expert_offsets: Tensor, out: Tensor | None
+    rows: Tensor,
+    weight: Tensor,
+    expert: int | Padded | None,
+    expert_offsets: Tensor,
+    out: Tensor | None,
 ) -> Tensor:
     """``rows[i] @ weight[e(i)].T`` for the (non-empty) rows of one run, written into ``out``
     if given."""
+    if isinstance(expert, Padded):
+        slots = _padded_slots(expert_offsets, expert)
+        padded = torch.bmm(_to_padded(rows, slots, weight.shape[0], expert), weight.mT)
+        return torch.index_select(padded.view(-1, weight.shape[1]), 0, slots, out=out)
     if expert is not None:
         if not _weight_first(rows, weight):
             return _mm(rows, weight[expert].t(), out)
@@ -317,7 +375,7 @@ def routed_mlp(
     row_bytes = max(x.shape[1], w_in.shape[1], num_out) * x.element_size()
     runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes)
     x_runs = _run_rows(x, RowLayout.TOKEN, sorted_indices, fan_out, runs)
-    if num_rows * w_in.shape[1] * x.element_size() > FUSE_BYTES and runs[0][0] is not None:
+    if num_rows * w_in.shape[1] * x.element_size() > FUSE_BYTES and isinstance(runs[0][0], int):
         token_rows = source_rows(RowLayout.TOKEN, sorted_indices, fan_out)
         sorted_gates = gates.reshape(-1)[sorted_indices].to(accumulation_dtype(x.dtype))[:, None]
         sums = x.new_zeros(x.shape[0], num_out, dtype=sorted_gates.dtype)
@@ -386,7 +444,7 @@ def gather_gemm(
     y = _products(x_runs, weight, runs, expert_offsets, num_rows)  # grouped order
     if bias is not None:
         for expert, start, end in runs:
-            y[start:end] += bias[expert] if expert is not None else bias[sorted_experts]
+            y[start:end] += bias[expert] if isinstance(expert, int) else bias[sorted_experts]
     if y_layout == RowLayout.GROUPED:
         return y
     if y_layout == RowLayout.ASSIGNMENT:
@@ -412,8 +470,8 @@ def weight_grad(
     runs = _runs(expert_offsets, x.dtype, num_rows, max(num_in, num_out) * x.element_size())
     dw = x.new_empty(num_experts, num_out, num_in)
     covered = {run[0] for run in runs}
-    if None not in covered:  # one run per expert with rows: the others get no gradient
-        for expert in sorted(set(range(num_experts)) - covered):
+    if all(isinstance(expert, int) for expert in covered):  # one run per expert with rows:
+        for expert in sorted(set(range(num_experts)) - covered):  # the others get none
             dw[expert].zero_()
     sorted_gates = None if gates is None else gates[sorted_indices, None].to(dy.dtype)
     for (expert, start, end), x_rows, dy_rows in zip(
@@ -427,8 +485,15 @@ def weight_grad(
             dy_rows = (
                 dy_rows * run_gates if y_layout == RowLayout.GROUPED else dy_rows.mul_(run_gates)
             )
-        if expert is not None:
+        if isinstance(expert, int):
             _mm(dy_rows.t(), x_rows, dw[expert])
+        elif isinstance(expert, Padded):  # zero rows pad each expert's: they add nothing
+            slots = _padded_slots(expert_offsets, expert)
+            torch.bmm(
+                _to_padded(dy_rows, slots, num_experts, expert).mT,
+                _to_padded(x_rows, slots, num_experts, expert),
+                out=dw,
+            )
         elif num_out == 0 or num_in == 0:
             dw.zero_()
         else:
