@@ -41,6 +41,7 @@ from .plan import RowLayout, accumulation_dtype, token_sum
 # the right one. On the 2-core AVX-512 BF16 EPYC (torch 2.13) one JetMoE-shaped bf16 expert took
 # 1.3-1.6x less time so at 8-64 rows (the same at 1 row, mixed above 256); in the whole block,
 # with the transposed result copied back, 64 was the best limit of 0, 16, 64 and 128.
+# Row-major weights only: the input gradient's weight.mT was slower so (:func:`_weight_first`).
 WEIGHT_FIRST_ROWS = 64
 
 # In fp32, from 8 to 48 rows, the experts of at least 2M weights (8 MB: JetMoE's and Mixtral's,
@@ -228,10 +229,15 @@ def _weight_first_helps(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _weight_first(rows: Tensor, weight: Tensor) -> bool:
-    """Whether one expert's product of ``rows`` is computed as ``weight[e] @ rows.T``: up to
-    WEIGHT_FIRST_ROWS 16-bit rows where :func:`_weight_first_helps`; in fp32 on CPU,
-    FP32_WEIGHT_FIRST_ROWS of a row-major expert of at least FP32_WEIGHT_FIRST_NUMEL weights
-    (tuned on the AMX Xeon only)."""
+    """Whether one expert's product of ``rows`` is computed as ``weight[e] @ rows.T``, for a
+    row-major weight only: up to WEIGHT_FIRST_ROWS 16-bit rows where
+    :func:`_weight_first_helps`; in fp32 on CPU, FP32_WEIGHT_FIRST_ROWS of an expert of at
+    least FP32_WEIGHT_FIRST_NUMEL weights (tuned on the AMX Xeon only). The input gradient's
+    ``weight.mT`` (column-major) was slower weight-first at every row count on the AMX Xeon:
+    1.1-1.9x the time in bf16 (1-64 rows, the four expert shapes of the bench), 2-2.5x in
+    fp32."""
+    if weight.stride(-1) != 1:
+        return False
     num_rows = rows.shape[0]
     if _weight_first_helps(rows.device, rows.dtype):
         return num_rows <= WEIGHT_FIRST_ROWS
@@ -241,7 +247,6 @@ def _weight_first(rows: Tensor, weight: Tensor) -> bool:
         and rows.dtype == torch.float32
         and low <= num_rows <= high
         and weight[0].numel() >= FP32_WEIGHT_FIRST_NUMEL
-        and weight.stride(-1) == 1  # not the input gradient's weight.mT: slower so (2-2.5x)
     )
 
 
