@@ -277,7 +277,7 @@ def _matmul(
     if isinstance(expert, Padded):
         slots = _padded_slots(expert_offsets, expert)
         padded = torch.bmm(_to_padded(rows, slots, weight.shape[0], expert), weight.mT)
-        return torch.index_select(padded.view(-1, weight.shape[1]), 0, slots, out=out)
+        return torch.index_select(padded.flatten(0, 1), 0, slots, out=out)
     if expert is not None:
         if not _weight_first(rows, weight):
             return _mm(rows, weight[expert].t(), out)

@@ -11,7 +11,13 @@ import textwrap
 import pytest
 import torch
 
-from moe_blocks.kernels import expert_linear, plan_dispatch, resolve_backend, use_backend
+from moe_blocks.kernels import (
+    expert_linear,
+    plan_dispatch,
+    resolve_backend,
+    torch_backend,
+    use_backend,
+)
 from moe_blocks.testing import reference_expert_linear
 
 from .conftest import DEVICE
@@ -285,9 +291,18 @@ def _pointer_offset_widths(ttir: str) -> dict[str, set[str]]:
     return widths
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _padded_runs(expert_offsets, dtype, num_rows, row_bytes):
+    """The torch backend's padded-``bmm`` run (native 16-bit CPU, many small experts), forced."""
+    most = int(expert_offsets.diff().max())
+    return [(torch_backend.Padded(most), 0, num_rows)]
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "torch-padded"])
 @pytest.mark.parametrize("d_in, d_out", [(0, 5), (8, 0), (0, 0)])
-def test_zero_width_features(backend, d_in, d_out):
+def test_zero_width_features(backend, d_in, d_out, monkeypatch):
+    if backend == "torch-padded":
+        monkeypatch.setattr(torch_backend, "_runs", _padded_runs)
+        backend = "torch"
     plan, _, _ = _setup()
     x = torch.randn(6, d_in, device=DEVICE, requires_grad=True)
     weight = torch.randn(4, d_out, d_in, device=DEVICE, requires_grad=True)
