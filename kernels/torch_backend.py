@@ -68,7 +68,7 @@ MANY_RUNS = 16  # experts with rows above which small inputs go through one _gro
 # 1.30x (32 tokens) / 1.08x (256) forward+backward, the copies into and out of the padded
 # layout included; at 4 tokens (28 of 64 experts with rows) reading every expert's weight
 # took 1.4x the time, at 8 (40 of 64) it broke even. In fp32, and for JetMoE's 8 large
-# experts, bmm was slower or no faster (single products: 0.95-1.7x the time).
+# experts, bmm was mostly slower (single products: 0.82-1.73x the time of one _grouped_mm).
 PADDED_ROWS = 64
 PADDED_USED = 0.75
 PADDED_WASTE = 4
