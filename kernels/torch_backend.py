@@ -12,7 +12,7 @@ large costs more than the copy itself (page faults), and such copies were a quar
 block's time. The loop
 reads the E+1 expert offsets on the host (free on CPU).
 
-On a CPU with native 16-bit products, many experts with a few rows each are one ``torch.bmm``
+On a CPU with native bf16 products, many experts with a few rows each are one ``torch.bmm``
 over all experts, each expert's rows zero-padded to the largest count (PADDED_ROWS). On CUDA,
 where ``_grouped_mm`` runs the dtype (bf16 on sm_90+), the same steps run once over all rows
 with one ``_grouped_mm``, with no host reads.
@@ -58,17 +58,19 @@ FP32_WEIGHT_FIRST_NUMEL = 2**21
 # full-size copy is allocated (see the module docstring).
 GATHER_ONCE_BYTES = 8 * 2**20
 MANY_RUNS = 16  # experts with rows above which small inputs go through one _grouped_mm (_runs)
-# On a CPU with native 16-bit matrix instructions, when more than MANY_RUNS experts and at
-# least PADDED_USED of all have rows, at most PADDED_ROWS each, their products are one
-# torch.bmm over all E experts, each expert's rows zero-padded to the largest count
-# (:class:`Padded`), while the padded rows number at most PADDED_WASTE times the real ones:
-# oneDNN's batched product streams the weights in one call, where each per-expert product
-# (or _grouped_mm's) packs its expert's weight anew. On the AMX Xeon (torch 2.13, bf16) the
-# fine-grained block (E64 k8 f256) ran 1.31-1.46x faster at 16-128 tokens, 1.05x at 256 and
-# 1.30x (32 tokens) / 1.08x (256) forward+backward, the copies into and out of the padded
-# layout included; at 4 tokens (28 of 64 experts with rows) reading every expert's weight
-# took 1.4x the time, at 8 (40 of 64) it broke even. In fp32, and for JetMoE's 8 large
-# experts, bmm was mostly slower (single products: 0.82-1.73x the time of one _grouped_mm).
+# In bf16 on a CPU with native bf16 matrix instructions, when more than MANY_RUNS experts and
+# at least PADDED_USED of all have rows, at most PADDED_ROWS each (not all single rows: a
+# one-token step keeps the per-expert calls' bits), their products are one torch.bmm over all
+# E experts, each expert's rows zero-padded to the largest count (:class:`Padded`), while the
+# padded rows number at most PADDED_WASTE times the real ones: oneDNN's batched product streams
+# the weights in one call, where each per-expert product (or _grouped_mm's) packs its expert's
+# weight anew. On the AMX Xeon (torch 2.13) the fine-grained block (E64 k8 f256) ran
+# 1.31-1.46x faster at 16-128 tokens, 1.05x at 256 and 1.30x (32 tokens) / 1.08x (256)
+# forward+backward, the copies into and out of the padded layout included; at 4 tokens (28 of
+# 64 experts with rows) reading every expert's weight took 1.4x the time, at 8 (40 of 64) it
+# broke even. In fp32, and for JetMoE's 8 large experts, bmm was mostly slower (single
+# products: 0.82-1.73x the time of one _grouped_mm); in fp16 (AMX-FP16) the block took
+# 0.92-1.17x the time.
 PADDED_ROWS = 64
 PADDED_USED = 0.75
 PADDED_WASTE = 4
@@ -166,7 +168,7 @@ def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: 
     """Runs of grouped rows, ``(expert, start, end)``: one run of all rows (expert None, one
     ``_grouped_mm``) on CUDA where ``_grouped_mm`` runs ``dtype``, with no host read; else one
     run per expert that has rows, from the offsets read on the host (a decode step's few
-    assignments cost a few runs, not one per expert). In native 16-bit on CPU one run of all
+    assignments cost a few runs, not one per expert). In native bf16 on CPU one run of all
     rows as a padded ``bmm`` (expert :class:`Padded`) by the rule of PADDED_ROWS. On CPU also
     one run of all rows when
     there are many experts with several rows each and all of them (``row_bytes`` each, the
@@ -183,6 +185,8 @@ def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: 
     most = max((end - start for _, start, end in runs), default=0)
     if (
         weight_first
+        and dtype == torch.bfloat16
+        and most > 1  # all single rows (a one-token step): the per-expert calls, as below
         and len(runs) > MANY_RUNS
         and len(runs) >= PADDED_USED * (len(offsets) - 1)
         and most <= PADDED_ROWS

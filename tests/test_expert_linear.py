@@ -230,7 +230,7 @@ def test_torch_backend_one_grouped_mm_path_matches_reference(combination, data):
 @per_combination(2)
 @given(data=st.data())
 def test_torch_backend_padded_bmm_path_matches_reference(combination, data):
-    """Native 16-bit CPU products of many experts with a few rows each run as one ``bmm``
+    """Native bf16 CPU products of many experts with a few rows each run as one ``bmm``
     over a zero-padded ``[E, rows, width]`` layout (forward, input and weight gradients):
     forced here in every dtype, layout and output for any routing whose padding is bounded."""
     problem = data.draw(problems(combination, **TORCH_PROBLEMS))
@@ -460,7 +460,7 @@ def test_a_gated_sum_is_rounded_to_the_dtype_once(backend, dtype, rows_in):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("experts", "rows_each", "one_run"),
-    [(64, 4, "padded"), (64, 1, "padded"), (8, 7, "fp32"), (8, 8, False), (8, 64, False),
+    [(64, 4, "padded"), (64, 1, "fp32"), (8, 7, "fp32"), (8, 8, False), (8, 64, False),
      (64, 1024, False)],
     ids=["many-small", "single-rows", "few-below-weight-first", "few-at-weight-first",
          "few-experts", "too-large"],
@@ -469,11 +469,11 @@ def test_cpu_runs_go_through_one_grouped_mm_only_for_many_small_experts(
     experts, rows_each, one_run, dtype
 ):
     """On CPU the per-expert loop gives way to one call for many experts of a few rows each
-    that fit GATHER_ONCE_BYTES: a padded ``bmm`` in native 16-bit, else one ``_grouped_mm``;
+    that fit GATHER_ONCE_BYTES: a padded ``bmm`` in native bf16, else one ``_grouped_mm``;
     and in fp32 to one ``_grouped_mm`` for experts that all have fewer rows than any
-    weight-first product (FP32_WEIGHT_FIRST_ROWS); in native 16-bit a few experts keep the
-    loop (weight-first products), and so do large inputs. Either way expert_linear matches
-    the float64 oracle."""
+    weight-first product (FP32_WEIGHT_FIRST_ROWS); in native 16-bit, single rows
+    (matrix-vector products) and a few experts keep the loop (weight-first products), and so
+    do large inputs. Either way expert_linear matches the float64 oracle."""
     native = dtype == torch.float32 or torch_backend.cpu_has_native_matmul(dtype)
     if one_run == "padded":
         one_run = "padded" if dtype != torch.float32 and native else True
@@ -502,17 +502,18 @@ def test_cpu_runs_go_through_one_grouped_mm_only_for_many_small_experts(
     ("counts", "padded"),
     [([4] * 64, True), ([64] * 64, True), ([65] + [64] * 63, False),
      ([4] * 48 + [0] * 16, True), ([4] * 47 + [0] * 17, False), ([2] * 17 + [0] * 5, True),
-     ([2] * 16, False), ([5] + [1] * 63, False), ([4] + [1] * 63, True)],
+     ([2] * 16, False), ([5] + [1] * 63, False), ([4] + [1] * 63, True), ([1] * 64, False)],
     ids=["small", "at-most-rows", "above-most-rows", "three-quarters-used", "fewer-used",
-         "17-experts", "16-experts", "too-much-padding", "padding-at-bound"],
+         "17-experts", "16-experts", "too-much-padding", "padding-at-bound", "single-rows"],
 )  # fmt: skip
-def test_native_16_bit_cpu_products_of_many_small_experts_are_one_padded_bmm(
+def test_native_bf16_cpu_products_of_many_small_experts_are_one_padded_bmm(
     counts, padded, monkeypatch
 ):
     """The rule of ``_runs`` for the padded ``bmm``: more than MANY_RUNS experts with rows,
     at least PADDED_USED of all of them, at most PADDED_ROWS rows each, and padded rows at
-    most PADDED_WASTE times the real ones (64 x 4 = 256 <= 4 x 67; 64 x 5 = 320 > 4 x 68);
-    in 16-bit on a CPU with native products only (forced native here; fp32 never). The
+    most PADDED_WASTE times the real ones (64 x 4 = 256 <= 4 x 67; 64 x 5 = 320 > 4 x 68),
+    not every expert a single row (a one-token step keeps the per-expert calls' bits); in
+    bf16 on a CPU with native products only (forced native here; fp16 and fp32 never). The
     padded product matches the float64 oracle, each expert's rows with its own weight."""
     monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", lambda dtype: True)
     experts = len(counts)
@@ -520,7 +521,7 @@ def test_native_16_bit_cpu_products_of_many_small_experts_are_one_padded_bmm(
     routing = routing[torch.randperm(routing.shape[0])]
     plan = plan_dispatch(routing, experts)
     num_rows, most = routing.shape[0], max(counts)
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         runs = torch_backend._runs(plan.expert_offsets, dtype, num_rows, 64 * 2)
         expected_runs = [(torch_backend.Padded(most), 0, num_rows)]
         assert (runs == expected_runs) == (padded and dtype == torch.bfloat16), (dtype, runs)
