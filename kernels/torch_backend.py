@@ -172,9 +172,9 @@ def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: 
     rows as a padded ``bmm`` (expert :class:`Padded`) by the rule of PADDED_ROWS. On CPU also
     one run of all rows when there are many experts with several rows each and all of them
     (``row_bytes`` each, the wider of input and output) fit GATHER_ONCE_BYTES: ``_grouped_mm``'s
-    own loop then costs
-    less than ours (the fine-grained block at 64-256 tokens: 0.80-0.91 of the plain pipeline's
-    speed per expert, 0.91-0.99 in one run; JetMoE's 8 experts stay faster per expert)."""
+    own loop then costs less than ours (the fine-grained block at 64-256 tokens: 0.80-0.91 of
+    the plain pipeline's speed per expert, 0.91-0.99 in one run; JetMoE's 8 experts stay
+    faster per expert)."""
     device = expert_offsets.device
     if device.type == "cuda" and grouped_mm_runs(device, dtype):
         return [(None, 0, num_rows)] if num_rows else []
