@@ -150,6 +150,22 @@ def results_and_references(problem, backend):
         sorted_indices=plan.sorted_indices.cpu(), grouped_in=grouped_in, grouped_out=grouped_out,
     )  # fmt: skip
     largest = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    # dgates[a] = <dy_row(a), x_row(a) @ weight[e].T + bias[e]> sums terms that can be far larger
+    # than the result; their magnitudes bound what the roundings of the intermediates (dy @ weight
+    # in the dtype) can move it by: the gates' gradient of the reference on |x|, |weight|,
+    # |bias| with the upstream |dy|.
+    gate_magnitudes = None
+    if gates is not None:
+        absolute = {name: leaf.detach().abs() for name, leaf in leaves.items()}
+        absolute["gates"].requires_grad_()
+        bound_out = reference_expert_linear(
+            absolute["x"], absolute["weight"], routing.expert_idx, bias=absolute.get("bias"),
+            gates=absolute["gates"], sorted_indices=plan.sorted_indices.cpu(),
+            grouped_in=grouped_in, grouped_out=grouped_out,
+        )  # fmt: skip
+        if bound_out.requires_grad:
+            (bound_out * upstream.cpu().double().abs()).sum().backward()
+        gate_magnitudes = absolute["gates"].grad
     compared = [("output", out.detach().cpu(), expected.detach(), dtype,
                  {"reduction_length": reduction_length, "top_k": rows,
                   "scale": magnitudes.clamp_min(largest)})]  # fmt: skip
@@ -161,6 +177,9 @@ def results_and_references(problem, backend):
         expected_grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         reduction_length, rows = reductions[name]
         model = {"reduction_length": reduction_length, "top_k": rows, "roundings": 3}
+        if name == "gates" and gate_magnitudes is not None:
+            largest_grad = max(1.0, expected_grad.abs().max().item()) if grad.numel() else 1.0
+            model["scale"] = gate_magnitudes.clamp_min(largest_grad)
         compared.append((f"grad {name}", grad.cpu(), expected_grad,
                          max(grad_dtype, dtype, key=_eps), model))  # fmt: skip
     return compared
