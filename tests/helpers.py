@@ -6,6 +6,7 @@ from unittest import mock
 
 import torch
 
+from moe_blocks.kernels import torch_backend
 from moe_blocks.testing import tolerances
 
 LAYOUTS = ("contiguous", "transposed", "sliced")
@@ -140,3 +141,16 @@ def watched_inference_paths(*, fused: bool):
         mock.patch.object(torch_backend, "FUSE_BYTES", fuse_bytes),
     ):
         yield path, one_token
+
+
+def padded_run(offsets, dtype, rows, row_bytes):
+    """A stand-in for the torch backend's ``_runs`` that forces its padded path: one padded
+    ``bmm`` run wherever the padding stays within PADDED_WASTE (whatever the dtype, the expert
+    count or how many of them have rows), else the usual runs."""
+    most = int(offsets.diff().max()) if rows else 0
+    if not rows or (offsets.shape[0] - 1) * most > torch_backend.PADDED_WASTE * rows:
+        return _UNPATCHED_RUNS(offsets, dtype, rows, row_bytes)
+    return [(torch_backend.Padded(most), 0, rows)]
+
+
+_UNPATCHED_RUNS = torch_backend._runs

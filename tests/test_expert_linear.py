@@ -26,7 +26,7 @@ from moe_blocks.testing import (
 )
 
 from .conftest import DEVICE
-from .helpers import LAYOUTS, assert_matches, make_tensor
+from .helpers import LAYOUTS, assert_matches, make_tensor, padded_run
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROWS_IN = ("token", "assignment", "grouped")  # x is [T, in] (read k times), [T*k, in], grouped
@@ -218,18 +218,6 @@ def _one_run(offsets, dtype, rows, row_bytes):
     return [(None, 0, rows)] if rows else []
 
 
-def _padded_run(offsets, dtype, rows, row_bytes):
-    """One padded ``bmm`` run wherever the padding stays within PADDED_WASTE (whatever the
-    dtype, the expert count or how many of them have rows), else the usual runs."""
-    most = int(offsets.diff().max()) if rows else 0
-    if not rows or (offsets.shape[0] - 1) * most > torch_backend.PADDED_WASTE * rows:
-        return _runs_unpatched(offsets, dtype, rows, row_bytes)
-    return [(torch_backend.Padded(most), 0, rows)]
-
-
-_runs_unpatched = torch_backend._runs
-
-
 @pytest.mark.usefixtures("poisoned_memory")
 @pytest.mark.parametrize("combination", COMBINATIONS)
 @per_combination(2)
@@ -254,7 +242,7 @@ def test_torch_backend_padded_bmm_path_matches_reference(combination, data):
     forced here in every dtype, layout and output for any routing whose padding is bounded."""
     problem = data.draw(problems(combination, **TORCH_PROBLEMS))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch_backend, "_runs", _padded_run)
+        patch.setattr(torch_backend, "_runs", padded_run)
         check_against_reference(problem, "torch")
 
 

@@ -21,7 +21,7 @@ from moe_blocks.kernels import (
 from moe_blocks.testing import reference_expert_linear
 
 from .conftest import DEVICE
-from .helpers import assert_matches
+from .helpers import assert_matches, padded_run
 
 BACKENDS = ("torch", "triton")
 
@@ -291,17 +291,11 @@ def _pointer_offset_widths(ttir: str) -> dict[str, set[str]]:
     return widths
 
 
-def _padded_runs(expert_offsets, dtype, num_rows, row_bytes):
-    """The torch backend's padded-``bmm`` run (native 16-bit CPU, many small experts), forced."""
-    most = int(expert_offsets.diff().max())
-    return [(torch_backend.Padded(most), 0, num_rows)]
-
-
 @pytest.mark.parametrize("backend", [*BACKENDS, "torch-padded"])
 @pytest.mark.parametrize("d_in, d_out", [(0, 5), (8, 0), (0, 0)])
 def test_zero_width_features(backend, d_in, d_out, monkeypatch):
     if backend == "torch-padded":
-        monkeypatch.setattr(torch_backend, "_runs", _padded_runs)
+        monkeypatch.setattr(torch_backend, "_runs", padded_run)
         backend = "torch"
     plan, _, _ = _setup()
     x = torch.randn(6, d_in, device=DEVICE, requires_grad=True)
