@@ -142,30 +142,25 @@ def results_and_references(problem, backend):
     reduction_length, rows = reductions["output"]
     # The output's intermediates are the rows before the gates (each rounded to the dtype):
     # their gate-weighted sum of magnitudes, not the output's largest value, bounds what their
-    # roundings can move (with many gated rows that nearly cancel, it is far larger).
-    magnitudes = reference_expert_linear(
-        *(leaves[name].detach().abs() for name in ("x", "weight")), routing.expert_idx,
-        bias=None if bias is None else leaves["bias"].detach().abs(),
-        gates=None if gates is None else leaves["gates"].detach().abs(),
-        sorted_indices=plan.sorted_indices.cpu(), grouped_in=grouped_in, grouped_out=grouped_out,
-    )  # fmt: skip
-    largest = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    # roundings can move (with many gated rows that nearly cancel, it is far larger). Likewise
     # dgates[a] = <dy_row(a), x_row(a) @ weight[e].T + bias[e]> sums terms that can be far larger
     # than the result; their magnitudes bound what the roundings of the intermediates (dy @ weight
-    # in the dtype) can move it by: the gates' gradient of the reference on |x|, |weight|,
-    # |bias| with the upstream |dy|.
-    gate_magnitudes = None
+    # in the dtype) can move it by: the gates' gradient of the same reference on |x|, |weight|,
+    # |bias|, |gates| with the upstream |dy|.
+    absolute = {name: leaf.detach().abs() for name, leaf in leaves.items()}
     if gates is not None:
-        absolute = {name: leaf.detach().abs() for name, leaf in leaves.items()}
         absolute["gates"].requires_grad_()
-        bound_out = reference_expert_linear(
-            absolute["x"], absolute["weight"], routing.expert_idx, bias=absolute.get("bias"),
-            gates=absolute["gates"], sorted_indices=plan.sorted_indices.cpu(),
-            grouped_in=grouped_in, grouped_out=grouped_out,
-        )  # fmt: skip
-        if bound_out.requires_grad:
-            (bound_out * upstream.cpu().double().abs()).sum().backward()
+    magnitudes = reference_expert_linear(
+        absolute["x"], absolute["weight"], routing.expert_idx, bias=absolute.get("bias"),
+        gates=absolute.get("gates"), sorted_indices=plan.sorted_indices.cpu(),
+        grouped_in=grouped_in, grouped_out=grouped_out,
+    )  # fmt: skip
+    gate_magnitudes = None
+    if magnitudes.requires_grad:  # gated, and a non-empty routing
+        (magnitudes * upstream.cpu().double().abs()).sum().backward()
         gate_magnitudes = absolute["gates"].grad
+    magnitudes = magnitudes.detach()
+    largest = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     compared = [("output", out.detach().cpu(), expected.detach(), dtype,
                  {"reduction_length": reduction_length, "top_k": rows,
                   "scale": magnitudes.clamp_min(largest)})]  # fmt: skip
