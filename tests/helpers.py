@@ -154,3 +154,15 @@ def padded_run(offsets, dtype, rows, row_bytes):
 
 
 _UNPATCHED_RUNS = torch_backend._runs
+
+
+def zero_safetensors_in_place(path) -> None:
+    """Overwrite the tensor data of the safetensors file ``path`` with zeros in place (the same
+    file, not a new one renamed over it), its header kept: what another process rewriting a
+    checkpoint does to a reader that still maps the file."""
+    with open(path, "r+b") as file:
+        header = int.from_bytes(file.read(8), "little")
+        data_start = 8 + header
+        size = file.seek(0, 2)
+        file.seek(data_start)
+        file.write(bytes(size - data_start))

@@ -30,6 +30,8 @@ from moe_blocks.models.train import (
     train,
 )
 
+from .helpers import zero_safetensors_in_place
+
 OVERRIDES = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=32, kv_channels=8)
 
 
@@ -305,3 +307,21 @@ def test_sigterm_on_one_rank_saves_the_step_all_ranks_agree_on(tmp_path, data):
     spawn_local(_sharded_run, 2, settings, None)
     log = run_folder.read_json(tmp_path / "run" / "log.json", list)
     torch.testing.assert_close(_losses(log), _losses(reference.log), atol=0.0, rtol=1e-5)
+
+
+def test_restored_optimizer_state_is_not_a_view_of_the_checkpoint_file(tmp_path):
+    """safetensors maps the file it loads: AdamW state left as views of it would change when
+    the checkpoint is rewritten in place (and copy its pages on the first update)."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    saved = {f"{name}::{key}": value for name, param in model.named_parameters()
+             for key, value in optimizer.state[param].items()}  # fmt: skip
+    run_folder.save_file(saved, str(tmp_path / "optimizer.safetensors"))
+    restored = torch.optim.AdamW(model.parameters())
+    run_folder.restore_optimizer(tmp_path, model, restored)
+    zero_safetensors_in_place(tmp_path / "optimizer.safetensors")
+    for name, param in model.named_parameters():
+        for key, value in restored.state[param].items():
+            assert torch.equal(value, saved[f"{name}::{key}"]), (name, key)

@@ -440,7 +440,8 @@ def restore_optimizer(directory: Path, model, optimizer) -> None:
             raise TrainingError(
                 f"--resume: {path}: {key!r} is not AdamW state of this model's parameters"
             )
-        optimizer.state[params[name]][state_key] = value.to(param.device)
+        # copied: on CPU load_file's tensors are copy-on-write views of the file's pages
+        optimizer.state[params[name]][state_key] = value.to(param.device, copy=True)
 
 
 def check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> TrainerState | None:
