@@ -148,6 +148,24 @@ def test_greedy_generation_matches_transformers(tmp_path):
     assert torch.equal(ours.generate(prompt, max_new_tokens=12, eos_token_id=None), expected)
 
 
+def test_the_generate_benchmark_compares_the_same_greedy_tokens(tmp_path):
+    """benches/generate_speed.py (docs/benchmarks.md's decode table): both models load the
+    same checkpoint and, in fp32, generate the same tokens; the JSON holds the printed rows."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benches" / "generate_speed.py"
+    spec = importlib.util.spec_from_file_location("generate_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    options = "--tiny --layers 2 --dtypes fp32 --repeats 1 --new-tokens 3 --device cpu".split()
+    rows = module.main([*options, "--out", str(tmp_path)])
+    assert [row["shape"] for row in rows] == ["jetmoe-8b", "fine-grained"]
+    assert all(row["same_tokens"] for row in rows)
+    assert all(min(row["ms_per_token"].values()) > 0 for row in rows)
+    assert json.loads((tmp_path / "generate_speed.json").read_text())["rows"] == rows
+
+
 def _eos_pair(tmp_path, **overrides):
     """A model (vocab 16) whose greedy continuations of ``prompt`` end with the config's
     eos_token_id 2 within 10 tokens, one row two tokens before the other."""

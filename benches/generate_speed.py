@@ -1,0 +1,149 @@
+"""Decode speed end to end: greedy ``generate`` of our JetMoE against transformers'
+``JetMoeForCausalLM`` with the same weights, milliseconds per new token.
+
+A block's one-token forward (``moe-blocks bench --tokens 1``) times the MoE layer alone, its
+weights in or out of the caches; a decode step of a whole model runs every layer's attention,
+router and experts in turn with a KV cache, and the weights of the other layers pass through
+the caches between two uses of a layer's. This times that: for each shape (the bench's CPU or
+GPU shapes, named as in ``moe-blocks bench``) a model of ``--layers`` layers is built with
+random weights (``initializer_range``), saved once and loaded by both; both generate
+``--new-tokens`` tokens greedily after a prompt of ``--prompt-tokens``, timed in alternating
+rounds (``time_medians_ms``), and their tokens are compared (in fp32 they must agree; in 16 bits
+a near-tie may pick another token, which the table says).
+
+    python benches/generate_speed.py --out docs/generate --threads 2
+
+writes ``generate_speed.json`` and prints a markdown table (docs/benchmarks.md has one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from moe_blocks.models.bench.cases import attention_dims, shapes_for
+from moe_blocks.models.bench.measure import time_medians_ms
+from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def config_for(shape: str, layers: int, vocab: int, device: str, tiny: bool) -> JetMoEConfig:
+    """A JetMoE of the bench's ``shape`` (d_model, d_ffn, experts, k) with ``layers`` layers,
+    attention as the bench's (:func:`attention_dims`), no end-of-sequence token (every run
+    generates the same number of tokens)."""
+    d_model, d_ffn, experts, top_k = shapes_for(device, tiny)[shape]
+    kv_heads, head_dim = attention_dims(d_model, top_k)
+    return JetMoEConfig(
+        vocab_size=vocab, hidden_size=d_model, num_hidden_layers=layers,
+        num_local_experts=experts, num_experts_per_tok=top_k, num_key_value_heads=kv_heads,
+        kv_channels=head_dim, intermediate_size=d_ffn, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+
+
+def measure(config: JetMoEConfig, dtype: str, *, prompt_tokens: int, new_tokens: int,
+            device: str, repeats: int) -> dict:  # fmt: skip
+    """Both models' milliseconds per new token (medians of ``repeats`` alternating rounds of a
+    whole ``generate``, prefill included, divided by ``new_tokens``) and whether their tokens
+    agree."""
+    import transformers
+
+    torch.manual_seed(0)
+    ours = JetMoEForCausalLM(config)
+    ours.init_weights()
+    with tempfile.TemporaryDirectory() as directory:
+        ours.save_pretrained(directory)
+        del ours
+        ours = JetMoEForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], device=device)
+        theirs = transformers.JetMoeForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype])
+    theirs = theirs.to(device).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens), device=device)
+    steps = {
+        "moe_blocks": lambda: ours.generate(prompt, new_tokens),
+        "transformers": lambda: theirs.generate(
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        ),
+    }
+    with torch.no_grad():
+        tokens = {name: step() for name, step in steps.items()}
+        times = time_medians_ms(steps, device, min_repeats=repeats, max_repeats=repeats)
+    ms = {name: value / new_tokens for name, value in times.items()}
+    return {
+        "layers": config.num_hidden_layers,
+        "dims": [
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_local_experts,
+            config.num_experts_per_tok,
+        ],  # fmt: skip
+        "dtype": dtype,
+        "ms_per_token": ms,
+        "transformers_over_ours": ms["transformers"] / ms["moe_blocks"],
+        "same_tokens": torch.equal(tokens["moe_blocks"], tokens["transformers"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="jetmoe-8b,fine-grained")
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--layers", type=int, default=8, help="enough that the weights of "
+                        "all layers do not fit in the caches")  # fmt: skip
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--prompt-tokens", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds (median)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--tiny", action="store_true", help="the bench's tiny shapes (tests)")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for shape in args.shapes.split(","):
+        for dtype in args.dtypes.split(","):
+            if shape not in shapes_for(args.device, args.tiny) or dtype not in DTYPES:
+                parser.error(f"unknown shape {shape!r} or dtype {dtype!r}")
+            config = config_for(shape, args.layers, args.vocab, args.device, args.tiny)
+            row = {"shape": shape} | measure(
+                config, dtype, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                device=args.device, repeats=args.repeats,
+            )  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print("\n| shape | layers | dtype | ms per new token: ours / transformers | ratio | "
+          "same tokens |\n|---|---:|---|---:|---:|---|")  # fmt: skip
+    for row in rows:
+        ms, same = row["ms_per_token"], "yes" if row["same_tokens"] else "no"
+        print(f"| {row['shape']} | {row['layers']} | {row['dtype']} | "
+              f"{ms['moe_blocks']:.2f} / {ms['transformers']:.2f} | "
+              f"{row['transformers_over_ours']:.2f} | {same} |")  # fmt: skip
+    if args.out:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip()  # fmt: skip
+        result = {
+            "command": "python benches/generate_speed.py "
+            + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "commit": commit,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "rows": rows,
+        }
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "generate_speed.json").write_text(json.dumps(result, indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
