@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_blocks import KVCache, MoA, MoEMLP, TopKRouter
 from moe_blocks.kernels.checks import INTEGER_DTYPES, check_index_range, check_non_negative
-from moe_blocks.router import inference, named_routers
+from moe_blocks.router import check_keep_mask, inference, named_routers
 
 from . import hf_checkpoint
 from .config import JetMoEConfig
@@ -221,6 +221,9 @@ class JetMoEForCausalLM(nn.Module):
             raise ValueError(
                 f"kv_caches must hold one KVCache per layer ({self.config.num_hidden_layers})"
             )
+        if attention_mask is not None:  # checked once: an integer mask's range check (a
+            # reduction and a host read, or device asserts) was run 3 times in every layer
+            attention_mask = check_keep_mask(attention_mask, "attention_mask")
         hidden = self.model.embed_tokens(input_ids.long())
         for index, layer in enumerate(self.model.layers):
             cache = kv_caches[index] if kv_caches is not None else None
