@@ -59,8 +59,8 @@ FP32_WEIGHT_FIRST_NUMEL = 2**21
 GATHER_ONCE_BYTES = 8 * 2**20
 MANY_RUNS = 16  # experts with rows above which small inputs go through one _grouped_mm (_runs)
 # In bf16 on a CPU with native bf16 matrix instructions, when more than MANY_RUNS experts and
-# at least PADDED_USED of all have rows, at most PADDED_ROWS each (not all single rows: a
-# one-token step keeps the per-expert calls' bits), their products are one torch.bmm over all
+# at least PADDED_USED of all have rows, at most PADDED_ROWS each (not all single rows: those
+# keep one product per expert, as a one-token step's), their products are one torch.bmm over all
 # E experts, each expert's rows zero-padded to the largest count (:class:`Padded`), while the
 # padded rows number at most PADDED_WASTE times the real ones: oneDNN's batched product streams
 # the weights in one call, where each per-expert product (or _grouped_mm's) packs its expert's
@@ -186,7 +186,7 @@ def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: 
     if (
         weight_first
         and dtype == torch.bfloat16
-        and most > 1  # all single rows (a one-token step): the per-expert calls, as below
+        and most > 1  # all single rows: one product per expert, as below
         and len(runs) > MANY_RUNS
         and len(runs) >= PADDED_USED * (len(offsets) - 1)
         and most <= PADDED_ROWS
@@ -196,8 +196,8 @@ def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: 
     # where no product can be weight-first (fp32 runs below FP32_WEIGHT_FIRST_ROWS), the C++
     # loop of one _grouped_mm costs less than ours: with the caches cold, as in a decode step,
     # each Python-level mm cost ~50 us more (JetMoE fp32, 8 tokens: the first products of 8
-    # experts 9.1 against 8.5 ms). Not when every run is a single row (a one-token step): its
-    # products keep the per-expert calls' bits, which one_token_mlp reproduces.
+    # experts 9.1 against 8.5 ms). Not when every run is a single row: one product per expert,
+    # as one_token_gather_gemm computes a one-token step's.
     few_rows = not weight_first and 1 < len(runs) < num_rows
     few_rows = few_rows and most < FP32_WEIGHT_FIRST_ROWS[0]
     if (
@@ -401,35 +401,6 @@ def routed_mlp(
     return gated_token_sum(out, sorted_indices, gates, fan_out).to(x.dtype)
 
 
-def one_token_mlp(
-    x: Tensor,
-    w_in: Tensor,
-    w_out: Tensor,
-    activate: Callable[[Tensor], Tensor],
-    experts: list[int],
-    gates: Tensor,
-) -> Tensor:
-    """One token's routed MLP ``Σ_j gates[j] · w_out[e_j] @ activate(w_in[e_j] @ x[0])`` over
-    its k ``experts`` (``x [1, in]``, ``w_in [E, hidden, in]``, ``w_out [E, out,
-    hidden']``, ``gates [k]``): ``[1, out]`` in x's dtype, the same bits as two
-    :func:`gather_gemm` calls (the hidden rows in grouped order, activated in one call: a
-    vectorised and a scalar activation can differ in the last bit, so the layout is the
-    same), without the plan's grouping, gathers and placements. A decode step with a batch of
-    one spends a third of its MoE time outside the matmuls on that bookkeeping (0.35 ms of
-    3.1 ms, JetMoE's shape, fp32, caches cold as between two layers); at 2 or more tokens the
-    saving was within this machine's noise."""
-    grouped = sorted(range(len(experts)), key=experts.__getitem__)  # slots by expert id
-    hidden = x.new_empty(len(experts), w_in.shape[1])
-    for row, slot in enumerate(grouped):
-        _matmul(x, w_in, experts[slot], None, hidden[row : row + 1])
-    hidden = activate(hidden)
-    rows = x.new_empty(len(experts), w_out.shape[1], dtype=accumulation_dtype(x.dtype))
-    for row, slot in enumerate(grouped):
-        part = _matmul(hidden[row : row + 1], w_out, experts[slot], None, None)
-        rows[slot : slot + 1] = part  # rounded to x's dtype first, as gather_gemm's parts are
-    return token_sum(rows, len(experts), gates).to(x.dtype)
-
-
 def gather_gemm(
     x: Tensor,
     weight: Tensor,
@@ -448,6 +419,10 @@ def gather_gemm(
     ``gates`` are only given with TOKEN output.
     """
     num_rows, num_out = sorted_indices.shape[0], weight.shape[1]
+    if _one_token(x, num_rows, fan_out):
+        return one_token_gather_gemm(
+            x, weight, bias, gates, sorted_indices, sorted_experts, x_layout, y_layout
+        )
     runs = _runs(expert_offsets, x.dtype, num_rows, max(x.shape[1], num_out) * x.element_size())
     x_runs = _run_rows(x, x_layout, sorted_indices, fan_out, runs)
     y = _products(x_runs, weight, runs, expert_offsets, num_rows)  # grouped order
@@ -459,6 +434,44 @@ def gather_gemm(
     if y_layout == RowLayout.ASSIGNMENT:
         return to_assignment_order(y, sorted_indices)
     return gated_token_sum(y, sorted_indices, gates, fan_out).to(x.dtype)
+
+
+def _one_token(x: Tensor, num_rows: int, fan_out: int) -> bool:
+    """Whether :func:`gather_gemm` takes :func:`one_token_gather_gemm`: the k assignments of
+    one token (a decode step with a batch of one) on CPU."""
+    return num_rows == fan_out and x.device.type == "cpu"
+
+
+def one_token_gather_gemm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gates: Tensor | None,
+    sorted_indices: Tensor,
+    sorted_experts: Tensor,
+    x_layout: int,
+    y_layout: int,
+) -> Tensor:
+    """:func:`gather_gemm` of one token's k assignments on CPU (a decode step with a batch of
+    one), the experts read on the host: each product is read from the row it needs and written
+    to the row it fills, without the plan's gathers, permutations and runs. The same 1-row
+    products, bias adds and gated sum in slot order as the general path; a row's product may
+    differ from it in the last bit where a row lies otherwise aligned in memory (a width that
+    is no multiple of 16 elements), as oneDNN's sums follow the alignment. A decode step's small
+    ops each cost 10-50 us as the weights streaming through evict the caches; at JetMoE's MoA
+    shape (fp32, k = 2) the general path spent 2.6x the time of its two products on them."""
+    slots, experts = sorted_indices.tolist(), sorted_experts.tolist()  # of each grouped row
+    sources, rows = x.split(1), x.new_empty(len(slots), weight.shape[1])
+    targets = rows.split(1)
+    for grouped, (slot, expert) in enumerate(zip(slots, experts, strict=True)):
+        source = sources[{RowLayout.GROUPED: grouped, RowLayout.ASSIGNMENT: slot}.get(x_layout, 0)]
+        target = targets[grouped if y_layout == RowLayout.GROUPED else slot]
+        _matmul(source, weight, expert, None, target)
+        if bias is not None:
+            target += bias[expert]
+    if y_layout != RowLayout.TOKEN:
+        return rows
+    return token_sum(rows, len(slots), gates).to(x.dtype)
 
 
 def weight_grad(

@@ -10,6 +10,7 @@
 """
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -53,10 +54,15 @@ def per_combination(examples_at_default_profile: int) -> settings:
 
 
 @st.composite
-def problems(draw, combination, max_tokens, max_experts, max_dim, max_assignments=None):
+def problems(
+    draw, combination, max_tokens, max_experts, max_dim, max_assignments=None, min_tokens=0
+):
     routing = draw(
-        routings(max_tokens=max_tokens, max_experts=max_experts, max_assignments=max_assignments)
-    )
+        routings(
+            min_tokens=min_tokens, max_tokens=max_tokens, max_experts=max_experts,
+            max_assignments=max_assignments,
+        )
+    )  # fmt: skip
     return combination | {
         "routing": routing,
         "in_features": draw(feature_dims(max_dim)),
@@ -239,6 +245,26 @@ def test_torch_backend_padded_bmm_path_matches_reference(combination, data):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_backend, "_runs", padded_run)
         check_against_reference(problem, "torch")
+
+
+@pytest.mark.usefixtures("poisoned_memory")
+@pytest.mark.parametrize("combination", COMBINATIONS)
+@pytest.mark.parametrize("native", [False, True], ids=["own_products", "native_16_bit"])
+@per_combination(2)
+@given(data=st.data())
+def test_torch_backend_one_token_path_matches_reference(native, combination, data):
+    """One token's k assignments on CPU (a decode step with a batch of one) skip the plan's
+    gathers, permutations and runs (``one_token_gather_gemm``): the output and every gradient
+    match the oracle, with this CPU's products and with native 16-bit ones (weight-first,
+    forced), and the path is taken (every forward and input-gradient call)."""
+    problem = data.draw(problems(combination, **TORCH_PROBLEMS | dict(min_tokens=1, max_tokens=1)))
+    with pytest.MonkeyPatch.context() as patch:
+        if native:
+            patch.setattr(torch_backend, "cpu_has_native_matmul", lambda dtype: True)
+        taken = mock.Mock(wraps=torch_backend.one_token_gather_gemm)
+        patch.setattr(torch_backend, "one_token_gather_gemm", taken)
+        check_against_reference(problem, "torch")
+    assert taken.call_count >= 1 or DEVICE != "cpu"
 
 
 @pytest.mark.usefixtures("poisoned_memory")

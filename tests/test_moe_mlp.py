@@ -197,15 +197,13 @@ def test_inference_takes_one_pass_over_the_experts_and_equals_the_kernel_calls(
     mlp, x = _mlp(case, activation=activation, backend="torch")
     mlp = mlp.to(dtype).eval()
     x = x.to(dtype)
-    with (
-        torch.no_grad(),
-        watched_inference_paths(fused=fused) as (path, one_token),
-    ):
-        fast = mlp(x)
-        one = x.shape[0] == 1  # a decode step of one token: its own path, the calls' bits
-        assert (path.call_count, one_token.call_count) == ((0, 1) if one else (1, 0))
-    general = mlp(x.clone().requires_grad_()).detach()  # autograd: the kernel calls
-    assert path.call_count + one_token.call_count == 1
+    one = x.shape[0] == 1  # a decode step of one token: the two calls, each one token's
+    with watched_inference_paths(fused=fused) as (path, one_token):
+        with torch.no_grad():
+            fast = mlp(x)
+        assert (path.call_count, one_token.call_count) == ((0, 2) if one else (1, 0))
+        general = mlp(x.clone().requires_grad_()).detach()  # autograd: the kernel calls
+        assert (path.call_count, one_token.call_count) == ((0, 4) if one else (1, 0))
     tolerance = {torch.bfloat16: 2e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
     last_bit = {torch.bfloat16: 1e-2, torch.float32: 2e-6, torch.float64: 1e-14}[dtype]
     if one or not fused:
@@ -221,26 +219,6 @@ def test_inference_takes_one_pass_over_the_experts_and_equals_the_kernel_calls(
             expected += route.gates[token, slot].double() * (hidden @ w_out[expert].T)[0]
         torch.testing.assert_close(fast[token].double(), expected, atol=tolerance,
                                    rtol=tolerance)  # fmt: skip
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_one_token_step_with_many_experts_keeps_the_kernel_calls_bits(dtype, monkeypatch):
-    """A decode step of one token whose k = 17 experts are more than MANY_RUNS, with native
-    16-bit products (forced here): the kernel calls keep one product per expert, as the
-    one-token path computes them (not one padded ``bmm`` or ``_grouped_mm`` of many small
-    experts: the rule of ``_runs`` excludes all-single-row routings), so both paths give the
-    same bits (a padded ``bmm`` there changed the last bit in 4 of 50 fp16 seeds)."""
-    from moe_blocks.kernels import torch_backend
-
-    monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", lambda dtype: True)
-    for seed in range(50):
-        torch.manual_seed(seed)
-        mlp = MoEMLP(32, 16, 20, 17, backend="torch").to(dtype).eval()
-        x = torch.randn(1, 32, dtype=dtype)
-        with torch.no_grad():
-            fast = mlp(x)  # the one-token path
-        general = mlp(x.clone().requires_grad_()).detach()  # autograd: the kernel calls
-        assert torch.equal(fast, general), seed
 
 
 def test_a_wrapped_experts_module_runs_through_its_own_forward_in_decode_too():
