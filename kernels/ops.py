@@ -377,19 +377,20 @@ def routed_mlp(
     (``x [T, in]``, weights ``[E, out, in]``, ``plan`` of that routing, ``gates [T, k]``) in
     one pass over the experts (:func:`torch_backend.routed_mlp`: each expert's products and
     activation together), where that path applies: inference (no autograd, no autocast) on
-    the torch backend on CPU, two or more tokens. The two :func:`expert_linear` calls' result
-    but for the last bit of the activation. None elsewhere: the caller makes the two calls
-    (for one token, a decode step with a batch of one, each takes
-    :func:`torch_backend.one_token_gather_gemm`)."""
+    the torch backend on CPU. The two :func:`expert_linear` calls' result but for the last bit
+    of the activation; for one token (:func:`torch_backend.one_token_mlp`, a decode step with a
+    batch of one) their bits. None elsewhere (the caller makes the two calls)."""
     if (
         x.shape[0] != plan.num_tokens
-        or plan.num_tokens == 1
         or x.device.type != "cpu"
         or resolve_backend(backend, x.device) != "torch"
         or autocasting(x.device.type)
         or not no_autograd(x, w_in, w_out, gates)
     ):
         return None
+    if plan.num_tokens == 1:  # a decode step of one token: the calls' one-token paths
+        slots, experts = plan.sorted_indices.tolist(), plan.sorted_experts.tolist()
+        return torch_backend.one_token_mlp(x, w_in, w_out, activate, gates, slots, experts)
     return torch_backend.routed_mlp(
         x, w_in, w_out, activate, gates, plan.sorted_indices, plan.expert_offsets,
         plan.expert_idx.shape[1],

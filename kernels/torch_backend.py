@@ -420,9 +420,8 @@ def gather_gemm(
     """
     num_rows, num_out = sorted_indices.shape[0], weight.shape[1]
     if _one_token(x, num_rows, fan_out):
-        return one_token_gather_gemm(
-            x, weight, bias, gates, sorted_indices, sorted_experts, x_layout, y_layout
-        )
+        slots, experts = sorted_indices.tolist(), sorted_experts.tolist()
+        return one_token_gather_gemm(x, weight, bias, gates, slots, experts, x_layout, y_layout)
     runs = _runs(expert_offsets, x.dtype, num_rows, max(x.shape[1], num_out) * x.element_size())
     x_runs = _run_rows(x, x_layout, sorted_indices, fan_out, runs)
     y = _products(x_runs, weight, runs, expert_offsets, num_rows)  # grouped order
@@ -447,20 +446,20 @@ def one_token_gather_gemm(
     weight: Tensor,
     bias: Tensor | None,
     gates: Tensor | None,
-    sorted_indices: Tensor,
-    sorted_experts: Tensor,
+    slots: list[int],
+    experts: list[int],
     x_layout: int,
     y_layout: int,
 ) -> Tensor:
     """:func:`gather_gemm` of one token's k assignments on CPU (a decode step with a batch of
-    one), the experts read on the host: each product is read from the row it needs and written
+    one), the slot and expert of each grouped row (``sorted_indices``, ``sorted_experts``)
+    given as lists, read on the host: each product is read from the row it needs and written
     to the row it fills, without the plan's gathers, permutations and runs. The same 1-row
     products, bias adds and gated sum in slot order as the general path; a row's product may
     differ from it in the last bit where a row lies otherwise aligned in memory (a width that
     is no multiple of 16 elements), as oneDNN's sums follow the alignment. A decode step's small
     ops each cost 10-50 us as the weights streaming through evict the caches; at JetMoE's MoA
     shape (fp32, k = 2) the general path spent 2.6x the time of its two products on them."""
-    slots, experts = sorted_indices.tolist(), sorted_experts.tolist()  # of each grouped row
     sources, rows = x.split(1), x.new_empty(len(slots), weight.shape[1])
     targets = rows.split(1)
     for grouped, (slot, expert) in enumerate(zip(slots, experts, strict=True)):
@@ -472,6 +471,27 @@ def one_token_gather_gemm(
     if y_layout != RowLayout.TOKEN:
         return rows
     return token_sum(rows, len(slots), gates).to(x.dtype)
+
+
+def one_token_mlp(
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    activate: Callable[[Tensor], Tensor],
+    gates: Tensor,
+    slots: list[int],
+    experts: list[int],
+) -> Tensor:
+    """:func:`routed_mlp` of one token (``x [1, in]``): the two :func:`gather_gemm` calls'
+    one-token paths (:func:`one_token_gather_gemm`), the hidden rows in grouped order as
+    theirs, so their bits, without the calls' checks and module calls around them (the
+    block's one-token step in 0.90x the time, fine-grained, fp32)."""
+    hidden = activate(one_token_gather_gemm(
+        x, w_in, None, None, slots, experts, RowLayout.TOKEN, RowLayout.GROUPED
+    ))  # fmt: skip
+    return one_token_gather_gemm(
+        hidden, w_out, None, gates, slots, experts, RowLayout.GROUPED, RowLayout.TOKEN
+    )
 
 
 def weight_grad(
