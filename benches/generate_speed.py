@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 
 from moe_blocks.models.bench.cases import attention_dims, shapes_for
 from moe_blocks.models.bench.measure import time_medians_ms
+from moe_blocks.models.bench.report import provenance
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -126,15 +125,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{ms['moe_blocks']:.2f} / {ms['transformers']:.2f} | "
               f"{row['transformers_over_ours']:.2f} | {same} |")  # fmt: skip
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()  # fmt: skip
-        result = {
-            "command": "python benches/generate_speed.py "
-            + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": platform.processor() or platform.machine(),
-            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-            "torch": torch.__version__,
-            "commit": commit,
+        options = sys.argv[1:] if argv is None else argv
+        command = " ".join(["python benches/generate_speed.py", *options])
+        result = provenance(command, args.device) | {
             "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens,
             "rows": rows,

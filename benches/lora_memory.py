@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import time
 import weakref
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from moe_blocks.models.bench.report import provenance
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
 from moe_blocks.models.train import TrainSettings, make_optimizer
 from moe_blocks.models.train.lora import attach_lora, lora_config
@@ -172,15 +171,10 @@ def main() -> None:
         linearity[mode] = {n: at[n]["peak_bytes"] / (at[first]["peak_bytes"] + (n - first)
                                                      * per_layer["peak_bytes"]) - 1
                            for n in layer_counts[1:-1]}  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()  # fmt: skip
-    result = {
-        "command": "python benches/lora_memory.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
-        "machine": platform.processor() or platform.machine(),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "commit": commit,
+    command = "python benches/lora_memory.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
+    )
+    result = provenance(command, args.device) | {
         "tokens": args.tokens,
         "rank": args.rank,
         "dtype": args.dtype,

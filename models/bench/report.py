@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from .cases import MEMORY_MEASURES
 from .ep import EPResult
@@ -116,3 +120,18 @@ def write_results(results: list[Result] | list[EPResult], suite: str, out: Path)
         written.append(out / f"bench_{suite}.png")
         plot(results, written[1])
     return written
+
+
+def provenance(command: str, device: str) -> dict:
+    """Where a benchmark script's numbers come from, for its JSON: the ``command`` that ran,
+    the machine, the ``device`` (the GPU's name on CUDA), torch's version and the checkout's
+    commit (empty outside a git checkout)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()  # fmt: skip
+    return {
+        "command": command,
+        "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": commit,
+    }
