@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from moe_blocks import KVCache
 from moe_blocks.models.jetmoe import JetMoEConfig, JetMoEForCausalLM
 from moe_blocks.moe_mlp import ACTIVATIONS
-from moe_blocks.router import named_routers
+from moe_blocks.router import named_routers, tokens_per_expert
 
 from .conftest import DEVICE
 from .helpers import zero_safetensors_in_place
@@ -261,6 +261,24 @@ def test_cached_decoding_matches_the_full_forward():
         for t in range(4, 10):
             pieces.append(model(ids[:, t : t + 1], kv_caches=caches).logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_generating_without_a_mask_is_generating_with_an_all_ones_mask():
+    """Without a mask (and no pad token to infer one from) every token is real: generate then
+    gives the layers no mask at all, which must change nothing against a mask of ones: the
+    tokens, greedy and sampled, and what the routers counted."""
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=2))
+    model.init_weights()
+    model.eval()
+    prompt = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(3))
+    for sample in (False, True):
+        runs = []
+        for mask in (None, torch.ones_like(prompt)):
+            generator = torch.Generator().manual_seed(4)
+            tokens = model.generate(prompt, 6, do_sample=sample, attention_mask=mask,
+                                    eos_token_id=None, generator=generator)  # fmt: skip
+            runs.append((tokens, tokens_per_expert(model)))
+        assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
 
 
 def test_sampling_is_seeded_and_respects_top_k():
