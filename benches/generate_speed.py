@@ -9,7 +9,9 @@ GPU shapes, named as in ``moe-blocks bench``) a model of ``--layers`` layers is 
 random weights (``initializer_range``), saved once and loaded by both; both generate
 ``--new-tokens`` tokens greedily after a prompt of ``--prompt-tokens``, timed in alternating
 rounds (``time_medians_ms``), and their tokens are compared (in fp32 they must agree; in 16 bits
-a near-tie may pick another token, which the table says).
+a near-tie may pick another token, which the table says). Two copies of one model in one
+process ran up to 4.5% apart per token on a 2-core Xeon (where their weights landed in
+memory): read ratios within ±0.05 as ties.
 
     python benches/generate_speed.py --out docs/generate --threads 2
 
