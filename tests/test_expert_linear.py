@@ -221,29 +221,19 @@ def _one_run(offsets, dtype, rows, row_bytes):
 
 @pytest.mark.usefixtures("poisoned_memory")
 @pytest.mark.parametrize("combination", COMBINATIONS)
+@pytest.mark.parametrize("runs", [_one_run, padded_run], ids=["one_grouped_mm", "padded_bmm"])
 @per_combination(2)
 @given(data=st.data())
-def test_torch_backend_one_grouped_mm_path_matches_reference(combination, data):
-    """On CUDA (bf16, sm_90+) the torch backend runs all experts' rows through one
-    ``torch._grouped_mm`` call, with no host read; CPU's ``_grouped_mm`` runs the same call, so
-    the path is forced here by making ``_runs`` return that single run."""
+def test_torch_backend_forced_runs_match_reference(runs, combination, data):
+    """Two paths that ``_runs`` takes only on some machines, forced here by making it return
+    their run for every problem: one ``torch._grouped_mm`` call over all experts' rows (CUDA's,
+    bf16 on sm_90+, with no host read; CPU's ``_grouped_mm`` runs the same call), and native
+    bf16 CPU products of many experts with a few rows each as one ``bmm`` over a zero-padded
+    ``[E, rows, width]`` layout (forward, input and weight gradients; any routing whose padding
+    is bounded), in every dtype, layout and output."""
     problem = data.draw(problems(combination, **TORCH_PROBLEMS))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch_backend, "_runs", _one_run)
-        check_against_reference(problem, "torch")
-
-
-@pytest.mark.usefixtures("poisoned_memory")
-@pytest.mark.parametrize("combination", COMBINATIONS)
-@per_combination(2)
-@given(data=st.data())
-def test_torch_backend_padded_bmm_path_matches_reference(combination, data):
-    """Native bf16 CPU products of many experts with a few rows each run as one ``bmm``
-    over a zero-padded ``[E, rows, width]`` layout (forward, input and weight gradients):
-    forced here in every dtype, layout and output for any routing whose padding is bounded."""
-    problem = data.draw(problems(combination, **TORCH_PROBLEMS))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch_backend, "_runs", padded_run)
+        patch.setattr(torch_backend, "_runs", runs)
         check_against_reference(problem, "torch")
 
 
