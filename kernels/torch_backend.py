@@ -419,7 +419,7 @@ def gather_gemm(
     ``gates`` are only given with TOKEN output.
     """
     num_rows, num_out = sorted_indices.shape[0], weight.shape[1]
-    if _one_token(x, num_rows, fan_out):
+    if num_rows == fan_out and x.device.type == "cpu":  # one token (decode, a batch of one)
         slots, experts = sorted_indices.tolist(), sorted_experts.tolist()
         return one_token_gather_gemm(x, weight, bias, gates, slots, experts, x_layout, y_layout)
     runs = _runs(expert_offsets, x.dtype, num_rows, max(x.shape[1], num_out) * x.element_size())
@@ -433,12 +433,6 @@ def gather_gemm(
     if y_layout == RowLayout.ASSIGNMENT:
         return to_assignment_order(y, sorted_indices)
     return gated_token_sum(y, sorted_indices, gates, fan_out).to(x.dtype)
-
-
-def _one_token(x: Tensor, num_rows: int, fan_out: int) -> bool:
-    """Whether :func:`gather_gemm` takes :func:`one_token_gather_gemm`: the k assignments of
-    one token (a decode step with a batch of one) on CPU."""
-    return num_rows == fan_out and x.device.type == "cpu"
 
 
 def one_token_gather_gemm(
