@@ -231,7 +231,7 @@ class MoA(ModularBlock, nn.Module):
             value.transpose(1, 2),
             attn_mask=mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=mask is None,  # no cache, no padding: T queries over the same T keys
+            is_causal=mask is None and not past,  # T queries over the same T keys
             scale=head_dim**-0.5,
             enable_gqa=top_k > 1,
         )
@@ -250,11 +250,12 @@ class MoA(ModularBlock, nn.Module):
     def _mask(
         attention_mask: Tensor | None, batch: int, length: int, total: int, device
     ) -> tuple[Tensor | None, Tensor | None]:
-        """Boolean ``[B, 1, T, T_total]`` mask (True = attend), or None for plain causal; and,
-        with ``attention_mask``, ``[B, 1, T, 1]``: True where the query sees some key. A row
-        that sees none is opened to every key, which keeps SDPA free of NaN; the caller zeroes
-        its output."""
-        if attention_mask is None and total == length:
+        """Boolean ``[B, 1, T, T_total]`` mask (True = attend), or None where no key is masked
+        beyond causality (plain causal over the same T keys, or one query, which sees every key:
+        a decode step); and, with ``attention_mask``, ``[B, 1, T, 1]``: True where the query
+        sees some key. A row that sees none is opened to every key, which keeps SDPA free of
+        NaN; the caller zeroes its output."""
+        if attention_mask is None and (total == length or length == 1):
             return None, None
         past = total - length
         query_pos = torch.arange(past, total, device=device)[:, None]
