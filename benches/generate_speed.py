@@ -11,9 +11,11 @@ random weights (``initializer_range``), saved once and loaded by both; both gene
 rounds (``time_medians_ms``), and their tokens are compared (in fp32 they must agree; in 16 bits
 a near-tie may pick another token, which the table says). Two copies of one model in one
 process ran up to 4.5% apart per token on a 2-core Xeon (where their weights landed in
-memory): read ratios within ±0.05 as ties.
+memory): read ratios within ±0.05 as ties. ``--compile`` adds our model with its forward
+compiled (``torch.compile(model.forward, dynamic=True)``, the same model object, the compile
+time reported apart): one graph for the prefill and the decode steps of any cache length.
 
-    python benches/generate_speed.py --out docs/generate --threads 2
+    python benches/generate_speed.py --out docs/generate --threads 2 [--compile]
 
 writes ``generate_speed.json`` and prints a markdown table (docs/benchmarks.md has one)."""
 
@@ -23,6 +25,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -49,10 +52,11 @@ def config_for(shape: str, layers: int, vocab: int, device: str, tiny: bool) -> 
 
 
 def measure(config: JetMoEConfig, dtype: str, *, prompt_tokens: int, new_tokens: int,
-            device: str, repeats: int) -> dict:  # fmt: skip
+            device: str, repeats: int, compile: bool = False) -> dict:  # fmt: skip
     """Both models' milliseconds per new token (medians of ``repeats`` alternating rounds of a
     whole ``generate``, prefill included, divided by ``new_tokens``) and whether their tokens
-    agree."""
+    agree; with ``compile`` also ours with its forward compiled ("moe_blocks compiled"), the
+    seconds its first ``generate`` took (compiling) and whether its tokens are eager's."""
     import transformers
 
     torch.manual_seed(0)
@@ -71,11 +75,25 @@ def measure(config: JetMoEConfig, dtype: str, *, prompt_tokens: int, new_tokens:
             prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
         ),
     }
+    if compile:
+        steps["moe_blocks compiled"] = _compiled(ours, lambda: ours.generate(prompt, new_tokens))
     with torch.no_grad():
-        tokens = {name: step() for name, step in steps.items()}
+        tokens, first_call_s = {}, {}
+        for name, step in steps.items():
+            started = time.perf_counter()
+            tokens[name] = step()
+            first_call_s[name] = time.perf_counter() - started
         times = time_medians_ms(steps, device, min_repeats=repeats, max_repeats=repeats)
     ms = {name: value / new_tokens for name, value in times.items()}
-    return {
+    compiled = {}
+    if compile:
+        compiled = {
+            "compile_s": first_call_s["moe_blocks compiled"],
+            "compiled_same_tokens": torch.equal(
+                tokens["moe_blocks compiled"], tokens["moe_blocks"]
+            ),
+        }
+    return compiled | {
         "layers": config.num_hidden_layers,
         "dims": [
             config.hidden_size,
@@ -88,6 +106,49 @@ def measure(config: JetMoEConfig, dtype: str, *, prompt_tokens: int, new_tokens:
         "transformers_over_ours": ms["transformers"] / ms["moe_blocks"],
         "same_tokens": torch.equal(tokens["moe_blocks"], tokens["transformers"]),
     }
+
+
+def markdown_table(rows: list[dict], compiled: bool) -> str:
+    """The rows as docs/benchmarks.md's decode table (with the compiled columns if measured)."""
+    columns = ["shape", "layers", "dtype", "ms per new token: ours / transformers", "ratio"]
+    columns += ["same tokens"] + [
+        "ours compiled (ms)",
+        "compile (s)",
+        "its tokens eager's",
+    ] * compiled
+    yes_no = {True: "yes", False: "no"}
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|---|---:|---|---:|---:|---|" + "---:|---:|---|" * compiled,
+    ]
+    for row in rows:
+        ms = row["ms_per_token"]
+        cells = [row["shape"], row["layers"], row["dtype"]]
+        cells += [f"{ms['moe_blocks']:.2f} / {ms['transformers']:.2f}"]
+        cells += [f"{row['transformers_over_ours']:.2f}", yes_no[row["same_tokens"]]]
+        if compiled:
+            cells += [f"{ms['moe_blocks compiled']:.2f}", f"{row['compile_s']:.0f}"]
+            cells += [yes_no[row["compiled_same_tokens"]]]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n" + "\n".join(lines)
+
+
+def _compiled(model: JetMoEForCausalLM, run):
+    """``run`` (a ``generate`` of ``model``) with ``model.forward`` compiled for the call; the
+    compiled forward is made once, so later calls reuse its graphs. Compiled code of earlier
+    models is dropped first: each model compiles its own graphs, and past torch's limit of
+    recompilations a forward would run eager unannounced."""
+    torch.compiler.reset()
+    compiled_forward = torch.compile(model.forward, dynamic=True)
+
+    def run_compiled():
+        model.forward = compiled_forward
+        try:
+            return run()
+        finally:
+            del model.forward  # the class's forward again
+
+    return run_compiled
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -103,6 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--tiny", action="store_true", help="the bench's tiny shapes (tests)")
+    parser.add_argument("--compile", action="store_true", help="also ours with its forward "
+                        "compiled (torch.compile, dynamic shapes)")  # fmt: skip
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.threads:
@@ -115,17 +178,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             config = config_for(shape, args.layers, args.vocab, args.device, args.tiny)
             row = {"shape": shape} | measure(
                 config, dtype, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                device=args.device, repeats=args.repeats,
+                device=args.device, repeats=args.repeats, compile=args.compile,
             )  # fmt: skip
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print("\n| shape | layers | dtype | ms per new token: ours / transformers | ratio | "
-          "same tokens |\n|---|---:|---|---:|---:|---|")  # fmt: skip
-    for row in rows:
-        ms, same = row["ms_per_token"], "yes" if row["same_tokens"] else "no"
-        print(f"| {row['shape']} | {row['layers']} | {row['dtype']} | "
-              f"{ms['moe_blocks']:.2f} / {ms['transformers']:.2f} | "
-              f"{row['transformers_over_ours']:.2f} | {same} |")  # fmt: skip
+    print(markdown_table(rows, args.compile))
     if args.out:
         options = sys.argv[1:] if argv is None else argv
         command = " ".join(["python benches/generate_speed.py", *options])
