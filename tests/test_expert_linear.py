@@ -149,22 +149,20 @@ def results_and_references(problem, backend):
     # The output's intermediates are the rows before the gates (each rounded to the dtype):
     # their gate-weighted sum of magnitudes, not the output's largest value, bounds what their
     # roundings can move (with many gated rows that nearly cancel, it is far larger). Likewise
-    # dgates[a] = <dy_row(a), x_row(a) @ weight[e].T + bias[e]> sums terms that can be far larger
-    # than the result; their magnitudes bound what the roundings of the intermediates (dy @ weight
-    # in the dtype) can move it by: the gates' gradient of the same reference on |x|, |weight|,
+    # each gradient sums terms that can be far larger than the result: dgates[a] =
+    # <dy_row(a), x_row(a) @ weight[e].T + bias[e]>, dx[t] = Σ_j gates[t, j] · dy @ weight[e_j]
+    # (k rows of dy @ weight, each rounded to the dtype before the gates), dweight and dbias
+    # sums over an expert's rows; their magnitudes bound what the roundings of the
+    # intermediates can move it by: the gradient of the same reference on |x|, |weight|,
     # |bias|, |gates| with the upstream |dy|.
-    absolute = {name: leaf.detach().abs() for name, leaf in leaves.items()}
-    if gates is not None:
-        absolute["gates"].requires_grad_()
+    absolute = {name: leaf.detach().abs().requires_grad_() for name, leaf in leaves.items()}
     magnitudes = reference_expert_linear(
         absolute["x"], absolute["weight"], routing.expert_idx, bias=absolute.get("bias"),
         gates=absolute.get("gates"), sorted_indices=plan.sorted_indices.cpu(),
         grouped_in=grouped_in, grouped_out=grouped_out,
     )  # fmt: skip
-    gate_magnitudes = None
-    if magnitudes.requires_grad:  # gated, and a non-empty routing
+    if magnitudes.requires_grad:  # a non-empty routing
         (magnitudes * upstream.cpu().double().abs()).sum().backward()
-        gate_magnitudes = absolute["gates"].grad
     magnitudes = magnitudes.detach()
     largest = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     compared = [("output", out.detach().cpu(), expected.detach(), dtype,
@@ -178,9 +176,9 @@ def results_and_references(problem, backend):
         expected_grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         reduction_length, rows = reductions[name]
         model = {"reduction_length": reduction_length, "top_k": rows, "roundings": 3}
-        if name == "gates" and gate_magnitudes is not None:
+        if absolute[name].grad is not None:
             largest_grad = max(1.0, expected_grad.abs().max().item()) if grad.numel() else 1.0
-            model["scale"] = gate_magnitudes.clamp_min(largest_grad)
+            model["scale"] = absolute[name].grad.clamp_min(largest_grad)
         compared.append((f"grad {name}", grad.cpu(), expected_grad,
                          max(grad_dtype, dtype, key=_eps), model))  # fmt: skip
     return compared
