@@ -454,14 +454,14 @@ def one_token_gather_gemm(
     is no multiple of 16 elements), as oneDNN's sums follow the alignment. A decode step's small
     ops each cost 10-50 us as the weights streaming through evict the caches; at JetMoE's MoA
     shape (fp32, k = 2) a general-path call took 2.4-2.5x the time of its two products."""
-    sources, rows = x.split(1), x.new_empty(len(slots), weight.shape[1])
-    targets = rows.split(1)
-    for grouped, (slot, expert) in enumerate(zip(slots, experts, strict=True)):
-        source = sources[{RowLayout.GROUPED: grouped, RowLayout.ASSIGNMENT: slot}.get(x_layout, 0)]
-        target = targets[grouped if y_layout == RowLayout.GROUPED else slot]
-        _matmul(source, weight, expert, None, target)
+    rows, grouped = x.new_empty(len(slots), weight.shape[1]), range(len(slots))
+    sources = {RowLayout.GROUPED: grouped, RowLayout.ASSIGNMENT: slots}.get(x_layout)
+    targets = grouped if y_layout == RowLayout.GROUPED else slots
+    for source, target, expert in zip(sources or [0] * len(slots), targets, experts, strict=True):
+        y = rows[target : target + 1]  # slices: a split into k views cost more
+        _matmul(x[source : source + 1], weight, expert, None, y)
         if bias is not None:
-            target += bias[expert]
+            y += bias[expert]
     if y_layout != RowLayout.TOKEN:
         return rows
     return token_sum(rows, len(slots), gates).to(x.dtype)

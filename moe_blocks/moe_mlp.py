@@ -200,7 +200,9 @@ class MoEMLP(ModularBlock, nn.Module):
         route = self.router(tokens, token_mask)
         # The aux loss rides on the gates, which every backward pass through the output reaches,
         # so the returned tensor is an ordinary one that callers may modify in place.
-        route = replace(route, gates=route_aux_loss(self, route.gates, route.aux_loss))
+        gates = route_aux_loss(self, route.gates, route.aux_loss)
+        if gates is not route.gates:  # (inference attaches nothing)
+            route = replace(route, gates=gates)
         if self.token_dispatcher is None:
             out = self.experts(tokens, route.plan, gates=route.gates)
         else:

@@ -196,8 +196,7 @@ class TopKRouter(nn.Module):
             )
         if self.reduce_tokens_per_expert is not None:  # e.g. every rank's (global balance)
             tokens_per_expert = self.reduce_tokens_per_expert(tokens_per_expert)
-        with torch.no_grad():
-            self.last_tokens_per_expert.copy_(tokens_per_expert)
+        self.last_tokens_per_expert.copy_(tokens_per_expert)  # integers: autograd records none
         if inference(self):  # the aux losses are training terms: only the counts are kept
             aux_loss = torch.zeros((), device=logits.device)
         else:
@@ -356,8 +355,7 @@ def check_input_dtype(x, dtype: torch.dtype, name: str = "x") -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    autocast = autocasting(x.device.type) and x.dtype in AUTOCAST_DTYPES
-    if x.dtype != dtype and not autocast:
+    if x.dtype != dtype and not (autocasting(x.device.type) and x.dtype in AUTOCAST_DTYPES):
         raise TypeError(
             f"{name} has dtype {x.dtype} but the block's parameters have dtype {dtype}: convert "
             f"one of them (x.to({dtype}) or block.to({x.dtype})), or run under torch.autocast"
