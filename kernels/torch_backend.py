@@ -148,10 +148,15 @@ def cpu_has_native_matmul(dtype: torch.dtype) -> bool:
     return True
 
 
+def _emulated(t: Tensor) -> bool:
+    """Whether products of ``t``'s dtype are emulated here (:func:`cpu_has_native_matmul`)."""
+    return t.is_cpu and not cpu_has_native_matmul(t.dtype)
+
+
 def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """``a @ b`` (2-D, one dtype), written into ``out`` if given. On a CPU without native
-    ``a.dtype`` products (:func:`cpu_has_native_matmul`) computed in fp32, rounded once."""
-    if a.device.type == "cpu" and not cpu_has_native_matmul(a.dtype):
+    ``a.dtype`` products (:func:`_emulated`) computed in fp32, rounded once."""
+    if _emulated(a):
         product = torch.mm(a.float(), b.float())
         return product.to(a.dtype) if out is None else out.copy_(product)
     return torch.mm(a, b, out=out)
@@ -283,16 +288,7 @@ def _matmul(
         padded = torch.bmm(_to_padded(rows, slots, weight.shape[0], expert), weight.mT)
         return torch.index_select(padded.flatten(0, 1), 0, slots, out=out)
     if expert is not None:
-        if not _weight_first(rows, weight):
-            return _mm(rows, weight[expert].t(), out)
-        if rows.shape[0] == 1:
-            # One 16-bit row (a decode step's expert): a matrix-vector product, which streams
-            # the weight once; as a 1-row mm it took 1.65x the time (bf16, JetMoE's up
-            # projection, caches cold as between two layers). In fp32 the mm was faster.
-            part = torch.mv(weight[expert], rows[0])[None]
-        else:
-            part = _mm(weight[expert], rows.t()).t()
-        return part if out is None else out.copy_(part)
+        return _expert_product(rows, weight)(rows, expert, out)
     num_out = weight.shape[1]
     if num_out == 0 or rows.shape[1] == 0:  # _grouped_mm rejects zero-width operands
         result = rows.new_zeros(rows.shape[0], num_out)
@@ -303,6 +299,29 @@ def _matmul(
             offs=expert_offsets[1:].to(torch.int32),
         )
     return result.contiguous() if out is None else out.copy_(result)
+
+
+def _expert_product(rows: Tensor, weight: Tensor) -> Callable[[Tensor, int, Tensor | None], Tensor]:
+    """How one expert's product ``rows @ weight[e].T`` is computed for rows of this count,
+    dtype and device: a callable ``(rows, e, out)`` (``out``: where to write it, or None). A
+    one-token call chooses once for its k products: in a decode step each Python call costs
+    microseconds more with the caches cold, and choosing per product cost a one-token MoEMLP
+    step 1.0-1.7% of its time (JetMoE's and the fine-grained shape, fp32 and bf16, caches
+    flushed before each call, alternating in one process)."""
+    if not _weight_first(rows, weight):
+        if _emulated(rows):
+            return lambda rows, e, out: _mm(rows, weight[e].t(), out)
+        return lambda rows, e, out: torch.mm(rows, weight[e].t(), out=out)
+    if rows.shape[0] == 1:
+        # One 16-bit row (a decode step's expert): a matrix-vector product, which streams the
+        # weight once; as a 1-row mm it took 1.65x the time (bf16, JetMoE's up projection,
+        # caches cold as between two layers). In fp32 the mm was faster.
+        return lambda rows, e, out: _placed(torch.mv(weight[e], rows[0])[None], out)
+    return lambda rows, e, out: _placed(_mm(weight[e], rows.t()).t(), out)
+
+
+def _placed(part: Tensor, out: Tensor | None) -> Tensor:
+    return part if out is None else out.copy_(part)
 
 
 def _products(row_runs, weight: Tensor, runs: list, expert_offsets: Tensor, num_rows: int):
@@ -457,9 +476,10 @@ def one_token_gather_gemm(
     rows, grouped = x.new_empty(len(slots), weight.shape[1]), range(len(slots))
     sources = {RowLayout.GROUPED: grouped, RowLayout.ASSIGNMENT: slots}.get(x_layout)
     targets = grouped if y_layout == RowLayout.GROUPED else slots
+    product = _expert_product(x[:1], weight)  # every product is of one row
     for source, target, expert in zip(sources or [0] * len(slots), targets, experts, strict=True):
         y = rows[target : target + 1]  # slices: a split into k views cost more
-        _matmul(x[source : source + 1], weight, expert, None, y)
+        product(x[source : source + 1], expert, y)
         if bias is not None:
             y += bias[expert]
     if y_layout != RowLayout.TOKEN:

@@ -291,13 +291,13 @@ def test_fp32_rows_of_a_large_expert_are_multiplied_weight_first_in_their_range(
     x = torch.randn(rows, in_features)
     expert_idx = torch.ones(rows, 1, dtype=torch.long)  # every row to expert 1
     products = []
-    real_mm = torch_backend._mm
+    real_mm = torch.mm
 
     def recorded_mm(a, b, out=None):
         products.append(tuple(a.shape))
-        return real_mm(a, b, out)
+        return real_mm(a, b, out=out)
 
-    monkeypatch.setattr(torch_backend, "_mm", recorded_mm)
+    monkeypatch.setattr(torch, "mm", recorded_mm)
     y = expert_linear(x, weight, plan_dispatch(expert_idx, 2), backend="torch")
     weight_first = products == [(out_features, in_features)]
     assert weight_first == (low <= rows <= high)
@@ -324,17 +324,17 @@ def test_16_bit_rows_are_multiplied_weight_first_only_with_a_row_major_weight(ro
     x = torch.randn(rows, 32, dtype=torch.bfloat16)
     expert_idx = torch.ones(rows, 1, dtype=torch.long)
     products = []
-    real_mm, real_mv = torch_backend._mm, torch.mv
+    real_mm, real_mv = torch.mm, torch.mv
 
     def recorded_mm(a, b, out=None):
         products.append(("mm", tuple(a.shape)))
-        return real_mm(a, b, out)
+        return real_mm(a, b, out=out)
 
     def recorded_mv(matrix, vector):
         products.append(("mv", tuple(matrix.shape)))
         return real_mv(matrix, vector)
 
-    monkeypatch.setattr(torch_backend, "_mm", recorded_mm)
+    monkeypatch.setattr(torch, "mm", recorded_mm)
     monkeypatch.setattr(torch, "mv", recorded_mv)
     expected = (x.double() @ weight[1].double().T).to(torch.bfloat16).double()
     weight_first = [("mv", (48, 32))] if rows == 1 else [("mm", (48, 32))]
