@@ -27,6 +27,19 @@ def rotary_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def check_position_ids(position_ids: object, batch: int | None, length: int | None) -> Tensor:
+    """``position_ids`` after checking it: an integer tensor, ``[B, T]`` or ``[T]`` where
+    ``batch`` and ``length`` are given; TypeError/ValueError naming it."""
+    if not isinstance(position_ids, Tensor) or position_ids.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"position_ids must be an integer tensor, got {position_ids!r:.80}")
+    if length is not None and tuple(position_ids.shape) not in ((batch, length), (length,)):
+        raise ValueError(
+            f"position_ids must be [B, T] = {(batch, length)} or [T] = ({length},), got "
+            f"{tuple(position_ids.shape)}"
+        )
+    return position_ids
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate-half RoPE: ``x·cos + rotate_half(x)·sin`` (cos, sin broadcast against x)."""
     first, second = x.chunk(2, dim=-1)
@@ -169,6 +182,7 @@ class MoA(ModularBlock, nn.Module):
         kv_cache: KVCache | None = None,
         position_ids: Tensor | None = None,
         token_mask: Tensor | None = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Args:
         x: ``[B, T, d_model]``, the block's dtype (any floating dtype under autocast).
@@ -182,6 +196,10 @@ class MoA(ModularBlock, nn.Module):
         token_mask: ``[B, T]`` bool (or 0/1), True for the real tokens among ``x``'s: padding
             counts in no statistic of the router (as for :class:`MoEMLP`). Default: the last
             ``T`` columns of ``attention_mask`` when it is given, else every token.
+        position_embeddings: the RoPE tables ``(cos, sin)`` of :meth:`rotary_tables` for
+            these tokens' positions, ``[B, T, head_dim]`` or ``[T, head_dim]``, instead of
+            ``position_ids``: a model computes them once for all its layers (as transformers'
+            ``position_embeddings``), where each layer would compute the same tables again.
         """
         check_input_dtype(x, self.kv_proj.weight.dtype)
         if x.dim() != 3 or x.shape[-1] != self.d_model:
@@ -204,18 +222,15 @@ class MoA(ModularBlock, nn.Module):
         query = query.view(batch, length, top_k, kv_heads, head_dim)
         key, value = self.kv_proj(x).view(batch, length, 2, kv_heads, head_dim).unbind(2)
 
-        if position_ids is None:
-            position_ids = torch.arange(past, past + length, device=x.device)
-        elif not isinstance(position_ids, Tensor) or position_ids.dtype not in INTEGER_DTYPES:
-            raise TypeError(f"position_ids must be an integer tensor, got {position_ids!r:.80}")
-        elif tuple(position_ids.shape) not in ((batch, length), (length,)):
-            raise ValueError(
-                f"position_ids must be [B, T] = {(batch, length)} or [T] = ({length},), got "
-                f"{tuple(position_ids.shape)}"
-            )
-        cos, sin = rotary_cos_sin(position_ids, head_dim, self.rope_theta, query.dtype)
-        cos = cos.expand(batch, length, head_dim) if cos.dim() == 2 else cos
-        sin = sin.expand(batch, length, head_dim) if sin.dim() == 2 else sin
+        if position_embeddings is None:
+            if position_ids is None:
+                position_ids = torch.arange(past, past + length, device=x.device)
+            cos, sin = self.rotary_tables(check_position_ids(position_ids, batch, length))
+        elif position_ids is not None:
+            raise ValueError("give position_ids or position_embeddings, not both")
+        else:
+            cos, sin = self._checked_tables(position_embeddings, batch, length, x.device)
+        cos, sin = (t.to(query.dtype).expand(batch, length, head_dim) for t in (cos, sin))
         query = apply_rotary(query, cos[:, :, None, None], sin[:, :, None, None])
         key = apply_rotary(key, cos[:, :, None], sin[:, :, None])
         if kv_cache is not None:
@@ -245,6 +260,39 @@ class MoA(ModularBlock, nn.Module):
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)  # the autocast dtype stays, as nn.Linear's
         return out.view(batch, length, self.d_model)
+
+    def rotary_tables(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The fp32 RoPE tables ``(cos, sin)`` ``[..., head_dim]`` of this block's ``head_dim``
+        and ``rope_theta`` for integer ``position_ids`` ``[B, T]`` or ``[T]``: what
+        :meth:`forward` takes as ``position_embeddings`` (every MoA of a model with the same
+        head size and base can share them)."""
+        check_position_ids(position_ids, None, None)
+        return rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, torch.float32)
+
+    def _checked_tables(self, tables, batch: int, length: int, device) -> tuple[Tensor, Tensor]:
+        """``position_embeddings`` after checking it: two floating tensors on ``device`` of
+        shape ``[B, T, head_dim]`` or ``[T, head_dim]``; TypeError/ValueError naming it."""
+        if not (
+            isinstance(tables, tuple | list)
+            and len(tables) == 2
+            and all(isinstance(t, Tensor) and t.is_floating_point() for t in tables)
+        ):
+            raise TypeError(
+                "position_embeddings must be (cos, sin), two floating tensors from "
+                f"MoA.rotary_tables, got {type(tables).__name__}"
+            )
+        shapes = ((batch, length, self.head_dim), (length, self.head_dim))
+        for table in tables:
+            if tuple(table.shape) not in shapes:
+                raise ValueError(
+                    f"position_embeddings must be [B, T, head_dim] = {shapes[0]} or "
+                    f"[T, head_dim] = {shapes[1]} tables, got {tuple(table.shape)}"
+                )
+            if table.device != device:
+                raise ValueError(
+                    f"position_embeddings must be on x's device {device}, got {table.device}"
+                )
+        return tables[0], tables[1]
 
     @staticmethod
     def _mask(

@@ -280,6 +280,47 @@ def test_cached_decoding_matches_the_full_forward():
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
+def test_the_model_computes_the_rope_tables_once_per_forward_for_all_layers(monkeypatch):
+    """The model computes the RoPE tables once per forward (also per decode step) from the
+    positions, given or counted from the caches, and every layer's MoA takes them: the logits
+    are those of each MoA computing its own tables from those positions."""
+    from moe_blocks import MoA
+
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=3)).eval()
+    ids, positions = torch.randint(0, 256, (2, 6)), torch.randint(0, 64, (2, 6))
+    calls, real_tables, real_forward = [], MoA.rotary_tables, MoA.forward
+
+    def counted(self, position_ids):
+        calls.append(position_ids)
+        return real_tables(self, position_ids)
+
+    def own_tables(self, x, **kwargs):  # what each MoA computed before the model did it once
+        kwargs.update(position_embeddings=None, position_ids=calls[-1])
+        return real_forward(self, x, **kwargs)
+
+    def four_forwards():
+        calls.clear()
+        caches = [KVCache() for _ in range(3)]
+        with torch.no_grad():
+            return [
+                model(ids, position_ids=positions).logits,
+                model(ids).logits,
+                model(ids[:, :1], kv_caches=caches).logits,
+                model(ids[:, 1:], kv_caches=caches).logits,  # the caches hold one token
+            ]
+
+    monkeypatch.setattr(MoA, "rotary_tables", counted)
+    shared = four_forwards()
+    expected_positions = [positions, torch.arange(6), torch.arange(1), torch.arange(1, 6)]
+    assert len(calls) == len(expected_positions)
+    for got, want in zip(calls, expected_positions, strict=True):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(MoA, "forward", own_tables)
+    for ours, each_layer in zip(shared, four_forwards(), strict=True):
+        assert torch.equal(ours, each_layer)
+
+
 def test_generating_without_a_mask_is_generating_with_an_all_ones_mask():
     """Without a mask (and no pad token to infer one from) every token is real: generate then
     gives the layers no mask at all, which must change nothing against a mask of ones: the

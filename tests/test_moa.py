@@ -68,6 +68,47 @@ def test_decoding_with_the_kv_cache_matches_the_full_forward(case, data):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@given(moa_cases(), st.data())
+def test_given_rope_tables_are_the_tables_of_the_positions(case, data):
+    """``position_embeddings`` from :meth:`MoA.rotary_tables` of some positions (per row or
+    shared, with a KV cache or without) give the bits of passing those positions; the
+    default positions continue the cache."""
+    moa, x = _moa(case)
+    batch, length = case["batch"], case["length"]
+    per_row = data.draw(st.booleans())
+    shape = (batch, length) if per_row else (length,)
+    positions = torch.randint(0, 4096, shape, generator=torch.Generator().manual_seed(case["seed"]))
+    tables = moa.rotary_tables(positions)
+    assert all(t.dtype == torch.float32 and t.shape == (*shape, case["head_dim"]) for t in tables)
+    assert torch.equal(moa(x, position_embeddings=tables), moa(x, position_ids=positions))
+    prefill = data.draw(st.integers(1, length - 1))
+    caches = KVCache(), KVCache()
+    moa(x[:, :prefill], kv_cache=caches[0])
+    moa(x[:, :prefill], kv_cache=caches[1])
+    following = torch.arange(prefill, length)
+    given_tables = moa(x[:, prefill:], kv_cache=caches[0],
+                       position_embeddings=moa.rotary_tables(following))  # fmt: skip
+    assert torch.equal(given_tables, moa(x[:, prefill:], kv_cache=caches[1]))
+
+
+def test_bad_rope_tables_are_refused_naming_the_argument():
+    moa = MoA(32, 4, 2, head_dim=4, num_kv_heads=2)
+    x, positions = torch.randn(2, 3, 32), torch.arange(3)
+    tables = moa.rotary_tables(positions)
+    with pytest.raises(ValueError, match="position_ids or position_embeddings"):
+        moa(x, position_ids=positions, position_embeddings=tables)
+    with pytest.raises(TypeError, match="position_embeddings"):
+        moa(x, position_embeddings=tables[0])
+    with pytest.raises(TypeError, match="position_embeddings"):
+        moa(x, position_embeddings=(tables[0], positions))
+    with pytest.raises(ValueError, match="position_embeddings"):
+        moa(x, position_embeddings=moa.rotary_tables(torch.arange(4)))
+    with pytest.raises(ValueError, match="position_embeddings"):
+        moa(x, position_embeddings=MoA(32, 4, 2, head_dim=8).rotary_tables(positions))
+    with pytest.raises(TypeError, match="position_ids"):
+        moa.rotary_tables(positions.float())
+
+
 def _rope(t, positions, theta=10000.0):
     """Rotate-half RoPE written out pair by pair: dims i and i + d/2 rotate by pos·θ^(-2i/d)."""
     half = t.shape[-1] // 2

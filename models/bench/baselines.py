@@ -212,7 +212,24 @@ def build(case: Case, impl: str) -> tuple[nn.Module, Tensor]:
         ours = JetMoEDecoderLayer(_our_config(config), **factory)
         state = {from_hf_key(f"layer.{k}").removeprefix("layer."): v for k, v in state.items()}
     ours.load_state_dict(state)
-    return ours, x
+    if case.suite == "mlp":
+        return ours, x
+    # As transformers' block gets its position_embeddings (_wrap_reference): the tables a
+    # model computes once for all its layers, outside the block's time.
+    attention = ours if case.suite == "moa" else ours.self_attention
+    tables = attention.rotary_tables(torch.arange(case.tokens, device=x.device))
+    return _GivenRopeTables(ours, tables), x
+
+
+class _GivenRopeTables(nn.Module):
+    """Our MoA or decoder layer called with the RoPE tables of positions ``0..T-1``."""
+
+    def __init__(self, block: nn.Module, tables: tuple[Tensor, Tensor]) -> None:
+        super().__init__()
+        self.block, self.tables = block, tables
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x, position_embeddings=self.tables)
 
 
 def _reference(case: Case, config):

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_blocks import KVCache, MoA, MoEMLP, TopKRouter
 from moe_blocks.kernels.checks import INTEGER_DTYPES, check_index_range, check_non_negative
+from moe_blocks.moa import check_position_ids
 from moe_blocks.router import check_keep_mask, inference, named_routers
 
 from . import hf_checkpoint
@@ -68,12 +69,16 @@ class JetMoEDecoderLayer(nn.Module):
         attention_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
         position_ids: Tensor | None = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
+        """``position_embeddings``: the RoPE tables of :meth:`MoA.rotary_tables`, instead of
+        ``position_ids`` (a model computes them once for all its layers)."""
         x = x + self.self_attention(
             self.input_layernorm(x),
             attention_mask=attention_mask,
             kv_cache=kv_cache,
             position_ids=position_ids,
+            position_embeddings=position_embeddings,
         )
         # padding counts in no router statistic (MoA takes it from attention_mask itself)
         token_mask = None if attention_mask is None else attention_mask[:, -x.shape[1] :]
@@ -225,14 +230,22 @@ class JetMoEForCausalLM(nn.Module):
             # reduction and a host read, or device asserts) was run 3 times in every layer
             attention_mask = check_keep_mask(attention_mask, "attention_mask")
         hidden = self.model.embed_tokens(input_ids.long())
+        batch, length = input_ids.shape
+        if position_ids is None:  # every layer's cache holds the same tokens: the first's
+            past = kv_caches[0].length if kv_caches is not None else 0
+            position_ids = torch.arange(past, past + length, device=hidden.device)
+        # RoPE tables once for every layer (each MoA computed the same ones)
+        tables = self.model.layers[0].self_attention.rotary_tables(
+            check_position_ids(position_ids, batch, length)
+        )
         for index, layer in enumerate(self.model.layers):
             cache = kv_caches[index] if kv_caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden = checkpoint(
-                    layer, hidden, attention_mask, cache, position_ids, use_reentrant=False
+                    layer, hidden, attention_mask, cache, None, tables, use_reentrant=False
                 )
             else:
-                hidden = layer(hidden, attention_mask, cache, position_ids)
+                hidden = layer(hidden, attention_mask, cache, None, tables)
         logits = self.lm_head(self.model.norm(hidden))
         if labels is None:
             return CausalLMOutput(logits=logits, kv_caches=kv_caches)
