@@ -52,10 +52,10 @@ def config_for(shape: str, layers: int, vocab: int, device: str, tiny: bool) -> 
 
 
 def measure(config: JetMoEConfig, dtype: str, *, prompt_tokens: int, new_tokens: int,
-            device: str, repeats: int, compile: bool = False) -> dict:  # fmt: skip
+            device: str, repeats: int, with_compiled: bool = False) -> dict:  # fmt: skip
     """Both models' milliseconds per new token (medians of ``repeats`` alternating rounds of a
     whole ``generate``, prefill included, divided by ``new_tokens``) and whether their tokens
-    agree; with ``compile`` also ours with its forward compiled ("moe_blocks compiled"), the
+    agree; with ``with_compiled`` also ours with its forward compiled ("moe_blocks compiled"), the
     seconds its first ``generate`` took (compiling) and whether its tokens are eager's."""
     import transformers
 
@@ -75,7 +75,7 @@ def measure(config: JetMoEConfig, dtype: str, *, prompt_tokens: int, new_tokens:
             prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
         ),
     }
-    if compile:
+    if with_compiled:
         steps["moe_blocks compiled"] = _compiled(ours, lambda: ours.generate(prompt, new_tokens))
     with torch.no_grad():
         tokens, first_call_s = {}, {}
@@ -86,7 +86,7 @@ def measure(config: JetMoEConfig, dtype: str, *, prompt_tokens: int, new_tokens:
         times = time_medians_ms(steps, device, min_repeats=repeats, max_repeats=repeats)
     ms = {name: value / new_tokens for name, value in times.items()}
     compiled = {}
-    if compile:
+    if with_compiled:
         compiled = {
             "compile_s": first_call_s["moe_blocks compiled"],
             "compiled_same_tokens": torch.equal(
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             config = config_for(shape, args.layers, args.vocab, args.device, args.tiny)
             row = {"shape": shape} | measure(
                 config, dtype, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                device=args.device, repeats=args.repeats, compile=args.compile,
+                device=args.device, repeats=args.repeats, with_compiled=args.compile,
             )  # fmt: skip
             print(json.dumps(row), flush=True)
             rows.append(row)

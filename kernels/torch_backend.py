@@ -321,6 +321,7 @@ def _expert_product(rows: Tensor, weight: Tensor) -> Callable[[Tensor, int, Tens
 
 
 def _placed(part: Tensor, out: Tensor | None) -> Tensor:
+    """``part``, copied into ``out`` if given."""
     return part if out is None else out.copy_(part)
 
 

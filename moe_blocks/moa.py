@@ -27,9 +27,12 @@ def rotary_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def check_position_ids(position_ids: object, batch: int | None, length: int | None) -> Tensor:
+def check_position_ids(
+    position_ids: object, batch: int | None, length: int | None, device=None
+) -> Tensor:
     """``position_ids`` after checking it: an integer tensor, ``[B, T]`` or ``[T]`` where
-    ``batch`` and ``length`` are given; TypeError/ValueError naming it."""
+    ``batch`` and ``length`` are given, on ``device`` where given; TypeError/ValueError
+    naming it."""
     if not isinstance(position_ids, Tensor) or position_ids.dtype not in INTEGER_DTYPES:
         raise TypeError(f"position_ids must be an integer tensor, got {position_ids!r:.80}")
     if length is not None and tuple(position_ids.shape) not in ((batch, length), (length,)):
@@ -37,6 +40,8 @@ def check_position_ids(position_ids: object, batch: int | None, length: int | No
             f"position_ids must be [B, T] = {(batch, length)} or [T] = ({length},), got "
             f"{tuple(position_ids.shape)}"
         )
+    if device is not None and position_ids.device != torch.device(device):
+        raise ValueError(f"position_ids must be on {device}, got {position_ids.device}")
     return position_ids
 
 
@@ -196,10 +201,11 @@ class MoA(ModularBlock, nn.Module):
         token_mask: ``[B, T]`` bool (or 0/1), True for the real tokens among ``x``'s: padding
             counts in no statistic of the router (as for :class:`MoEMLP`). Default: the last
             ``T`` columns of ``attention_mask`` when it is given, else every token.
-        position_embeddings: the RoPE tables ``(cos, sin)`` of :meth:`rotary_tables` for
-            these tokens' positions, ``[B, T, head_dim]`` or ``[T, head_dim]``, instead of
-            ``position_ids``: a model computes them once for all its layers (as transformers'
-            ``position_embeddings``), where each layer would compute the same tables again.
+        position_embeddings: the fp32 RoPE tables ``(cos, sin)`` of :meth:`rotary_tables`
+            for these tokens' positions, ``[B, T, head_dim]``, ``[1, T, head_dim]`` or
+            ``[T, head_dim]``, instead of ``position_ids``: a model computes them once for all
+            its layers (as transformers passes ``position_embeddings``), where each layer
+            would compute the same tables again.
         """
         check_input_dtype(x, self.kv_proj.weight.dtype)
         if x.dim() != 3 or x.shape[-1] != self.d_model:
@@ -216,20 +222,20 @@ class MoA(ModularBlock, nn.Module):
             token_mask = check_keep_mask(token_mask, "token_mask", (batch, length))
         elif attention_mask is not None:
             token_mask = attention_mask[:, past:]
+        if position_embeddings is None:  # (checked before the router counts anything)
+            if position_ids is None:
+                position_ids = torch.arange(past, past + length, device=x.device)
+            check_position_ids(position_ids, batch, length, x.device)
+            cos, sin = self.rotary_tables(position_ids)
+        elif position_ids is not None:
+            raise ValueError("give position_ids or position_embeddings, not both")
+        else:
+            cos, sin = self._checked_tables(position_embeddings, batch, length, x.device)
         tokens = x.reshape(-1, self.d_model)
         route = self.router(tokens, None if token_mask is None else token_mask.reshape(-1))
         query = self.input_linear(tokens, route.plan)  # [B*T*k, kv*hd], assignment order
         query = query.view(batch, length, top_k, kv_heads, head_dim)
         key, value = self.kv_proj(x).view(batch, length, 2, kv_heads, head_dim).unbind(2)
-
-        if position_embeddings is None:
-            if position_ids is None:
-                position_ids = torch.arange(past, past + length, device=x.device)
-            cos, sin = self.rotary_tables(check_position_ids(position_ids, batch, length))
-        elif position_ids is not None:
-            raise ValueError("give position_ids or position_embeddings, not both")
-        else:
-            cos, sin = self._checked_tables(position_embeddings, batch, length, x.device)
         cos, sin = (t.to(query.dtype).expand(batch, length, head_dim) for t in (cos, sin))
         query = apply_rotary(query, cos[:, :, None, None], sin[:, :, None, None])
         key = apply_rotary(key, cos[:, :, None], sin[:, :, None])
@@ -270,23 +276,31 @@ class MoA(ModularBlock, nn.Module):
         return rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, torch.float32)
 
     def _checked_tables(self, tables, batch: int, length: int, device) -> tuple[Tensor, Tensor]:
-        """``position_embeddings`` after checking it: two floating tensors on ``device`` of
-        shape ``[B, T, head_dim]`` or ``[T, head_dim]``; TypeError/ValueError naming it."""
-        if not (
-            isinstance(tables, tuple | list)
-            and len(tables) == 2
-            and all(isinstance(t, Tensor) and t.is_floating_point() for t in tables)
-        ):
+        """``position_embeddings`` after checking it: two fp32 tensors on ``device`` of shape
+        ``[B, T, head_dim]``, ``[1, T, head_dim]`` or ``[T, head_dim]`` (:meth:`rotary_tables`
+        of ``[B, T]`` or ``[T]`` positions); TypeError/ValueError naming it."""
+        if not (isinstance(tables, tuple | list) and len(tables) == 2):
             raise TypeError(
-                "position_embeddings must be (cos, sin), two floating tensors from "
-                f"MoA.rotary_tables, got {type(tables).__name__}"
+                "position_embeddings must be (cos, sin) from MoA.rotary_tables, got "
+                + (
+                    f"{len(tables)} tables"
+                    if isinstance(tables, tuple | list)
+                    else type(tables).__name__
+                )
             )
-        shapes = ((batch, length, self.head_dim), (length, self.head_dim))
+        shapes = ((batch, length, self.head_dim), (1, length, self.head_dim))
+        shapes += ((length, self.head_dim),)
         for table in tables:
+            if not isinstance(table, Tensor) or table.dtype != torch.float32:
+                got = table.dtype if isinstance(table, Tensor) else type(table).__name__
+                raise TypeError(
+                    f"position_embeddings must be fp32 tables from MoA.rotary_tables, got {got}"
+                )
             if tuple(table.shape) not in shapes:
                 raise ValueError(
-                    f"position_embeddings must be [B, T, head_dim] = {shapes[0]} or "
-                    f"[T, head_dim] = {shapes[1]} tables, got {tuple(table.shape)}"
+                    f"position_embeddings must be [B, T, head_dim] = {shapes[0]}, "
+                    f"[1, T, head_dim] or [T, head_dim] = {shapes[2]} tables, got "
+                    f"{tuple(table.shape)}"
                 )
             if table.device != device:
                 raise ValueError(

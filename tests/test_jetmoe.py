@@ -299,7 +299,7 @@ def test_the_model_computes_the_rope_tables_once_per_forward_for_all_layers(monk
         kwargs.update(position_embeddings=None, position_ids=calls[-1])
         return real_forward(self, x, **kwargs)
 
-    def four_forwards():
+    def five_forwards():
         calls.clear()
         caches = [KVCache() for _ in range(3)]
         with torch.no_grad():
@@ -307,18 +307,35 @@ def test_the_model_computes_the_rope_tables_once_per_forward_for_all_layers(monk
                 model(ids, position_ids=positions).logits,
                 model(ids).logits,
                 model(ids[:, :1], kv_caches=caches).logits,
-                model(ids[:, 1:], kv_caches=caches).logits,  # the caches hold one token
+                model(ids[:, 1:5], kv_caches=caches).logits,  # the caches hold one token
+                model(ids[:, 5:], kv_caches=caches).logits,  # a decode step of one
             ]
 
     monkeypatch.setattr(MoA, "rotary_tables", counted)
-    shared = four_forwards()
-    expected_positions = [positions, torch.arange(6), torch.arange(1), torch.arange(1, 6)]
+    shared = five_forwards()
+    expected_positions = [positions, torch.arange(6), torch.arange(1), torch.arange(1, 5)]
+    expected_positions.append(torch.arange(5, 6))
     assert len(calls) == len(expected_positions)
     for got, want in zip(calls, expected_positions, strict=True):
         assert torch.equal(got, want)
     monkeypatch.setattr(MoA, "forward", own_tables)
-    for ours, each_layer in zip(shared, four_forwards(), strict=True):
+    for ours, each_layer in zip(shared, five_forwards(), strict=True):
         assert torch.equal(ours, each_layer)
+
+
+def test_bad_kv_caches_and_positions_are_refused_naming_the_argument():
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=2)).eval()
+    ids = torch.randint(0, 256, (1, 3))
+    filled = [KVCache(), KVCache()]
+    model(ids, kv_caches=filled)
+    with pytest.raises(ValueError, match="kv_caches"):
+        model(ids, kv_caches=[filled[0], KVCache()])  # 3 tokens cached against none
+    with pytest.raises(ValueError, match="kv_caches"):
+        model(ids, kv_caches=[None, None])
+    with pytest.raises(ValueError, match="position_ids"):
+        model(ids, position_ids=torch.arange(3, device="meta"))
+    with pytest.raises(ValueError, match="position_ids"):
+        model(ids, position_ids=torch.arange(4))
 
 
 def test_generating_without_a_mask_is_generating_with_an_all_ones_mask():

@@ -80,7 +80,12 @@ def test_given_rope_tables_are_the_tables_of_the_positions(case, data):
     positions = torch.randint(0, 4096, shape, generator=torch.Generator().manual_seed(case["seed"]))
     tables = moa.rotary_tables(positions)
     assert all(t.dtype == torch.float32 and t.shape == (*shape, case["head_dim"]) for t in tables)
-    assert torch.equal(moa(x, position_embeddings=tables), moa(x, position_ids=positions))
+    expected = moa(x, position_ids=positions)
+    assert torch.equal(moa(x, position_embeddings=tables), expected)
+    if not per_row:  # a [T, hd] table beside its [B, T, hd] and [1, T, hd] forms
+        cos, sin = tables
+        mixed = (cos.expand(batch, -1, -1).contiguous(), sin[None])
+        assert torch.equal(moa(x, position_embeddings=mixed), expected)
     prefill = data.draw(st.integers(1, length - 1))
     caches = KVCache(), KVCache()
     moa(x[:, :prefill], kv_cache=caches[0])
@@ -105,8 +110,18 @@ def test_bad_rope_tables_are_refused_naming_the_argument():
         moa(x, position_embeddings=moa.rotary_tables(torch.arange(4)))
     with pytest.raises(ValueError, match="position_embeddings"):
         moa(x, position_embeddings=MoA(32, 4, 2, head_dim=8).rotary_tables(positions))
+    with pytest.raises(TypeError, match="position_embeddings"):
+        moa(x, position_embeddings=tuple(t.bfloat16() for t in tables))  # not fp32
+    with pytest.raises(ValueError, match="position_embeddings"):
+        moa(x, position_embeddings=tuple(t.to("meta") for t in tables))
+    with pytest.raises(ValueError, match="position_ids"):
+        moa(x, position_ids=positions.to("meta"))
     with pytest.raises(TypeError, match="position_ids"):
         moa.rotary_tables(positions.float())
+    counts = moa.router.last_tokens_per_expert.clone()
+    with pytest.raises(ValueError, match="position_embeddings"):  # refused before routing
+        moa(torch.randn(2, 3, 32), position_embeddings=moa.rotary_tables(torch.arange(5)))
+    assert torch.equal(moa.router.last_tokens_per_expert, counts)
 
 
 def _rope(t, positions, theta=10000.0):

@@ -222,9 +222,14 @@ class JetMoEForCausalLM(nn.Module):
                 f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(labels.shape)}"
             )
-        if kv_caches is not None and len(kv_caches) != self.config.num_hidden_layers:
+        if kv_caches is not None and (
+            len(kv_caches) != self.config.num_hidden_layers
+            or not all(isinstance(cache, KVCache) for cache in kv_caches)
+            or any(cache.length != kv_caches[0].length for cache in kv_caches)
+        ):
             raise ValueError(
-                f"kv_caches must hold one KVCache per layer ({self.config.num_hidden_layers})"
+                f"kv_caches must hold one KVCache per layer ({self.config.num_hidden_layers}), "
+                "all of one length (the tokens before these)"
             )
         if attention_mask is not None:  # checked once: an integer mask's range check (a
             # reduction and a host read, or device asserts) was run 3 times in every layer
@@ -236,7 +241,7 @@ class JetMoEForCausalLM(nn.Module):
             position_ids = torch.arange(past, past + length, device=hidden.device)
         # RoPE tables once for every layer (each MoA computed the same ones)
         tables = self.model.layers[0].self_attention.rotary_tables(
-            check_position_ids(position_ids, batch, length)
+            check_position_ids(position_ids, batch, length, hidden.device)
         )
         for index, layer in enumerate(self.model.layers):
             cache = kv_caches[index] if kv_caches is not None else None
