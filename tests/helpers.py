@@ -2,6 +2,8 @@
 
 import contextlib
 import copy
+import importlib.util
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -10,6 +12,16 @@ from moe_blocks.kernels import torch_backend
 from moe_blocks.testing import tolerances
 
 LAYOUTS = ("contiguous", "transposed", "sliced")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def script_module(path: str):
+    """The script at ``path`` (relative to the repository root, e.g. a benchmark in
+    ``benches/``, which is no package) imported as a module."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_tensor(shape, dtype, layout="contiguous", generator=None, scale=1.0):

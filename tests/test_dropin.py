@@ -1,15 +1,10 @@
 """The drop-in example of docs/examples: MoEMLP in a GPT we did not write trains."""
 
-import importlib.util
-from pathlib import Path
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "tiny_gpt_moe.py"
+from .helpers import script_module
 
 
 def test_moe_mlp_drops_into_a_small_gpt_and_it_learns():
-    spec = importlib.util.spec_from_file_location("tiny_gpt_moe", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = script_module("docs/examples/tiny_gpt_moe.py")
     result = example.train(steps=30)
     losses = result["losses"]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5

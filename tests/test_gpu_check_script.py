@@ -2,15 +2,13 @@
 and a failed step fails the check."""
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import ROOT, script_module
 
 pytest.importorskip("transformers")
 
@@ -34,17 +32,10 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
     assert "JetMoE fwd+bwd" in result.stdout.splitlines()[-1]
 
 
-def _gpu_check_module():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benches" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_any_failed_step_fails_the_check():
     """The exit status comes from ``failures``: every step that failed is named, the JetMoE-8B
     forward+backward of either implementation included (an out-of-memory there used to pass)."""
-    failures = _gpu_check_module().failures
+    failures = script_module("benches/gpu_check.py").failures
     passing = {
         "versions": {"device": "NVIDIA H200"},
         "tests": {"quick tests": {"returncode": 0, "summary": "60 passed in 100 s"}},
@@ -101,7 +92,8 @@ def test_every_autotuning_candidate_is_recorded(tmp_path, monkeypatch):
     )
     path = tmp_path / "autotune.jsonl"
     wider = [triton.Config({"BLOCK": block}, num_warps=4, num_stages=2) for block in (8, 16, 32)]
-    _gpu_check_module().record_autotuning(path, "sweep", {"double": tuner}, {"double": wider})
+    record_autotuning = script_module("benches/gpu_check.py").record_autotuning
+    record_autotuning(path, "sweep", {"double": tuner}, {"double": wider})
     for n in (20, 20, 40):  # the second call reuses the first key's choice
         x = torch.ones(n)
         tuner[lambda meta, n=n: (triton.cdiv(n, meta["BLOCK"]),)](x, n, SCALE=2)
@@ -117,7 +109,7 @@ def test_every_autotuning_candidate_is_recorded(tmp_path, monkeypatch):
 
 
 def test_a_child_that_times_out_keeps_the_json_lines_it_printed(tmp_path):
-    gpu_check = _gpu_check_module()
+    gpu_check = script_module("benches/gpu_check.py")
     limit = gpu_check.MIN_STEP_S
     code = "import json, time; print(json.dumps({'case': 1}), flush=True); time.sleep(60)"
     with open(tmp_path / "gpu_check.log", "w") as sink:

@@ -19,7 +19,7 @@ from moe_blocks.moe_mlp import ACTIVATIONS
 from moe_blocks.router import named_routers, tokens_per_expert
 
 from .conftest import DEVICE
-from .helpers import zero_safetensors_in_place
+from .helpers import script_module, zero_safetensors_in_place
 
 transformers = pytest.importorskip("transformers")
 
@@ -148,21 +148,10 @@ def test_greedy_generation_matches_transformers(tmp_path):
     assert torch.equal(ours.generate(prompt, max_new_tokens=12, eos_token_id=None), expected)
 
 
-def _generate_speed_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benches" / "generate_speed.py"
-    spec = importlib.util.spec_from_file_location("generate_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_generate_benchmark_compares_the_same_greedy_tokens(tmp_path):
     """benches/generate_speed.py (docs/benchmarks.md's decode table): both models load the
     same checkpoint and, in fp32, generate the same tokens; the JSON holds the printed rows."""
-    module = _generate_speed_module()
+    module = script_module("benches/generate_speed.py")
     options = "--tiny --layers 2 --dtypes fp32 --repeats 1 --new-tokens 3 --device cpu".split()
     rows = module.main([*options, "--out", str(tmp_path)])
     assert [row["shape"] for row in rows] == ["jetmoe-8b", "fine-grained"]
@@ -175,7 +164,7 @@ def test_the_generate_benchmark_compiles_our_forward_and_keeps_its_tokens(tmp_pa
     """``--compile`` times our model with its forward compiled: in fp32 it generates eager's
     tokens, the first call's time is reported as the compile time and the table shows the
     columns."""
-    module = _generate_speed_module()
+    module = script_module("benches/generate_speed.py")
     options = "--tiny --layers 1 --shapes fine-grained --dtypes fp32 --repeats 1 --new-tokens 3"
     (row,) = module.main([*options.split(), "--device", "cpu", "--compile"])
     assert row["compiled_same_tokens"] and row["same_tokens"]

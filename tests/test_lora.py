@@ -19,6 +19,8 @@ from moe_blocks.models.train import TrainSettings, run_folder
 from moe_blocks.models.train.lora import ADAPTED, attach_lora, lora_config
 from tests.conftest import VOCAB
 
+from .helpers import script_module
+
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 FAST = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "3",
@@ -305,19 +307,8 @@ def test_a_damaged_adapter_config_is_one_line(tmp_path, corpus, hf_checkpoint, c
     assert code == 2 and error.count("\n") == 0 and "adapter_config.json" in error, error
 
 
-def _lora_memory():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benches" / "lora_memory.py"
-    spec = importlib.util.spec_from_file_location("lora_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_live_bytes_counts_each_storage_once_until_it_is_freed():
-    live_bytes = _lora_memory().LiveBytes
+    live_bytes = script_module("benches/lora_memory.py").LiveBytes
     before = torch.zeros(1000)  # 4000 bytes, alive before
     with live_bytes([before, before[:10]]) as live:
         a = torch.ones(2000)  # + 8000
@@ -333,7 +324,7 @@ def test_the_memory_benchmark_orders_the_modes_as_the_arithmetic_says():
     """benches/lora_memory.py on a small JetMoE: each peak holds at least the weights (and
     adapters), the gradients of what trains and AdamW's state; LoRA trains a small share;
     recomputing layers lowers LoRA's peak (the adapted weights of every layer are not kept)."""
-    module = _lora_memory()
+    module = script_module("benches/lora_memory.py")
     config = JetMoEConfig.from_preset("tiny", num_hidden_layers=4, intermediate_size=512)
     rows = {mode: module.measure(config, mode, tokens=64, rank=2, dtype=torch.float32,
                                  device="cpu", repeats=1) for mode in module.MODES}  # fmt: skip

@@ -14,6 +14,8 @@ from torch import nn
 
 from moe_blocks import MoEMLP, upcycle_mlp, upcycle_weights
 
+from .helpers import script_module
+
 
 class DenseGLU(nn.Module):
     """A dense GLU MLP in transformers' layout (LlamaMLP's attributes)."""
@@ -448,14 +450,7 @@ def test_the_upcycle_command_refuses_what_is_not_a_dense_causal_lm(
 
 
 def test_the_demonstration_starts_each_upcycled_model_where_the_dense_one_ended(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benches" / "upcycling_curves.py"
-    spec = importlib.util.spec_from_file_location("upcycling_curves", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main([
+    result = script_module("benches/upcycling_curves.py").main([
         "--out", str(tmp_path), "--dense-steps", "3", "--steps", "2", "--eval-every", "1",
         "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16", "--d-model", "16",
         "--d-ffn", "32", "--layers", "1", "--heads", "2", "--experts", "4", "--top-k", "2",
