@@ -225,7 +225,8 @@ class MoA(ModularBlock, nn.Module):
         if position_embeddings is None:  # (checked before the router counts anything)
             if position_ids is None:
                 position_ids = torch.arange(past, past + length, device=x.device)
-            check_position_ids(position_ids, batch, length, x.device)
+            else:
+                check_position_ids(position_ids, batch, length, x.device)
             cos, sin = self.rotary_tables(position_ids)
         elif position_ids is not None:
             raise ValueError("give position_ids or position_embeddings, not both")

@@ -239,10 +239,10 @@ class JetMoEForCausalLM(nn.Module):
         if position_ids is None:  # every layer's cache holds the same tokens: the first's
             past = kv_caches[0].length if kv_caches is not None else 0
             position_ids = torch.arange(past, past + length, device=hidden.device)
-        # RoPE tables once for every layer (each MoA computed the same ones)
-        tables = self.model.layers[0].self_attention.rotary_tables(
+        else:
             check_position_ids(position_ids, batch, length, hidden.device)
-        )
+        # RoPE tables once for every layer (each MoA computed the same ones)
+        tables = self.model.layers[0].self_attention.rotary_tables(position_ids)
         for index, layer in enumerate(self.model.layers):
             cache = kv_caches[index] if kv_caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
