@@ -410,10 +410,14 @@ def routed_mlp(
         sums = x.new_zeros(x.shape[0], num_out, dtype=sorted_gates.dtype)
         for (expert, start, end), rows in zip(runs, x_runs, strict=True):
             hidden = activate(_matmul(rows, w_in, expert, expert_offsets, None))
-            # contiguous: a weight-first part is a transposed view, slow to add by row
-            part = _matmul(hidden, w_out, expert, expert_offsets, None).contiguous()
+            part = _matmul(hidden, w_out, expert, expert_offsets, None)
+            # gated in place, in the sums' dtype and contiguous (a weight-first part is a
+            # transposed view, slow to add by row); part is the product's own fresh result. A
+            # mixed-dtype product made a converted copy and a new result (bf16, fine-grained,
+            # 2048 tokens: 9 of 50 ms)
+            part = part.to(sums.dtype, memory_format=torch.contiguous_format)
             # each run adds its rows into their tokens' sums: a token's terms in expert order
-            sums.index_add_(0, token_rows[start:end], part * sorted_gates[start:end])
+            sums.index_add_(0, token_rows[start:end], part.mul_(sorted_gates[start:end]))
         return sums.to(x.dtype)
     hidden = activate(_products(x_runs, w_in, runs, expert_offsets, num_rows))
     hidden_runs = (hidden[start:end] for _, start, end in runs)
