@@ -1,6 +1,7 @@
 """The benchmark cases compare like with like, and `moe-blocks bench` writes its table, JSON
 and plot."""
 
+import dataclasses
 import json
 import time
 
@@ -30,6 +31,34 @@ def test_implementations_of_a_case_compute_the_same_function(suite):
                 torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 12])
+def test_expert_products_floor_multiplies_the_rows_our_block_routes(tokens):
+    """The floor does our MLP's expert products and nothing else: its rows, put back in
+    assignment order and summed by our router's gates in float64 (plus the bias), are our
+    block's output; it exists for the MLP on CPU only."""
+    torch.manual_seed(tokens)
+    dims = bench.TINY_SHAPES["fine-grained"]
+    case = bench.Case("mlp", "fine-grained", tokens, "fp32", "cpu", dims)
+    ours, x = bench.build(case, "moe_blocks")
+    floor, same_x = bench.build(case, "expert_products")
+    assert torch.equal(same_x, x)
+    with torch.no_grad():
+        route = ours.router(x[0])
+        rows = floor(x)
+        out = ours(x)[0]
+    top_k = dims[3]
+    assert rows.shape == (tokens * top_k, dims[0])
+    by_assignment = torch.empty_like(rows).index_copy_(0, route.plan.sorted_indices, rows)
+    gated = by_assignment.double().view(tokens, top_k, -1) * route.gates.double()[..., None]
+    expected = gated.sum(1) + ours.bias.double()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    step = bench.step_function(floor, x, backward=True)
+    step()
+    assert all(p.grad is not None for p in (floor.rows, floor.w_in[int(route.expert_idx[0, 0])]))
+    for other in (dataclasses.replace(case, device="cuda"), dataclasses.replace(case, suite="moa")):
+        assert not bench.applies(other, "expert_products")
+
+
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("suite", bench.SUITES)
 def test_dense_roofline_does_the_matmul_flops_of_the_case(suite, backward):
@@ -55,7 +84,7 @@ def test_every_suite_is_timed_against_the_roofline_and_the_per_expert_loop(suite
     )
     expected = {
         "expert_linear": {"moe_blocks", "per_expert_loop", "grouped_mm", "dense"},
-        "mlp": {"moe_blocks", "transformers", "grouped_mm", "dense"},
+        "mlp": {"moe_blocks", "transformers", "grouped_mm", "expert_products", "dense"},
     }.get(suite, {"moe_blocks", "transformers", "dense"})
     loop = "per_expert_loop" if suite == bench.KERNEL_SUITE else "transformers"
     dims = bench.TINY_SHAPES["fine-grained"]
@@ -99,7 +128,8 @@ def test_bench_command_writes_table_json_and_plot(suite, baseline, tmp_path, cap
     table = capsys.readouterr().out
     assert "moe_blocks" in table and baseline in table and "dense" in table
     rows = json.loads((out / f"bench_{suite}.json").read_text())
-    assert {r["impl"] for r in rows} == {"moe_blocks", baseline, "grouped_mm", "dense"}
+    floor = {"expert_products"} if suite == "mlp" else set()  # the MLP's, on CPU
+    assert {r["impl"] for r in rows} == {"moe_blocks", baseline, "grouped_mm", "dense"} | floor
     assert {r["tokens"] for r in rows} == {4, 16}
     dense = {(r["tokens"], r["backward"]): r["median_ms"] for r in rows if r["impl"] == "dense"}
     for row in rows:  # each ratio is to the dense roofline of the same tokens and pass
@@ -198,7 +228,7 @@ def test_an_implementation_that_raises_is_reported_and_the_others_still_timed(mo
     monkeypatch.setattr(bench.measure, "build", build_or_run_out_of_memory)
     results = bench.run_case(case, True, max_repeats=2, budget_s=0.0)
     by_impl = {r.impl: r for r in results}
-    assert set(by_impl) == {"moe_blocks", "transformers", "grouped_mm", "dense"}
+    assert set(by_impl) == {"moe_blocks", "transformers", "grouped_mm", "expert_products", "dense"}
     assert by_impl["transformers"].error == "OutOfMemoryError: CUDA out of memory"
     assert by_impl["transformers"].median_ms is None
     assert by_impl["moe_blocks"].error is None and by_impl["moe_blocks"].vs_dense is not None

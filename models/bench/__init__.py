@@ -10,6 +10,10 @@ time :data:`IMPLEMENTATIONS`:
   most MoE code runs today.
 - ``grouped_mm``: (MLP only) a plain autograd pipeline: sort, gather, ``torch._grouped_mm``,
   SiLU-GLU, ``torch._grouped_mm``, gate-weighted ``index_add``.
+- ``expert_products``: (MLP on CPU only) the floor of a block that multiplies expert by expert,
+  as the torch backend does: the routed rows already grouped, each expert's two products and
+  SiLU-GLU, nothing else (no router, gathers, gates or sums). Its ``x dense`` is how near the
+  dense roofline one BLAS call per expert can come on this machine.
 - ``dense``: the roofline: dense layers with the same matmul FLOPs and no routing (T·k rows
   through one dense expert-sized MLP; for attention, one dense projection as wide as the k
   experts' together; for a layer, both in sequence).

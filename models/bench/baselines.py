@@ -108,6 +108,30 @@ class GroupedMMExperts(nn.Module):
         return (result + self.bias).view_as(x)
 
 
+class ExpertProducts(nn.Module):
+    """The floor of an MLP block computed one expert at a time (the torch backend on CPU): the
+    T·k routed rows already grouped by expert (``rows_per_expert``), each expert's two products
+    and SiLU-GLU, the results put in one tensor; no routing, gathering, gating or sums. The rows
+    are a parameter, so forward+backward computes their gradient, as a block does its input's;
+    each expert's weights are their own parameters, so each gets its gradient directly (an
+    indexed ``[E, out, in]`` parameter's backward adds a full-size gradient per expert)."""
+
+    def __init__(self, grouped: Tensor, rows_per_expert: list[int], w_in: Tensor, w_out: Tensor):
+        super().__init__()
+        self.rows, self.rows_per_expert = nn.Parameter(grouped), rows_per_expert
+        self.w_in, self.w_out = (
+            nn.ParameterList(nn.Parameter(w.clone()) for w in weight) for weight in (w_in, w_out)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = self.rows.split(self.rows_per_expert)
+        return torch.cat([
+            F.linear(silu_glu(F.linear(rows, w_in)), w_out)
+            for rows, w_in, w_out in zip(parts, self.w_in, self.w_out, strict=True)
+            if rows.shape[0]
+        ])  # fmt: skip
+
+
 class GLUMLP(nn.Module):
     """One GLU MLP of an expert's size, no routing: ``d_model -> 2·d_ffn -> d_ffn -> d_model``."""
 
@@ -212,6 +236,8 @@ def build(case: Case, impl: str) -> tuple[nn.Module, Tensor]:
         ours = JetMoEDecoderLayer(_our_config(config), **factory)
         state = {from_hf_key(f"layer.{k}").removeprefix("layer."): v for k, v in state.items()}
     ours.load_state_dict(state)
+    if impl == "expert_products":
+        return _expert_products(ours, x), x
     if case.suite == "mlp":
         return ours, x
     # As transformers' block gets its position_embeddings (_wrap_reference): the tables a
@@ -219,6 +245,16 @@ def build(case: Case, impl: str) -> tuple[nn.Module, Tensor]:
     attention = ours if case.suite == "moa" else ours.self_attention
     tables = attention.rotary_tables(torch.arange(case.tokens, device=x.device))
     return _GivenRopeTables(ours, tables), x
+
+
+def _expert_products(block: MoEMLP, x: Tensor) -> ExpertProducts:
+    """:class:`ExpertProducts` of ``block``'s weights and its routing of ``x``."""
+    tokens = x.reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        plan = block.router(tokens).plan
+    grouped = tokens[plan.sorted_indices // block.router.top_k].clone()
+    weights = (block.input_linear.weight, block.output_linear.weight)
+    return ExpertProducts(grouped, plan.tokens_per_expert.tolist(), *(w.detach() for w in weights))
 
 
 class _GivenRopeTables(nn.Module):

@@ -25,7 +25,7 @@ CPU_SHAPES = {
 TINY_SHAPES = {name: (32, 16, experts, k) for name, (_, _, experts, k) in CPU_SHAPES.items()}
 HEAD_DIM = 128  # attention: JetMoE's head size, kv heads = d_model / (top_k * head size)
 BLOCK_SUITES = ("mlp", "moa", "layer")  # our blocks beside IMPLEMENTATIONS
-IMPLEMENTATIONS = ("moe_blocks", "transformers", "grouped_mm", "dense")
+IMPLEMENTATIONS = ("moe_blocks", "transformers", "grouped_mm", "expert_products", "dense")
 KERNEL_SUITE = "expert_linear"  # the kernel beside KERNEL_IMPLEMENTATIONS
 KERNEL_IMPLEMENTATIONS = ("moe_blocks", "per_expert_loop", "grouped_mm", "dense")
 SUITES = (KERNEL_SUITE, *BLOCK_SUITES)
@@ -127,8 +127,10 @@ def implementations(suite: str) -> tuple[str, ...]:
 
 def applies(case: Case, impl: str) -> bool:
     """Whether ``impl`` exists for ``case``: one of its suite's implementations; the grouped_mm
-    pipeline is the kernel's or an MLP and needs a dtype/device ``_grouped_mm`` runs; the hf
-    suite's ``batched_mm`` is skipped where it would gather too many weight copies."""
+    pipeline is the kernel's or an MLP and needs a dtype/device ``_grouped_mm`` runs; the
+    expert products' floor is an MLP's on CPU (where the torch backend multiplies expert by
+    expert; on CUDA one kernel or one ``_grouped_mm`` does all experts); the hf suite's
+    ``batched_mm`` is skipped where it would gather too many weight copies."""
     if impl not in implementations(case.suite):
         return False
     if case.suite == HF_SUITE:
@@ -137,6 +139,8 @@ def applies(case: Case, impl: str) -> bool:
         return case.suite in (KERNEL_SUITE, "mlp") and grouped_mm_runs(
             case.device, case.torch_dtype
         )
+    if impl == "expert_products":
+        return case.suite == "mlp" and case.device == "cpu"
     return True
 
 
