@@ -514,10 +514,10 @@ def summary_table(report: dict) -> str:
     rows = report["suite"]["rows"]
     if rows:
         header = ("bf16", "experts", "pass", "tokens", "impl", "ms", "TFLOP/s", "x dense")
-        lines.append("{:<6}{:<14}{:<8}{:>7}{:>14}{:>10}{:>9}{:>9}".format(*header))
+        lines.append("{:<6}{:<14}{:<8}{:>7}{:>16}{:>10}{:>9}{:>9}".format(*header))
     for row in rows:  # suite mlp: MoEMLP and its baselines; hf: transformers' experts
         passes = "fwd+bwd" if row["backward"] else "fwd"
-        case = f"{row['suite']:<6}{row['shape']:<14}{passes:<8}{row['tokens']:>7}{row['impl']:>14}"
+        case = f"{row['suite']:<6}{row['shape']:<14}{passes:<8}{row['tokens']:>7}{row['impl']:>16}"
         if row["error"]:
             lines.append(f"{case}  error: {row['error'].splitlines()[0][:100]}")
         else:

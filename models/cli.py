@@ -8,7 +8,8 @@ Subcommands:
               the checkpoint was trained with).
     info      a preset's architecture, total and active parameters, FLOPs per token.
     bench     time MoEMLP, MoA or a JetMoE layer beside transformers' modules, a grouped_mm
-              pipeline and the dense roofline; print a table, write JSON and a PNG.
+              pipeline, the dense roofline and (MLP, CPU) the floor of the experts' products
+              alone; print a table, write JSON and a PNG.
     extend    add experts to every MoA and MoE of a checkpoint, closed so that its outputs are
               unchanged; train them with train --resume-from DIR --train-new-experts-only.
     prune     keep the experts a corpus uses most, write the smaller model (Hugging Face

@@ -111,10 +111,13 @@ class GroupedMMExperts(nn.Module):
 class ExpertProducts(nn.Module):
     """The floor of an MLP block computed one expert at a time (the torch backend on CPU): the
     T·k routed rows already grouped by expert (``rows_per_expert``), each expert's two products
-    and SiLU-GLU, the results put in one tensor; no routing, gathering, gating or sums. The rows
-    are a parameter, so forward+backward computes their gradient, as a block does its input's;
-    each expert's weights are their own parameters, so each gets its gradient directly (an
-    indexed ``[E, out, in]`` parameter's backward adds a full-size gradient per expert)."""
+    and SiLU-GLU; no routing, gathering, gating or sums. Forward writes the products into one
+    output allocated once (``[T·k, d_model]``, grouped); with autograd it returns the sum of
+    all of them instead, whose backward is that of the bench's ``ones_like`` gradient, with no
+    ``T·k × d_model`` tensor made. The rows are a parameter, so forward+backward computes their
+    gradient, as a block does its input's (and the memory column leaves them out); each
+    expert's weights are their own parameters, so each gets its gradient directly (an indexed
+    ``[E, out, in]`` parameter's backward adds a full-size gradient per expert)."""
 
     def __init__(self, grouped: Tensor, rows_per_expert: list[int], w_in: Tensor, w_out: Tensor):
         super().__init__()
@@ -122,14 +125,25 @@ class ExpertProducts(nn.Module):
         self.w_in, self.w_out = (
             nn.ParameterList(nn.Parameter(w.clone()) for w in weight) for weight in (w_in, w_out)
         )
+        self.register_buffer("out", grouped.new_empty(grouped.shape[0], w_out.shape[1]))
 
     def forward(self, x: Tensor) -> Tensor:
-        parts = self.rows.split(self.rows_per_expert)
-        return torch.cat([
-            F.linear(silu_glu(F.linear(rows, w_in)), w_out)
-            for rows, w_in, w_out in zip(parts, self.w_in, self.w_out, strict=True)
+        runs = [
+            (rows, w_in, w_out, out)
+            for rows, w_in, w_out, out in zip(
+                self.rows.split(self.rows_per_expert), self.w_in, self.w_out,
+                self.out.split(self.rows_per_expert), strict=True,
+            )
             if rows.shape[0]
-        ])  # fmt: skip
+        ]  # fmt: skip
+        if torch.is_grad_enabled():
+            return sum(
+                F.linear(silu_glu(F.linear(rows, w_in)), w_out).sum()
+                for rows, w_in, w_out, _ in runs
+            )
+        for rows, w_in, w_out, out in runs:
+            torch.mm(silu_glu(F.linear(rows, w_in)), w_out.t(), out=out)
+        return self.out
 
 
 class GLUMLP(nn.Module):
