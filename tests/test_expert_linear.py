@@ -489,12 +489,14 @@ def test_cpu_runs_go_through_one_grouped_mm_only_for_many_small_experts(
     and in fp32 to one ``_grouped_mm`` for experts that all have fewer rows than any
     weight-first product (FP32_WEIGHT_FIRST_ROWS); in native 16-bit, single rows
     (matrix-vector products) and a few experts keep the loop (weight-first products), and so
-    do large inputs. Either way expert_linear matches the float64 oracle."""
+    do large inputs. On a CPU that emulates bf16 products, bf16 keeps the loop, whose products
+    run in fp32 (a bf16 ``_grouped_mm`` would be emulated). Either way expert_linear matches
+    the float64 oracle."""
     native = dtype == torch.float32 or torch_backend.cpu_has_native_matmul(dtype)
     if one_run == "padded":
-        one_run = "padded" if dtype != torch.float32 and native else True
-    elif one_run == "fp32":  # emulated bf16 runs as fp32
-        one_run = dtype == torch.float32 or not native
+        one_run = ("padded" if dtype != torch.float32 else True) if native else False
+    elif one_run == "fp32":
+        one_run = dtype == torch.float32
     routing = torch.arange(experts).repeat_interleave(rows_each)[:, None]
     plan = plan_dispatch(routing, experts)
     runs = torch_backend._runs(plan.expert_offsets, dtype, routing.shape[0], 64 * 4)
