@@ -66,7 +66,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
     """AdamW (betas 0.9, 0.95) over the parameters that require gradients, with weight decay
-    on the matrices, none on norms and biases."""
+    on the matrices, none on norms and biases; fused (one pass over each tensor, no foreach
+    temporaries): on the 2-core AVX2 EPYC the tiny preset's update took 3.4 ms against 9.6, on
+    the AMX Xeon an 8-expert model's (4 layers, d 512) 38 against 198 (docs/benchmarks.md)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -79,6 +81,7 @@ def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
         ],
         lr=settings.lr,
         betas=(0.9, 0.95),
+        fused=True,
     )
 
 
