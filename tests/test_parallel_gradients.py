@@ -16,6 +16,7 @@ from torch import nn
 
 from moe_blocks import MoEMLP, freeze_experts
 from moe_blocks.models.parallel import spawn_local
+from moe_blocks.models.train import TrainSettings, make_optimizer
 
 RELATIVE = 1e-5
 MESHES = {2: [(2,), (1, 2)], 4: [(4,), (1, 4), (2, 2)]}
@@ -128,6 +129,10 @@ def _check_gradients(rank: int, world_size: int) -> None:
                                                             expected_norm)  # fmt: skip
                 wrong = {name: f"{error:.1e}" for name, error in errors.items() if error > RELATIVE}
                 assert not wrong, f"{what}: relative errors {wrong}"
+                # the trainer's AdamW is fused unless the experts' 2-D mesh and the others'
+                # flattened one would meet in one fused step (older torch refuses that)
+                fused = make_optimizer(model, TrainSettings()).param_groups[0]["fused"]
+                assert fused == (len(shape) == 1), what
 
 
 def _check_freezing(rank: int, world_size: int) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from moe_blocks.router import tokens_per_expert
 
@@ -66,14 +67,18 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
     """AdamW (betas 0.9, 0.95) over the parameters that require gradients, with weight decay
-    on the matrices, none on norms and biases; fused (one pass over each tensor, no foreach
-    temporaries): on the 2-core AVX2 EPYC the tiny preset's update took 3.4 ms against 9.6, on
-    the AMX Xeon an 8-expert model's (4 layers, d 512) 38 against 198 (docs/benchmarks.md)."""
+    on the matrices, none on norms and biases; fused: on the 2-core AVX2 EPYC the tiny preset's
+    update took 3.4 ms against the default single-tensor update's 9.6, on the AMX Xeon an
+    8-expert model's (4 layers, d 512) 38 against 198 (docs/benchmarks.md). Not fused when the
+    parameters are DTensors of several meshes (expert parallelism: the experts' 2-D mesh and
+    the others' flattened one), which one fused step over all of them mixes, and DTensor
+    accepts that only in newer torch releases than this package requires."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.dim() < 2 or name.endswith("layernorm.weight") else decay).append(param)
+    meshes = {param.device_mesh for param in decay + no_decay if isinstance(param, DTensor)}
     return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": settings.weight_decay},
@@ -81,7 +86,7 @@ def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
         ],
         lr=settings.lr,
         betas=(0.9, 0.95),
-        fused=True,
+        fused=len(meshes) <= 1,
     )
 
 
