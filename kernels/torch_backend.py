@@ -76,6 +76,13 @@ PADDED_USED = 0.75
 PADDED_WASTE = 4
 # routed_mlp: hidden rows of all experts above this size are activated run by run, in cache
 FUSE_BYTES = 2**20
+# TOKEN output whose grouped products (in fp32) would exceed this size is not placed and summed
+# (gated_token_sum) but added run by run into the tokens' sums (added_token_sums): a fresh
+# allocation that large costs its page faults (see the module docstring). The fine-grained
+# shape (E64 k8), fp32, 2048 tokens, on the AVX2 EPYC: the gated output product 185 -> 158 ms,
+# the first product's input gradient (a TOKEN sum of 64 MB of rows) 306 -> 279 ms; from 16 to
+# 256 tokens (0.5-8 MB) and at JetMoE's shape 0.98-1.03x (noise).
+ADDED_SUMS_BYTES = 8 * 2**20
 # gated_token_sum: fp32 terms of this many bytes at a time (a block of tokens' k rows)
 SUM_BLOCK_BYTES = 2 * 2**20
 _ALIGN_BYTES = 16  # _grouped_mm wants every non-unit stride to be a multiple of 16 bytes
@@ -376,6 +383,46 @@ def gated_token_sum(
     return sums
 
 
+def adds_runs(runs: list, num_rows: int, num_out: int, dtype: torch.dtype, device) -> bool:
+    """Whether a TOKEN output of these runs is summed by :func:`added_token_sums`: on CPU (an
+    ``index_add_`` elsewhere is not deterministic) with one run per expert, when the products
+    of all ``num_rows`` in :func:`accumulation_dtype` would exceed ADDED_SUMS_BYTES."""
+    per_expert = all(isinstance(expert, int) for expert, _, _ in runs)
+    size = num_rows * num_out * accumulation_dtype(dtype).itemsize
+    return torch.device(device).type == "cpu" and per_expert and size > ADDED_SUMS_BYTES
+
+
+def added_token_sums(
+    parts,
+    runs: list,
+    sorted_indices: Tensor,
+    gates: Tensor | None,
+    fan_out: int,
+    num_out: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """:func:`gated_token_sum` of products given run by run (``parts``: each run's rows, a
+    fresh tensor of the caller's dtype, gated here in place): each run's terms, ``float(row) ·
+    gate`` as there, are added into their tokens' sums in :func:`accumulation_dtype`, which the
+    result ``[T, out]`` keeps; the T·k rows are never all in memory. A token's terms are summed
+    in expert order, not slot order: with k > 2 the last bit may differ from
+    :func:`gated_token_sum`'s (with k <= 2 the sums are the same)."""
+    wide = accumulation_dtype(dtype)
+    token_rows = source_rows(RowLayout.TOKEN, sorted_indices, fan_out)
+    sorted_gates = None if gates is None else gates.reshape(-1)[sorted_indices].to(wide)[:, None]
+    sums = torch.zeros(token_rows.shape[0] // fan_out, num_out, dtype=wide,
+                       device=sorted_indices.device)  # fmt: skip
+    for (_, start, end), part in zip(runs, parts, strict=True):
+        # in the sums' dtype and contiguous (a weight-first part is a transposed view, slow to
+        # add by row): a mixed-dtype product made a converted copy and a new result (bf16 at
+        # 2048 tokens: the block 1.025-1.04x faster)
+        part = part.to(wide, memory_format=torch.contiguous_format)
+        if sorted_gates is not None:
+            part.mul_(sorted_gates[start:end])
+        sums.index_add_(0, token_rows[start:end], part)
+    return sums
+
+
 def routed_mlp(
     x: Tensor,
     w_in: Tensor,
@@ -405,24 +452,17 @@ def routed_mlp(
     runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes)
     x_runs = _run_rows(x, RowLayout.TOKEN, sorted_indices, fan_out, runs)
     if num_rows * w_in.shape[1] * x.element_size() > FUSE_BYTES and isinstance(runs[0][0], int):
-        token_rows = source_rows(RowLayout.TOKEN, sorted_indices, fan_out)
-        sorted_gates = gates.reshape(-1)[sorted_indices].to(accumulation_dtype(x.dtype))[:, None]
-        sums = x.new_zeros(x.shape[0], num_out, dtype=sorted_gates.dtype)
-        for (expert, start, end), rows in zip(runs, x_runs, strict=True):
-            hidden = activate(_matmul(rows, w_in, expert, expert_offsets, None))
-            part = _matmul(hidden, w_out, expert, expert_offsets, None)
-            # gated in place (part is the product's own fresh result), in the sums' dtype and
-            # contiguous (a weight-first part is a transposed view, slow to add by row): a
-            # mixed-dtype product made a converted copy and a new result (bf16 at 2048 tokens:
-            # the block 1.025-1.04x faster)
-            part = part.to(sums.dtype, memory_format=torch.contiguous_format).contiguous()
-            # each run adds its rows into their tokens' sums: a token's terms in expert order
-            sums.index_add_(0, token_rows[start:end], part.mul_(sorted_gates[start:end]))
+        parts = (
+            _matmul(activate(_matmul(rows, w_in, expert, expert_offsets, None)), w_out, expert,
+                    expert_offsets, None)
+            for (expert, _, _), rows in zip(runs, x_runs, strict=True)
+        )  # fmt: skip
+        sums = added_token_sums(parts, runs, sorted_indices, gates, fan_out, num_out, x.dtype)
         return sums.to(x.dtype)
     hidden = activate(_products(x_runs, w_in, runs, expert_offsets, num_rows))
     hidden_runs = (hidden[start:end] for _, start, end in runs)
-    out = _products(hidden_runs, w_out, runs, expert_offsets, num_rows)
-    return gated_token_sum(out, sorted_indices, gates, fan_out).to(x.dtype)
+    plan = (sorted_indices, None, expert_offsets)
+    return _token_sums(hidden_runs, w_out, None, gates, runs, plan, fan_out).to(x.dtype)
 
 
 def gather_gemm(
@@ -448,15 +488,46 @@ def gather_gemm(
         return one_token_gather_gemm(x, weight, bias, gates, slots, experts, x_layout, y_layout)
     runs = _runs(expert_offsets, x.dtype, num_rows, max(x.shape[1], num_out) * x.element_size())
     x_runs = _run_rows(x, x_layout, sorted_indices, fan_out, runs)
-    y = _products(x_runs, weight, runs, expert_offsets, num_rows)  # grouped order
+    plan = (sorted_indices, sorted_experts, expert_offsets)
+    if y_layout == RowLayout.TOKEN:
+        return _token_sums(x_runs, weight, bias, gates, runs, plan, fan_out).to(x.dtype)
+    y = _biased_products(x_runs, weight, bias, runs, plan)  # grouped order
+    if y_layout == RowLayout.GROUPED:
+        return y
+    return to_assignment_order(y, sorted_indices)
+
+
+def _biased_products(row_runs, weight: Tensor, bias: Tensor | None, runs: list, plan: tuple):
+    """:func:`_products` of ``row_runs`` plus each row's expert's bias, in grouped order
+    (``plan``: sorted indices, sorted experts and offsets)."""
+    sorted_indices, sorted_experts, expert_offsets = plan
+    y = _products(row_runs, weight, runs, expert_offsets, sorted_indices.shape[0])
     if bias is not None:
         for expert, start, end in runs:
             y[start:end] += bias[expert] if isinstance(expert, int) else bias[sorted_experts]
-    if y_layout == RowLayout.GROUPED:
-        return y
-    if y_layout == RowLayout.ASSIGNMENT:
-        return to_assignment_order(y, sorted_indices)
-    return gated_token_sum(y, sorted_indices, gates, fan_out).to(x.dtype)
+    return y
+
+
+def _token_sums(
+    row_runs, weight: Tensor, bias: Tensor | None, gates: Tensor | None, runs: list, plan: tuple,
+    fan_out: int,
+) -> Tensor:  # fmt: skip
+    """TOKEN output of the products of ``row_runs`` (plus bias): each token's gated sum in
+    :func:`accumulation_dtype`, added run by run (:func:`added_token_sums`) where
+    :func:`adds_runs`, else the products placed in grouped order and summed by
+    :func:`gated_token_sum`."""
+    sorted_indices, _, expert_offsets = plan
+    num_rows, num_out = sorted_indices.shape[0], weight.shape[1]
+    if not adds_runs(runs, num_rows, num_out, weight.dtype, weight.device):
+        y = _biased_products(row_runs, weight, bias, runs, plan)
+        return gated_token_sum(y, sorted_indices, gates, fan_out)
+    parts = (
+        _matmul(rows, weight, expert, expert_offsets, None)
+        for (expert, _, _), rows in zip(runs, row_runs, strict=True)
+    )
+    if bias is not None:  # in place: each part is its product's own fresh result
+        parts = (part.add_(bias[expert]) for part, (expert, _, _) in zip(parts, runs, strict=True))
+    return added_token_sums(parts, runs, sorted_indices, gates, fan_out, num_out, weight.dtype)
 
 
 def one_token_gather_gemm(

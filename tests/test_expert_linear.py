@@ -259,16 +259,19 @@ def test_torch_backend_one_token_path_matches_reference(native, combination, dat
 @pytest.mark.parametrize("combination", COMBINATIONS)
 @pytest.mark.parametrize("weight_first_rows", [0, 2**62], ids=["rows_first", "weight_first"])
 @pytest.mark.parametrize("gather_once_bytes", [0, 2**62], ids=["gather_per_run", "gather_once"])
-@pytest.mark.parametrize("sum_block_bytes", [0, 2**62], ids=["sum_per_token", "sum_at_once"])
+@pytest.mark.parametrize("token_sums", ["per_token", "at_once", "added"])
 @per_combination(2)
 @given(data=st.data())
 def test_torch_backend_matmul_orientations_gathers_and_sums_match_reference(
-    weight_first_rows, gather_once_bytes, sum_block_bytes, combination, data
+    weight_first_rows, gather_once_bytes, token_sums, combination, data
 ):
     """Each expert's product is ``weight[e] @ rows.T`` up to WEIGHT_FIRST_ROWS rows (16-bit on
     CPU), else ``rows @ weight[e].T``; rows are gathered in one call up to GATHER_ONCE_BYTES,
     else per expert; a gated token sum takes SUM_BLOCK_BYTES of terms at a time (a token at a
-    time, or all at once): every choice, forced here for every run, matches the oracle."""
+    time, or all at once), or, above ADDED_SUMS_BYTES on CPU, adds each expert's gated rows
+    into the sums (``added``): every choice, forced here for every run, matches the oracle."""
+    sum_block_bytes = 0 if token_sums == "per_token" else 2**62
+    added_sums_bytes = 0 if token_sums == "added" else 2**62
     problem = data.draw(problems(combination, **TORCH_PROBLEMS))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_backend, "WEIGHT_FIRST_ROWS", weight_first_rows)
@@ -276,6 +279,7 @@ def test_torch_backend_matmul_orientations_gathers_and_sums_match_reference(
         patch.setattr(torch_backend, "_weight_first_helps", lambda *args: forced)
         patch.setattr(torch_backend, "GATHER_ONCE_BYTES", gather_once_bytes)
         patch.setattr(torch_backend, "SUM_BLOCK_BYTES", sum_block_bytes)
+        patch.setattr(torch_backend, "ADDED_SUMS_BYTES", added_sums_bytes)
         check_against_reference(problem, "torch")
 
 
@@ -434,16 +438,24 @@ def test_tf32_is_read_from_the_legacy_and_the_new_torch_switch(
     assert triton_backend._precision(torch.bfloat16) == "ieee"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("backend", "added_sums_bytes"),
+    [(backend, 2**62) for backend in BACKENDS] + [("torch", 0)],
+    ids=[*BACKENDS, "torch-added"],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rows_in", ROWS_IN)
-def test_a_gated_sum_is_rounded_to_the_dtype_once(backend, dtype, rows_in):
+def test_a_gated_sum_is_rounded_to_the_dtype_once(
+    backend, added_sums_bytes, dtype, rows_in, monkeypatch
+):
     """The fp32-accumulation contract: ``out[t] = Σ_j gates[t, j] · y[t*k+j]`` is summed in
     fp32 and rounded to the dtype once. Small integers in x, weight and bias make every row
     ``y`` exact in the dtype, so the only error allowed is that last rounding: one unit in the
     last place of the dtype (round to nearest gives half of it; the Triton interpreter's
     stores truncate) plus the fp32 sum's own error. Rounding the gated rows, or summing them
-    in the dtype, costs several units in the last place."""
+    in the dtype, costs several units in the last place. ``torch-added``: the torch backend's
+    sums added expert by expert (above ADDED_SUMS_BYTES, forced here)."""
+    monkeypatch.setattr(torch_backend, "ADDED_SUMS_BYTES", added_sums_bytes)
     tokens, top_k, experts, d_in, d_out = 48, 4, 6, 8, 16
     gen = torch.Generator().manual_seed(3)
     expert_idx = torch.rand(tokens, experts, generator=gen).topk(top_k).indices
@@ -549,3 +561,33 @@ def test_native_bf16_cpu_products_of_many_small_experts_are_one_padded_bmm(
     torch.testing.assert_close(
         expert_linear(x, weight, plan).double(), expected, rtol=2e-2, atol=0.2
     )
+
+
+@pytest.mark.parametrize("tokens", [64, 1024])
+def test_large_gated_outputs_on_cpu_are_added_expert_by_expert(tokens):
+    """On CPU, a TOKEN output whose T·k fp32 products exceed ADDED_SUMS_BYTES (here 1024 tokens,
+    k = 4, 1024 features: 16 MB) is summed by adding each expert's gated rows into the tokens'
+    sums, never placing all T·k rows; a smaller one (64 tokens: 1 MB) is placed and summed in
+    slot order. Both are the float64 sum, rounded, forward and backward."""
+    top_k, experts, d_in, d_out = 4, 6, 16, 1024
+    x = torch.randn(tokens, d_in).requires_grad_()
+    weight = (torch.randn(experts, d_out, d_in) / d_in**0.5).requires_grad_()
+    gates = torch.rand(tokens, top_k).requires_grad_()
+    plan = plan_dispatch(torch.rand(tokens, experts).topk(top_k).indices, experts)
+    large = tokens * top_k * d_out * 4 > torch_backend.ADDED_SUMS_BYTES
+    with (
+        mock.patch.object(torch_backend, "added_token_sums", wraps=torch_backend.added_token_sums)
+        as added,
+        mock.patch.object(torch_backend, "gated_token_sum", wraps=torch_backend.gated_token_sum)
+        as placed,
+    ):  # fmt: skip
+        out = expert_linear(x, weight, plan, gates=gates, backend="torch")
+    assert (added.call_count, placed.call_count) == ((1, 0) if large else (0, 1))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, gates)]
+    expected = reference_expert_linear(leaves[0], leaves[1], plan, gates=leaves[2])
+    expected.backward(grad.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    for tensor, leaf in zip((x, weight, gates), leaves, strict=True):
+        torch.testing.assert_close(tensor.grad.double(), leaf.grad, atol=1e-4, rtol=1e-4)
