@@ -6,11 +6,11 @@ that have rows: gather that expert's rows of ``x`` (a small copy that stays in c
 for some fp32 rows of a large expert, FP32_WEIGHT_FIRST_ROWS) into
 the grouped result; then, for ASSIGNMENT output, one gather into assignment order, or, for TOKEN
 output, each token's k rows gathered, times the gates and summed in fp32, a block of tokens at
-a time (:func:`gated_token_sum`). Beyond
-GATHER_ONCE_BYTES no full-size gathered copy of ``x`` is made: on CPU a fresh allocation that
-large costs more than the copy itself (page faults), and such copies were a quarter of a
-block's time. The loop
-reads the E+1 expert offsets on the host (free on CPU).
+a time (:func:`gated_token_sum`), or, when all T·k rows would exceed ADDED_SUMS_BYTES, no
+grouped result: each expert's gated rows added into its tokens' sums (:func:`added_token_sums`).
+Beyond GATHER_ONCE_BYTES no full-size gathered copy of ``x`` is made: on CPU a fresh allocation
+that large costs more than the copy itself (page faults), and such copies were a quarter of a
+block's time. The loop reads the E+1 expert offsets on the host (free on CPU).
 
 On a CPU with native bf16 products, many experts with a few rows each are one ``torch.bmm``
 over all experts, each expert's rows zero-padded to the largest count (PADDED_ROWS). On CUDA,
@@ -383,7 +383,7 @@ def gated_token_sum(
     return sums
 
 
-def adds_runs(runs: list, num_rows: int, num_out: int, dtype: torch.dtype, device) -> bool:
+def _adds_runs(runs: list, num_rows: int, num_out: int, dtype: torch.dtype, device) -> bool:
     """Whether a TOKEN output of these runs is summed by :func:`added_token_sums`: on CPU (an
     ``index_add_`` elsewhere is not deterministic) with one run per expert, when the products
     of all ``num_rows`` in :func:`accumulation_dtype` would exceed ADDED_SUMS_BYTES."""
@@ -439,14 +439,16 @@ def routed_mlp(
     dtype. The products, their rounding and the gating are those of two :func:`gather_gemm`
     calls. When the hidden rows of all experts exceed FUSE_BYTES and each expert is its own
     run, each run's two products, activation and gating are done together while its rows are
-    in cache, in fresh small tensors, and added into its tokens' fp32 sums (bf16, 2048 tokens,
-    JetMoE's shape: 1.6x faster than the two calls, whose 46 MB of hidden rows went through
-    memory twice; the fine-grained shape's T·k gated rows, 64 MB in fp32, cost 38 ms placed
-    and summed against 13 ms added in). Two bits may then differ from the calls': the
-    activation runs per run (a vectorised and a scalar tail differ) and a token's k terms are
-    summed in expert order, not slot order. Otherwise the first products of all runs are
-    activated in one call and gated and summed by :func:`gated_token_sum` (a fine-grained
-    block at 8 tokens has 40-odd runs of one or two rows): the calls' bits."""
+    in cache, in fresh small tensors, and added into its tokens' fp32 sums
+    (:func:`added_token_sums`; bf16, 2048 tokens, JetMoE's shape: 1.6x faster than the two
+    calls, whose 46 MB of hidden rows went through memory twice; the fine-grained shape's T·k
+    gated rows, 64 MB in fp32, cost 38 ms placed and summed against 13 ms added in). The last
+    bit may then differ from the calls': the activation runs per run (a vectorised and a
+    scalar tail differ), and where the second call would place and sum its rows (below
+    ADDED_SUMS_BYTES) a token's k terms are summed in expert order, not slot order. Otherwise
+    the first products of all runs are activated in one call and the second products summed
+    as the second call sums them (:func:`_token_sums`; a fine-grained block at 8 tokens has
+    40-odd runs of one or two rows): the calls' bits."""
     num_rows, num_out = sorted_indices.shape[0], w_out.shape[1]
     row_bytes = max(x.shape[1], w_in.shape[1], num_out) * x.element_size()
     runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes)
@@ -514,11 +516,11 @@ def _token_sums(
 ) -> Tensor:  # fmt: skip
     """TOKEN output of the products of ``row_runs`` (plus bias): each token's gated sum in
     :func:`accumulation_dtype`, added run by run (:func:`added_token_sums`) where
-    :func:`adds_runs`, else the products placed in grouped order and summed by
+    :func:`_adds_runs`, else the products placed in grouped order and summed by
     :func:`gated_token_sum`."""
     sorted_indices, _, expert_offsets = plan
     num_rows, num_out = sorted_indices.shape[0], weight.shape[1]
-    if not adds_runs(runs, num_rows, num_out, weight.dtype, weight.device):
+    if not _adds_runs(runs, num_rows, num_out, weight.dtype, weight.device):
         y = _biased_products(row_runs, weight, bias, runs, plan)
         return gated_token_sum(y, sorted_indices, gates, fan_out)
     parts = (
