@@ -6,8 +6,9 @@ that have rows: gather that expert's rows of ``x`` (a small copy that stays in c
 for some fp32 rows of a large expert, FP32_WEIGHT_FIRST_ROWS) into
 the grouped result; then, for ASSIGNMENT output, one gather into assignment order, or, for TOKEN
 output, each token's k rows gathered, times the gates and summed in fp32, a block of tokens at
-a time (:func:`gated_token_sum`), or, when all T·k rows would exceed ADDED_SUMS_BYTES, no
-grouped result: each expert's gated rows added into its tokens' sums (:func:`added_token_sums`).
+a time (:func:`gated_token_sum`), or, on CPU with one run per expert, when all T·k rows in
+fp32 would exceed ADDED_SUMS_BYTES, no grouped result: each expert's rows, times their gates
+(if any), added into its tokens' sums (:func:`added_token_sums`).
 Beyond GATHER_ONCE_BYTES no full-size gathered copy of ``x`` is made: on CPU a fresh allocation
 that large costs more than the copy itself (page faults), and such copies were a quarter of a
 block's time. The loop reads the E+1 expert offsets on the host (free on CPU).
@@ -383,13 +384,17 @@ def gated_token_sum(
     return sums
 
 
+def _per_expert(runs: list) -> bool:
+    """Whether each run is one expert's rows (not a padded ``bmm`` or one ``_grouped_mm``)."""
+    return all(isinstance(expert, int) for expert, _, _ in runs)
+
+
 def _adds_runs(runs: list, num_rows: int, num_out: int, dtype: torch.dtype, device) -> bool:
     """Whether a TOKEN output of these runs is summed by :func:`added_token_sums`: on CPU (an
     ``index_add_`` elsewhere is not deterministic) with one run per expert, when the products
     of all ``num_rows`` in :func:`accumulation_dtype` would exceed ADDED_SUMS_BYTES."""
-    per_expert = all(isinstance(expert, int) for expert, _, _ in runs)
     size = num_rows * num_out * accumulation_dtype(dtype).itemsize
-    return torch.device(device).type == "cpu" and per_expert and size > ADDED_SUMS_BYTES
+    return torch.device(device).type == "cpu" and _per_expert(runs) and size > ADDED_SUMS_BYTES
 
 
 def added_token_sums(
@@ -414,9 +419,10 @@ def added_token_sums(
                        device=sorted_indices.device)  # fmt: skip
     for (_, start, end), part in zip(runs, parts, strict=True):
         # in the sums' dtype and contiguous (a weight-first part is a transposed view, slow to
-        # add by row): a mixed-dtype product made a converted copy and a new result (bf16 at
-        # 2048 tokens: the block 1.025-1.04x faster)
-        part = part.to(wide, memory_format=torch.contiguous_format)
+        # add by row; .to returns it as it is when its dtype is already the sums'): a
+        # mixed-dtype product made a converted copy and a new result (bf16 at 2048 tokens: the
+        # block 1.025-1.04x faster)
+        part = part.to(wide, memory_format=torch.contiguous_format).contiguous()
         if sorted_gates is not None:
             part.mul_(sorted_gates[start:end])
         sums.index_add_(0, token_rows[start:end], part)
@@ -453,7 +459,7 @@ def routed_mlp(
     row_bytes = max(x.shape[1], w_in.shape[1], num_out) * x.element_size()
     runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes)
     x_runs = _run_rows(x, RowLayout.TOKEN, sorted_indices, fan_out, runs)
-    if num_rows * w_in.shape[1] * x.element_size() > FUSE_BYTES and isinstance(runs[0][0], int):
+    if num_rows * w_in.shape[1] * x.element_size() > FUSE_BYTES and _per_expert(runs):
         parts = (
             _matmul(activate(_matmul(rows, w_in, expert, expert_offsets, None)), w_out, expert,
                     expert_offsets, None)
@@ -463,7 +469,7 @@ def routed_mlp(
         return sums.to(x.dtype)
     hidden = activate(_products(x_runs, w_in, runs, expert_offsets, num_rows))
     hidden_runs = (hidden[start:end] for _, start, end in runs)
-    plan = (sorted_indices, None, expert_offsets)
+    plan = (sorted_indices, None, expert_offsets)  # no bias: no row needs its expert's
     return _token_sums(hidden_runs, w_out, None, gates, runs, plan, fan_out).to(x.dtype)
 
 

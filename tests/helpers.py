@@ -138,20 +138,24 @@ def assert_empty_batch_is_handled(block, shape):
 
 
 @contextlib.contextmanager
-def watched_inference_paths(*, fused: bool):
+def watched_inference_paths(*, fused: bool, added: bool = False):
     """Count the calls of the torch backend's inference paths inside: ``routed_mlp`` (the one
     pass of two or more tokens) and ``one_token_gather_gemm`` (each of the two products of one
     token), yielding their two mocks; with ``fused``, ``routed_mlp`` takes its run-by-run
-    branch whatever the size (a FUSE_BYTES of 0)."""
+    branch whatever the size (a FUSE_BYTES of 0); with ``added``, every TOKEN output of more
+    than one token adds its runs into the sums (an ADDED_SUMS_BYTES of 0), the inference path's
+    and the kernel calls' alike."""
     from moe_blocks.kernels import torch_backend
 
     fuse_bytes = 0 if fused else torch_backend.FUSE_BYTES
+    added_sums_bytes = 0 if added else torch_backend.ADDED_SUMS_BYTES
     with (
         mock.patch.object(torch_backend, "routed_mlp", wraps=torch_backend.routed_mlp) as path,
         mock.patch.object(
             torch_backend, "one_token_gather_gemm", wraps=torch_backend.one_token_gather_gemm
         ) as one_token,
         mock.patch.object(torch_backend, "FUSE_BYTES", fuse_bytes),
+        mock.patch.object(torch_backend, "ADDED_SUMS_BYTES", added_sums_bytes),
     ):
         yield path, one_token
 

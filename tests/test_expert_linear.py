@@ -580,9 +580,11 @@ def test_large_gated_outputs_on_cpu_are_added_expert_by_expert(tokens):
         as added,
         mock.patch.object(torch_backend, "gated_token_sum", wraps=torch_backend.gated_token_sum)
         as placed,
+        mock.patch.object(torch_backend, "_products", wraps=torch_backend._products) as grouped,
     ):  # fmt: skip
         out = expert_linear(x, weight, plan, gates=gates, backend="torch")
     assert (added.call_count, placed.call_count) == ((1, 0) if large else (0, 1))
+    assert grouped.call_count == (0 if large else 1)  # no T·k-row result when large
     grad = torch.randn_like(out)
     out.backward(grad)
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, gates)]
@@ -591,3 +593,43 @@ def test_large_gated_outputs_on_cpu_are_added_expert_by_expert(tokens):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     for tensor, leaf in zip((x, weight, gates), leaves, strict=True):
         torch.testing.assert_close(tensor.grad.double(), leaf.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@given(
+    top_k=st.integers(1, 2),
+    rows_in=st.sampled_from(ROWS_IN),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_added_sums_equal_the_slot_order_sums_to_the_bit_for_k_up_to_2(
+    dtype, top_k, rows_in, with_bias, seed
+):
+    """With k <= 2 a token's sum of its gated rows has the same bits in expert order (the torch
+    backend's sums added expert by expert, forced with an ADDED_SUMS_BYTES of 0) as in slot
+    order (placed and summed, an ADDED_SUMS_BYTES beyond any size): forward and every
+    gradient, so JetMoE-like routings (k = 2) do not depend on the batch size."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens, experts, d_in, d_out = 1 + seed % 40, 5, 12, 20
+    plan = plan_dispatch(torch.rand(tokens, experts, generator=gen).topk(top_k).indices, experts)
+    x_rows = tokens if rows_in == "token" else tokens * top_k
+    leaves = {
+        "x": torch.randn(x_rows, d_in, generator=gen),
+        "weight": torch.randn(experts, d_out, d_in, generator=gen) / d_in**0.5,
+        "bias": torch.randn(experts, d_out, generator=gen) if with_bias else None,
+        "gates": torch.rand(tokens, top_k, generator=gen),
+    }
+    grad = torch.randn(tokens, d_out, generator=gen).to(dtype)
+    results = []
+    for added_sums_bytes in (0, 2**62):
+        inputs = {name: None if t is None else t.to(dtype).requires_grad_()
+                  for name, t in leaves.items()}  # fmt: skip
+        with mock.patch.object(torch_backend, "ADDED_SUMS_BYTES", added_sums_bytes):
+            out = expert_linear(
+                inputs["x"], inputs["weight"], plan, bias=inputs["bias"], gates=inputs["gates"],
+                grouped_in=rows_in == "grouped", backend="torch",
+            )  # fmt: skip
+            out.backward(grad)
+        results.append([out] + [t.grad for t in inputs.values() if t is not None])
+    for added, placed in zip(*results, strict=True):
+        assert torch.equal(added, placed)

@@ -185,20 +185,22 @@ def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(backend, shape)
     st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
     st.sampled_from(["silu", "gelu", "relu"]),
     st.booleans(),
+    st.booleans(),
 )
 def test_inference_takes_one_pass_over_the_experts_and_equals_the_kernel_calls(
-    case, dtype, activation, fused
+    case, dtype, activation, fused, added
 ):
     """Inference on CPU (eval, no autograd: generate, evaluation, a decode step) takes the
     torch backend's one pass over the experts; it computes what the two expert_linear calls
     compute, and both are the float64 reference rounded: the same bits, but where each run is
     activated apart (``fused``: hidden rows above FUSE_BYTES, forced here with a threshold of
-    0), whose activation's last bit may differ."""
+    0), whose activation's last bit may differ. ``added``: gated sums above ADDED_SUMS_BYTES
+    (forced), added expert by expert in both."""
     mlp, x = _mlp(case, activation=activation, backend="torch")
     mlp = mlp.to(dtype).eval()
     x = x.to(dtype)
     one = x.shape[0] == 1  # a decode step of one token: the two calls, each one token's
-    with watched_inference_paths(fused=fused) as (path, one_token):
+    with watched_inference_paths(fused=fused, added=added) as (path, one_token):
         with torch.no_grad():
             fast = mlp(x)
         assert (path.call_count, one_token.call_count) == ((0, 2) if one else (1, 0))
