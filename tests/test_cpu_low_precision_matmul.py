@@ -1,6 +1,7 @@
 """On CPUs without native bf16/fp16 matrix products the torch backend multiplies each expert's
-rows in fp32 and rounds once (kernels/torch_backend.py, cpu_has_native_matmul). The predicate
-is forced here, so the path runs whatever this machine has; the float64 oracle judges it."""
+rows in fp32 and rounds once (kernels/torch_backend.py, cpu_has_native_matmul), or, up to
+EMULATED_MM_ROWS rows, with torch's own 16-bit product. The predicate is forced here, so the
+paths run whatever this machine has; the float64 oracle judges them."""
 
 import pytest
 import torch
@@ -21,7 +22,19 @@ def test_native_matmul_predicate_reads_torch_once_per_dtype():
     assert native.cache_info().currsize >= 4
 
 
+def _no_native_products(consulted: list):
+    """A stand-in for ``cpu_has_native_matmul`` on a CPU that emulates bf16 and fp16, noting
+    each dtype asked about."""
+
+    def native(asked: torch.dtype) -> bool:
+        consulted.append(asked)
+        return asked not in (torch.bfloat16, torch.float16)
+
+    return native
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mm_rows", [0, 2**62], ids=["in_fp32", "16_bit_mm"])
 @settings(max_examples=15)
 @given(
     routing=routings(max_tokens=20, max_experts=6),
@@ -31,16 +44,14 @@ def test_native_matmul_predicate_reads_torch_once_per_dtype():
     seed=st.integers(0, 2**31 - 1),
 )
 def test_emulated_dtypes_multiply_in_fp32_and_match_the_oracle(
-    dtype, routing, num_in, num_out, gated, seed
+    dtype, mm_rows, routing, num_in, num_out, gated, seed
 ):
+    """Every product in fp32 (an EMULATED_MM_ROWS of 0) or every rows-first product torch's own
+    16-bit one (the limit beyond any count): both sum in fp32 and round once."""
     consulted = []
-
-    def no_native_products(asked: torch.dtype) -> bool:
-        consulted.append(asked)
-        return asked not in (torch.bfloat16, torch.float16)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch_backend, "cpu_has_native_matmul", no_native_products)
+        patch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products(consulted))
+        patch.setattr(torch_backend, "EMULATED_MM_ROWS", mm_rows)
         generator = torch.Generator().manual_seed(seed)
         num_experts = routing.num_experts
         x = torch.randn(routing.num_tokens, num_in, generator=generator).to(dtype)
@@ -93,3 +104,31 @@ def test_emulated_dtypes_multiply_in_fp32_and_match_the_oracle(
     for name, grad, exact in zip(names, grads, expected_grads, strict=True):
         grad = torch.zeros_like(exact) if grad is None else grad
         assert_matches(grad, exact, dtype, name, roundings=3, **models[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 8, 9, 30])
+def test_few_emulated_rows_take_the_16_bit_product_more_take_fp32(dtype, rows, monkeypatch):
+    """On a CPU that emulates 16-bit products (forced), an expert's product of up to
+    EMULATED_MM_ROWS rows is torch's own 16-bit ``mm`` (faster there: it streams the 16-bit
+    weight), of more rows an fp32 ``mm`` of the converted operands; either way the float64
+    product rounded once, within fp32's summation error."""
+    monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products([]))
+    weight = (torch.randn(2, 24, 40) / 40**0.5).to(dtype)
+    x = torch.randn(rows, 40).to(dtype)
+    operand_dtypes = []
+    real_mm = torch.mm
+
+    def recorded_mm(a, b, out=None):
+        operand_dtypes.append((a.dtype, b.dtype))
+        return real_mm(a, b, out=out)
+
+    monkeypatch.setattr(torch, "mm", recorded_mm)
+    expert_idx = torch.ones(rows, 1, dtype=torch.long)  # every row to expert 1
+    y = expert_linear(x, weight, plan_dispatch(expert_idx, 2), backend="torch")
+    few = rows <= torch_backend.EMULATED_MM_ROWS
+    assert operand_dtypes == [(dtype, dtype) if few else (torch.float32, torch.float32)]
+    exact = x.double() @ weight[1].double().T
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+    fp32_sum = 40 * torch.finfo(torch.float32).eps * (x.double().abs() @ weight[1].double().abs().T)
+    assert ((y.double() - exact).abs() <= ulp + fp32_sum).all()
