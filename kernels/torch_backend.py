@@ -188,7 +188,14 @@ class Padded(NamedTuple):
     rows: int
 
 
-def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: int) -> list:
+def _runs(
+    expert_offsets: Tensor,
+    dtype: torch.dtype,
+    num_rows: int,
+    row_bytes: int,
+    *,
+    weight_grad: bool = False,
+) -> list:
     """Runs of grouped rows, ``(expert, start, end)``: one run of all rows (expert None, one
     ``_grouped_mm``) on CUDA where ``_grouped_mm`` runs ``dtype``, with no host read; else one
     run per expert that has rows, from the offsets read on the host (a decode step's few
@@ -221,7 +228,12 @@ def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: 
     # loop of one _grouped_mm costs less than ours: with the caches cold, as in a decode step,
     # each Python-level mm cost ~50 us more (JetMoE fp32, 8 tokens: the first products of 8
     # experts 9.1 against 8.5 ms). Not when every run is a single row: one product per expert,
-    # as one_token_gather_gemm computes a one-token step's.
+    # as one_token_gather_gemm computes a one-token step's. In an emulated 16-bit dtype only
+    # while every run takes torch's own 16-bit product (EMULATED_MM_ROWS), as _grouped_mm's
+    # products do; larger runs are faster in fp32, expert by expert, and so are the weight
+    # gradient's products, whose output is a whole expert (bf16 on the AVX2 EPYC, 8 tokens,
+    # forward+backward with the weight gradient in one _grouped_mm as well: 0.89-0.91x the speed
+    # of the loop's, JetMoE's and the fine-grained shape).
     few_rows = not weight_first and 1 < len(runs) < num_rows
     few_rows = few_rows and most < FP32_WEIGHT_FIRST_ROWS[0]
     if (
@@ -230,7 +242,7 @@ def _runs(expert_offsets: Tensor, dtype: torch.dtype, num_rows: int, row_bytes: 
         and (num_rows >= 2 * len(runs) or not weight_first)
         and num_rows * row_bytes <= GATHER_ONCE_BYTES
         and device.type == "cpu"
-        and cpu_has_native_matmul(dtype)
+        and (cpu_has_native_matmul(dtype) or (most <= EMULATED_MM_ROWS and not weight_grad))
         and grouped_mm_runs(device, dtype)
     ):
         return [(None, 0, num_rows)]
@@ -618,7 +630,8 @@ def weight_grad(
     (``g_a = gates[a]``, 1 if None; ``dy`` and ``x`` in any layout): ``[E, out, in]``, x's
     dtype."""
     num_rows, num_out, num_in = sorted_indices.shape[0], dy.shape[1], x.shape[1]
-    runs = _runs(expert_offsets, x.dtype, num_rows, max(num_in, num_out) * x.element_size())
+    row_bytes = max(num_in, num_out) * x.element_size()
+    runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes, weight_grad=True)
     dw = x.new_empty(num_experts, num_out, num_in)
     covered = {run[0] for run in runs}
     if all(isinstance(expert, int) for expert in covered):  # one run per expert with rows:

@@ -160,13 +160,13 @@ def watched_inference_paths(*, fused: bool, added: bool = False):
         yield path, one_token
 
 
-def padded_run(offsets, dtype, rows, row_bytes):
+def padded_run(offsets, dtype, rows, row_bytes, **options):
     """A stand-in for the torch backend's ``_runs`` that forces its padded path: one padded
     ``bmm`` run wherever the padding stays within PADDED_WASTE (whatever the dtype, the expert
     count or how many of them have rows), else the usual runs."""
     most = int(offsets.diff().max()) if rows else 0
     if not rows or (offsets.shape[0] - 1) * most > torch_backend.PADDED_WASTE * rows:
-        return _UNPATCHED_RUNS(offsets, dtype, rows, row_bytes)
+        return _UNPATCHED_RUNS(offsets, dtype, rows, row_bytes, **options)
     return [(torch_backend.Padded(most), 0, rows)]
 
 

@@ -132,3 +132,28 @@ def test_few_emulated_rows_take_the_16_bit_product_more_take_fp32(dtype, rows, m
     ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
     fp32_sum = 40 * torch.finfo(torch.float32).eps * (x.double().abs() @ weight[1].double().abs().T)
     assert ((y.double() - exact).abs() <= ulp + fp32_sum).all()
+
+
+@pytest.mark.parametrize(
+    ("counts", "one_run"),
+    [([4] * 64, True), ([8] * 20, True), ([9] + [4] * 63, False), ([1] * 64, True),
+     ([2] * 8, True), ([2] * 7 + [9], False), ([3] * 4 + [0] * 4, True)],
+)  # fmt: skip
+def test_emulated_runs_share_one_grouped_mm_while_each_takes_the_16_bit_product(
+    counts, one_run, monkeypatch
+):
+    """On a CPU that emulates bf16 (forced), experts of at most EMULATED_MM_ROWS rows each go
+    through one ``_grouped_mm`` where fp32's would (many experts, or all below the weight-first
+    range): its C++ loop of torch's own 16-bit products costs less than ours. An expert with
+    more rows keeps the loop, whose larger products run in fp32. Both match the oracle."""
+    monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products([]))
+    experts = len(counts)
+    routing = torch.arange(experts).repeat_interleave(torch.tensor(counts))[:, None]
+    plan = plan_dispatch(routing, experts)
+    runs = torch_backend._runs(plan.expert_offsets, torch.bfloat16, routing.shape[0], 64 * 2)
+    assert (runs == [(None, 0, routing.shape[0])]) == one_run
+    x = torch.randn(routing.shape[0], 64).bfloat16()
+    weight = (torch.randn(experts, 48, 64) / 8).bfloat16()
+    expected = torch.einsum("ti,toi->to", x.double(), weight.double()[routing[:, 0]])
+    y = expert_linear(x, weight, plan, backend="torch")
+    torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)

@@ -213,7 +213,7 @@ def test_triton_backend_matches_reference(combination, data):
     check_against_reference(data.draw(problems(combination, **TRITON_PROBLEMS)), "triton")
 
 
-def _one_run(offsets, dtype, rows, row_bytes):
+def _one_run(offsets, dtype, rows, row_bytes, **options):
     return [(None, 0, rows)] if rows else []
 
 
@@ -501,14 +501,15 @@ def test_cpu_runs_go_through_one_grouped_mm_only_for_many_small_experts(
     and in fp32 to one ``_grouped_mm`` for experts that all have fewer rows than any
     weight-first product (FP32_WEIGHT_FIRST_ROWS); in native 16-bit, single rows
     (matrix-vector products) and a few experts keep the loop (weight-first products), and so
-    do large inputs. On a CPU that emulates bf16 products, bf16 keeps the loop, whose products
-    run in fp32 (a bf16 ``_grouped_mm`` would be emulated). Either way expert_linear matches
-    the float64 oracle."""
+    do large inputs. On a CPU that emulates bf16 products, bf16 runs as fp32 does while every
+    expert has at most EMULATED_MM_ROWS rows (each product then torch's own bf16 one, in
+    ``_grouped_mm`` as in the loop); larger ones keep the loop, whose products run in fp32.
+    Either way expert_linear matches the float64 oracle."""
     native = dtype == torch.float32 or torch_backend.cpu_has_native_matmul(dtype)
     if one_run == "padded":
-        one_run = ("padded" if dtype != torch.float32 else True) if native else False
+        one_run = ("padded" if dtype != torch.float32 else True) if native else True
     elif one_run == "fp32":
-        one_run = dtype == torch.float32
+        one_run = dtype == torch.float32 or not native
     routing = torch.arange(experts).repeat_interleave(rows_each)[:, None]
     plan = plan_dispatch(routing, experts)
     runs = torch_backend._runs(plan.expert_offsets, dtype, routing.shape[0], 64 * 4)
