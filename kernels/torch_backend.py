@@ -412,12 +412,14 @@ def _per_expert(runs: list) -> bool:
     return all(isinstance(expert, int) for expert, _, _ in runs)
 
 
-def _adds_runs(runs: list, num_rows: int, num_out: int, dtype: torch.dtype, device) -> bool:
+def _adds_runs(
+    runs: list, num_rows: int, num_out: int, dtype: torch.dtype, device: torch.device
+) -> bool:
     """Whether a TOKEN output of these runs is summed by :func:`added_token_sums`: on CPU (an
     ``index_add_`` elsewhere is not deterministic) with one run per expert, when the products
     of all ``num_rows`` in :func:`accumulation_dtype` would exceed ADDED_SUMS_BYTES."""
     size = num_rows * num_out * accumulation_dtype(dtype).itemsize
-    return torch.device(device).type == "cpu" and _per_expert(runs) and size > ADDED_SUMS_BYTES
+    return device.type == "cpu" and _per_expert(runs) and size > ADDED_SUMS_BYTES
 
 
 def added_token_sums(
@@ -634,7 +636,7 @@ def weight_grad(
     runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes, weight_grad=True)
     dw = x.new_empty(num_experts, num_out, num_in)
     covered = {run[0] for run in runs}
-    if all(isinstance(expert, int) for expert in covered):  # one run per expert with rows:
+    if _per_expert(runs):  # one run per expert with rows:
         for expert in sorted(set(range(num_experts)) - covered):  # the others get none
             dw[expert].zero_()
     sorted_gates = None if gates is None else gates[sorted_indices, None].to(dy.dtype)
