@@ -145,13 +145,19 @@ def test_emulated_runs_share_one_grouped_mm_while_each_takes_the_16_bit_product(
     """On a CPU that emulates bf16 (forced), experts of at most EMULATED_MM_ROWS rows each go
     through one ``_grouped_mm`` where fp32's would (many experts, or all below the weight-first
     range): its C++ loop of torch's own 16-bit products costs less than ours. An expert with
-    more rows keeps the loop, whose larger products run in fp32. Both match the oracle."""
+    more rows keeps the loop, whose larger products run in fp32, and so does the weight
+    gradient whatever the rows. Both match the oracle."""
     monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products([]))
     experts = len(counts)
     routing = torch.arange(experts).repeat_interleave(torch.tensor(counts))[:, None]
     plan = plan_dispatch(routing, experts)
     runs = torch_backend._runs(plan.expert_offsets, torch.bfloat16, routing.shape[0], 64 * 2)
     assert (runs == [(None, 0, routing.shape[0])]) == one_run
+    # the weight gradient's products (a whole expert each) always keep the loop, in fp32
+    grad_runs = torch_backend._runs(
+        plan.expert_offsets, torch.bfloat16, routing.shape[0], 64 * 2, weight_grad=True
+    )
+    assert [end - start for _, start, end in grad_runs] == [c for c in counts if c]
     x = torch.randn(routing.shape[0], 64).bfloat16()
     weight = (torch.randn(experts, 48, 64) / 8).bfloat16()
     expected = torch.einsum("ti,toi->to", x.double(), weight.double()[routing[:, 0]])
