@@ -185,6 +185,64 @@ def test_a_mixture_folder_inside_data_never_trains_on_its_validation_files(tmp_p
         assert (path.read_bytes() in train_text) == (path not in held_out), path
 
 
+@pytest.mark.parametrize(
+    "layout",
+    ["decay inside data", "data inside decay", "data a file in decay", "data split by position"],
+)
+def test_phase_2_never_trains_on_the_validation_text_of_data_whichever_holds_the_other(
+    tmp_path, layout
+):
+    """Whatever the folders, no text of ``--data``'s validation part is in a phase-2 source's
+    training part: a source's files that are ``--data``'s keep ``--data``'s side."""
+    root = tmp_path / "corpus"
+    inner = root / "inner"
+    inner.mkdir(parents=True)
+    for index in range(200):
+        folder = inner if index % 3 == 0 else root
+        (folder / f"f{index}.py").write_text(f"unique_{index}_ = {index}; " * 25)
+    data_path, decay_path = {
+        "decay inside data": (root, inner),
+        "data inside decay": (inner, root),
+        "data a file in decay": (inner / "f3.py", root),
+        "data split by position": (inner / "f3.py", inner),
+    }[layout]
+    settings = TrainSettings(data=str(data_path), seq_len=16, decay_data=f"{decay_path}=1")
+    corpus = load_corpus(str(data_path), 16)
+    [(source, _)] = data.load_decay_corpora(settings, corpus)
+    held_out = bytes(corpus.validation.tolist()).split(data.SEPARATOR)
+    assert held_out and all(held_out)
+    trained = bytes(source.train.tolist())
+    assert not [text for text in held_out if text in trained]
+    if data_path.is_dir():  # split by path: --data's training files in the source stay
+        texts = {path.read_bytes() for path in decay_path.rglob("*.py")}
+        kept = texts & set(bytes(corpus.train.tolist()).split(data.SEPARATOR))
+        assert kept and all(text in trained for text in kept)
+
+
+def test_a_phase_2_source_of_nothing_but_validation_text_of_data_is_refused(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "inner").mkdir(parents=True)
+    for index in range(100):
+        (root / f"f{index}.py").write_text(f"x_{index} = {index}\n" * 30)
+    held = next(f"inner/v{i}.py" for i in range(1000) if data._in_validation(f"inner/v{i}.py"))
+    (root / held).write_text("held_out = 1\n" * 50)
+    settings = TrainSettings(data=str(root), seq_len=16, decay_data=f"{root / 'inner'}=1")
+    with pytest.raises(TrainingError, match="--decay-data.*validation"):
+        data.load_decay_corpora(settings, load_corpus(str(root), 16))
+
+
+@pytest.mark.parametrize("steps", [10, 100, 600, 1000, 2300])
+def test_the_decay_starts_at_the_step_the_fraction_names_in_decimal(steps):
+    """``steps · (1 - fraction)`` as written: 10 · (1 - 0.7) is step 3 (floats give
+    3.0000000000000004, which would start the decay and the mixture a step late)."""
+    for hundredths in range(101):
+        fraction = hundredths / 100
+        settings = TrainSettings(steps=steps, decay_fraction=fraction)
+        exact = steps - steps * hundredths // 100 if steps * hundredths % 100 == 0 else None
+        if exact is not None:
+            assert settings.decay_start == exact, fraction
+
+
 def test_a_folder_corpus_leaves_out_compiled_python_and_hidden_files(tmp_path):
     root = tmp_path / "corpus"
     texts = {"a.py": b"a.py " * 20, "sub/b.txt": b"sub/b.txt " * 20}

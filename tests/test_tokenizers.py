@@ -35,7 +35,7 @@ def test_a_jetmoe_checkpoint_fine_tunes_with_its_own_tokenizer(
     log = json.loads((out / "log.json").read_text())
     validations = [e["val_bpb"] for e in log if "val_bpb" in e]
     assert validations[-1] < log[0]["val_bpb_before"]
-    assert list(corpus.parent.glob("corpus.tokens/*.json"))  # the token files, beside the text
+    assert list(corpus.parent.glob(".corpus.tokens/*.json"))  # the token files, beside the text
     trained = JetMoEForCausalLM.from_pretrained(out / "checkpoint")
     assert trained.config.vocab_size == VOCAB
     # the checkpoint carries its tokenizer: resumed from, it tokenizes alike (not as bytes)
@@ -48,6 +48,26 @@ def test_a_jetmoe_checkpoint_fine_tunes_with_its_own_tokenizer(
     assert main(["train", "--resume-from", str(out), "--data", str(corpus),
                  "--out", str(again), *FAST, "--steps", "1"]) == 0  # fmt: skip
     assert max(int(batch.max()) for batch in seen) >= 256
+
+
+def test_the_token_files_of_a_folder_inside_another_corpus_are_never_read_as_its_text(
+    corpus, tokenizer_dir
+):
+    """``--decay-data`` may name a folder inside ``--data`` (or hold it): the token files
+    written beside one must not become text of the other, on this run or on ``--resume``."""
+    tokenizer = tokens.load_tokenizer(str(tokenizer_dir), None)
+    inner = corpus / "inner"
+    inner.mkdir()
+    for index in range(30):
+        (inner / f"i{index}.py").write_text(f"value_{index} = {index} * 3\n" * 20)
+    settings = TrainSettings(data=str(corpus), seq_len=16, decay_data=f"{inner}=1")
+    before = data.load_corpus(str(corpus), 16, tokenizer=tokenizer)
+    data.load_decay_corpora(settings, before, tokenizer)  # writes the inner folder's tokens
+    data.load_corpus(str(inner), 16, tokenizer=tokenizer)  # and those of it alone
+    again = data.load_corpus(str(corpus), 16, tokenizer=tokenizer)
+    assert again.description == before.description
+    assert torch.equal(again.train, before.train) and torch.equal(again.validation,
+                                                                  before.validation)  # fmt: skip
 
 
 def test_token_files_are_reused_and_rebuilt_when_the_text_or_tokenizer_changes(

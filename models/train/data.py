@@ -33,12 +33,15 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 class Corpus:
     """Training and validation text as token ids (uint8 bytes, or a tokenizer's int32 ids);
     ``tokens_per_byte``: the validation text's, which turns nats per token into bits per
-    byte."""
+    byte. ``files``: the resolved paths of its files; ``held_out``: those whose text is (in
+    part, when split by position) validation."""
 
     train: torch.Tensor
     validation: torch.Tensor
     description: str
     tokens_per_byte: float = 1.0
+    files: frozenset[Path] = frozenset()
+    held_out: frozenset[Path] = frozenset()
 
     @property
     def unit(self) -> str:
@@ -87,19 +90,24 @@ def load_corpus(
     seq_len: int = DEFAULT_SEQ_LEN,
     flag: str = "--data",
     tokenizer=None,
-    split_root: Path | None = None,
+    beside: Corpus | None = None,
 ) -> Corpus:
     """The text to train and validate on, each part at least one window of ``seq_len + 1``
     tokens: the standard library's Python sources (``data=None``), every file under a folder, or
     one file; as bytes, or as the ids of ``tokenizer`` (a transformers tokenizer: each file is a
     document followed by the end token; tokenized once into token files beside the text,
     :func:`tokens.cached`, rebuilt when the text or the tokenizer changes). Files are split by
-    a stable hash of their path relative to ``split_root`` (default: the corpus's own folder;
-    a folder inside another corpus is split as that corpus splits it); when that leaves either
-    part shorter than a window
-    (one file, or a folder of few files), the text of all of them is split by position instead:
-    the last 5 %, and at least a window, is validation. Text shorter than two windows is a
-    :class:`TrainingError` naming ``flag``."""
+    a stable hash of their path relative to the corpus's folder; when that leaves either part
+    shorter than a window (one file, or a folder of few files), the text of all of them is
+    split by position instead: the last 5 %, and at least a window, is validation. Text shorter
+    than two windows is a :class:`TrainingError` naming ``flag``.
+
+    ``beside``: a corpus (``--data``) whose validation text this one must never train on,
+    whatever their folders (one inside the other, or a file of one in the other): its files
+    are on the side they are there (all of them validation when it was split by position), only
+    this corpus's other files are split by path hash, and its text is then never split by
+    position: its validation may be short or empty, and a training part shorter than a window
+    is a :class:`TrainingError` naming ``flag``."""
     if data is None:
         root = STDLIB
         files = load_corpus_files()
@@ -113,23 +121,36 @@ def load_corpus(
             raise TrainingError(f"{flag} {data}: no such file or folder")
         files = [root] if root.is_file() else _text_files(root)
         description = str(root)
-    base = root if split_root is None else split_root
-    hashed = [_in_validation(path.relative_to(base).as_posix()) for path in files]
+    resolved = [path.resolve() for path in files]
+    hashed = [_in_validation(path.relative_to(root).as_posix()) for path in files]
+    shared = beside is not None and not beside.files.isdisjoint(resolved)
+    if shared:  # the files of ``beside`` keep its sides
+        hashed = [
+            path in beside.held_out if path in beside.files else side
+            for path, side in zip(resolved, hashed, strict=True)
+        ]
     texts = [path.read_bytes() for path in files]
     parts = {
         name: [text for text, val in zip(texts, hashed, strict=True) if val == in_validation]
         for name, in_validation in (("train", False), ("validation", True))
     }
-    window, split = seq_len + 1, "split by path hash"
+    window, by_position = seq_len + 1, False
     if tokenizer is None:
         train, validation = _join(parts["train"]), _join(parts["validation"])
         tokens_per_byte, unit = 1.0, "bytes"
     else:
-        found = _tokenized(data, texts, parts, tokenizer, window)
+        found = _tokenized(data, texts, parts, tokenizer, None if shared else window)
         train, validation, tokens_per_byte = found["train"], found["validation"], found["ratio"]
         unit = f"tokens, {1 / tokens_per_byte:.2f} bytes per token, {tokens.describe(tokenizer)}"
-        split = "split by position" if found["by_position"] else split
-    if min(train.numel(), validation.numel()) < window:  # one file is all on one side
+        by_position = found["by_position"]
+    if shared and train.numel() < window:
+        raise TrainingError(
+            f"--seq-len {seq_len}: {flag} {data} has {train.numel():,} {unit.split(',')[0]} of "
+            f"text outside the validation text of --data, fewer than a window of --seq-len + 1 "
+            f"({window}); use a smaller --seq-len or more text"
+        )
+    if not shared and min(train.numel(), validation.numel()) < window:
+        # one file, or all the files on one side
         text = _join(texts) if tokenizer is None else torch.cat([train, validation])
         if text.numel() < 2 * window:
             source = "Python's standard library" if data is None else f"{flag} {data}"
@@ -139,32 +160,35 @@ def load_corpus(
                 "one to validate; use a smaller --seq-len or more text"
             )
         size = max(text.numel() * VALIDATION_PERCENT // 100, window)
-        train, validation = text[:-size], text[-size:]
-        split = "split by position"
+        train, validation, by_position = text[:-size], text[-size:], True
+    held_out = [path for path, val in zip(resolved, hashed, strict=True) if val or by_position]
     count = f"{len(files):,} file{'s' * (len(files) != 1)}"
+    split = "split by position" if by_position else "split by path hash"
     return Corpus(
         train,
         validation,
         f"{description}: {count}, {train.numel():,} + {validation.numel():,} {unit} ({split})",
         tokens_per_byte,
+        frozenset(resolved),
+        frozenset(held_out),
     )
 
 
-def _tokenized(data, texts: list[bytes], parts: dict, tokenizer, window: int) -> dict:
+def _tokenized(data, texts: list[bytes], parts: dict, tokenizer, window: int | None) -> dict:
     """The train and validation ids of ``parts`` (by path hash; all the text by position when
-    either is shorter than a window) and ``ratio``, the validation's tokens per byte (the whole
-    text's when split by position, each file's separator counted as two bytes as in the byte
-    corpus), from the token cache."""
+    either is shorter than ``window``, never when it is None) and ``ratio``, the validation's
+    tokens per byte (the whole text's when split by position, each file's separator counted as
+    two bytes as in the byte corpus), from the token cache."""
     digest = hashlib.sha256(tokens.tokenizer_key(tokenizer).encode())
     for name in ("train", "validation"):
         digest.update(f"{name} {len(parts[name])}\n".encode())
         for text in parts[name]:
             digest.update(hashlib.sha256(text).digest())
-    key = f"{digest.hexdigest()[:32]}-w{window}"
+    key = f"{digest.hexdigest()[:32]}-w{window or 0}"
 
     def build() -> dict:
         ids = {name: tokens.tokenize(tokenizer, parts[name]) for name in parts}
-        if min(t.numel() for t in ids.values()) >= window:
+        if window is None or min(t.numel() for t in ids.values()) >= window:
             size = sum(map(len, parts["validation"])) + len(SEPARATOR) * len(parts["validation"])
             return {**ids, "ratio": ids["validation"].numel() / max(1, size), "by_position": False}
         every = tokens.tokenize(tokenizer, texts)
@@ -192,20 +216,16 @@ def load_decay_corpora(
 ) -> list[tuple[Corpus, float]]:
     """The ``--decay-data`` mixture as ``(corpus, share)`` pairs (empty without it), in the
     run's ``tokenizer``; a source that names ``--data`` (or ``stdlib`` for the built-in
-    corpus) is ``corpus`` itself, and a folder inside ``--data`` is split as ``--data`` splits
-    it, so phase 2 never trains on ``--data``'s validation files."""
+    corpus) is ``corpus`` itself, and any other keeps ``--data``'s files on the side of
+    ``--data``'s split (:func:`load_corpus` ``beside``), so phase 2 never trains on ``--data``'s
+    validation text, whichever folder holds the other."""
     if settings.decay_data is None:
         return []
-    data_root = STDLIB if settings.data is None else Path(settings.data).resolve()
-    sources = []
-    for path, share in settings.decay_sources():
-        if same_path(path, settings.data):
-            sources.append((corpus, share))
-            continue
-        inside = path is not None and Path(path).resolve().is_relative_to(data_root)
-        sources.append((load_corpus(path, settings.seq_len, "--decay-data", tokenizer,
-                                    data_root if inside else None), share))  # fmt: skip
-    return sources
+    return [
+        (corpus if same_path(path, settings.data)
+         else load_corpus(path, settings.seq_len, "--decay-data", tokenizer, corpus), share)
+        for path, share in settings.decay_sources()
+    ]  # fmt: skip
 
 
 def mixture_batch(

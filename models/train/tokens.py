@@ -123,9 +123,14 @@ def tokenize(tokenizer, documents: list[bytes]) -> torch.Tensor:
 
 
 def cache_folder(data: str | Path | None) -> Path:
-    """Where a corpus's token files go: beside it (``<file or folder>.tokens``), or the user's
-    cache (``~/.cache/moe-blocks/tokens``) for the built-in corpus."""
-    return USER_CACHE if data is None else Path(f"{Path(data).resolve()}.tokens")
+    """Where a corpus's token files go: beside it in a hidden folder (``.<file or
+    folder>.tokens``, which no corpus reads as text: a folder corpus leaves hidden files out,
+    and another corpus may hold this one), or the user's cache (``~/.cache/moe-blocks/tokens``)
+    for the built-in corpus."""
+    if data is None:
+        return USER_CACHE
+    path = Path(data).resolve()
+    return path.parent / f".{path.name}.tokens"
 
 
 def cached(folders: list[Path], key: str, build: Callable[[], dict]) -> dict:
