@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from moe_blocks.kernels.checks import check_positive_int as check_int_at_least_one
 from moe_blocks.losses import BALANCE_LOSSES
@@ -65,8 +66,9 @@ class TrainSettings:
     @property
     def decay_start(self) -> float:
         """Where WSD's decay (and the ``decay_data`` mixture) begins: steps at or after it
-        decay."""
-        return self.steps * (1 - self.decay_fraction)
+        decay. ``steps · (1 - decay_fraction)`` with the fraction taken as the decimal it was
+        written as: in floats 10 · (1 - 0.7) is 3.0000000000000004, and step 3 would not decay."""
+        return float(self.steps * (1 - Fraction(repr(self.decay_fraction))))
 
     def decay_sources(self) -> list[tuple[str | None, float]]:
         """``decay_data`` as ``(path, share)`` pairs, the shares summing to 1; the path None for
