@@ -597,7 +597,7 @@ def test_bad_checkpoints_name_the_file_and_key(tmp_path):
         JetMoEForCausalLM.from_pretrained(tmp_path)
 
     save_file({k: v for k, v in state.items() if k != key}, str(weights))
-    with pytest.raises(ValueError, match="input_linear"):
+    with pytest.raises(ValueError, match=r"model\.safetensors.*lack.*input_linear"):
         JetMoEForCausalLM.from_pretrained(tmp_path)
 
     save_file({**state, "model.layers.0.extra.weight": state[key].clone()}, str(weights))
@@ -674,6 +674,63 @@ def test_bad_input_ids():
     torch.testing.assert_close(model(narrow).logits, model(narrow.long()).logits)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         JetMoEConfig(num_local_experts=2, num_experts_per_tok=3)
+
+
+def test_bad_labels_are_refused_naming_them_and_any_integer_dtype_scores_alike():
+    torch.manual_seed(0)
+    model = JetMoEForCausalLM(JetMoEConfig.from_preset("tiny", num_hidden_layers=1))
+    ids = torch.randint(0, 256, (2, 6))
+    for bad in (torch.full((2, 6), 256), torch.full((2, 6), -5)):
+        with pytest.raises(ValueError, match="labels.*vocab_size"):
+            model(ids, labels=bad)
+    with pytest.raises(TypeError, match="labels"):
+        model(ids, labels=ids.float())
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, labels=ids[:, :-1])
+    labels = ids.clone()
+    labels[:, 3:] = -100
+    expected = model(ids, labels=labels).lm_loss
+    for dtype in (torch.int32, torch.int16):  # what input_ids accepts, labels too
+        torch.testing.assert_close(model(ids.to(dtype), labels=labels.to(dtype)).lm_loss, expected)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("rms_norm_eps", -1.0), ("rms_norm_eps", 0.0), ("layer_rms_norm_eps", float("nan")),
+     ("rope_theta", 0.0), ("rope_theta", -5.0), ("initializer_range", -0.02),
+     ("attention_dropout", 1.5), ("attention_dropout", -0.1), ("aux_loss_coef", float("inf")),
+     ("z_loss_coef", -1.0), ("max_position_embeddings", 0)],
+)  # fmt: skip
+def test_a_config_out_of_range_is_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        JetMoEConfig.from_preset("tiny", **{field: value})
+
+
+def test_a_config_json_without_a_field_reads_as_transformers_reads_it(tmp_path):
+    """A field config.json leaves out takes transformers' default (its JetMoeConfig's), not
+    ours (JetMoE-8B's): the same model as transformers builds from the file."""
+    transformers = pytest.importorskip("transformers")
+    full = JetMoEConfig.from_preset("tiny").to_hf_dict()
+    shared = [name for name in full if hasattr(transformers.JetMoeConfig(), name)]
+    for name in shared:
+        if name in ("model_type", "architectures", "num_attention_heads", "rope_parameters"):
+            continue
+        data = {key: value for key, value in full.items() if key != name}
+        theirs = getattr(transformers.JetMoeConfig(**data), name)
+        assert getattr(JetMoEConfig.from_hf_dict(data), name) == theirs, name
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("kind", ["type", "rope_type"])
+def test_a_scaled_rope_in_config_json_is_refused_not_ignored(key, kind):
+    """transformers reads the older ``rope_scaling`` too; a scaled RoPE we do not compute must
+    be an error, not a silently different model."""
+    data = JetMoEConfig.from_preset("tiny").to_hf_dict()
+    data[key] = {kind: "linear", "factor": 4.0, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match=rf"config\.json: {key}.*linear"):
+        JetMoEConfig.from_hf_dict(data)
+    data[key] = {kind: "default", "rope_theta": 10000.0}
+    JetMoEConfig.from_hf_dict(data)  # the default RoPE is ours
 
 
 def test_byte_models_generate_exactly_the_bytes_asked_for(tmp_path, monkeypatch, capsys):

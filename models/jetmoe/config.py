@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from moe_blocks.kernels.checks import check_positive_int
+from moe_blocks.kernels.checks import check_non_negative, check_positive_int
 from moe_blocks.moe_mlp import ACTIVATIONS
+
+# transformers' JetMoeConfig defaults where they differ from ours (JetMoE-8B's, the dataclass's)
+TRANSFORMERS_DEFAULTS = {"num_hidden_layers": 12, "rms_norm_eps": 1e-6}
 
 
 @dataclass
@@ -66,8 +69,19 @@ class JetMoEConfig:
         for name in (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_local_experts",
             "num_experts_per_tok", "num_key_value_heads", "kv_channels", "intermediate_size",
+            "max_position_embeddings",
         ):  # fmt: skip
             check_positive_int(f"JetMoEConfig.{name}", getattr(self, name))
+        for name in ("initializer_range", "aux_loss_coef", "z_loss_coef", "attention_dropout",
+                     "rope_theta", "rms_norm_eps", "layer_rms_norm_eps"):  # fmt: skip
+            check_non_negative(f"JetMoEConfig.{name}", getattr(self, name))
+        for name in ("rope_theta", "rms_norm_eps", "layer_rms_norm_eps"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"JetMoEConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.attention_dropout > 1:
+            raise ValueError(
+                f"JetMoEConfig.attention_dropout must lie in [0, 1], got {self.attention_dropout}"
+            )
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must not exceed "
@@ -115,12 +129,16 @@ class JetMoEConfig:
                 f"{source}: model_type is {data.get('model_type')!r}, expected 'jetmoe'"
             )
         rope = data.get("rope_parameters") or {}
-        if not isinstance(rope, dict):
-            raise ValueError(f"{source}: rope_parameters must be a JSON object, got {rope!r}")
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{source}: rope_type {rope['rope_type']!r} is not supported")
+        for key, given in (("rope_parameters", rope), ("rope_scaling", data.get("rope_scaling"))):
+            if given is not None and not isinstance(given, dict):
+                raise ValueError(f"{source}: {key} must be a JSON object, got {given!r}")
+            # transformers reads the older rope_scaling ({"type": ...}) as rope_parameters
+            kind = (given or {}).get("rope_type", (given or {}).get("type", "default"))
+            if kind != "default":
+                raise ValueError(f"{source}: {key} of type {kind!r} is not supported")
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {name: data[name] for name in names if name in data}
+        # a field config.json leaves out has transformers' default there, not JetMoE-8B's
+        values = {**TRANSFORMERS_DEFAULTS, **{name: data[name] for name in names if name in data}}
         values["rope_theta"] = rope.get("rope_theta", data.get("rope_theta", 10000.0))
         try:
             return cls(**values)

@@ -93,7 +93,10 @@ def load_pretrained(
                 state[from_hf_key(key)] = tensor.to(dtype or tensor.dtype, copy=not owned)
     missing = sorted(set(expected) - {to_hf_key(k) for k in state})
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+        files = ", ".join(file.name for file in _checkpoint_files(path))
+        raise ValueError(
+            f"{path}: its weight files ({files}) lack {len(missing)} weights, e.g. {missing[:3]}"
+        )
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     _materialize_buffers(model, device)

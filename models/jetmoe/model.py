@@ -217,11 +217,8 @@ class JetMoEForCausalLM(nn.Module):
         position_ids: RoPE positions ``[B, T]``; default ``T_past + arange(T)``.
         """
         self._check_input_ids(input_ids)
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(
-                f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                f"got {tuple(labels.shape)}"
-            )
+        if labels is not None:
+            self._check_labels(labels, input_ids)
         if kv_caches is not None and (
             len(kv_caches) != self.config.num_hidden_layers
             or not all(isinstance(cache, KVCache) for cache in kv_caches)
@@ -256,7 +253,7 @@ class JetMoEForCausalLM(nn.Module):
             return CausalLMOutput(logits=logits, kv_caches=kv_caches)
         lm_loss = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-            labels[:, 1:].reshape(-1),
+            labels[:, 1:].reshape(-1).long(),
             ignore_index=-100,
         )
         routers = named_routers(self).values()
@@ -280,6 +277,18 @@ class JetMoEForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         check_index_range(input_ids, self.config.vocab_size, "input_ids", "vocab_size")
+
+    def _check_labels(self, labels: Tensor, input_ids: Tensor) -> None:
+        if not isinstance(labels, Tensor) or labels.dtype not in INTEGER_DTYPES:
+            got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+            raise TypeError(f"labels must be an integer tensor, got {got}")
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(labels.shape)}"
+            )
+        scored = labels.masked_fill(labels == -100, 0)  # -100: ignored
+        check_index_range(scored, self.config.vocab_size, "labels (but -100)", "vocab_size")
 
     # generation -------------------------------------------------------------------------
     @torch.no_grad()
