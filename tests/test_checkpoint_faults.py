@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from moe_blocks.models import train as train_module
 from moe_blocks.models.parallel import spawn_local, train_sharded
@@ -113,8 +114,14 @@ FAULTS = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("via", ["python", "cli"])
 @pytest.mark.parametrize("fault", FAULTS)
-def test_a_fault_during_a_save_never_mixes_two_steps(fault, tmp_path, data, monkeypatch):
+def test_a_fault_during_a_save_never_mixes_two_steps(fault, via, tmp_path, data, monkeypatch):
+    """``via``: resumed by ``train(resume=True)`` or by ``moe-blocks train --resume``, which
+    reads the checkpoint's settings before the trainer starts (and read a checkpoint killed
+    between its renames as missing)."""
+    from moe_blocks.models.cli import main
+
     reference = train(_settings(tmp_path / "reference", data), progress=False)
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
@@ -127,8 +134,12 @@ def test_a_fault_during_a_save_never_mixes_two_steps(fault, tmp_path, data, monk
         message = str(raised.value)
         assert "No space left on device" in message and "still holds the last" in message
         assert not (run / "checkpoint.partial").exists()
-    resumed = train(_settings(run, data), resume=True, progress=False)
-    assert _losses(resumed.log) == _losses(reference.log)
+    if via == "cli":
+        assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
+        log = run_folder.read_json(run / "log.json", list)
+    else:
+        log = train(_settings(run, data), resume=True, progress=False).log
+    assert _losses(log) == _losses(reference.log)
     assert load_trainer_state(run / "checkpoint").step == 6
     assert not [p.name for p in run.iterdir() if p.name.endswith((".partial", ".previous"))]
 
@@ -147,6 +158,65 @@ def test_sigterm_in_one_process_saves_the_last_step(tmp_path, data, monkeypatch)
         result = train(_settings(tmp_path / "run", data), progress=False)
     assert result.interrupted and load_trainer_state(tmp_path / "run" / "checkpoint").step == 3
     resumed = train(_settings(tmp_path / "run", data), resume=True, progress=False)
+    assert _losses(resumed.log) == _losses(reference.log)
+
+
+def _interrupting(signum: int, when):
+    """An optimizer step post-hook that sends ``signum`` to this process after the update
+    ``when(updates)`` names: the signal lands between the weights' update and the step's
+    count and log entry."""
+    updates = []
+
+    def hook(optimizer, args, kwargs):
+        updates.append(1)
+        if when(len(updates)):
+            os.kill(os.getpid(), signum)
+
+    return register_optimizer_step_post_hook(hook), updates
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_right_after_a_weight_update_saves_that_step_whole(signum, tmp_path, data):
+    """Ctrl-C (or SIGTERM) that lands after the update of step 3 but before the loop counted
+    it: the checkpoint is step 3's (its weights and its count and log entry), so --resume
+    gives the uninterrupted losses and a log of every step once (it saved step 2's count
+    with step 3's weights, and the resumed run updated twice)."""
+    reference = train(_settings(tmp_path / "reference", data), progress=False)
+    handle, updates = _interrupting(signum, lambda count: count == 3)
+    try:
+        result = train(_settings(tmp_path / "run", data), progress=False)
+    finally:
+        handle.remove()
+    assert result.interrupted and len(updates) == 3
+    assert load_trainer_state(tmp_path / "run" / "checkpoint").step == 3
+    assert [entry["step"] for entry in result.log] == [1, 2, 3]
+    resumed = train(_settings(tmp_path / "run", data), resume=True, progress=False)
+    assert _losses(resumed.log) == _losses(reference.log)
+    assert [entry["step"] for entry in resumed.log] == list(range(1, 7))
+
+
+def test_ctrl_c_twice_in_a_save_keeps_a_checkpoint(tmp_path, data, monkeypatch):
+    """The first Ctrl-C lands between the two renames of step 4's save (the old checkpoint
+    moved aside, the new not yet published); the run saves again, and a second Ctrl-C lands
+    in that save once the new folder is written: the step-2 checkpoint (or step 4's) must
+    still be there for --resume (the retry deleted the moved-aside one first)."""
+    reference = train(_settings(tmp_path / "reference", data), progress=False)
+    run = tmp_path / "run"
+    rename, interrupts = Path.rename, []
+
+    def interrupted_rename(self, target):
+        if self.name == "checkpoint.partial" and len(interrupts) < 2:
+            if interrupts or (run / "checkpoint.previous").exists():
+                interrupts.append(1)
+                raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt):
+        train(_settings(run, data), progress=False)
+    monkeypatch.setattr(Path, "rename", rename)
+    assert len(interrupts) == 2
+    resumed = train(_settings(run, data), resume=True, progress=False)
     assert _losses(resumed.log) == _losses(reference.log)
 
 

@@ -65,6 +65,31 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM wait: once the block has run they go, in the order they came,
+    to the handlers in place before it (Ctrl-C's KeyboardInterrupt, :func:`sigterm_as_interrupt`,
+    a torchrun rank's stop request). A step's weight update, its count and its log entry are
+    one: an interrupt between them saved weights one update ahead of the step recorded, or
+    dropped the step from the log. (Only the main thread can take signals; elsewhere nothing
+    changes.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for signum in dict.fromkeys(caught):
+        signal.raise_signal(signum)
+
+
 def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
     """AdamW (betas 0.9, 0.95) over the parameters that require gradients, with weight decay
     on the matrices, none on norms and biases; fused: on the 2-core AVX2 EPYC the tiny preset's
@@ -154,13 +179,14 @@ def run_steps(
             output = model(window, labels=window)  # shifted inside: seq_len targets
             output.loss.backward()
             loop.clip()
-            optimizer.step()
-            step += 1
-            statistics, stopped = loop.statistics(output, loop.stop_requested())
-            elapsed = time.perf_counter() - started
-            entry = {"step": step, **before, **statistics, "lr": lr,
-                     "tokens_per_s": tokens_per_step / elapsed}  # fmt: skip
-            log.append(entry)  # before validating: an interrupted validation keeps the step
+            with deferred_signals():  # the update, the count and the entry: all or none
+                optimizer.step()
+                step += 1
+                statistics, stopped = loop.statistics(output, loop.stop_requested())
+                elapsed = time.perf_counter() - started
+                entry = {"step": step, **before, **statistics, "lr": lr,
+                         "tokens_per_s": tokens_per_step / elapsed}  # fmt: skip
+                log.append(entry)  # before validating: an interrupted validation keeps the step
             before = {}
             if step % settings.eval_every == 0 or step == settings.steps:
                 entry.update(loop.validate())

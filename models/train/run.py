@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .loop import OneProcess, TrainResult, run_training
-from .run_folder import is_sharded_checkpoint
+from .run_folder import is_sharded_checkpoint, published
 from .settings import TrainingError, TrainSettings, check_positive_int
 
 
@@ -46,7 +46,7 @@ def train(
         ep != 1
         or launched_by_torchrun()
         or dist.is_initialized()
-        or (resume and is_sharded_checkpoint(Path(settings.out) / "checkpoint"))
+        or (resume and is_sharded_checkpoint(published(Path(settings.out) / "checkpoint")))
     )
     options = {"resume": resume, "overwrite": overwrite, "progress": progress}
     if sharded:

@@ -132,6 +132,8 @@ def checkpoint_folder(path: str | Path) -> Path:
     killed save left (:func:`recover_checkpoint` puts it back at the next ``train``)."""
     path = Path(path)
     if is_model_folder(path):
+        if path.name == "model" and (path.parent / "checkpoint").is_dir():  # a run's export
+            _warn_if_export_lags(path.parent, path)
         return path
     # (.previous: the last complete one when a save was killed between its two renames)
     for name in ("checkpoint", "checkpoint.previous", "model", "model.previous"):
@@ -194,8 +196,8 @@ def write_checkpoint(
     ``barrier``: ``dist.barrier``, ``any_rank``: whether a flag holds on any rank), so a write
     that fails on one rank fails the save on all of them (none waits for it forever)."""
     partial, previous = sibling(directory, "partial"), sibling(directory, "previous")
-    if main:
-        shutil.rmtree(partial, ignore_errors=True)
+    if main:  # an earlier save killed between its renames (a second Ctrl-C): its checkpoint
+        recover_checkpoint(directory)  # back in place before this one moves it aside
         partial.mkdir(parents=True)
     barrier()
     error = None
@@ -220,6 +222,14 @@ def write_checkpoint(
         _sync(directory.parent, recurse=False)
         shutil.rmtree(previous, ignore_errors=True)
     barrier()
+
+
+def published(directory: Path) -> Path:
+    """The folder that holds the checkpoint ``directory`` names: itself, or, when a save was
+    killed between its two renames, ``<directory>.previous`` (:func:`recover_checkpoint` puts
+    it back; a reader before that, on any rank, reads it there)."""
+    previous = sibling(directory, "previous")
+    return previous if not directory.exists() and previous.is_dir() else directory
 
 
 def recover_checkpoint(directory: Path) -> None:
@@ -488,4 +498,9 @@ def resumed_settings(out: str, given: dict) -> TrainSettings:
     """The settings of the run in ``out`` (its checkpoint's) with ``given`` (the options on
     the command line) in place of theirs; :func:`train` refuses a given one that changes the
     data or the model."""
-    return replace(load_trainer_state(Path(out) / "checkpoint").settings, out=out, **given)
+    checkpoint = Path(out) / "checkpoint"
+    try:
+        state = load_trainer_state(published(checkpoint))
+    except TrainingError:  # the main process put a .previous back meanwhile (torchrun)
+        state = load_trainer_state(checkpoint)
+    return replace(state.settings, out=out, **given)
