@@ -249,6 +249,13 @@ def _runs(
     return runs
 
 
+def _linear_runs(weight: Tensor, expert_offsets: Tensor, num_rows: int) -> list:
+    """The :func:`_runs` of a :func:`gather_gemm` call through ``weight [E, out, in]`` (its
+    input rows ``in`` wide, its output rows ``out``: the wider counts), in the weight's dtype."""
+    row_bytes = max(weight.shape[1], weight.shape[2]) * weight.element_size()
+    return _runs(expert_offsets, weight.dtype, num_rows, row_bytes)
+
+
 def _run_rows(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int, runs: list):
     """For each run in turn, its rows of the ``layout`` tensor ``t``: views for GROUPED,
     otherwise gathered one run at a time, so only one run's copy exists at once."""
@@ -468,9 +475,10 @@ def routed_mlp(
     x[t])`` over its k = ``fan_out`` experts e (``x [T, in]``, ``w_in [E, hidden, in]``,
     ``w_out [E, out, hidden']``, ``gates [T, k]``, the plan's grouping): ``[T, out]`` in x's
     dtype. The products, their rounding and the gating are those of two :func:`gather_gemm`
-    calls. When the hidden rows of all experts exceed FUSE_BYTES and each expert is its own
-    run, each run's two products, activation and gating are done together while its rows are
-    in cache, in fresh small tensors, and added into its tokens' fp32 sums
+    calls, each product in the runs its call takes (:func:`_linear_runs`). When the hidden rows
+    of all experts exceed FUSE_BYTES and both products run one expert at a time, each run's
+    two products, activation and gating are done together while its rows are in cache, in
+    fresh small tensors, and added into its tokens' fp32 sums
     (:func:`added_token_sums`; bf16, 2048 tokens, JetMoE's shape: 1.6x faster than the two
     calls, whose 46 MB of hidden rows went through memory twice; the fine-grained shape's T·k
     gated rows, 64 MB in fp32, cost 38 ms placed and summed against 13 ms added in). The last
@@ -481,21 +489,21 @@ def routed_mlp(
     as the second call sums them (:func:`_token_sums`; a fine-grained block at 8 tokens has
     40-odd runs of one or two rows): the calls' bits."""
     num_rows, num_out = sorted_indices.shape[0], w_out.shape[1]
-    row_bytes = max(x.shape[1], w_in.shape[1], num_out) * x.element_size()
-    runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes)
-    x_runs = _run_rows(x, RowLayout.TOKEN, sorted_indices, fan_out, runs)
-    if num_rows * w_in.shape[1] * x.element_size() > FUSE_BYTES and _per_expert(runs):
+    runs_in, runs_out = (_linear_runs(w, expert_offsets, num_rows) for w in (w_in, w_out))
+    x_runs = _run_rows(x, RowLayout.TOKEN, sorted_indices, fan_out, runs_in)
+    fuse = _per_expert(runs_in) and _per_expert(runs_out)  # then both are one run per expert
+    if num_rows * w_in.shape[1] * x.element_size() > FUSE_BYTES and fuse:
         parts = (
             _matmul(activate(_matmul(rows, w_in, expert, expert_offsets, None)), w_out, expert,
                     expert_offsets, None)
-            for (expert, _, _), rows in zip(runs, x_runs, strict=True)
+            for (expert, _, _), rows in zip(runs_in, x_runs, strict=True)
         )  # fmt: skip
-        sums = added_token_sums(parts, runs, sorted_indices, gates, fan_out, num_out, x.dtype)
+        sums = added_token_sums(parts, runs_in, sorted_indices, gates, fan_out, num_out, x.dtype)
         return sums.to(x.dtype)
-    hidden = activate(_products(x_runs, w_in, runs, expert_offsets, num_rows))
-    hidden_runs = (hidden[start:end] for _, start, end in runs)
+    hidden = activate(_products(x_runs, w_in, runs_in, expert_offsets, num_rows))
+    hidden_runs = (hidden[start:end] for _, start, end in runs_out)
     plan = (sorted_indices, None, expert_offsets)  # no bias: no row needs its expert's
-    return _token_sums(hidden_runs, w_out, None, gates, runs, plan, fan_out).to(x.dtype)
+    return _token_sums(hidden_runs, w_out, None, gates, runs_out, plan, fan_out).to(x.dtype)
 
 
 def gather_gemm(
@@ -515,11 +523,11 @@ def gather_gemm(
     where ``y[t] = Σ_j gates[t*k+j] · y_{t*k+j}`` (gates ``[T*k]``, 1 if None; summed in fp32).
     ``gates`` are only given with TOKEN output.
     """
-    num_rows, num_out = sorted_indices.shape[0], weight.shape[1]
+    num_rows = sorted_indices.shape[0]
     if num_rows == fan_out and x.device.type == "cpu":  # one token (decode, a batch of one)
         slots, experts = sorted_indices.tolist(), sorted_experts.tolist()
         return one_token_gather_gemm(x, weight, bias, gates, slots, experts, x_layout, y_layout)
-    runs = _runs(expert_offsets, x.dtype, num_rows, max(x.shape[1], num_out) * x.element_size())
+    runs = _linear_runs(weight, expert_offsets, num_rows)
     x_runs = _run_rows(x, x_layout, sorted_indices, fan_out, runs)
     plan = (sorted_indices, sorted_experts, expert_offsets)
     if y_layout == RowLayout.TOKEN:

@@ -223,6 +223,41 @@ def test_inference_takes_one_pass_over_the_experts_and_equals_the_kernel_calls(
                                    rtol=tolerance)  # fmt: skip
 
 
+def test_each_product_of_the_one_pass_takes_the_runs_of_its_kernel_call():
+    """The one pass computes each of its two products in the runs the kernel call of that
+    product takes: a call chooses one ``_grouped_mm`` or a product per expert by the width of
+    its own weight's rows (GATHER_ONCE_BYTES), so with a GLU the hidden layer's rows (2·d_hidden
+    wide) and the output product's (d_hidden) choose differently (forced here with a threshold
+    between the two), and the one pass must follow each call, not one choice for both."""
+    from unittest import mock
+
+    from moe_blocks.kernels import torch_backend
+
+    torch.manual_seed(0)
+    d_model, d_hidden, experts, tokens = 8, 64, 20, 40
+    mlp = MoEMLP(d_model, d_hidden, experts, 2, glu=True, backend="torch").eval()
+    x = torch.randn(tokens, d_model)
+    taken, original = [], torch_backend._runs
+
+    def recorded(*args, **kwargs):
+        taken.append(original(*args, **kwargs))
+        return taken[-1]
+
+    narrow_rows = 2 * tokens * d_hidden * 4  # all of the output product's rows, fp32
+    with (
+        mock.patch.object(torch_backend, "GATHER_ONCE_BYTES", narrow_rows),
+        mock.patch.object(torch_backend, "_runs", side_effect=recorded),
+    ):
+        with torch.no_grad():
+            fast = mlp(x)
+        one_pass, taken[:] = list(taken), []
+        general = mlp(x.clone().requires_grad_()).detach()  # autograd: the kernel calls
+    first, second = taken
+    assert second == [(None, 0, 2 * tokens)] and all(isinstance(e, int) for e, _, _ in first)
+    assert one_pass == taken
+    assert torch.equal(fast, general)
+
+
 def test_a_wrapped_experts_module_runs_through_its_own_forward_in_decode_too():
     """PEFT's LoRA on expert parameters (``target_parameters``) replaces ``input_linear`` by a
     wrapper module (its ``ParamWrapper``) whose forward adds the adapter; a decode step must
