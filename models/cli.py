@@ -112,7 +112,7 @@ def train_command(args: argparse.Namespace) -> int:
 def generate_command(args: argparse.Namespace) -> int:
     from .train import TrainingError, checkpoint_folder
     from .train.run_folder import load_model
-    from .train.settings import check_positive_int
+    from .train.settings import check_positive_int, check_seed
     from .train.tokens import check_vocabulary, load_tokenizer
 
     if not args.temperature >= 0:
@@ -135,6 +135,7 @@ def generate_command(args: argparse.Namespace) -> int:
         ids = torch.tensor([list(args.prompt.encode())])
     else:
         ids = torch.tensor([tokenizer.encode(args.prompt, add_special_tokens=False)])
+    check_seed("--seed", args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     try:
         out = model.generate(

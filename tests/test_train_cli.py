@@ -292,7 +292,7 @@ def test_generate_samples_text_from_the_run_or_checkpoint_folder(
         assert torch.get_num_threads() == 1
     assert samples[0] == samples[1] == samples[2]
     assert samples[0].startswith("import ") and len(samples[0].encode()) >= 20
-    for flag, bad in (("--temperature", "-0.5"), ("--threads", "0")):
+    for flag, bad in (("--temperature", "-0.5"), ("--threads", "0"), ("--seed", str(2**70))):
         assert main(["generate", "--checkpoint", str(out), flag, bad]) == 2
         assert flag in one_line_error(capsys)
 
@@ -344,6 +344,10 @@ def test_an_existing_run_is_kept_unless_resumed_or_overwritten(tmp_path, corpus,
         (["--warmup-steps", "9"], "--warmup-steps"),  # FAST trains 8 steps
         (["--threads", "0"], "--threads"),
         (["--threads", "-2"], "--threads"),
+        (["--lr", "inf"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--seed", "1733500000000000000"], "--seed"),  # a nanosecond timestamp
+        (["--seed", str(-(2**63))], "--seed"),
     ],
 )
 def test_bad_training_settings_fail_before_training(

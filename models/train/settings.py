@@ -127,8 +127,9 @@ class TrainSettings:
                 f"--warmup-steps must be an integer from 0 to --steps ({self.steps}), "
                 f"got {self.warmup_steps}"
             )
-        if not self.lr > 0:
-            raise TrainingError(f"--lr must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainingError(f"--lr must be positive and finite, got {self.lr}")
+        check_seed("--seed", self.seed)
         if self.schedule not in SCHEDULES:
             raise TrainingError(
                 f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule}"
@@ -204,6 +205,16 @@ def check_positive_int(flag: str, value: object) -> None:
         check_int_at_least_one(flag, value)
     except ValueError:
         raise TrainingError(f"{flag} must be a positive integer, got {value}") from None
+
+
+SEED_BOUND = 2**32  # |seed| below it: the batches' generators seed with seed·1000003 + step
+
+
+def check_seed(flag: str, value: object) -> None:
+    """A TrainingError naming ``flag`` unless ``value`` is an integer of magnitude below
+    SEED_BOUND (a nanosecond timestamp as a seed overflowed the batches' 64-bit seeds)."""
+    if not is_int(value) or not -SEED_BOUND < value < SEED_BOUND:
+        raise TrainingError(f"{flag} must be an integer between -2**32 and 2**32, got {value}")
 
 
 def check_path_given(flag: str, path: str | None, what: str) -> None:
