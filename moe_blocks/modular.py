@@ -151,13 +151,14 @@ def prune_experts(
     (expert i afterwards is the i-th smallest id of ``keep``).
 
     On any input for which no removed expert was among a token's top k, the outputs are the same
-    as before (the same experts, the same gates): exactly so, mathematically, in the score modes
-    whose gates do not depend on the experts not chosen: ``"topk_softmax"``, ``"sigmoid"`` and
+    as before (the same experts, the same gates, the same bits) in the score modes whose gates
+    do not depend on the experts not chosen: ``"topk_softmax"``, ``"sigmoid"`` and
     ``"softmax_topk"`` with ``renormalize`` and no selection bias. With ``"softmax_topk"``
     without ``renormalize`` every gate is a share of a softmax over all experts, which loses the
     removed experts' share (and with a selection bias that share changes the choice): such a
-    block is refused unless ``exact=False``. In floating point the router's matrix product with
-    fewer rows may round its logits differently in the last bit (see docs/modularity.md).
+    block is refused unless ``exact=False``. In bf16, fp16 and under autocast the router's
+    matrix product with fewer rows may round its logits differently in the last bit (see
+    docs/modularity.md).
 
     Args:
         block: an :class:`MoEMLP` or :class:`MoA`.

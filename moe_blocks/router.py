@@ -111,8 +111,10 @@ class TopKRouter(nn.Module):
             raise ValueError(f"balance_loss must be one of {BALANCE_LOSSES}, got {balance_loss!r}")
         for name, value in (("z_loss_weight", z_loss_weight), ("aux_loss_coef", aux_loss_coef)):
             check_non_negative(name, value)
-        if bias_update_rate is not None and bias_update_rate <= 0:
-            raise ValueError(f"bias_update_rate must be positive, got {bias_update_rate}")
+        if bias_update_rate is not None:
+            check_non_negative("bias_update_rate", bias_update_rate)
+            if bias_update_rate == 0:
+                raise ValueError(f"bias_update_rate must be positive, got {bias_update_rate}")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.score, self.renormalize = score, renormalize
         self.balance_loss, self.z_loss_weight = balance_loss, z_loss_weight
@@ -174,14 +176,18 @@ class TopKRouter(nn.Module):
         choice = scores if self.selection_bias is None else scores + self.selection_bias
         if self.expert_prior is not None:  # a closed expert's score 0 could win with a bias
             choice = choice.masked_fill(self.expert_prior <= 0, float("-inf"))
-        top = choice.topk(self.top_k, dim=-1)
-        expert_idx = top.indices
+        top_values, expert_idx = top_k(choice, self.top_k)
         if choice is scores and no_autograd(scores):  # the chosen scores themselves
-            picked = top.values
+            picked = top_values
         else:
             picked = gather_scores(scores, expert_idx)
         if self.score == "topk_softmax":
             gates = torch.softmax(picked, dim=-1)
+        elif self.score == "softmax_topk" and self.renormalize:
+            # the picked probabilities over their sum are a softmax over the picked logits: so
+            # computed, in float64 and rounded once as the scores, the gates do not depend on
+            # the experts not chosen (pruning them leaves every gate's bits)
+            gates = torch.softmax(gather_scores(logits, expert_idx).double(), dim=-1).float()
         elif self.renormalize:
             gates = picked / picked.sum(-1, keepdim=True).clamp_min(torch.finfo(picked.dtype).tiny)
         else:
@@ -247,6 +253,16 @@ class TopKRouter(nn.Module):
         load = self.load_since_update
         self.selection_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
         load.zero_()
+
+
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest ``scores [N, E]`` of each row and their expert ids, largest first,
+    ties to the lower id (a stable sort): which of two tied experts a token gets does not
+    depend on how many experts there are (``torch.topk``'s order of ties does), so adding or
+    pruning experts leaves every token's choice as it was. Ties are common in bf16 logits and
+    in sigmoid scores that round to 1."""
+    values, ids = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[:, :k].contiguous(), ids[:, :k].contiguous()
 
 
 def inference(module: nn.Module) -> bool:

@@ -224,7 +224,9 @@ def _kept_only_data(block, x, pruned):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "moa"])
-@pytest.mark.parametrize(("score", "renormalize"), [m for m in MODES if m[0] != "softmax_topk"])
+@pytest.mark.parametrize(
+    ("score", "renormalize"), [m for m in MODES if m != ("softmax_topk", False)]
+)
 def test_prune_keeps_outputs_where_pruned_experts_were_never_chosen(kind, score, renormalize):
     torch.manual_seed(7)
     block = make_block(kind, score, renormalize, num_experts=6)
@@ -240,6 +242,32 @@ def test_prune_keeps_outputs_where_pruned_experts_were_never_chosen(kind, score,
     assert torch.equal(new_route.expert_idx, new_ids[route.expert_idx])
     assert torch.equal(new_route.gates, route.gates)
     assert torch.equal(after, before)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "moa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tied_scores_keep_their_experts_when_experts_are_added_or_pruned(kind, dtype):
+    """Sigmoid scores of large logits round to exactly 1 (and bf16 logits tie often): which of
+    the tied experts a token gets must not depend on the expert count, or adding closed
+    experts, or pruning one no token chose, changes the outputs."""
+    torch.manual_seed(11)
+    block = make_block(kind, "sigmoid", True, num_experts=8).to(dtype)
+    with torch.no_grad():
+        block.router.layer.weight.mul_(200.0)  # most scores exactly 1.0
+        block.router.layer.weight[5] = -block.router.layer.weight[5].abs()  # never chosen...
+    x = torch.randn(4, 30, D, dtype=dtype).abs()  # ...for inputs >= 0
+    route = routing(block, x)
+    scores = torch.sigmoid(route.logits.double()).float()
+    assert (scores == 1.0).sum(-1).max() > block.router.top_k  # ties the choice must break
+    assert not (route.expert_idx == 5).any()
+    before = block(x).detach()
+    block.add_experts(3, init="random")
+    assert torch.equal(routing(block, x).expert_idx, route.expert_idx)
+    assert torch.equal(block(x), before)
+    prune_experts(block, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10])  # expert 5 goes, and nothing else
+    new_ids = torch.tensor([0, 1, 2, 3, 4, -1, 5, 6])
+    assert torch.equal(routing(block, x).expert_idx, new_ids[route.expert_idx])
+    assert torch.equal(block(x), before)
 
 
 def test_prune_is_bitwise_exact_with_gated_shared_experts():

@@ -121,6 +121,10 @@ def test_router_rejects_bad_configuration():
         TopKRouter(8, 4, 2)(torch.randn(3, 7))
     with pytest.raises(ValueError, match="bias_update_rate must be positive"):
         TopKRouter(8, 4, 2, bias_update_rate=0.0)
+    for bad, error in ((float("nan"), ValueError), (float("inf"), ValueError), (-0.1, ValueError),
+                       (True, TypeError), ("0.1", TypeError)):  # fmt: skip
+        with pytest.raises(error, match="bias_update_rate"):
+            TopKRouter(8, 4, 2, bias_update_rate=bad)
 
 
 def test_default_aux_loss_is_jetmoes_and_statistics_are_not_saved():
