@@ -405,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         default=defaults.checkpoint_every,
         help="save a checkpoint every N steps (and at the end, and on Ctrl-C)",
     )
+    setting(
+        "--keep-checkpoints",
+        type=int,
+        default=defaults.keep_checkpoints,
+        help="how many checkpoints to keep: the newest in OUT/checkpoint, the K-1 before it in "
+        "OUT/checkpoint.step-N (default: 1)",
+    )
     setting("--seed", type=int, default=defaults.seed, help="initialisation and data order")
     setting("--threads", type=int, help="torch threads (default: torch's)")
     train_parser.add_argument(

@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,38 @@ def test_ctrl_c_twice_in_a_save_keeps_a_checkpoint(tmp_path, data, monkeypatch):
     assert len(interrupts) == 2
     resumed = train(_settings(run, data), resume=True, progress=False)
     assert _losses(resumed.log) == _losses(reference.log)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_keep_checkpoints_keeps_the_newest_k(keep, sharded, tmp_path, data, monkeypatch):
+    """``keep_checkpoints`` K (``--keep-checkpoints``): after saves at steps 2, 4 and 6 the run
+    holds the newest in checkpoint/ and the K - 1 before it as checkpoint.step-N/, each the
+    checkpoint of its step (a run of N steps stops with the same weights and state), and
+    --resume still reads checkpoint/."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    settings = replace(_settings(run, data), keep_checkpoints=keep)
+    (train_sharded if sharded else train)(settings, progress=False)
+    kept = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint"))
+    expected = ["checkpoint", *[f"checkpoint.step-{s}" for s in (2, 4)][3 - keep :]]
+    assert kept == sorted(expected)
+    assert load_trainer_state(run / "checkpoint").step == 6
+    for name in expected[1:]:
+        step = int(name.rpartition("-")[2])
+        assert load_trainer_state(run / name).step == step
+        short = tmp_path / f"short{step}"
+        (train_sharded if sharded else train)(
+            replace(_settings(short, data, steps=step), steps=step), progress=False
+        )
+        for file in ("model.safetensors", "optimizer.safetensors") if not sharded else ():
+            ours, theirs = (
+                load_file(str(run / name / file)),
+                load_file(str(short / "checkpoint" / file)),
+            )
+            assert all(torch.equal(ours[k], theirs[k]) for k in theirs), (name, file)
+    assert train(replace(settings, steps=8), resume=True, progress=False).log[-1]["step"] == 8
 
 
 def test_no_room_for_a_checkpoint_is_refused_before_any_step(tmp_path, data, monkeypatch):

@@ -344,6 +344,7 @@ def test_an_existing_run_is_kept_unless_resumed_or_overwritten(tmp_path, corpus,
         (["--warmup-steps", "9"], "--warmup-steps"),  # FAST trains 8 steps
         (["--threads", "0"], "--threads"),
         (["--threads", "-2"], "--threads"),
+        (["--keep-checkpoints", "0"], "--keep-checkpoints"),
         (["--lr", "inf"], "--lr"),
         (["--lr", "nan"], "--lr"),
         (["--seed", "1733500000000000000"], "--seed"),  # a nanosecond timestamp

@@ -73,12 +73,13 @@ def _spawned(rank: int, nprocs: int, store: str, backend: str, worker, args) -> 
 
 
 def save_sharded(
-    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, files: dict
-) -> None:
+    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, files: dict,
+    keep: int = 1,
+) -> None:  # fmt: skip
     """Save ``model`` and ``optimizer`` with ``torch.distributed.checkpoint``: every rank writes
     its own shards, rank 0 also the text ``files`` (name -> content, e.g. the trainer state),
     published by :func:`~moe_blocks.models.train.write_checkpoint` (consistent or absent, never
-    partial). Collective."""
+    partial; ``keep``: its own). Collective."""
     rank = dist.get_rank()
 
     def write(folder: Path) -> None:
@@ -91,7 +92,7 @@ def save_sharded(
                 (folder / name).write_text(content)
 
     write_checkpoint(Path(directory), write, main=rank == 0, barrier=dist.barrier,
-                     any_rank=_any_rank)  # fmt: skip
+                     any_rank=_any_rank, keep=keep)  # fmt: skip
 
 
 def load_sharded(
@@ -270,7 +271,7 @@ class Ranks:
             "trainer_state.json": json.dumps(trainer_state, indent=1) + "\n",
             "log.json": json.dumps(log) + "\n",
         }
-        save_sharded(checkpoint, model, optimizer, files)
+        save_sharded(checkpoint, model, optimizer, files, settings.keep_checkpoints)
 
     def finish(self, model, out: Path, step: int, tokenizer: str | None) -> None:
         export_hf(model, out / "model", step=step, tokenizer=tokenizer)

@@ -182,6 +182,7 @@ def write_checkpoint(
     main: bool = True,
     barrier: Callable[[], None] = lambda: None,
     any_rank: Callable[[bool], bool] = lambda failed: failed,
+    keep: int = 1,
 ) -> None:
     """The one way a checkpoint (or model export) is written: consistent or absent, never
     partial. ``write(folder)`` fills ``<directory>.partial``; once every file is written and
@@ -194,7 +195,12 @@ def write_checkpoint(
 
     Under torchrun every rank calls it with its own ``write`` (its shards; ``main``: rank 0,
     ``barrier``: ``dist.barrier``, ``any_rank``: whether a flag holds on any rank), so a write
-    that fails on one rank fails the save on all of them (none waits for it forever)."""
+    that fails on one rank fails the save on all of them (none waits for it forever).
+
+    ``keep``: how many checkpoints stay, this one and the ``keep - 1`` it replaced most
+    recently; once the new one is published the replaced one becomes ``<directory>.step-N``
+    (N: the step its ``trainer_state.json`` records) and the oldest of those beyond
+    ``keep - 1`` are deleted (:func:`kept_checkpoints`)."""
     partial, previous = sibling(directory, "partial"), sibling(directory, "previous")
     if main:  # an earlier save killed between its renames (a second Ctrl-C): its checkpoint
         recover_checkpoint(directory)  # back in place before this one moves it aside
@@ -220,8 +226,25 @@ def write_checkpoint(
             directory.rename(previous)
         partial.rename(directory)
         _sync(directory.parent, recurse=False)
+        step = _recorded_step(previous / "trainer_state.json") if keep > 1 else None
+        if step is not None:
+            shutil.rmtree(sibling(directory, f"step-{step}"), ignore_errors=True)
+            previous.rename(sibling(directory, f"step-{step}"))
         shutil.rmtree(previous, ignore_errors=True)
+        for old in kept_checkpoints(directory)[: -(keep - 1) or None]:
+            shutil.rmtree(old)
     barrier()
+
+
+def kept_checkpoints(directory: Path) -> list[Path]:
+    """The older checkpoints :func:`write_checkpoint` kept beside ``directory``
+    (``<directory>.step-N``), oldest first."""
+    found = {}
+    for path in directory.parent.glob(f"{directory.name}.step-*"):
+        number = path.name.rpartition("-")[2]
+        if number.isdigit() and path.is_dir():
+            found[int(number)] = path
+    return [found[step] for step in sorted(found)]
 
 
 def published(directory: Path) -> Path:
@@ -283,7 +306,7 @@ def save_checkpoint(
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
         (folder / "log.json").write_text(json.dumps(log) + "\n")
 
-    write_checkpoint(directory, write)
+    write_checkpoint(directory, write, keep=settings.keep_checkpoints)
 
 
 @dataclass

@@ -51,6 +51,7 @@ class TrainSettings:
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 200
+    keep_checkpoints: int = 1  # the newest in checkpoint/, older ones in checkpoint.step-N/
     seed: int = 0
     threads: int | None = None
     overrides: dict = field(default_factory=dict)
@@ -115,6 +116,7 @@ class TrainSettings:
             "eval_every",
             "eval_batches",
             "checkpoint_every",
+            "keep_checkpoints",
         ):
             check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.threads is not None:
