@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import DispatchPlan, expert_linear
+from .kernels.checks import check_positive_int
 from .kernels.ops import check_backend_name
 
 
@@ -39,6 +40,10 @@ class ParallelExperts(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_positive_int("num_experts", num_experts)
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {size!r}")
         check_backend_name(backend)
         check_init_method(init_method)
         self.init_method = init_method

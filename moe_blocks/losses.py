@@ -111,11 +111,14 @@ def load_balancing_loss(
         )
     if tokens_per_expert is None:
         check_index_range(expert_idx, num_experts, "expert_idx", "num_experts")
-    elif tokens_per_expert.shape != (num_experts,):
-        raise ValueError(
-            f"tokens_per_expert must be [num_experts={num_experts}], "
-            f"got shape {tuple(tokens_per_expert.shape)}"
-        )
+    for name, given in (("tokens_per_expert", tokens_per_expert), ("prior", prior)):
+        if given is not None and not isinstance(given, Tensor):
+            raise TypeError(f"{name} must be a tensor [num_experts] or None, got "
+                            f"{type(given).__name__}")  # fmt: skip
+        if given is not None and given.shape != (num_experts,):
+            raise ValueError(
+                f"{name} must be [num_experts={num_experts}], got shape {tuple(given.shape)}"
+            )
     real = _token_weights(logits, token_mask)
     if logits.shape[0] == 0:
         return _zero_loss(logits)
@@ -367,7 +370,10 @@ def collect_aux_loss(module: torch.nn.Module) -> Tensor:
 
     Raises ValueError when ``module``'s blocks attach their aux loss themselves (the default,
     ``aux_loss="attach"``: adding it again would count it twice), TypeError when it holds no
-    block, RuntimeError when none of its collect-mode blocks has run forward."""
+    block, RuntimeError when none of its collect-mode blocks has run forward, when this forward's
+    aux loss was already collected (twice would count it twice), or when a training block's
+    forward ran without autograd though its router trains (reentrant activation checkpointing:
+    the loss would add no gradient)."""
     blocks = [m for m in module.modules() if getattr(m, "aux_loss_mode", None) is not None]
     if not blocks:
         raise TypeError(f"module holds no MoEMLP or MoA block ({type(module).__name__})")
@@ -378,10 +384,26 @@ def collect_aux_loss(module: torch.nn.Module) -> Tensor:
             "(aux_loss='attach', the default): adding collect_aux_loss to the loss would count "
             "it twice. Build them with aux_loss='collect' to add it yourself"
         )
-    records = [block._aux_loss_record for block in collecting]
-    records = [record for record in records if record is not None]
+    records = [(block, block._aux_loss_record) for block in collecting]
+    records = [(block, record) for block, record in records if record is not None]
     if not records:
         raise RuntimeError("no block built with aux_loss='collect' has run forward yet")
+    if any(record.collected for _, record in records):
+        raise RuntimeError(
+            "collect_aux_loss: the aux loss of this forward was already collected; adding it "
+            "again would count it twice (read router_stats(model) to log it)"
+        )
+    untracked = [block for block, record in records if block.training
+                 and not record.loss.requires_grad
+                 and any(p.requires_grad for p in block.router.parameters())]  # fmt: skip
+    if untracked and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"collect_aux_loss: the aux loss of {type(untracked[0]).__name__}'s last forward "
+            "was computed without autograd (reentrant activation checkpointing runs the "
+            "forward under no_grad), so it would add nothing to the router's gradient: "
+            "checkpoint with use_reentrant=False, or build the block with aux_loss='attach'"
+        )
+    records = [record for _, record in records]
     for record in records:
         record.collected = True
     return torch.stack([record.loss.float() for record in records]).sum()

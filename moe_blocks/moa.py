@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import InitMethod, ParallelExperts, check_init_method
-from .kernels.checks import INTEGER_DTYPES, check_positive_int
+from .kernels.checks import INTEGER_DTYPES, check_non_negative, check_positive_int
 from .losses import check_aux_loss_mode, route_aux_loss
 from .modular import ModularBlock
 from .router import TopKRouter, check_input_dtype, check_keep_mask
@@ -157,6 +157,12 @@ class MoA(ModularBlock, nn.Module):
             head_dim,
             num_kv_heads,
         )
+        check_non_negative("rope_theta", rope_theta)
+        if rope_theta == 0:  # RoPE's frequencies theta**(-2i/d): NaN tables, then NaN attention
+            raise ValueError(f"rope_theta must be > 0, got {rope_theta}")
+        check_non_negative("attention_dropout", attention_dropout)
+        if attention_dropout >= 1:
+            raise ValueError(f"attention_dropout must lie in [0, 1), got {attention_dropout}")
         self.rope_theta, self.attention_dropout = rope_theta, attention_dropout
         projection = num_kv_heads * head_dim
         self.input_linear = ParallelExperts(
@@ -211,6 +217,8 @@ class MoA(ModularBlock, nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [B, T, d_model={self.d_model}], got {tuple(x.shape)}")
         batch, length, _ = x.shape
+        if kv_cache is not None and not isinstance(kv_cache, KVCache):
+            raise TypeError(f"kv_cache must be a KVCache or None, got {type(kv_cache).__name__}")
         past = kv_cache.length if kv_cache is not None else 0
         kv_heads, head_dim, top_k = self.num_kv_heads, self.head_dim, self.top_k
 

@@ -100,6 +100,44 @@ def test_a_negative_or_non_finite_loss_weight_is_rejected(kind, name, value):
         make(**{name: value})
 
 
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: MoA(8, 4, 2, head_dim=2, rope_theta=0.0), "rope_theta"),
+        (lambda: MoA(8, 4, 2, head_dim=2, rope_theta=-5.0), "rope_theta"),
+        (lambda: MoA(8, 4, 2, head_dim=2, rope_theta=math.nan), "rope_theta"),
+        (lambda: MoA(8, 4, 2, head_dim=2, attention_dropout=1.5), "attention_dropout"),
+        (lambda: MoA(8, 4, 2, head_dim=2, attention_dropout=-0.5), "attention_dropout"),
+        (lambda: MoA(8, 4, 2, head_dim=2, attention_dropout=1.0), "attention_dropout"),
+        (lambda: ParallelExperts(-1, 4, 4), "num_experts"),
+        (lambda: ParallelExperts(0, 4, 4), "num_experts"),
+        (lambda: ParallelExperts(2, 2.5, 4), "in_features"),
+        (lambda: ParallelExperts(2, 4, -1), "out_features"),
+    ],
+)  # fmt: skip
+def test_bad_sizes_and_rates_are_refused_by_the_constructor_naming_them(make, name):
+    """(A rope_theta of 0 gave NaN RoPE tables, which CPU attention turned into an output of
+    the bias alone; a dropout of 1.5 failed inside attention.)"""
+    with pytest.raises((ValueError, TypeError), match=name):
+        make()
+
+
+def test_moa_refuses_a_kv_cache_that_is_not_one():
+    block = MoA(8, 4, 2, head_dim=2, num_kv_heads=2)
+    with pytest.raises(TypeError, match="kv_cache must be a KVCache"):
+        block(torch.randn(1, 3, 8), kv_cache={})
+
+
+def test_the_balance_loss_refuses_a_prior_or_counts_of_another_shape_naming_them():
+    from moe_blocks import load_balancing_loss
+
+    logits, expert_idx = torch.randn(6, 4), torch.randint(0, 4, (6, 2))
+    for name, bad in (("prior", torch.ones(3)), ("tokens_per_expert", torch.ones(5)),
+                      ("tokens_per_expert", [1, 2, 3, 0])):  # fmt: skip
+        with pytest.raises((ValueError, TypeError), match=name):
+            load_balancing_loss(logits, expert_idx, 4, **{name: bad})
+
+
 def test_a_loss_weight_that_is_not_a_number_is_a_type_error():
     with pytest.raises(TypeError, match="aux_loss_coef"):
         TopKRouter(8, 4, 2, aux_loss_coef="0.01")

@@ -132,6 +132,28 @@ def test_a_collect_mode_forward_whose_aux_loss_was_never_collected_cannot_backwa
     (out.sum() + aux).backward()
 
 
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_collecting_one_forward_twice_or_a_reentrant_checkpoint_is_refused(kind):
+    """Two mix-ups that gave a wrong router gradient silently: the aux loss collected twice
+    (counted twice), and a block under reentrant activation checkpointing, whose first forward
+    runs without autograd (its aux loss would add no gradient)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = BLOCKS[kind](aux_loss="collect")
+    x = torch.randn(2, 5, D)
+    out = block(x)
+    aux = collect_aux_loss(block)
+    with pytest.raises(RuntimeError, match="already collected"):
+        collect_aux_loss(block)
+    (out.sum() + aux).backward()
+    out = checkpoint(block, x.requires_grad_(), use_reentrant=True)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        collect_aux_loss(block)
+    out = checkpoint(block, x, use_reentrant=False)
+    (out.sum() + collect_aux_loss(block)).backward()
+
+
 def test_collect_mode_compiles_in_one_graph_with_the_eager_gradients():
     """torch.compile(fullgraph=True) of a collect-mode block (with bias balancing): the same
     gradients and load as eager (the never-collected check is eager-only)."""

@@ -78,9 +78,9 @@ class JetMoEConfig:
         for name in ("rope_theta", "rms_norm_eps", "layer_rms_norm_eps"):
             if getattr(self, name) == 0:
                 raise ValueError(f"JetMoEConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.attention_dropout > 1:
+        if self.attention_dropout >= 1:
             raise ValueError(
-                f"JetMoEConfig.attention_dropout must lie in [0, 1], got {self.attention_dropout}"
+                f"JetMoEConfig.attention_dropout must lie in [0, 1), got {self.attention_dropout}"
             )
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError(

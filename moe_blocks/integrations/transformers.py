@@ -254,6 +254,11 @@ def _check_routing(layout: ExpertsLayout, hidden_states, top_k_index, top_k_weig
         or top_k_index.dtype == torch.bool
     ):
         raise TypeError(f"{owner}: top_k_index must be an integer tensor, got {top_k_index.dtype}")
+    # (ids >= E are other ranks' experts; on a GPU the kernel's device-side check stands)
+    if top_k_index.numel() and top_k_index.is_cpu and not torch.compiler.is_compiling():
+        low = int(top_k_index.min())
+        if low < 0:
+            raise ValueError(f"{owner}: top_k_index holds a negative expert id ({low})")
     if tuple(top_k_weights.shape) != tuple(top_k_index.shape):
         raise ValueError(
             f"{owner}: top_k_weights must have top_k_index's shape {tuple(top_k_index.shape)}, "
