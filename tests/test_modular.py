@@ -688,6 +688,26 @@ def test_bad_modularity_commands_fail_in_one_line(args, message, base_run, tmp_p
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("balance", ["mutual_information", "load_concentration", "none"])
+def test_training_only_new_experts_that_no_loss_opens_is_refused(
+    balance, base_run, tmp_path, capsys
+):
+    """The new experts are closed (prior 0) and only the Switch loss's gradient opens them:
+    with another balance loss a --train-new-experts-only run would train nothing (no token
+    reaches them); refused in one line before any step."""
+    from moe_blocks.models.train import loop
+
+    extended = tmp_path / "extended"
+    assert cli("extend", base_run, "--add", 2, "--out", extended, "--seq-len", 16) == 0
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "batch_at", lambda *a: pytest.fail("training started"))
+        assert cli("train", "--resume-from", extended, "--train-new-experts-only",
+                   "--balance-loss", balance, "--out", tmp_path / "x", *FAST) == 2  # fmt: skip
+    error = one_line_error(capsys)
+    assert "--balance-loss" in error and "switch" in error
+
+
 def test_freezing_follows_a_replaced_weight_and_lets_the_old_one_go():
     """Sharding replaces a module's weight by a new tensor: the frozen rows of the new one get
     a zero gradient, and the replaced one is not kept alive by the hooks (its memory is freed)."""

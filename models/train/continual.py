@@ -159,6 +159,16 @@ def prepare_model(model, settings: TrainSettings, origin: Origin | None) -> Froz
             router.balance_loss = settings.balance_loss
     if not settings.train_new_experts_only:
         return None
+    closed = {router.balance_loss for router in named_routers(model).values()
+              if router.expert_prior is not None and (router.balance_loss != "switch"
+                                                     or router.aux_loss_coef == 0)}  # fmt: skip
+    if closed:
+        raise TrainingError(
+            "--train-new-experts-only: the new experts are closed (expert prior 0) and open "
+            "only through the Switch balance loss's gradient on their priors; with "
+            f"--balance-loss {sorted(closed)[0]} (or an aux loss coefficient of 0) no token "
+            "ever reaches them: train with --balance-loss switch"
+        )
     model.requires_grad_(False)
     for block in expert_blocks(model).values():
         for param in (block.input_linear.weight, block.output_linear.weight):
