@@ -9,7 +9,7 @@ least fp32), differentiable in the logits.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -160,21 +160,38 @@ def _log_softmax(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits.to(dtype), dim=-1).clamp_min(torch.finfo(dtype).min)
 
 
-def _marginal_entropy(probs: Tensor, weights: Tensor | None) -> Tensor:
+def _marginal_entropy(
+    probs: Tensor, weights: Tensor | None, group_sum: Callable[[Tensor], Tensor] | None
+) -> Tensor:
     """``H(mean_n p_n)``: the entropy of the batch's mean routing distribution (over the real
-    tokens with ``weights``)."""
-    marginal = _token_mean(probs, weights)
+    tokens with ``weights``); with ``group_sum``, over the tokens of every process whose sums
+    it adds (the probabilities' sum and the token count, with autograd)."""
+    if group_sum is None:
+        marginal = _token_mean(probs, weights)
+    else:
+        count = probs.new_tensor(probs.shape[0]) if weights is None else weights.sum()
+        total = probs.sum(0) if weights is None else (probs * weights[:, None]).sum(0)
+        summed = group_sum(torch.cat([total, count[None].to(total.dtype)]))
+        marginal = summed[:-1] / summed[-1].clamp_min(1.0)
     return -(marginal * torch.log(marginal.clamp_min(torch.finfo(marginal.dtype).tiny))).sum()
 
 
-def mutual_information_loss(logits: Tensor, *, token_mask: Tensor | None = None) -> Tensor:
+def mutual_information_loss(
+    logits: Tensor,
+    *,
+    token_mask: Tensor | None = None,
+    group_sum: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """ModuleFormer's loss: the negative mutual information between tokens and experts,
     ``-(H(mean_n p_n) - mean_n H(p_n))`` with ``p_n = softmax(logits_n)``.
 
     Minimising it makes each token's choice confident (low conditional entropy) while the
     experts stay used evenly over the batch (high marginal entropy). It lies in
     ``[-log E, 0]``; ``-log E`` is reached by confident, perfectly balanced routing.
-    ``token_mask``: optional ``[N]`` bool, the means over the real tokens only.
+    ``token_mask``: optional ``[N]`` bool, the means over the real tokens only. ``group_sum``:
+    for a batch split over processes (data parallelism), a differentiable sum over them
+    (``TopKRouter.reduce_tokens_per_expert``): the marginal is then the whole batch's, so the
+    loss and, once data parallelism averages the gradients, its gradient are one process's.
     """
     _check_logits(logits)
     weights = _token_weights(logits, token_mask)
@@ -183,10 +200,15 @@ def mutual_information_loss(logits: Tensor, *, token_mask: Tensor | None = None)
     log_probs = _log_softmax(logits)
     probs = log_probs.exp()
     conditional_entropy = _token_mean(-(probs * log_probs).sum(-1), weights)
-    return conditional_entropy - _marginal_entropy(probs, weights)
+    return conditional_entropy - _marginal_entropy(probs, weights, group_sum)
 
 
-def load_concentration_loss(logits: Tensor, *, token_mask: Tensor | None = None) -> Tensor:
+def load_concentration_loss(
+    logits: Tensor,
+    *,
+    token_mask: Tensor | None = None,
+    group_sum: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """ModuleFormer's load-concentration loss, for fine-tuning on one task before pruning:
     ``H(mean_n p_n) = -Σ_e P_e · log P_e`` with ``P_e = mean_n softmax(logits_n)_e``, the
     entropy of the batch's mean routing distribution.
@@ -195,13 +217,14 @@ def load_concentration_loss(logits: Tensor, *, token_mask: Tensor | None = None)
     so that the experts the task does not need receive no tokens and can be pruned. It lies in
     ``[0, log E]``: 0 when every token puts all its probability on the same expert, ``log E``
     when the experts are used evenly. ``token_mask``: optional ``[N]`` bool, the mean over the
-    real tokens only.
+    real tokens only. ``group_sum``: as for :func:`mutual_information_loss`.
     """
     _check_logits(logits)
     weights = _token_weights(logits, token_mask)
     if logits.shape[0] == 0:
         return _zero_loss(logits)
-    return _marginal_entropy(torch.softmax(logits.to(_loss_dtype(logits)), dim=-1), weights)
+    probs = torch.softmax(logits.to(_loss_dtype(logits)), dim=-1)
+    return _marginal_entropy(probs, weights, group_sum)
 
 
 # The innermost aux_loss_scale context's factor; None outside every context (factor 1).

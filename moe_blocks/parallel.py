@@ -266,12 +266,26 @@ def clip_grad_norm_(parameters: nn.Module | Iterable[Tensor] | Tensor, max_norm:
 
 @dataclass(frozen=True)
 class GroupSum:
-    """``counts -> Σ over the group of counts`` (a new tensor; the input is left alone)."""
+    """``sums -> Σ over the group of sums`` (a new tensor; the input is left alone), with
+    autograd: the gradient is summed over the group too. Every rank computes the same function
+    of the group's sum and data parallelism averages the gradients over the ranks, so each
+    token's gradient is the one-process one."""
 
     group: ProcessGroup
 
-    def __call__(self, counts: Tensor) -> Tensor:
-        return wait_tensor(all_reduce(counts, "sum", self.group))
+    def __call__(self, sums: Tensor) -> Tensor:
+        return _SumOverGroup.apply(sums, self.group)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sums: Tensor, group: ProcessGroup) -> Tensor:
+        ctx.group = group
+        return wait_tensor(all_reduce(sums, "sum", group))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return wait_tensor(all_reduce(grad.contiguous(), "sum", ctx.group)), None
 
 
 @dataclass(frozen=True)

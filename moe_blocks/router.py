@@ -134,9 +134,11 @@ class TopKRouter(nn.Module):
             torch.zeros(num_experts, device=device, dtype=torch.int64),
             persistent=False,
         )
-        # Maps the batch's per-expert assignment counts [E] to the counts that the balance
-        # loss, the statistics and the selection-bias load use (None: the batch's own).
-        # Expert parallelism sets it to a sum over the EP group ("global" balancing).
+        # Maps a sum over the batch's tokens to that over the balance group's (None: the
+        # batch's own): the per-expert assignment counts [E] that the balance loss, the
+        # statistics and the selection-bias load use, and (with autograd) the probability
+        # sums of the mutual-information and load-concentration losses' marginal.
+        # Sharding sets it to a sum over the group ("global" balancing).
         self.reduce_tokens_per_expert: Callable[[Tensor], Tensor] | None = None
 
     def reset_parameters(self) -> None:
@@ -227,9 +229,13 @@ class TopKRouter(nn.Module):
                 token_mask=token_mask,
             )
         elif self.balance_loss == "mutual_information":
-            balance = mutual_information_loss(logits, token_mask=token_mask)
+            balance = mutual_information_loss(
+                logits, token_mask=token_mask, group_sum=self.reduce_tokens_per_expert
+            )
         elif self.balance_loss == "load_concentration":
-            balance = load_concentration_loss(logits, token_mask=token_mask)
+            balance = load_concentration_loss(
+                logits, token_mask=token_mask, group_sum=self.reduce_tokens_per_expert
+            )
         else:
             balance = logits.new_zeros(())
         z_loss = router_z_loss(logits, token_mask=token_mask)

@@ -157,6 +157,28 @@ def test_two_rank_training_equals_one_process(ep, tmp_path, monkeypatch):
     assert _trainer_state(tmp_path / "two")["sharded"] == {"world_size": 2, "ep": ep}
 
 
+@pytest.mark.parametrize(
+    "balance, ep",
+    [("mutual_information", 1), ("load_concentration", 2)],
+    ids=["mi-fsdp2", "lc-dp1xep2"],
+)
+def test_a_balance_loss_of_the_batch_marginal_equals_one_process_sharded(
+    balance, ep, tmp_path, monkeypatch
+):
+    """The mutual-information and load-concentration losses take the entropy of the batch's
+    mean routing distribution: sharded, the whole batch's (summed over the ranks with
+    autograd), not each rank's (their losses were 1.5e-5 to 6.8e-5 off one process's)."""
+    monkeypatch.setattr(report, "plot_run", _no_plot)
+    data = _text(tmp_path / "text.txt")
+    settings = dataclasses.replace(_settings(tmp_path / "single", data, 3), balance_loss=balance)
+    single = train(settings, progress=False)
+    sharded = dataclasses.replace(settings, out=str(tmp_path / "two"))
+    spawn_local(_train_ranks, 2, sharded, ep)
+    two_log = json.loads((tmp_path / "two" / "log.json").read_text())
+    assert all(entry["aux_loss"] != 0 for entry in single.log)
+    torch.testing.assert_close(_losses(two_log), _losses(single.log), **LOSS_TOLERANCE)
+
+
 def test_training_only_new_experts_under_expert_parallelism_equals_one_process(
     tmp_path, monkeypatch
 ):
