@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from . import torch_backend
 from .plan import DispatchPlan, RowLayout, accumulation_dtype, token_sum
@@ -114,6 +115,23 @@ def _register(name: str, impl: ModuleType) -> tuple:
         return dx, dw, dbias, dgates, None, None, None, None, None, None
 
     gather_gemm.register_autograd(backward, setup_context=setup_context)
+    ops = (
+        getattr(torch.ops.moe_blocks, f"{name}_gather_gemm"),
+        getattr(torch.ops.moe_blocks, f"{name}_weight_grad"),
+    )
+
+    # torch's FlopCounterMode counts an op it knows a formula for: 2 FLOPs per multiply-add,
+    # one row of in × out per assignment (the gates and sums are not counted, as for addmm's
+    # bias), so a block's FLOPs (on meta too) include its experts'.
+    @register_flop_formula(ops[0])
+    def _(x_shape, weight_shape, *args, **kwargs):
+        sorted_indices_shape = args[2]
+        return 2 * sorted_indices_shape[0] * weight_shape[1] * weight_shape[2]
+
+    @register_flop_formula(ops[1])
+    def _(x_shape, dy_shape, gates_shape, sorted_indices_shape, *args, **kwargs):
+        return 2 * sorted_indices_shape[0] * x_shape[1] * dy_shape[1]
+
     return gather_gemm, weight_grad
 
 

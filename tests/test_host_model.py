@@ -154,6 +154,29 @@ def test_collecting_one_forward_twice_or_a_reentrant_checkpoint_is_refused(kind)
     (out.sum() + collect_aux_loss(block)).backward()
 
 
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+@pytest.mark.parametrize("mode", ["train", "inference", "backward"])
+@pytest.mark.parametrize("glu", [True, False])
+def test_flop_counting_counts_the_experts(device, mode, glu):
+    """torch's FlopCounterMode on a MoEMLP (on meta too, for shape and FLOP planning): the
+    router's product plus each assignment's expert products, 2 FLOPs per multiply-add
+    (backward: twice the forward's products again), as for the same products written dense."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tokens, d_model, hidden, experts, k = 24, 16, 40, 6, 2
+    with torch.device(device):
+        block = MoEMLP(d_model, hidden, experts, k, glu=glu)
+        x = torch.randn(tokens, d_model)
+    block.train(mode != "inference")
+    first = (2 if glu else 1) * hidden
+    forward = 2 * tokens * d_model * experts + 2 * tokens * k * (d_model * first + hidden * d_model)
+    with torch.set_grad_enabled(mode != "inference"), FlopCounterMode(display=False) as counter:
+        out = block(x.requires_grad_(mode == "backward"))
+        if mode == "backward":
+            out.sum().backward()
+    assert counter.get_total_flops() == (3 * forward if mode == "backward" else forward)
+
+
 def test_collect_mode_compiles_in_one_graph_with_the_eager_gradients():
     """torch.compile(fullgraph=True) of a collect-mode block (with bias balancing): the same
     gradients and load as eager (the never-collected check is eager-only)."""
