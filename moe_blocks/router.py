@@ -177,7 +177,9 @@ class TopKRouter(nn.Module):
             scores = torch.sigmoid(logits.double()).float()
         choice = scores if self.selection_bias is None else scores + self.selection_bias
         if self.expert_prior is not None:  # a closed expert's score 0 could win with a bias
-            choice = choice.masked_fill(self.expert_prior <= 0, float("-inf"))
+            closed = self.expert_prior <= 0
+            _check_open_experts(closed, self.top_k)
+            choice = choice.masked_fill(closed, float("-inf"))
         top_values, expert_idx = top_k(choice, self.top_k)
         if choice is scores and no_autograd(scores):  # the chosen scores themselves
             picked = top_values
@@ -312,6 +314,20 @@ class _Float64Logits(torch.autograd.Function):
         dx = grad @ weight if ctx.needs_input_grad[0] else None
         dweight = grad.T @ x if ctx.needs_input_grad[1] else None
         return dx, dweight
+
+
+def _check_open_experts(closed: Tensor, top_k: int) -> None:
+    """At least ``top_k`` experts must be open (``expert_prior > 0``; training can close them
+    by driving a prior to 0 or below): else a token's k choices would include closed experts
+    (gate 0, counted as chosen; NaN gates when none is open). A ValueError on CPU, a device-side
+    assertion elsewhere and under ``torch.compile`` (no host synchronisation)."""
+    message = f"fewer than top_k={top_k} experts are open (expert_prior > 0)"
+    if closed.device.type == "cpu" and not torch.compiler.is_compiling():
+        open_count = closed.numel() - int(closed.sum())
+        if open_count < top_k:
+            raise ValueError(f"{message}: {open_count} are; raise some priors above 0")
+    else:
+        torch._assert_async(closed.numel() - closed.sum() >= top_k, message)
 
 
 def _log_prior(prior: Tensor) -> Tensor:

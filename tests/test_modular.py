@@ -91,6 +91,22 @@ def test_closed_experts_are_never_chosen_even_with_a_selection_bias():
 
 
 @pytest.mark.parametrize("kind", ["mlp", "moa"])
+def test_fewer_open_experts_than_top_k_is_an_error_not_a_closed_choice(kind):
+    """Training moves the priors and can close experts (a prior at 0 or below): with fewer
+    than top_k open, a token's choice would include a closed expert (gate 0, counted as
+    used; NaN gates with none open): refused, naming the priors."""
+    torch.manual_seed(16)
+    block = make_block(kind, num_experts=4)
+    block.add_experts(2, init="random")
+    x = torch.randn(2, 5, D)
+    block(x)  # 4 open of 6, top_k 2
+    with torch.no_grad():
+        block.router.expert_prior[:3] = torch.tensor([-0.1, 0.0, -2.0])  # one open left
+    with pytest.raises(ValueError, match="fewer than top_k=2 experts are open.*expert_prior"):
+        block(x)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "moa"])
 def test_add_experts_is_bitwise_exact_with_shared_experts(kind):
     torch.manual_seed(1)
     options = {"num_shared_experts": 1} if kind == "mlp" else {}
