@@ -43,6 +43,8 @@ RESUMABLE_FORMATS = ("moe-blocks-train/2", CHECKPOINT_FORMAT)  # 2's log is conv
 
 # What a run writes into --out (model/: the Hugging Face export of a sharded run).
 RUN_FILES = ("checkpoint", "log.json", "training.png", "model")
+# What to do about a damaged file of the checkpoint --resume reads
+RESUME_ADVICE = "restore the checkpoint folder from a copy, or start over with --overwrite"
 
 
 def prepare_output(out: Path, *, overwrite: bool) -> None:
@@ -400,7 +402,8 @@ def load_model(folder: Path, flag: str) -> JetMoEForCausalLM:
     try:
         return JetMoEForCausalLM.from_pretrained(folder)
     except (FileNotFoundError, ValueError) as error:
-        raise TrainingError(f"{flag}: {error}") from None
+        advice = f"; {RESUME_ADVICE}" if flag == "--resume" else ""
+        raise TrainingError(f"{flag}: {error}{advice}") from None
 
 
 def export_lora(lora, out: Path, settings: TrainSettings, step: int) -> None:
@@ -425,7 +428,10 @@ def load_log(directory: Path, model) -> list[dict]:
     steps of ``model`` (each with its step, losses and the tokens per expert of the model's
     routers), so that nothing fails on them after training."""
     path = directory / "log.json"
-    log = read_json(path, list)
+    try:
+        log = read_json(path, list)
+    except TrainingError as error:
+        raise TrainingError(f"{error}; {RESUME_ADVICE}") from None
     if log and isinstance(log[0], dict) and "loss" not in log[0]:
         before = log.pop(0)  # format 2: step 0's validation was an entry of its own
         if log and isinstance(log[0], dict):
@@ -437,7 +443,7 @@ def load_log(directory: Path, model) -> list[dict]:
         if not _is_step_entry(entry, experts):
             raise TrainingError(
                 f"{path}: entry {index} is not a step of this model (a step count, loss, "
-                "lm_loss and other numbers, and tokens_per_expert of its routers)"
+                f"lm_loss and other numbers, and tokens_per_expert of its routers); {RESUME_ADVICE}"
             )
     return log
 
@@ -461,9 +467,9 @@ def restore_optimizer(directory: Path, model, optimizer) -> None:
     try:
         tensors = load_file(str(path))
     except FileNotFoundError:
-        raise TrainingError(f"--resume: {path} is missing") from None
+        raise TrainingError(f"--resume: {path} is missing; {RESUME_ADVICE}") from None
     except SafetensorError as error:
-        raise TrainingError(f"--resume: {path}: {error}") from None
+        raise TrainingError(f"--resume: {path}: {error}; {RESUME_ADVICE}") from None
     params = dict(model.named_parameters())
     for key, value in tensors.items():
         name, _, state_key = key.partition("::")
@@ -471,7 +477,8 @@ def restore_optimizer(directory: Path, model, optimizer) -> None:
         known = param is not None and state_key in ("step", "exp_avg", "exp_avg_sq")
         if not known or value.shape != (() if state_key == "step" else param.shape):
             raise TrainingError(
-                f"--resume: {path}: {key!r} is not AdamW state of this model's parameters"
+                f"--resume: {path}: {key!r} is not AdamW state of this model's parameters; "
+                f"{RESUME_ADVICE}"
             )
         # copied: on CPU load_file's tensors are copy-on-write views of the file's pages
         optimizer.state[params[name]][state_key] = value.to(param.device, copy=True)
@@ -493,7 +500,7 @@ def check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> T
                 "--resume or replace it with --overwrite"
             )
         return None
-    state = load_trainer_state(out / "checkpoint")
+    state = resumed_state(out / "checkpoint")
     saved = state.settings
     for name in (
         "preset", "batch_size", "seq_len", "seed", "data", "overrides", "resume_from",
@@ -525,5 +532,14 @@ def resumed_settings(out: str, given: dict) -> TrainSettings:
     try:
         state = load_trainer_state(published(checkpoint))
     except TrainingError:  # the main process put a .previous back meanwhile (torchrun)
-        state = load_trainer_state(checkpoint)
+        state = resumed_state(checkpoint)
     return replace(state.settings, out=out, **given)
+
+
+def resumed_state(checkpoint: Path) -> TrainerState:
+    """:func:`load_trainer_state` of the checkpoint ``--resume`` continues, its errors with
+    what to do about them."""
+    try:
+        return load_trainer_state(checkpoint)
+    except TrainingError as error:
+        raise TrainingError(f"{error}; {RESUME_ADVICE}") from None
