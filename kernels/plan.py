@@ -95,7 +95,8 @@ def plan_dispatch(expert_idx: Tensor, num_experts: int) -> DispatchPlan:
     (and under ``torch.compile``) it is a device-side assertion, so it costs no synchronisation.
 
     Args:
-        expert_idx: integer tensor ``[T, k]`` (any integer dtype).
+        expert_idx: integer tensor ``[T, k]``: int8, uint8, int16, int32 or int64 (torch's
+            uint16, uint32 and uint64, which most of its ops do not take, are refused).
         num_experts: E, a positive int.
     """
     if not isinstance(expert_idx, Tensor):
