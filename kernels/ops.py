@@ -358,8 +358,11 @@ def no_autograd(*tensors: Tensor | None) -> bool:
     (grad mode off, or no input requires one), eager (not traced by ``torch.compile``) and on
     real storage (not ``meta``). Then the ops' implementations are called directly (the custom
     op's dispatch cost 50-200 us per call on CPU, a tenth of a decode step's MoE layer), and
-    the router's fp32 gate skips its autograd Function."""
+    the router's fp32 gate skips its autograd Function. Not while a dispatch mode watches
+    the ops (``FlopCounterMode``): it sees and counts the ops, not a ``_grouped_mm`` inside."""
     if torch.compiler.is_compiling() or tensors[0].device.type == "meta":
+        return False
+    if torch._C._len_torch_dispatch_stack():
         return False
     grad = torch.is_grad_enabled()
     return not grad or not any(t is not None and t.requires_grad for t in tensors)

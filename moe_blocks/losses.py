@@ -195,11 +195,14 @@ def mutual_information_loss(
     """
     _check_logits(logits)
     weights = _token_weights(logits, token_mask)
-    if logits.shape[0] == 0:
+    if logits.shape[0] == 0 and group_sum is None:
         return _zero_loss(logits)
     log_probs = _log_softmax(logits)
     probs = log_probs.exp()
-    conditional_entropy = _token_mean(-(probs * log_probs).sum(-1), weights)
+    if logits.shape[0] == 0:  # no tokens here: the group's sums still need this process's
+        conditional_entropy = _zero_loss(logits)
+    else:
+        conditional_entropy = _token_mean(-(probs * log_probs).sum(-1), weights)
     return conditional_entropy - _marginal_entropy(probs, weights, group_sum)
 
 
@@ -221,7 +224,7 @@ def load_concentration_loss(
     """
     _check_logits(logits)
     weights = _token_weights(logits, token_mask)
-    if logits.shape[0] == 0:
+    if logits.shape[0] == 0 and group_sum is None:  # (with one: the group's sums need ours)
         return _zero_loss(logits)
     probs = torch.softmax(logits.to(_loss_dtype(logits)), dim=-1)
     return _marginal_entropy(probs, weights, group_sum)

@@ -196,6 +196,13 @@ def test_an_interrupt_right_after_a_weight_update_saves_that_step_whole(signum, 
     assert [entry["step"] for entry in resumed.log] == list(range(1, 7))
 
 
+def test_a_signal_deferred_over_a_step_that_raises_is_not_lost():
+    with pytest.raises(KeyboardInterrupt):
+        with loop.deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            raise ValueError("the step failed")
+
+
 def test_ctrl_c_twice_in_a_save_keeps_a_checkpoint(tmp_path, data, monkeypatch):
     """The first Ctrl-C lands between the two renames of step 4's save (the old checkpoint
     moved aside, the new not yet published); the run saves again, and a second Ctrl-C lands
@@ -251,6 +258,53 @@ def test_keep_checkpoints_keeps_the_newest_k(keep, sharded, tmp_path, data, monk
             )
             assert all(torch.equal(ours[k], theirs[k]) for k in theirs), (name, file)
     assert train(replace(settings, steps=8), resume=True, progress=False).log[-1]["step"] == 8
+
+
+def _save_steps(directory: Path, steps: list[int], keep: int | None) -> None:
+    """write_checkpoint of a checkpoint per step (its trainer_state.json), in order."""
+    for step in steps:
+        run_folder.write_checkpoint(
+            directory,
+            lambda folder, step=step: (folder / "trainer_state.json").write_text(
+                f'{{"step": {step}}}'
+            ),
+            keep=keep,
+        )
+
+
+def _kept(directory: Path) -> list[str]:
+    return [path.name for path in run_folder.kept_checkpoints(directory)]
+
+
+def test_kept_checkpoints_are_the_newest_of_earlier_steps_only(tmp_path):
+    """The same step saved twice (Ctrl-C right after a periodic save) keeps no copy of
+    itself in place of an older step; kept ones of a later step than a new save (a run
+    rolled back, or replaced) go; a writer without ``keep`` (an export) leaves siblings
+    alone."""
+    checkpoint = tmp_path / "checkpoint"
+    _save_steps(checkpoint, [2, 4, 4], keep=2)
+    assert _kept(checkpoint) == ["checkpoint.step-2"]
+    _save_steps(checkpoint, [6, 8], keep=3)
+    assert _kept(checkpoint) == ["checkpoint.step-4", "checkpoint.step-6"]
+    _save_steps(checkpoint, [5], keep=3)  # rolled back to step 4, saved step 5
+    assert _kept(checkpoint) == ["checkpoint.step-4"]
+    assert run_folder.load_json(checkpoint / "trainer_state.json") == {"step": 5}
+    _save_steps(checkpoint, [7], keep=1)
+    assert _kept(checkpoint) == []
+    export = tmp_path / "model"
+    (tmp_path / "model.step-3").mkdir()
+    _save_steps(export, [1, 2], keep=None)
+    assert _kept(export) == ["model.step-3"]
+
+
+def test_overwrite_removes_the_kept_checkpoints_of_the_run_it_replaces(tmp_path, data):
+    run = tmp_path / "run"
+    train(replace(_settings(run, data), keep_checkpoints=3), progress=False)
+    assert _kept(run / "checkpoint") == ["checkpoint.step-2", "checkpoint.step-4"]
+    with pytest.raises(TrainingError, match="checkpoint.step-2"):  # a run is there
+        train(_settings(run, data, steps=2), progress=False)
+    train(_settings(run, data, steps=2), overwrite=True, progress=False)
+    assert _kept(run / "checkpoint") == []
 
 
 def test_no_room_for_a_checkpoint_is_refused_before_any_step(tmp_path, data, monkeypatch):

@@ -219,6 +219,14 @@ def test_phase_2_never_trains_on_the_validation_text_of_data_whichever_holds_the
         assert kept and all(text in trained for text in kept)
 
 
+def test_the_decay_start_takes_numpy_fractions_and_refuses_a_bool():
+    import numpy as np
+
+    assert TrainSettings(steps=10, decay_fraction=np.float64(0.7)).decay_start == 3
+    with pytest.raises(TrainingError, match="--decay-fraction"):
+        TrainSettings(decay_fraction=True).check()
+
+
 def test_a_phase_2_source_of_nothing_but_validation_text_of_data_is_refused(tmp_path):
     root = tmp_path / "corpus"
     (root / "inner").mkdir(parents=True)

@@ -457,3 +457,30 @@ def test_token_counts_are_the_reduced_ones_in_training_and_inference(inference_m
         out = router(x)
     local = torch.bincount(out.expert_idx.flatten(), minlength=4)
     assert router.last_tokens_per_expert.tolist() == (3 * local).tolist()
+
+
+@pytest.mark.parametrize("loss", ["mutual_information", "load_concentration"])
+def test_a_process_without_tokens_still_joins_the_group_sum_of_the_marginal(loss):
+    """Sharded, the marginal's sums go through the balance group's sum on every process: one
+    with no tokens must still take part (a collective it skipped would leave the others
+    waiting), adding nothing, and its loss is the whole batch's marginal term."""
+    from moe_blocks import load_concentration_loss, mutual_information_loss
+
+    function = {"mutual_information": mutual_information_loss,
+                "load_concentration": load_concentration_loss}[loss]  # fmt: skip
+    others = torch.randn(10, 4, dtype=torch.float64)  # the other processes' tokens
+    their_sums = torch.cat([others.softmax(-1).sum(0), torch.tensor([10.0], dtype=torch.float64)])
+    calls = []
+
+    def group_sum(sums):
+        calls.append(sums.detach().clone())
+        return sums + their_sums.to(sums.dtype)
+
+    empty = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    value = function(empty, group_sum=group_sum)
+    assert len(calls) == 1 and torch.equal(calls[0], torch.zeros(5, dtype=torch.float64))
+    marginal = others.softmax(-1).mean(0)
+    entropy = -(marginal * marginal.log()).sum()
+    torch.testing.assert_close(value, entropy if loss == "load_concentration" else -entropy)
+    value.backward()  # attached: no error, a zero gradient for no tokens
+    assert empty.grad.shape == (0, 4)

@@ -70,6 +70,23 @@ def test_the_token_files_of_a_folder_inside_another_corpus_are_never_read_as_its
                                                                   before.validation)  # fmt: skip
 
 
+def test_a_tokenized_phase_2_folder_with_no_validation_file_of_its_own_loads(corpus, tokenizer_dir):
+    """A folder inside --data whose files are all on --data's training side has no validation
+    text: its tokens per byte come from its training text (it divided by zero)."""
+    tokenizer = tokens.load_tokenizer(str(tokenizer_dir), None)
+    inner = corpus / "trained"
+    inner.mkdir()
+    names = [f"t{i}.py" for i in range(200) if not data._in_validation(f"trained/t{i}.py")][:6]
+    for name in names:
+        (inner / name).write_text(f"{name} = 1\n" * 40)
+    settings = TrainSettings(data=str(corpus), seq_len=16, decay_data=f"{inner}=1")
+    before = data.load_corpus(str(corpus), 16, tokenizer=tokenizer)
+    [(source, _)] = data.load_decay_corpora(settings, before, tokenizer)
+    assert source.validation.numel() == 0 and source.train.numel() > 0
+    text = sum((inner / name).stat().st_size + 2 for name in names)
+    assert source.tokens_per_byte == pytest.approx(source.train.numel() / text)
+
+
 def test_token_files_are_reused_and_rebuilt_when_the_text_or_tokenizer_changes(
     corpus, tokenizer_dir, monkeypatch
 ):

@@ -159,15 +159,18 @@ def prepare_model(model, settings: TrainSettings, origin: Origin | None) -> Froz
             router.balance_loss = settings.balance_loss
     if not settings.train_new_experts_only:
         return None
-    closed = {router.balance_loss for router in named_routers(model).values()
-              if router.expert_prior is not None and (router.balance_loss != "switch"
-                                                     or router.aux_loss_coef == 0)}  # fmt: skip
-    if closed:
+    routers = [r for r in named_routers(model).values() if r.expert_prior is not None]
+    other = sorted({r.balance_loss for r in routers if r.balance_loss != "switch"})
+    if other or any(r.aux_loss_coef == 0 for r in routers):
+        cause, fix = (
+            (f"--balance-loss {other[0]}", "train with --balance-loss switch")
+            if other
+            else ("an aux loss coefficient of 0", "give the model's routers an aux_loss_coef > 0")
+        )
         raise TrainingError(
             "--train-new-experts-only: the new experts are closed (expert prior 0) and open "
-            "only through the Switch balance loss's gradient on their priors; with "
-            f"--balance-loss {sorted(closed)[0]} (or an aux loss coefficient of 0) no token "
-            "ever reaches them: train with --balance-loss switch"
+            f"only through the Switch balance loss's gradient on their priors; with {cause} no "
+            f"token ever reaches them: {fix}"
         )
     model.requires_grad_(False)
     for block in expert_blocks(model).values():

@@ -178,7 +178,8 @@ def _tokenized(data, texts: list[bytes], parts: dict, tokenizer, window: int | N
     """The train and validation ids of ``parts`` (by path hash; all the text by position when
     either is shorter than ``window``, never when it is None) and ``ratio``, the validation's
     tokens per byte (the whole text's when split by position, each file's separator counted as
-    two bytes as in the byte corpus), from the token cache."""
+    two bytes as in the byte corpus; the training part's where there is no validation text),
+    from the token cache."""
     digest = hashlib.sha256(tokens.tokenizer_key(tokenizer).encode())
     for name in ("train", "validation"):
         digest.update(f"{name} {len(parts[name])}\n".encode())
@@ -189,8 +190,10 @@ def _tokenized(data, texts: list[bytes], parts: dict, tokenizer, window: int | N
     def build() -> dict:
         ids = {name: tokens.tokenize(tokenizer, parts[name]) for name in parts}
         if window is None or min(t.numel() for t in ids.values()) >= window:
-            size = sum(map(len, parts["validation"])) + len(SEPARATOR) * len(parts["validation"])
-            return {**ids, "ratio": ids["validation"].numel() / max(1, size), "by_position": False}
+            # (a phase-2 source inside --data may have no validation text: its training part's)
+            side = "validation" if parts["validation"] else "train"
+            size = sum(map(len, parts[side])) + len(SEPARATOR) * len(parts[side])
+            return {**ids, "ratio": ids[side].numel() / max(1, size), "by_position": False}
         every = tokens.tokenize(tokenizer, texts)
         size = max(every.numel() * VALIDATION_PERCENT // 100, window)
         ratio = every.numel() / max(1, sum(map(len, texts)) + len(SEPARATOR) * len(texts))

@@ -74,7 +74,7 @@ def _spawned(rank: int, nprocs: int, store: str, backend: str, worker, args) -> 
 
 def save_sharded(
     directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, files: dict,
-    keep: int = 1,
+    keep: int | None = None,
 ) -> None:  # fmt: skip
     """Save ``model`` and ``optimizer`` with ``torch.distributed.checkpoint``: every rank writes
     its own shards, rank 0 also the text ``files`` (name -> content, e.g. the trainer state),

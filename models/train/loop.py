@@ -83,11 +83,11 @@ def deferred_signals() -> Iterator[None]:
     }
     try:
         yield
-    finally:
+    finally:  # (a handler not set from Python reads as None: the default's place)
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    for signum in dict.fromkeys(caught):
-        signal.raise_signal(signum)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(caught):  # also when the block raised: not lost
+            signal.raise_signal(signum)
 
 
 def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:

@@ -59,8 +59,7 @@ def prepare_output(out: Path, *, overwrite: bool) -> None:
     except OSError as error:
         raise TrainingError(f"--out {out}: {error.strerror}") from None
     if overwrite:
-        for name in RUN_FILES:
-            target = out / name
+        for target in [out / name for name in RUN_FILES] + kept_checkpoints(out / "checkpoint"):
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
@@ -68,10 +67,12 @@ def prepare_output(out: Path, *, overwrite: bool) -> None:
 
 
 def check_space(out: Path, model, settings: TrainSettings) -> None:
-    """Refuse to start when ``out``'s disk has no room for one more checkpoint: the weights
-    and AdamW's two moments (a new checkpoint is written beside the last one); with LoRA, for
+    """Refuse to start when ``out``'s disk has no room for one more checkpoint (times
+    ``keep_checkpoints``): the weights and AdamW's two moments (a new checkpoint is written
+    beside the last one); with LoRA, for
     the merged model's export (adapters are small beside it; an adapters export needs none)."""
     copies = 3 if settings.lora_rank is None else int(settings.lora_export != "adapters")
+    copies *= settings.keep_checkpoints  # the newest and the kept ones
     needed = copies * sum(p.numel() * p.element_size() for p in model.parameters())
     free = shutil.disk_usage(out).free
     if free < needed:
@@ -184,7 +185,7 @@ def write_checkpoint(
     main: bool = True,
     barrier: Callable[[], None] = lambda: None,
     any_rank: Callable[[bool], bool] = lambda failed: failed,
-    keep: int = 1,
+    keep: int | None = None,
 ) -> None:
     """The one way a checkpoint (or model export) is written: consistent or absent, never
     partial. ``write(folder)`` fills ``<directory>.partial``; once every file is written and
@@ -199,10 +200,12 @@ def write_checkpoint(
     ``barrier``: ``dist.barrier``, ``any_rank``: whether a flag holds on any rank), so a write
     that fails on one rank fails the save on all of them (none waits for it forever).
 
-    ``keep``: how many checkpoints stay, this one and the ``keep - 1`` it replaced most
-    recently; once the new one is published the replaced one becomes ``<directory>.step-N``
-    (N: the step its ``trainer_state.json`` records) and the oldest of those beyond
-    ``keep - 1`` are deleted (:func:`kept_checkpoints`)."""
+    ``keep`` (a training checkpoint's; None: leave ``<directory>.step-N`` siblings alone): how
+    many checkpoints stay, this one and the ``keep - 1`` newest before it. Once the new one is
+    published the replaced one becomes ``<directory>.step-N`` (N: the step its
+    ``trainer_state.json`` records, when below the new one's), and kept ones beyond ``keep - 1``
+    are deleted, oldest first, as are any of a step at or after the new one's (left by a run
+    this one replaced or rolled back: :func:`kept_checkpoints`)."""
     partial, previous = sibling(directory, "partial"), sibling(directory, "previous")
     if main:  # an earlier save killed between its renames (a second Ctrl-C): its checkpoint
         recover_checkpoint(directory)  # back in place before this one moves it aside
@@ -228,25 +231,38 @@ def write_checkpoint(
             directory.rename(previous)
         partial.rename(directory)
         _sync(directory.parent, recurse=False)
-        step = _recorded_step(previous / "trainer_state.json") if keep > 1 else None
-        if step is not None:
-            shutil.rmtree(sibling(directory, f"step-{step}"), ignore_errors=True)
-            previous.rename(sibling(directory, f"step-{step}"))
+        if keep is not None:
+            _keep_replaced(directory, previous, keep)
         shutil.rmtree(previous, ignore_errors=True)
-        for old in kept_checkpoints(directory)[: -(keep - 1) or None]:
-            shutil.rmtree(old)
     barrier()
+
+
+def _keep_replaced(directory: Path, previous: Path, keep: int) -> None:
+    """:func:`write_checkpoint`'s ``keep``, once ``directory`` holds the new checkpoint and
+    ``previous`` the one it replaced."""
+    step = _recorded_step(directory / "trainer_state.json")
+    replaced = _recorded_step(previous / "trainer_state.json")
+    kept = kept_checkpoints(directory)
+    stale = [path for path in kept if step is not None and _kept_step(path) >= step]
+    if keep > 1 and replaced is not None and step is not None and replaced < step:
+        shutil.rmtree(sibling(directory, f"step-{replaced}"), ignore_errors=True)
+        previous.rename(sibling(directory, f"step-{replaced}"))
+    kept = [path for path in kept_checkpoints(directory) if path not in stale]
+    for old in stale + kept[: max(0, len(kept) - (keep - 1))]:
+        shutil.rmtree(old)
 
 
 def kept_checkpoints(directory: Path) -> list[Path]:
     """The older checkpoints :func:`write_checkpoint` kept beside ``directory``
     (``<directory>.step-N``), oldest first."""
-    found = {}
-    for path in directory.parent.glob(f"{directory.name}.step-*"):
-        number = path.name.rpartition("-")[2]
-        if number.isdigit() and path.is_dir():
-            found[int(number)] = path
-    return [found[step] for step in sorted(found)]
+    found = [path for path in directory.parent.glob(f"{directory.name}.step-*")
+             if path.name.rpartition("-")[2].isdigit() and path.is_dir()]  # fmt: skip
+    return sorted(found, key=_kept_step)
+
+
+def _kept_step(path: Path) -> int:
+    """The step N of a kept checkpoint ``<directory>.step-N``."""
+    return int(path.name.rpartition("-")[2])
 
 
 def published(directory: Path) -> Path:
@@ -494,6 +510,7 @@ def check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> T
         raise TrainingError(f"--out {out} is a file, not a folder")
     if not resume:
         found = [name for name in RUN_FILES if (out / name).exists()]
+        found += [path.name for path in kept_checkpoints(out / "checkpoint")]
         if found and not overwrite:
             raise TrainingError(
                 f"--out {out} already holds a run ({', '.join(found)}): continue it with "

@@ -69,7 +69,7 @@ class TrainSettings:
         """Where WSD's decay (and the ``decay_data`` mixture) begins: steps at or after it
         decay. ``steps · (1 - decay_fraction)`` with the fraction taken as the decimal it was
         written as: in floats 10 · (1 - 0.7) is 3.0000000000000004, and step 3 would not decay."""
-        return float(self.steps * (1 - Fraction(repr(self.decay_fraction))))
+        return float(self.steps * (1 - Fraction(repr(float(self.decay_fraction)))))
 
     def decay_sources(self) -> list[tuple[str | None, float]]:
         """``decay_data`` as ``(path, share)`` pairs, the shares summing to 1; the path None for
@@ -136,7 +136,7 @@ class TrainSettings:
             raise TrainingError(
                 f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule}"
             )
-        if not 0 <= self.decay_fraction <= 1:
+        if isinstance(self.decay_fraction, bool) or not 0 <= self.decay_fraction <= 1:
             raise TrainingError(f"--decay-fraction must lie in [0, 1], got {self.decay_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TrainingError(f"--min-lr-ratio must lie in [0, 1], got {self.min_lr_ratio}")
