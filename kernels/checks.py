@@ -26,6 +26,13 @@ def check_non_negative(name: str, value) -> None:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
+def check_positive(name: str, value) -> None:
+    """:func:`check_non_negative`, and a ValueError naming ``name`` for 0."""
+    check_non_negative(name, value)
+    if value == 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
 def check_index_range(values: Tensor, upper: int, name: str, bound: str | None = None) -> None:
     """Require ``0 <= values < upper`` without a host synchronisation where one would cost:
     ``ValueError`` naming ``name`` (and ``bound``, the name of ``upper``) on CPU; a device-side

@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import InitMethod, ParallelExperts, check_init_method
-from .kernels.checks import INTEGER_DTYPES, check_non_negative, check_positive_int
+from .kernels.checks import (
+    INTEGER_DTYPES,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+)
 from .losses import check_aux_loss_mode, route_aux_loss
 from .modular import ModularBlock
 from .router import TopKRouter, check_input_dtype, check_keep_mask
@@ -157,9 +162,7 @@ class MoA(ModularBlock, nn.Module):
             head_dim,
             num_kv_heads,
         )
-        check_non_negative("rope_theta", rope_theta)
-        if rope_theta == 0:  # RoPE's frequencies theta**(-2i/d): NaN tables, then NaN attention
-            raise ValueError(f"rope_theta must be > 0, got {rope_theta}")
+        check_positive("rope_theta", rope_theta)  # (0: NaN RoPE tables, then NaN attention)
         check_non_negative("attention_dropout", attention_dropout)
         if attention_dropout >= 1:
             raise ValueError(f"attention_dropout must lie in [0, 1), got {attention_dropout}")

@@ -14,6 +14,7 @@ from .kernels.checks import (
     INTEGER_DTYPES,
     check_index_range,
     check_non_negative,
+    check_positive,
     check_positive_int,
     check_top_k,
 )
@@ -112,9 +113,7 @@ class TopKRouter(nn.Module):
         for name, value in (("z_loss_weight", z_loss_weight), ("aux_loss_coef", aux_loss_coef)):
             check_non_negative(name, value)
         if bias_update_rate is not None:
-            check_non_negative("bias_update_rate", bias_update_rate)
-            if bias_update_rate == 0:
-                raise ValueError(f"bias_update_rate must be positive, got {bias_update_rate}")
+            check_positive("bias_update_rate", bias_update_rate)
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.score, self.renormalize = score, renormalize
         self.balance_loss, self.z_loss_weight = balance_loss, z_loss_weight

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from moe_blocks.kernels.checks import check_non_negative, check_positive_int
+from moe_blocks.kernels.checks import check_non_negative, check_positive, check_positive_int
 from moe_blocks.moe_mlp import ACTIVATIONS
 
 # transformers' JetMoeConfig defaults where they differ from ours (JetMoE-8B's, the dataclass's)
@@ -72,12 +72,10 @@ class JetMoEConfig:
             "max_position_embeddings",
         ):  # fmt: skip
             check_positive_int(f"JetMoEConfig.{name}", getattr(self, name))
-        for name in ("initializer_range", "aux_loss_coef", "z_loss_coef", "attention_dropout",
-                     "rope_theta", "rms_norm_eps", "layer_rms_norm_eps"):  # fmt: skip
+        for name in ("initializer_range", "aux_loss_coef", "z_loss_coef", "attention_dropout"):
             check_non_negative(f"JetMoEConfig.{name}", getattr(self, name))
         for name in ("rope_theta", "rms_norm_eps", "layer_rms_norm_eps"):
-            if getattr(self, name) == 0:
-                raise ValueError(f"JetMoEConfig.{name} must be > 0, got {getattr(self, name)!r}")
+            check_positive(f"JetMoEConfig.{name}", getattr(self, name))
         if self.attention_dropout >= 1:
             raise ValueError(
                 f"JetMoEConfig.attention_dropout must lie in [0, 1), got {self.attention_dropout}"
