@@ -62,8 +62,24 @@ FP32_WEIGHT_FIRST_NUMEL = 2**21
 # AVX2 EPYC (torch 2.13), bf16, caches flushed, the 16-bit mm against the converted one: 1.96
 # against 4.56 ms at 1 row of a [5632, 1024] expert, 9.37 against 14.15 at 8 rows, 17.72
 # against 12.77 at 16 (the [1024, 2816] one 1.33/2.83, 4.98/3.99, 8.97/4.66; fine-grained
-# experts 0.9-1.6 either way up to 8 rows); fp16 alike (1.77 against 5.53 at 1 row).
+# experts 0.9-1.6 either way up to 8 rows); fp16 alike (1.77 against 5.53 at 1 row). Only with
+# the weight as the product's column-major right operand (``rows @ weight[e].T``, a row-major
+# weight): with a row-major right one (the input gradient's ``dy @ weight[e]``) torch's 16-bit
+# product took 10-50x the converted one's time (bf16, the same EPYC: a [5632, 1024] expert
+# 53.87 against 5.42 ms at 1 row, 415.47 against 7.84 at 8; a [512, 1024] one 1.65 against
+# 0.34 and 13.08 against 0.70), so those products are always converted.
 EMULATED_MM_ROWS = 8
+# On such a CPU a forward product's runs go through one _grouped_mm (all of them torch's own
+# 16-bit products) also while the experts with rows have at most this many on average, the
+# second number for experts of at least FP32_WEIGHT_FIRST_NUMEL weights (whose fp32 copy
+# outgrows the caches): a few larger runs cost more in 16-bit, but fewer than the loop's
+# per-expert calls and conversions. bf16 on the AVX2 EPYC (torch 2.13), caches flushed, 5-9
+# alternating rounds, ours before, after and grouped_mm: fine-grained (mean rows tokens/8)
+# 32 tokens 50.24/44.82/44.15 ms, 40 59.30/55.65/54.58, 48 67.29/66.07/64.82, but 56
+# 72.03/75.96/75.03 and 64 76.15/87.30/85.26 with the rule at 8; JetMoE (tokens/4) 24
+# 84.38/79.31/79.13, 32 113.22/103.82/103.15, but 40 123.04/130.05/128.38 with it at 10;
+# Mixtral 24 103.70/98.75/96.51, 32 143.08/129.37/128.92.
+EMULATED_MEAN_ROWS = (6, 8)
 
 # Gathered rows up to this size are gathered in one call (one call per expert cost 0.3 ms of a
 # fine-grained block's 6.9 ms first linear at 256 tokens); larger ones one run at a time, so no
@@ -194,7 +210,7 @@ def _runs(
     num_rows: int,
     row_bytes: int,
     *,
-    weight_grad: bool = False,
+    weight: Tensor | None = None,
 ) -> list:
     """Runs of grouped rows, ``(expert, start, end)``: one run of all rows (expert None, one
     ``_grouped_mm``) on CUDA where ``_grouped_mm`` runs ``dtype``, with no host read; else one
@@ -205,7 +221,10 @@ def _runs(
     (``row_bytes`` each, the wider of input and output) fit GATHER_ONCE_BYTES: ``_grouped_mm``'s
     own loop then costs less than ours (the fine-grained block at 64-256 tokens: 0.80-0.91 of
     the plain pipeline's speed per expert, 0.91-0.99 in one run; JetMoE's 8 experts stay
-    faster per expert)."""
+    faster per expert). ``weight``: the ``[E, out, in]`` weight of the runs' products, None
+    for a weight gradient's (whose output is a whole expert). Where 16-bit products are
+    emulated, one run also while a row-major ``weight``'s runs are short on average
+    (EMULATED_MEAN_ROWS)."""
     device = expert_offsets.device
     if device.type == "cuda" and grouped_mm_runs(device, dtype):
         return [(None, 0, num_rows)] if num_rows else []
@@ -235,14 +254,23 @@ def _runs(
     # forward+backward with the weight gradient in one _grouped_mm as well: 0.89-0.91x the speed
     # of the loop's, JetMoE's and the fine-grained shape).
     few_rows = not weight_first and 1 < len(runs) < num_rows
+    native = cpu_has_native_matmul(dtype)
+    # emulated, torch's 16-bit product is fast only with the weight as a column-major right
+    # operand (EMULATED_MM_ROWS), so never for the input gradient's weight.mT
+    emulated_16_bit = not native and weight is not None and weight.stride(-1) == 1
+    short_on_average = (
+        emulated_16_bit
+        and 1 < len(runs) < num_rows
+        and num_rows <= EMULATED_MEAN_ROWS[weight[0].numel() >= FP32_WEIGHT_FIRST_NUMEL] * len(runs)
+    )
     few_rows = few_rows and most < FP32_WEIGHT_FIRST_ROWS[0]
     if (
-        (few_rows or len(runs) > MANY_RUNS)
+        (few_rows or len(runs) > MANY_RUNS or short_on_average)
         # in 16-bit, runs of mostly single rows stay ours: each a matrix-vector product
         and (num_rows >= 2 * len(runs) or not weight_first)
         and num_rows * row_bytes <= GATHER_ONCE_BYTES
         and device.type == "cpu"
-        and (cpu_has_native_matmul(dtype) or (most <= EMULATED_MM_ROWS and not weight_grad))
+        and (native or short_on_average or (emulated_16_bit and most <= EMULATED_MM_ROWS))
         and grouped_mm_runs(device, dtype)
     ):
         return [(None, 0, num_rows)]
@@ -253,7 +281,7 @@ def _linear_runs(weight: Tensor, expert_offsets: Tensor, num_rows: int) -> list:
     """The :func:`_runs` of a :func:`gather_gemm` call through ``weight [E, out, in]`` (its
     input rows ``in`` wide, its output rows ``out``: the wider counts), in the weight's dtype."""
     row_bytes = max(weight.shape[1], weight.shape[2]) * weight.element_size()
-    return _runs(expert_offsets, weight.dtype, num_rows, row_bytes)
+    return _runs(expert_offsets, weight.dtype, num_rows, row_bytes, weight=weight)
 
 
 def _run_rows(t: Tensor, layout: int, sorted_indices: Tensor, fan_out: int, runs: list):
@@ -347,7 +375,7 @@ def _expert_product(rows: Tensor, weight: Tensor) -> Callable[[Tensor, int, Tens
     step 1.0-1.7% of its time (JetMoE's and the fine-grained shape, fp32 and bf16, caches
     flushed before each call, alternating in one process)."""
     if not _weight_first(rows, weight):
-        if _emulated(rows) and rows.shape[0] > EMULATED_MM_ROWS:
+        if _emulated(rows) and (rows.shape[0] > EMULATED_MM_ROWS or weight.stride(-1) != 1):
             return lambda rows, e, out: _mm(rows, weight[e].t(), out)
         return lambda rows, e, out: torch.mm(rows, weight[e].t(), out=out)
     if rows.shape[0] == 1:
@@ -641,7 +669,7 @@ def weight_grad(
     dtype."""
     num_rows, num_out, num_in = sorted_indices.shape[0], dy.shape[1], x.shape[1]
     row_bytes = max(num_in, num_out) * x.element_size()
-    runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes, weight_grad=True)
+    runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes)
     dw = x.new_empty(num_experts, num_out, num_in)
     covered = {run[0] for run in runs}
     if _per_expert(runs):  # one run per expert with rows:

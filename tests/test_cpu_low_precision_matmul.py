@@ -136,30 +136,90 @@ def test_few_emulated_rows_take_the_16_bit_product_more_take_fp32(dtype, rows, m
 
 @pytest.mark.parametrize(
     ("counts", "one_run"),
-    [([4] * 64, True), ([8] * 20, True), ([9] + [4] * 63, False), ([1] * 64, True),
-     ([2] * 8, True), ([2] * 7 + [9], False), ([3] * 4 + [0] * 4, True)],
+    [([4] * 64, True), ([8] * 20, True), ([9] + [4] * 63, True), ([1] * 64, True),
+     ([2] * 8, True), ([2] * 7 + [9], True), ([3] * 4 + [0] * 4, True), ([6] * 63 + [9], False),
+     ([7] * 63 + [9], False), ([9] * 8, False), ([1] * 7 + [12], True), ([4] * 7 + [21], False)],
 )  # fmt: skip
 def test_emulated_runs_share_one_grouped_mm_while_each_takes_the_16_bit_product(
     counts, one_run, monkeypatch
 ):
-    """On a CPU that emulates bf16 (forced), experts of at most EMULATED_MM_ROWS rows each go
-    through one ``_grouped_mm`` where fp32's would (many experts, or all below the weight-first
-    range): its C++ loop of torch's own 16-bit products costs less than ours. An expert with
-    more rows keeps the loop, whose larger products run in fp32, and so does the weight
-    gradient whatever the rows. Both match the oracle."""
+    """On a CPU that emulates bf16 (forced), a row-major weight's runs go through one
+    ``_grouped_mm`` (its C++ loop of torch's own 16-bit products costs less than ours) where
+    fp32's would (many experts, or all below the weight-first range) and every expert has at
+    most EMULATED_MM_ROWS rows, or while the experts with rows have at most
+    EMULATED_MEAN_ROWS[0] on average (at least two each: not all single rows). Others keep
+    the loop, whose larger products run in fp32; so do a weight gradient's products (a whole
+    expert each) and a column-major weight's (the input gradient's ``weight.mT``), whatever
+    the rows. Both match the oracle."""
     monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products([]))
     experts = len(counts)
     routing = torch.arange(experts).repeat_interleave(torch.tensor(counts))[:, None]
+    num_rows = routing.shape[0]
     plan = plan_dispatch(routing, experts)
-    runs = torch_backend._runs(plan.expert_offsets, torch.bfloat16, routing.shape[0], 64 * 2)
-    assert (runs == [(None, 0, routing.shape[0])]) == one_run
-    # the weight gradient's products (a whole expert each) always keep the loop, in fp32
-    grad_runs = torch_backend._runs(
-        plan.expert_offsets, torch.bfloat16, routing.shape[0], 64 * 2, weight_grad=True
-    )
-    assert [end - start for _, start, end in grad_runs] == [c for c in counts if c]
-    x = torch.randn(routing.shape[0], 64).bfloat16()
     weight = (torch.randn(experts, 48, 64) / 8).bfloat16()
+    runs = torch_backend._linear_runs(weight, plan.expert_offsets, num_rows)
+    assert (runs == [(None, 0, num_rows)]) == one_run
+    per_expert = [c for c in counts if c]
+    for kept in (
+        torch_backend._runs(plan.expert_offsets, torch.bfloat16, num_rows, 64 * 2),  # dW
+        torch_backend._linear_runs(weight.mT, plan.expert_offsets, num_rows),
+    ):
+        assert [end - start for _, start, end in kept] == per_expert
+    x = torch.randn(num_rows, 64).bfloat16()
     expected = torch.einsum("ti,toi->to", x.double(), weight.double()[routing[:, 0]])
     y = expert_linear(x, weight, plan, backend="torch")
     torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("counts", "small_experts", "large_experts"),
+    [([6] * 8, True, True), ([6] * 7 + [14], False, True), ([8] * 7 + [9], False, False),
+     ([2] * 7 + [50], False, True), ([2] * 7 + [51], False, False)],
+)  # fmt: skip
+def test_emulated_runs_short_on_average_by_expert_size(
+    counts, small_experts, large_experts, monkeypatch
+):
+    """The average that sends an emulated bf16 forward product's runs through one
+    ``_grouped_mm``: EMULATED_MEAN_ROWS[0] rows for experts below FP32_WEIGHT_FIRST_NUMEL
+    weights, EMULATED_MEAN_ROWS[1] from it (a 2048 x 1024 expert, as a broadcast view)."""
+    monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products([]))
+    experts = len(counts)
+    routing = torch.arange(experts).repeat_interleave(torch.tensor(counts))[:, None]
+    num_rows = routing.shape[0]
+    offsets = plan_dispatch(routing, experts).expert_offsets
+    small = torch.zeros(1, 64, 1024, dtype=torch.bfloat16).expand(experts, -1, -1)
+    large = torch.zeros(1, 2048, 1024, dtype=torch.bfloat16).expand(experts, -1, -1)
+    assert large[0].numel() == torch_backend.FP32_WEIGHT_FIRST_NUMEL
+    for weight, one_run in ((small, small_experts), (large, large_experts)):
+        runs = torch_backend._linear_runs(weight, offsets, num_rows)
+        assert (runs == [(None, 0, num_rows)]) == one_run, (weight.shape, runs)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_emulated_input_gradients_are_computed_in_fp32(rows, monkeypatch):
+    """On a CPU that emulates bf16 (forced), a few rows' forward product is torch's own bf16
+    ``mm`` (the weight its column-major right operand), but the input gradient's, through the
+    row-major weight, runs in fp32 whatever the rows (torch's bf16 product took 10-50x the
+    time so); it matches the float64 oracle."""
+    monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products([]))
+    weight = (torch.randn(2, 24, 40) / 40**0.5).bfloat16()
+    x = torch.randn(rows, 40).bfloat16().requires_grad_()
+    operand_dtypes = []
+    real_mm = torch.mm
+
+    def recorded_mm(a, b, out=None):
+        operand_dtypes.append((a.dtype, b.dtype))
+        return real_mm(a, b, out=out)
+
+    monkeypatch.setattr(torch, "mm", recorded_mm)
+    expert_idx = torch.ones(rows, 1, dtype=torch.long)  # every row to expert 1
+    y = expert_linear(x, weight, plan_dispatch(expert_idx, 2), backend="torch")
+    assert operand_dtypes == [(torch.bfloat16, torch.bfloat16)]
+    probe = torch.randn(rows, 24).bfloat16()
+    (dx,) = torch.autograd.grad(y, x, probe)
+    assert operand_dtypes[1:] == [(torch.float32, torch.float32)]
+    exact = probe.double() @ weight[1].double()
+    magnitude = probe.double().abs() @ weight[1].double().abs()
+    fp32_sum = 24 * torch.finfo(torch.float32).eps * magnitude
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert ((dx.double() - exact).abs() <= ulp + fp32_sum).all()

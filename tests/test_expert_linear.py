@@ -512,16 +512,16 @@ def test_cpu_runs_go_through_one_grouped_mm_only_for_many_small_experts(
         one_run = dtype == torch.float32 or not native
     routing = torch.arange(experts).repeat_interleave(rows_each)[:, None]
     plan = plan_dispatch(routing, experts)
-    runs = torch_backend._runs(plan.expert_offsets, dtype, routing.shape[0], 64 * 4)
+    x = torch.randn(routing.shape[0], 64, dtype=dtype)
+    weight = torch.randn(experts, 48, 64, dtype=dtype)
     num_rows = routing.shape[0]
+    runs = torch_backend._linear_runs(weight, plan.expert_offsets, num_rows)
     if one_run == "padded":
         assert runs == [(torch_backend.Padded(rows_each), 0, num_rows)]
     else:
         assert (runs == [(None, 0, num_rows)]) == one_run
     if not one_run:
         assert [end - start for _, start, end in runs] == [rows_each] * experts
-    x = torch.randn(routing.shape[0], 64, dtype=dtype)
-    weight = torch.randn(experts, 48, 64, dtype=dtype)
     expected = torch.einsum("ti,toi->to", x.double(), weight.double()[routing[:, 0]])
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(
