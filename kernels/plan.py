@@ -44,8 +44,12 @@ def token_sum(
     terms = rows.view(rows.shape[0] // fan_out, fan_out, rows.shape[1])
     if gates is None:
         terms = terms.to(wide)
-    else:  # the wide gates promote the rows in the same pass: each term float(row) * gate
-        terms = terms * gates.reshape(terms.shape[0], fan_out, 1).to(wide)
+    else:  # each term float(row) * gate
+        gates = gates.reshape(terms.shape[0], fan_out, 1).to(wide)
+        # 16-bit rows widened first, then gated in place: the same products; gated_token_sum
+        # 1.22-1.34x faster than with one mixed-dtype product (bf16, k = 8, 64-2048 tokens,
+        # the AVX2 EPYC; k = 2 within noise)
+        terms = terms * gates if terms.dtype == wide else terms.to(wide).mul_(gates)
     return terms.sum(1) if out is None else torch.sum(terms, 1, out=out)
 
 

@@ -3,6 +3,7 @@ import torch
 from hypothesis import given
 
 from moe_blocks.kernels import plan_dispatch
+from moe_blocks.kernels.plan import token_sum
 from moe_blocks.testing import routings
 
 
@@ -78,3 +79,27 @@ def test_plan_rejects_bad_shapes_and_counts():
         plan_dispatch(torch.tensor([[0]]), 2.0)
     with pytest.raises(TypeError, match="expert_idx"):
         plan_dispatch([[0, 1]], 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("gated", [False, True])
+def test_token_sum_gates_each_widened_row_and_leaves_its_inputs(dtype, gated):
+    """token_sum's terms are float(row) * gate, each exact in the wide dtype's product (one
+    rounding), summed over the k slots in it: equal to the float64 sum of those rounded terms
+    within the wide sum's error, in the wide dtype; the rows and gates given are not changed
+    (fp32 rows are their own wide dtype: no in-place product on them)."""
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    tokens, fan_out, width = 6, 3, 20
+    rows = torch.randn(tokens * fan_out, width, generator=generator).to(dtype)
+    gates = torch.rand(tokens, fan_out, generator=generator) if gated else None
+    given = rows.clone(), None if gates is None else gates.clone()
+    summed = token_sum(rows, fan_out, gates)
+    wide = torch.promote_types(dtype, torch.float32)
+    assert summed.dtype == wide and summed.shape == (tokens, width)
+    terms = rows.to(wide).view(tokens, fan_out, width)
+    if gated:
+        terms = terms * gates.to(wide)[..., None]  # each term rounded once in the wide dtype
+    exact = terms.double().sum(1)
+    bound = fan_out * torch.finfo(wide).eps * terms.double().abs().sum(1)
+    assert ((summed.double() - exact).abs() <= bound).all()
+    assert torch.equal(rows, given[0]) and (gates is None or torch.equal(gates, given[1]))
