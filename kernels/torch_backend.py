@@ -20,8 +20,9 @@ with one ``_grouped_mm``, with no host reads.
 
 On a CPU without native bf16 (or fp16) matrix instructions torch emulates them, ~100x slower than
 fp32 (:func:`cpu_has_native_matmul`); there each expert's bf16/fp16 product is computed in fp32
-and rounded once, as a native product is, but for a few rows (EMULATED_MM_ROWS), where torch's
-own 16-bit product, which also sums in fp32, is faster than converting the weight.
+and rounded once, as a native product is, but for a few rows of a row-major weight
+(EMULATED_MM_ROWS), where torch's own 16-bit product, which also sums in fp32, is faster than
+converting the weight (never for a column-major one, such as the input gradient's ``weight.mT``).
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def _runs(
     num_rows: int,
     row_bytes: int,
     *,
-    weight: Tensor | None = None,
+    weight: Tensor | None,
 ) -> list:
     """Runs of grouped rows, ``(expert, start, end)``: one run of all rows (expert None, one
     ``_grouped_mm``) on CUDA where ``_grouped_mm`` runs ``dtype``, with no host read; else one
@@ -248,11 +249,12 @@ def _runs(
     # each Python-level mm cost ~50 us more (JetMoE fp32, 8 tokens: the first products of 8
     # experts 9.1 against 8.5 ms). Not when every run is a single row: one product per expert,
     # as one_token_gather_gemm computes a one-token step's. In an emulated 16-bit dtype only
-    # while every run takes torch's own 16-bit product (EMULATED_MM_ROWS), as _grouped_mm's
-    # products do; larger runs are faster in fp32, expert by expert, and so are the weight
-    # gradient's products, whose output is a whole expert (bf16 on the AVX2 EPYC, 8 tokens,
-    # forward+backward with the weight gradient in one _grouped_mm as well: 0.89-0.91x the speed
-    # of the loop's, JetMoE's and the fine-grained shape).
+    # for a row-major weight and while every run takes torch's own 16-bit product
+    # (EMULATED_MM_ROWS), as _grouped_mm's products do, or the runs are short on average
+    # (EMULATED_MEAN_ROWS); larger runs are faster in fp32, expert by expert, and so are the
+    # weight gradient's products, whose output is a whole expert (bf16 on the AVX2 EPYC, 8
+    # tokens, forward+backward with the weight gradient in one _grouped_mm as well: 0.89-0.91x
+    # the speed of the loop's, JetMoE's and the fine-grained shape).
     few_rows = not weight_first and 1 < len(runs) < num_rows
     native = cpu_has_native_matmul(dtype)
     # emulated, torch's 16-bit product is fast only with the weight as a column-major right
@@ -669,7 +671,7 @@ def weight_grad(
     dtype."""
     num_rows, num_out, num_in = sorted_indices.shape[0], dy.shape[1], x.shape[1]
     row_bytes = max(num_in, num_out) * x.element_size()
-    runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes)
+    runs = _runs(expert_offsets, x.dtype, num_rows, row_bytes, weight=None)
     dw = x.new_empty(num_experts, num_out, num_in)
     covered = {run[0] for run in runs}
     if _per_expert(runs):  # one run per expert with rows:

@@ -1,7 +1,8 @@
 """On CPUs without native bf16/fp16 matrix products the torch backend multiplies each expert's
 rows in fp32 and rounds once (kernels/torch_backend.py, cpu_has_native_matmul), or, up to
-EMULATED_MM_ROWS rows, with torch's own 16-bit product. The predicate is forced here, so the
-paths run whatever this machine has; the float64 oracle judges them."""
+EMULATED_MM_ROWS rows of a row-major weight (not the input gradient's weight.mT), with torch's
+own 16-bit product. The predicate is forced here, so the paths run whatever this machine has;
+the float64 oracle judges them."""
 
 import pytest
 import torch
@@ -46,8 +47,9 @@ def _no_native_products(consulted: list):
 def test_emulated_dtypes_multiply_in_fp32_and_match_the_oracle(
     dtype, mm_rows, routing, num_in, num_out, gated, seed
 ):
-    """Every product in fp32 (an EMULATED_MM_ROWS of 0) or every rows-first product torch's own
-    16-bit one (the limit beyond any count): both sum in fp32 and round once."""
+    """Every product in fp32 (an EMULATED_MM_ROWS of 0) or every rows-first product of a
+    row-major weight torch's own 16-bit one (the limit beyond any count; the input gradient's
+    stay in fp32): both sum in fp32 and round once."""
     consulted = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products(consulted))
@@ -161,7 +163,7 @@ def test_emulated_runs_share_one_grouped_mm_while_each_takes_the_16_bit_product(
     assert (runs == [(None, 0, num_rows)]) == one_run
     per_expert = [c for c in counts if c]
     for kept in (
-        torch_backend._runs(plan.expert_offsets, torch.bfloat16, num_rows, 64 * 2),  # dW
+        torch_backend._runs(plan.expert_offsets, torch.bfloat16, num_rows, 64 * 2, weight=None),
         torch_backend._linear_runs(weight.mT, plan.expert_offsets, num_rows),
     ):
         assert [end - start for _, start, end in kept] == per_expert

@@ -489,7 +489,7 @@ def test_a_gated_sum_is_rounded_to_the_dtype_once(
 @pytest.mark.parametrize(
     ("experts", "rows_each", "one_run"),
     [(64, 4, "padded"), (64, 1, "fp32"), (8, 7, "fp32"), (8, 8, False), (8, 64, False),
-     (64, 1024, False)],
+     (64, 1100, False)],
     ids=["many-small", "single-rows", "few-below-weight-first", "few-at-weight-first",
          "few-experts", "too-large"],
 )  # fmt: skip
@@ -501,9 +501,11 @@ def test_cpu_runs_go_through_one_grouped_mm_only_for_many_small_experts(
     and in fp32 to one ``_grouped_mm`` for experts that all have fewer rows than any
     weight-first product (FP32_WEIGHT_FIRST_ROWS); in native 16-bit, single rows
     (matrix-vector products) and a few experts keep the loop (weight-first products), and so
-    do large inputs. On a CPU that emulates bf16 products, bf16 runs as fp32 does while every
-    expert has at most EMULATED_MM_ROWS rows (each product then torch's own bf16 one, in
-    ``_grouped_mm`` as in the loop); larger ones keep the loop, whose products run in fp32.
+    do large inputs (beyond GATHER_ONCE_BYTES in every dtype). On a CPU that emulates bf16
+    products, bf16 runs as fp32 does while every expert has at most EMULATED_MM_ROWS rows, or
+    the experts have at most EMULATED_MEAN_ROWS on average (each product then torch's own bf16
+    one, in ``_grouped_mm`` as in the loop); larger ones keep the loop, whose products run in
+    fp32.
     Either way expert_linear matches the float64 oracle."""
     native = dtype == torch.float32 or torch_backend.cpu_has_native_matmul(dtype)
     if one_run == "padded":
@@ -553,7 +555,7 @@ def test_native_bf16_cpu_products_of_many_small_experts_are_one_padded_bmm(
     plan = plan_dispatch(routing, experts)
     num_rows, most = routing.shape[0], max(counts)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        runs = torch_backend._runs(plan.expert_offsets, dtype, num_rows, 64 * 2)
+        runs = torch_backend._runs(plan.expert_offsets, dtype, num_rows, 64 * 2, weight=None)
         expected_runs = [(torch_backend.Padded(most), 0, num_rows)]
         assert (runs == expected_runs) == (padded and dtype == torch.bfloat16), (dtype, runs)
     x = torch.randn(num_rows, 32, dtype=torch.bfloat16)

@@ -1,6 +1,7 @@
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moe_blocks.kernels import plan_dispatch
 from moe_blocks.kernels.plan import token_sum
@@ -83,12 +84,14 @@ def test_plan_rejects_bad_shapes_and_counts():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("gated", [False, True])
-def test_token_sum_gates_each_widened_row_and_leaves_its_inputs(dtype, gated):
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_token_sum_gates_each_widened_row_and_leaves_its_inputs(dtype, gated, seed):
     """token_sum's terms are float(row) * gate, each exact in the wide dtype's product (one
     rounding), summed over the k slots in it: equal to the float64 sum of those rounded terms
     within the wide sum's error, in the wide dtype; the rows and gates given are not changed
     (fp32 rows are their own wide dtype: no in-place product on them)."""
-    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    generator = torch.Generator().manual_seed(seed)
     tokens, fan_out, width = 6, 3, 20
     rows = torch.randn(tokens * fan_out, width, generator=generator).to(dtype)
     gates = torch.rand(tokens, fan_out, generator=generator) if gated else None
