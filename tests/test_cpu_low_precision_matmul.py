@@ -113,11 +113,13 @@ def test_emulated_dtypes_multiply_in_fp32_and_match_the_oracle(
 def test_few_emulated_rows_take_the_16_bit_product_more_take_fp32(dtype, rows, monkeypatch):
     """On a CPU that emulates 16-bit products (forced), an expert's product of up to
     EMULATED_MM_ROWS rows is torch's own 16-bit ``mm`` (faster there: it streams the 16-bit
-    weight), of more rows an fp32 ``mm`` of the converted operands; either way the float64
-    product rounded once, within fp32's summation error."""
+    weight, its column-major right operand), of more rows an fp32 ``mm`` of the converted
+    operands; the input gradient's, through the row-major weight, is in fp32 whatever the rows
+    (torch's 16-bit product took 10-50x the time so). Each is the float64 product rounded once,
+    within fp32's summation error."""
     monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products([]))
     weight = (torch.randn(2, 24, 40) / 40**0.5).to(dtype)
-    x = torch.randn(rows, 40).to(dtype)
+    x = torch.randn(rows, 40).to(dtype).requires_grad_()
     operand_dtypes = []
     real_mm = torch.mm
 
@@ -130,10 +132,15 @@ def test_few_emulated_rows_take_the_16_bit_product_more_take_fp32(dtype, rows, m
     y = expert_linear(x, weight, plan_dispatch(expert_idx, 2), backend="torch")
     few = rows <= torch_backend.EMULATED_MM_ROWS
     assert operand_dtypes == [(dtype, dtype) if few else (torch.float32, torch.float32)]
-    exact = x.double() @ weight[1].double().T
-    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
-    fp32_sum = 40 * torch.finfo(torch.float32).eps * (x.double().abs() @ weight[1].double().abs().T)
-    assert ((y.double() - exact).abs() <= ulp + fp32_sum).all()
+    probe = torch.randn(rows, 24).to(dtype)
+    (dx,) = torch.autograd.grad(y, x, probe)
+    assert operand_dtypes[1:] == [(torch.float32, torch.float32)]
+    w = weight[1].double()
+    for result, a, b in ((y, x.detach().double(), w.T), (dx, probe.double(), w)):
+        exact = a @ b
+        ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+        fp32_sum = b.shape[0] * torch.finfo(torch.float32).eps * (a.abs() @ b.abs())
+        assert ((result.double() - exact).abs() <= ulp + fp32_sum).all()
 
 
 @pytest.mark.parametrize(
@@ -195,33 +202,3 @@ def test_emulated_runs_short_on_average_by_expert_size(
     for weight, one_run in ((small, small_experts), (large, large_experts)):
         runs = torch_backend._linear_runs(weight, offsets, num_rows)
         assert (runs == [(None, 0, num_rows)]) == one_run, (weight.shape, runs)
-
-
-@pytest.mark.parametrize("rows", [1, 8])
-def test_emulated_input_gradients_are_computed_in_fp32(rows, monkeypatch):
-    """On a CPU that emulates bf16 (forced), a few rows' forward product is torch's own bf16
-    ``mm`` (the weight its column-major right operand), but the input gradient's, through the
-    row-major weight, runs in fp32 whatever the rows (torch's bf16 product took 10-50x the
-    time so); it matches the float64 oracle."""
-    monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products([]))
-    weight = (torch.randn(2, 24, 40) / 40**0.5).bfloat16()
-    x = torch.randn(rows, 40).bfloat16().requires_grad_()
-    operand_dtypes = []
-    real_mm = torch.mm
-
-    def recorded_mm(a, b, out=None):
-        operand_dtypes.append((a.dtype, b.dtype))
-        return real_mm(a, b, out=out)
-
-    monkeypatch.setattr(torch, "mm", recorded_mm)
-    expert_idx = torch.ones(rows, 1, dtype=torch.long)  # every row to expert 1
-    y = expert_linear(x, weight, plan_dispatch(expert_idx, 2), backend="torch")
-    assert operand_dtypes == [(torch.bfloat16, torch.bfloat16)]
-    probe = torch.randn(rows, 24).bfloat16()
-    (dx,) = torch.autograd.grad(y, x, probe)
-    assert operand_dtypes[1:] == [(torch.float32, torch.float32)]
-    exact = probe.double() @ weight[1].double()
-    magnitude = probe.double().abs() @ weight[1].double().abs()
-    fp32_sum = 24 * torch.finfo(torch.float32).eps * magnitude
-    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
-    assert ((dx.double() - exact).abs() <= ulp + fp32_sum).all()
