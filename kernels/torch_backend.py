@@ -189,6 +189,14 @@ def _emulated(t: Tensor) -> bool:
     return t.is_cpu and not cpu_has_native_matmul(t.dtype)
 
 
+def _takes_16_bit_mm(num_rows: int, weight: Tensor) -> bool:
+    """Whether, where 16-bit products are emulated, an expert's product of ``num_rows`` rows
+    through ``weight [E, out, in]`` is torch's own 16-bit ``mm`` (else fp32, :func:`_mm`): up
+    to EMULATED_MM_ROWS rows of a row-major weight, the product's column-major right operand
+    (never the input gradient's ``weight.mT``)."""
+    return num_rows <= EMULATED_MM_ROWS and weight.stride(-1) == 1
+
+
 def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """``a @ b`` (2-D, one dtype), written into ``out`` if given. On a CPU without native
     ``a.dtype`` products (:func:`_emulated`) computed in fp32, rounded once."""
@@ -256,23 +264,22 @@ def _runs(
     # tokens, forward+backward with the weight gradient in one _grouped_mm as well: 0.89-0.91x
     # the speed of the loop's, JetMoE's and the fine-grained shape).
     few_rows = not weight_first and 1 < len(runs) < num_rows
+    few_rows = few_rows and most < FP32_WEIGHT_FIRST_ROWS[0]
     native = cpu_has_native_matmul(dtype)
-    # emulated, torch's 16-bit product is fast only with the weight as a column-major right
-    # operand (EMULATED_MM_ROWS), so never for the input gradient's weight.mT
-    emulated_16_bit = not native and weight is not None and weight.stride(-1) == 1
+    emulated = not native and weight is not None  # (None: the weight gradient's, in fp32)
     short_on_average = (
-        emulated_16_bit
+        emulated
+        and weight.stride(-1) == 1
         and 1 < len(runs) < num_rows
         and num_rows <= EMULATED_MEAN_ROWS[weight[0].numel() >= FP32_WEIGHT_FIRST_NUMEL] * len(runs)
     )
-    few_rows = few_rows and most < FP32_WEIGHT_FIRST_ROWS[0]
     if (
         (few_rows or len(runs) > MANY_RUNS or short_on_average)
         # in 16-bit, runs of mostly single rows stay ours: each a matrix-vector product
         and (num_rows >= 2 * len(runs) or not weight_first)
         and num_rows * row_bytes <= GATHER_ONCE_BYTES
         and device.type == "cpu"
-        and (native or short_on_average or (emulated_16_bit and most <= EMULATED_MM_ROWS))
+        and (native or short_on_average or (emulated and _takes_16_bit_mm(most, weight)))
         and grouped_mm_runs(device, dtype)
     ):
         return [(None, 0, num_rows)]
@@ -377,7 +384,7 @@ def _expert_product(rows: Tensor, weight: Tensor) -> Callable[[Tensor, int, Tens
     step 1.0-1.7% of its time (JetMoE's and the fine-grained shape, fp32 and bf16, caches
     flushed before each call, alternating in one process)."""
     if not _weight_first(rows, weight):
-        if _emulated(rows) and (rows.shape[0] > EMULATED_MM_ROWS or weight.stride(-1) != 1):
+        if _emulated(rows) and not _takes_16_bit_mm(rows.shape[0], weight):
             return lambda rows, e, out: _mm(rows, weight[e].t(), out)
         return lambda rows, e, out: torch.mm(rows, weight[e].t(), out=out)
     if rows.shape[0] == 1:
