@@ -242,12 +242,12 @@ def _keep_replaced(directory: Path, previous: Path, keep: int) -> None:
     ``previous`` the one it replaced."""
     step = _recorded_step(directory / "trainer_state.json")
     replaced = _recorded_step(previous / "trainer_state.json")
-    kept = kept_checkpoints(directory)
-    stale = [path for path in kept if step is not None and _kept_step(path) >= step]
     if keep > 1 and replaced is not None and step is not None and replaced < step:
         shutil.rmtree(sibling(directory, f"step-{replaced}"), ignore_errors=True)
         previous.rename(sibling(directory, f"step-{replaced}"))
-    kept = [path for path in kept_checkpoints(directory) if path not in stale]
+    kept = kept_checkpoints(directory)  # the replaced one among them: below the new step
+    stale = [path for path in kept if step is not None and _kept_step(path) >= step]
+    kept = [path for path in kept if path not in stale]
     for old in stale + kept[: max(0, len(kept) - (keep - 1))]:
         shutil.rmtree(old)
 
