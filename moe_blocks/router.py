@@ -180,21 +180,23 @@ class TopKRouter(nn.Module):
             _check_open_experts(closed, self.top_k)
             choice = choice.masked_fill(closed, float("-inf"))
         top_values, expert_idx = top_k(choice, self.top_k)
-        if choice is scores and no_autograd(scores):  # the chosen scores themselves
-            picked = top_values
-        else:
-            picked = gather_scores(scores, expert_idx)
-        if self.score == "topk_softmax":
-            gates = torch.softmax(picked, dim=-1)
-        elif self.score == "softmax_topk" and self.renormalize:
+        if self.score == "softmax_topk" and self.renormalize:
             # the picked probabilities over their sum are a softmax over the picked logits: so
             # computed, in float64 and rounded once as the scores, the gates do not depend on
             # the experts not chosen (pruning them leaves every gate's bits)
             gates = torch.softmax(gather_scores(logits, expert_idx).double(), dim=-1).float()
-        elif self.renormalize:
-            gates = picked / picked.sum(-1, keepdim=True).clamp_min(torch.finfo(picked.dtype).tiny)
         else:
-            gates = picked
+            if choice is scores and no_autograd(scores):  # the chosen scores themselves
+                picked = top_values
+            else:
+                picked = gather_scores(scores, expert_idx)
+            if self.score == "topk_softmax":
+                gates = torch.softmax(picked, dim=-1)
+            elif self.renormalize:
+                tiny = torch.finfo(picked.dtype).tiny
+                gates = picked / picked.sum(-1, keepdim=True).clamp_min(tiny)
+            else:
+                gates = picked
         plan = plan_valid_routing(expert_idx, self.num_experts)  # a top-k: in range
         tokens_per_expert = plan.tokens_per_expert
         if token_mask is not None:
