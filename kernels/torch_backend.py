@@ -2,8 +2,10 @@
 
 On CPU (and on CUDA where ``torch._grouped_mm`` cannot run the dtype) it loops over the experts
 that have rows: gather that expert's rows of ``x`` (a small copy that stays in cache), one
-``mm`` (an ``mv`` for a single row; weight-first for a few 16-bit rows, WEIGHT_FIRST_ROWS, and
-for some fp32 rows of a large expert, FP32_WEIGHT_FIRST_ROWS) into
+``mm`` (an ``mv`` for a single row; weight-first for a few 16-bit rows, WEIGHT_FIRST_ROWS, for
+some fp32 rows of a large expert, FP32_WEIGHT_FIRST_ROWS, and on an AVX2 CPU for 2-128 rows
+computed in fp32, AVX2_WEIGHT_FIRST_ROWS) into
+
 the grouped result; then, for ASSIGNMENT output, one gather into assignment order, or, for TOKEN
 output, each token's k rows gathered, times the gates and summed in fp32, a block of tokens at
 a time (:func:`gated_token_sum`), or, on CPU with one run per expert, when all T·k rows in
@@ -56,6 +58,25 @@ WEIGHT_FIRST_ROWS = 64
 FP32_WEIGHT_FIRST_ROWS = (8, 48)
 FP32_WEIGHT_FIRST_NUMEL = 2**21
 
+# On a CPU where torch runs at AVX2 capability (no AVX-512; MKL's AVX2 kernels), every product
+# computed in fp32 (fp32 ones, and emulated 16-bit ones converted to fp32) of this many rows is
+# weight-first, whatever the expert's size: rows-first, MKL took 1.1-4.3x the time. The 2-core
+# AVX2-only EPYC (torch 2.13), fp32, caches flushed, rows-first against weight-first (ms): a
+# [5632, 1024] expert 3.38/1.90 at 2 rows, 7.54/1.77 at 4, 8.97/2.88 at 8, 12.86/7.72 at 32,
+# 30.16/24.67 at 128, but 93.46/93.96 at 512; [1024, 2816] 1.58/0.87, 2.38/0.89, 2.56/1.36,
+# 4.50/3.40, 12.53/11.41; a fine-grained [512, 1024] 0.24/0.20, 0.55/0.21, 0.55/0.30, 0.92/0.71,
+# 2.40/2.28; [1024, 256] 0.22/0.14 at 2, 0.30/0.23 at 8, 1.37/1.43 at 128. At 1 row rows-first
+# was 5-10% faster. (On the AMX Xeon and the AVX-512 EPYC rows-first was as fast or faster
+# below 8 rows: FP32_WEIGHT_FIRST_ROWS there.)
+AVX2_WEIGHT_FIRST_ROWS = (2, 128)
+# There a call's products are also one per expert (not one _grouped_mm, whose products are
+# rows-first) while the experts with rows have a mean row count whose product is weight-first;
+# with more than MANY_RUNS such experts only up to this mean: MoEMLP's forward at the
+# fine-grained shape (E64 k8), fp32, one product per expert against one _grouped_mm, in
+# alternating rounds: 1.12x faster at a mean of 2 rows (16 tokens), 1.29x at 3, 1.44x at 4,
+# 1.41x at 8, 1.01x at 12 and 16, 0.95x at 32.
+AVX2_MANY_RUNS_MEAN = 16
+
 # Up to this many rows, an expert's product on a CPU that emulates its 16-bit dtype is torch's
 # own 16-bit mm, not the rows and the weight converted to fp32 (:func:`_mm`): that kernel also
 # sums in fp32 and rounds once (the same errors against float64 at 1-16 rows, bf16 and fp16),
@@ -70,6 +91,12 @@ FP32_WEIGHT_FIRST_NUMEL = 2**21
 # 53.87 against 5.42 ms at 1 row, 415.47 against 7.84 at 8; a [512, 1024] one 1.65 against
 # 0.34 and 13.08 against 0.70), so those products are always converted.
 EMULATED_MM_ROWS = 8
+# Where the converted product is weight-first (AVX2_WEIGHT_FIRST_ROWS), torch's own 16-bit mm
+# is taken up to this many rows only: bf16, the AVX2 EPYC, caches flushed, the 16-bit mm
+# against the converted weight-first product (ms): [5632, 1024] 3.42/4.26 at 3 rows,
+# 4.47/4.49 at 4, 6.57/4.76 at 6, 8.68/4.85 at 8; [1024, 2816] 1.63/2.14, 2.10/2.02,
+# 3.14/2.40, 4.21/2.38; [512, 1024] 0.35/0.41, 0.46/0.37, 0.65/0.45, 0.85/0.47.
+EMULATED_WEIGHT_FIRST_MM_ROWS = 3
 # On such a CPU a forward product's runs go through one _grouped_mm (all of them torch's own
 # 16-bit products) also while the experts with rows have at most this many on average, the
 # second number for experts of at least FP32_WEIGHT_FIRST_NUMEL weights (whose fp32 copy
@@ -189,12 +216,22 @@ def _emulated(t: Tensor) -> bool:
     return t.is_cpu and not cpu_has_native_matmul(t.dtype)
 
 
+@functools.cache
+def _avx2_cpu() -> bool:
+    """Whether torch runs this CPU's kernels at AVX2 capability, without AVX-512
+    (``torch.backends.cpu.get_cpu_capability()``), where AVX2_WEIGHT_FIRST_ROWS apply. Read
+    once."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 def _takes_16_bit_mm(num_rows: int, weight: Tensor) -> bool:
     """Whether, where 16-bit products are emulated, an expert's product of ``num_rows`` rows
     through ``weight [E, out, in]`` is torch's own 16-bit ``mm`` (else fp32, :func:`_mm`): up
-    to EMULATED_MM_ROWS rows of a row-major weight, the product's column-major right operand
-    (never the input gradient's ``weight.mT``)."""
-    return num_rows <= EMULATED_MM_ROWS and weight.stride(-1) == 1
+    to EMULATED_MM_ROWS rows (EMULATED_WEIGHT_FIRST_MM_ROWS on an AVX2 CPU, where the converted
+    product of more rows is weight-first) of a row-major weight, the product's column-major
+    right operand (never the input gradient's ``weight.mT``)."""
+    limit = EMULATED_WEIGHT_FIRST_MM_ROWS if _avx2_cpu() else EMULATED_MM_ROWS
+    return num_rows <= limit and weight.stride(-1) == 1
 
 
 def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
@@ -233,7 +270,8 @@ def _runs(
     faster per expert). ``weight``: the ``[E, out, in]`` weight of the runs' products, None
     for a weight gradient's (whose output is a whole expert). Where 16-bit products are
     emulated, one run also while a row-major ``weight``'s runs are short on average
-    (EMULATED_MEAN_ROWS)."""
+    (EMULATED_MEAN_ROWS). On an AVX2 CPU one run per expert while the mean run's product is
+    weight-first (AVX2_MANY_RUNS_MEAN)."""
     device = expert_offsets.device
     if device.type == "cuda" and grouped_mm_runs(device, dtype):
         return [(None, 0, num_rows)] if num_rows else []
@@ -252,6 +290,15 @@ def _runs(
         and (len(offsets) - 1) * most <= PADDED_WASTE * num_rows
     ):
         return [(Padded(most), 0, num_rows)]
+    mean = num_rows // max(1, len(runs))
+    if (
+        weight is not None
+        and _avx2_cpu()
+        and _weight_first(mean, weight)
+        and not (_emulated(weight) and _takes_16_bit_mm(mean, weight))
+        and (len(runs) <= MANY_RUNS or mean <= AVX2_MANY_RUNS_MEAN)
+    ):
+        return runs  # AVX2_MANY_RUNS_MEAN
     # where no product can be weight-first (fp32 runs below FP32_WEIGHT_FIRST_ROWS), the C++
     # loop of one _grouped_mm costs less than ours: with the caches cold, as in a decode step,
     # each Python-level mm cost ~50 us more (JetMoE fp32, 8 tokens: the first products of 8
@@ -312,23 +359,27 @@ def _weight_first_helps(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype.itemsize == 2 and cpu_has_native_matmul(dtype)
 
 
-def _weight_first(rows: Tensor, weight: Tensor) -> bool:
-    """Whether one expert's product of ``rows`` is computed as ``weight[e] @ rows.T``, for a
-    row-major weight only: up to WEIGHT_FIRST_ROWS 16-bit rows where
-    :func:`_weight_first_helps`; in fp32 on CPU, FP32_WEIGHT_FIRST_ROWS of an expert of at
-    least FP32_WEIGHT_FIRST_NUMEL weights (tuned on the AMX Xeon only). The input gradient's
+def _weight_first(num_rows: int, weight: Tensor) -> bool:
+    """Whether one expert's product of ``num_rows`` rows is computed as ``weight[e] @ rows.T``,
+    for a row-major weight only: up to WEIGHT_FIRST_ROWS 16-bit rows where
+    :func:`_weight_first_helps`; on an AVX2 CPU (:func:`_avx2_cpu`) AVX2_WEIGHT_FIRST_ROWS of a
+    product computed in fp32 (fp32, or an emulated 16-bit dtype converted: :func:`_mm`); in
+    fp32 on other CPUs, FP32_WEIGHT_FIRST_ROWS of an expert of at least
+    FP32_WEIGHT_FIRST_NUMEL weights (tuned on the AMX Xeon). The input gradient's
     ``weight.mT`` (column-major) was slower weight-first at every row count on the AMX Xeon:
     1.1-1.9x the time in bf16 (1-64 rows, the four expert shapes of the bench), 2-2.5x in
     fp32."""
     if weight.stride(-1) != 1:
         return False
-    num_rows = rows.shape[0]
-    if _weight_first_helps(rows.device, rows.dtype):
+    if _weight_first_helps(weight.device, weight.dtype):
         return num_rows <= WEIGHT_FIRST_ROWS
+    if _avx2_cpu() and weight.is_cpu and (weight.dtype == torch.float32 or _emulated(weight)):
+        low, high = AVX2_WEIGHT_FIRST_ROWS
+        return low <= num_rows <= high
     low, high = FP32_WEIGHT_FIRST_ROWS
     return (
-        rows.device.type == "cpu"
-        and rows.dtype == torch.float32
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
         and low <= num_rows <= high
         and weight[0].numel() >= FP32_WEIGHT_FIRST_NUMEL
     )
@@ -383,10 +434,10 @@ def _expert_product(rows: Tensor, weight: Tensor) -> Callable[[Tensor, int, Tens
     microseconds more with the caches cold, and choosing per product cost a one-token MoEMLP
     step 1.0-1.7% of its time (JetMoE's and the fine-grained shape, fp32 and bf16, caches
     flushed before each call, alternating in one process)."""
-    if not _weight_first(rows, weight):
-        if _emulated(rows) and not _takes_16_bit_mm(rows.shape[0], weight):
-            return lambda rows, e, out: _mm(rows, weight[e].t(), out)
+    if _emulated(rows) and _takes_16_bit_mm(rows.shape[0], weight):
         return lambda rows, e, out: torch.mm(rows, weight[e].t(), out=out)
+    if not _weight_first(rows.shape[0], weight):
+        return lambda rows, e, out: _mm(rows, weight[e].t(), out)
     if rows.shape[0] == 1:
         # One 16-bit row (a decode step's expert): a matrix-vector product, which streams the
         # weight once; as a 1-row mm it took 1.65x the time (bf16, JetMoE's up projection,

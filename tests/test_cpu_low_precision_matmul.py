@@ -1,8 +1,8 @@
 """On CPUs without native bf16/fp16 matrix products the torch backend multiplies each expert's
 rows in fp32 and rounds once (kernels/torch_backend.py, cpu_has_native_matmul), or, up to
-EMULATED_MM_ROWS rows of a row-major weight (not the input gradient's weight.mT), with torch's
-own 16-bit product. The predicate is forced here, so the paths run whatever this machine has;
-the float64 oracle judges them."""
+EMULATED_MM_ROWS rows of a row-major weight (not the input gradient's weight.mT; on an AVX2 CPU
+EMULATED_WEIGHT_FIRST_MM_ROWS), with torch's own 16-bit product. The predicates are forced
+here, so the paths run whatever this machine has; the float64 oracle judges them."""
 
 import pytest
 import torch
@@ -36,6 +36,7 @@ def _no_native_products(consulted: list):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mm_rows", [0, 2**62], ids=["in_fp32", "16_bit_mm"])
+@pytest.mark.parametrize("avx2", [False, True], ids=["other_cpu", "avx2_cpu"])
 @settings(max_examples=15)
 @given(
     routing=routings(max_tokens=20, max_experts=6),
@@ -45,15 +46,17 @@ def _no_native_products(consulted: list):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_emulated_dtypes_multiply_in_fp32_and_match_the_oracle(
-    dtype, mm_rows, routing, num_in, num_out, gated, seed
+    dtype, mm_rows, avx2, routing, num_in, num_out, gated, seed
 ):
-    """Every product in fp32 (an EMULATED_MM_ROWS of 0) or every rows-first product of a
-    row-major weight torch's own 16-bit one (the limit beyond any count; the input gradient's
-    stay in fp32): both sum in fp32 and round once."""
+    """Every product in fp32 (a 16-bit limit of 0: on an AVX2 CPU weight-first from 2 rows) or
+    every rows-first product of a row-major weight torch's own 16-bit one (the limit beyond any
+    count; the input gradient's stay in fp32): both sum in fp32 and round once."""
     consulted = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products(consulted))
+        patch.setattr(torch_backend, "_avx2_cpu", lambda: avx2)
         patch.setattr(torch_backend, "EMULATED_MM_ROWS", mm_rows)
+        patch.setattr(torch_backend, "EMULATED_WEIGHT_FIRST_MM_ROWS", mm_rows)
         generator = torch.Generator().manual_seed(seed)
         num_experts = routing.num_experts
         x = torch.randn(routing.num_tokens, num_in, generator=generator).to(dtype)
@@ -109,32 +112,38 @@ def test_emulated_dtypes_multiply_in_fp32_and_match_the_oracle(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 8, 9, 30])
-def test_few_emulated_rows_take_the_16_bit_product_more_take_fp32(dtype, rows, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, 30])
+@pytest.mark.parametrize("avx2", [False, True], ids=["other_cpu", "avx2_cpu"])
+def test_few_emulated_rows_take_the_16_bit_product_more_take_fp32(dtype, rows, avx2, monkeypatch):
     """On a CPU that emulates 16-bit products (forced), an expert's product of up to
-    EMULATED_MM_ROWS rows is torch's own 16-bit ``mm`` (faster there: it streams the 16-bit
-    weight, its column-major right operand), of more rows an fp32 ``mm`` of the converted
-    operands; the input gradient's, through the row-major weight, is in fp32 whatever the rows
-    (torch's 16-bit product took 10-50x the time so). Each is the float64 product rounded once,
-    within fp32's summation error."""
+    EMULATED_MM_ROWS rows (EMULATED_WEIGHT_FIRST_MM_ROWS on an AVX2 CPU, forced or not) is
+    torch's own 16-bit ``mm`` (faster there: it streams the 16-bit weight, its column-major
+    right operand), of more rows an fp32 ``mm`` of the converted operands, on an AVX2 CPU
+    weight-first; the input gradient's, through the row-major weight, is in fp32 whatever the
+    rows (torch's 16-bit product took 10-50x the time so), rows-first. Each is the float64
+    product rounded once, within fp32's summation error."""
     monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products([]))
+    monkeypatch.setattr(torch_backend, "_avx2_cpu", lambda: avx2)
     weight = (torch.randn(2, 24, 40) / 40**0.5).to(dtype)
     x = torch.randn(rows, 40).to(dtype).requires_grad_()
-    operand_dtypes = []
+    operands = []
     real_mm = torch.mm
 
     def recorded_mm(a, b, out=None):
-        operand_dtypes.append((a.dtype, b.dtype))
+        operands.append((a.dtype, b.dtype, tuple(a.shape)))
         return real_mm(a, b, out=out)
 
     monkeypatch.setattr(torch, "mm", recorded_mm)
     expert_idx = torch.ones(rows, 1, dtype=torch.long)  # every row to expert 1
     y = expert_linear(x, weight, plan_dispatch(expert_idx, 2), backend="torch")
-    few = rows <= torch_backend.EMULATED_MM_ROWS
-    assert operand_dtypes == [(dtype, dtype) if few else (torch.float32, torch.float32)]
+    limit = torch_backend.EMULATED_WEIGHT_FIRST_MM_ROWS if avx2 else torch_backend.EMULATED_MM_ROWS
+    if rows <= limit:
+        assert operands == [(dtype, dtype, (rows, 40))]
+    else:
+        assert operands == [(torch.float32, torch.float32, (24, 40) if avx2 else (rows, 40))]
     probe = torch.randn(rows, 24).to(dtype)
     (dx,) = torch.autograd.grad(y, x, probe)
-    assert operand_dtypes[1:] == [(torch.float32, torch.float32)]
+    assert operands[1:] == [(torch.float32, torch.float32, (rows, 24))]
     w = weight[1].double()
     for result, a, b in ((y, x.detach().double(), w.T), (dx, probe.double(), w)):
         exact = a @ b
@@ -159,8 +168,10 @@ def test_emulated_runs_share_one_grouped_mm_while_each_takes_the_16_bit_product(
     EMULATED_MEAN_ROWS[0] on average (at least two each: not all single rows). Others keep
     the loop, whose larger products run in fp32; so do a weight gradient's products (a whole
     expert each) and a column-major weight's (the input gradient's ``weight.mT``), whatever
-    the rows. Both match the oracle."""
+    the rows. Both match the oracle. On a CPU other than AVX2 (forced; on an AVX2 CPU see
+    test_avx2_cpu_runs_are_one_per_expert_while_the_mean_product_is_weight_first)."""
     monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products([]))
+    monkeypatch.setattr(torch_backend, "_avx2_cpu", lambda: False)
     experts = len(counts)
     routing = torch.arange(experts).repeat_interleave(torch.tensor(counts))[:, None]
     num_rows = routing.shape[0]
@@ -190,8 +201,11 @@ def test_emulated_runs_short_on_average_by_expert_size(
 ):
     """The average that sends an emulated bf16 forward product's runs through one
     ``_grouped_mm``: EMULATED_MEAN_ROWS[0] rows for experts below FP32_WEIGHT_FIRST_NUMEL
-    weights, EMULATED_MEAN_ROWS[1] from it (a 2048 x 1024 expert, as a broadcast view)."""
+    weights, EMULATED_MEAN_ROWS[1] from it (a 2048 x 1024 expert, as a broadcast view), on a
+    CPU other than AVX2 (forced)."""
     monkeypatch.setattr(torch_backend, "cpu_has_native_matmul", _no_native_products([]))
+    monkeypatch.setattr(torch_backend, "_avx2_cpu", lambda: False)
+
     experts = len(counts)
     routing = torch.arange(experts).repeat_interleave(torch.tensor(counts))[:, None]
     num_rows = routing.shape[0]

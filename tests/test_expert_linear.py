@@ -277,23 +277,26 @@ def test_torch_backend_matmul_orientations_gathers_and_sums_match_reference(
         patch.setattr(torch_backend, "WEIGHT_FIRST_ROWS", weight_first_rows)
         forced = weight_first_rows > 0  # in every dtype (else 16-bit on CPU only), mv included
         patch.setattr(torch_backend, "_weight_first_helps", lambda *args: forced)
+        patch.setattr(torch_backend, "_avx2_cpu", lambda: False)  # (else fp32 weight-first)
         patch.setattr(torch_backend, "GATHER_ONCE_BYTES", gather_once_bytes)
         patch.setattr(torch_backend, "SUM_BLOCK_BYTES", sum_block_bytes)
         patch.setattr(torch_backend, "ADDED_SUMS_BYTES", added_sums_bytes)
         check_against_reference(problem, "torch")
 
 
-@pytest.mark.parametrize("rows", [7, 8, 48, 49])
-def test_fp32_rows_of_a_large_expert_are_multiplied_weight_first_in_their_range(rows, monkeypatch):
-    """In fp32 an expert of FP32_WEIGHT_FIRST_NUMEL weights computes FP32_WEIGHT_FIRST_ROWS rows
-    as ``weight[e] @ rows.T`` (on this CPU faster than packing the streamed weight), fewer or
-    more rows as ``rows @ weight[e].T``; either way the float64 reference's product, rounded."""
-    low, high = torch_backend.FP32_WEIGHT_FIRST_ROWS
-    out_features = 2048
-    in_features = torch_backend.FP32_WEIGHT_FIRST_NUMEL // out_features
-    weight = torch.randn(2, out_features, in_features) / in_features**0.5
-    x = torch.randn(rows, in_features)
-    expert_idx = torch.ones(rows, 1, dtype=torch.long)  # every row to expert 1
+@pytest.mark.parametrize("avx2", [False, True], ids=["other_cpu", "avx2_cpu"])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 48, 49, 128, 129])
+def test_fp32_rows_are_multiplied_weight_first_in_their_range(rows, avx2, monkeypatch):
+    """In fp32 an expert's rows are computed as ``weight[e] @ rows.T`` (faster there than
+    packing the streamed weight) in a range of rows, fewer or more as ``rows @ weight[e].T``:
+    on an AVX2 CPU AVX2_WEIGHT_FIRST_ROWS for an expert of any size, on other CPUs
+    FP32_WEIGHT_FIRST_ROWS for an expert of FP32_WEIGHT_FIRST_NUMEL weights only (the CPU
+    kind forced here). Either way the float64 reference's product, rounded."""
+    monkeypatch.setattr(torch_backend, "_avx2_cpu", lambda: avx2)
+    low, high = (
+        torch_backend.AVX2_WEIGHT_FIRST_ROWS if avx2 else torch_backend.FP32_WEIGHT_FIRST_ROWS
+    )
+    large = torch_backend.FP32_WEIGHT_FIRST_NUMEL // 2048
     products = []
     real_mm = torch.mm
 
@@ -302,19 +305,23 @@ def test_fp32_rows_of_a_large_expert_are_multiplied_weight_first_in_their_range(
         return real_mm(a, b, out=out)
 
     monkeypatch.setattr(torch, "mm", recorded_mm)
-    y = expert_linear(x, weight, plan_dispatch(expert_idx, 2), backend="torch")
-    weight_first = products == [(out_features, in_features)]
-    assert weight_first == (low <= rows <= high)
-    assert products == [(out_features, in_features) if weight_first else (rows, in_features)]
-    expected = x.double() @ weight[1].double().T
-    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
-    # A column-major weight (the input gradient's weight.mT, or an [E, in, out] tensor's view)
-    # stays rows-first: weight-first was 2-2.5x slower on it.
-    products.clear()
-    column_major = weight.mT.contiguous().mT
-    y = expert_linear(x, column_major, plan_dispatch(expert_idx, 2), backend="torch")
-    assert products == [(rows, in_features)]
-    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+    for out_features, in_features in ((2048, large), (48, 32)):
+        products.clear()
+        weight = torch.randn(2, out_features, in_features) / in_features**0.5
+        x = torch.randn(rows, in_features)
+        expert_idx = torch.ones(rows, 1, dtype=torch.long)  # every row to expert 1
+        y = expert_linear(x, weight, plan_dispatch(expert_idx, 2), backend="torch")
+        weight_first = low <= rows <= high and (avx2 or out_features == 2048)
+        assert products == [(out_features, in_features) if weight_first else (rows, in_features)]
+        expected = x.double() @ weight[1].double().T
+        torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+        # A column-major weight (the input gradient's weight.mT, or an [E, in, out] tensor's
+        # view) stays rows-first: weight-first was 2-2.5x slower on it.
+        products.clear()
+        column_major = weight.mT.contiguous().mT
+        y = expert_linear(x, column_major, plan_dispatch(expert_idx, 2), backend="torch")
+        assert products == [(rows, in_features)]
+        torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 64, 65])
@@ -494,7 +501,7 @@ def test_a_gated_sum_is_rounded_to_the_dtype_once(
          "few-experts", "too-large"],
 )  # fmt: skip
 def test_cpu_runs_go_through_one_grouped_mm_only_for_many_small_experts(
-    experts, rows_each, one_run, dtype
+    experts, rows_each, one_run, dtype, monkeypatch
 ):
     """On CPU the per-expert loop gives way to one call for many experts of a few rows each
     that fit GATHER_ONCE_BYTES: a padded ``bmm`` in native bf16, else one ``_grouped_mm``;
@@ -505,9 +512,11 @@ def test_cpu_runs_go_through_one_grouped_mm_only_for_many_small_experts(
     products, bf16 runs as fp32 does while every expert has at most EMULATED_MM_ROWS rows, or
     the experts have at most EMULATED_MEAN_ROWS on average (each product then torch's own bf16
     one, in ``_grouped_mm`` as in the loop); larger ones keep the loop, whose products run in
-    fp32.
+    fp32. So on a CPU other than AVX2 (forced; see test_avx2_cpu_runs_are_one_per_expert...).
     Either way expert_linear matches the float64 oracle."""
+    monkeypatch.setattr(torch_backend, "_avx2_cpu", lambda: False)
     native = dtype == torch.float32 or torch_backend.cpu_has_native_matmul(dtype)
+
     if one_run == "padded":
         one_run = ("padded" if dtype != torch.float32 else True) if native else True
     elif one_run == "fp32":
@@ -529,6 +538,51 @@ def test_cpu_runs_go_through_one_grouped_mm_only_for_many_small_experts(
     torch.testing.assert_close(
         expert_linear(x, weight, plan).double(), expected, rtol=tolerance, atol=tolerance * 10
     )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "experts", "rows_each", "per_expert"),
+    [(torch.float32, 8, 2, True), (torch.float32, 64, 4, True), (torch.float32, 64, 16, True),
+     (torch.float32, 64, 17, False), (torch.float32, 64, 1, False), (torch.bfloat16, 8, 3, False),
+     (torch.bfloat16, 8, 4, True), (torch.bfloat16, 64, 4, True), (torch.bfloat16, 64, 2, False)],
+)  # fmt: skip
+def test_avx2_cpu_runs_are_one_per_expert_while_the_mean_product_is_weight_first(
+    dtype, experts, rows_each, per_expert, monkeypatch
+):
+    """On an AVX2 CPU (forced), where a product computed in fp32 of AVX2_WEIGHT_FIRST_ROWS rows
+    is weight-first, a row-major weight's runs are one per expert (each product weight-first),
+    not one ``_grouped_mm`` (whose products are rows-first), while the experts' mean row count
+    is in that range (in emulated bf16, forced, above EMULATED_WEIGHT_FIRST_MM_ROWS, where
+    torch's own 16-bit product is taken), for more than MANY_RUNS experts only up to a mean of
+    AVX2_MANY_RUNS_MEAN; otherwise the other CPUs' rules decide, as they always do for a weight
+    gradient's runs and a column-major weight's. The products match the float64 oracle."""
+    monkeypatch.setattr(
+        torch_backend, "cpu_has_native_matmul", lambda d: d not in (torch.bfloat16, torch.float16)
+    )
+    routing = torch.arange(experts).repeat_interleave(rows_each)[:, None]
+    routing = routing[torch.randperm(routing.shape[0])]
+    plan = plan_dispatch(routing, experts)
+    num_rows = routing.shape[0]
+    weight = (torch.randn(experts, 48, 64) / 8).to(dtype)
+
+    def runs_of(avx2: bool) -> tuple:
+        monkeypatch.setattr(torch_backend, "_avx2_cpu", lambda: avx2)
+        return tuple(
+            torch_backend._runs(plan.expert_offsets, dtype, num_rows, 64 * 4, weight=w)
+            for w in (weight, None, weight.mT)
+        )
+
+    elsewhere, (runs, *others) = runs_of(False), runs_of(True)
+    one_each = [(e, e * rows_each, (e + 1) * rows_each) for e in range(experts)]
+    assert runs == (one_each if per_expert else elsewhere[0])
+    assert others == list(elsewhere[1:])
+    x = torch.randn(num_rows, 64).to(dtype)
+    expected = torch.einsum("ti,toi->to", x.double(), weight.double()[routing[:, 0]])
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(
+        expert_linear(x, weight, plan, backend="torch").double(), expected, rtol=tolerance,
+        atol=tolerance * 10,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
