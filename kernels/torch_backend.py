@@ -71,11 +71,12 @@ FP32_WEIGHT_FIRST_NUMEL = 2**21
 AVX2_WEIGHT_FIRST_ROWS = (2, 128)
 # There a call's products are also one per expert (not one _grouped_mm, whose products are
 # rows-first) while the experts with rows have a mean row count whose product is weight-first;
-# with more than MANY_RUNS such experts only up to this mean: MoEMLP's forward at the
-# fine-grained shape (E64 k8), fp32, one product per expert against one _grouped_mm, in
-# alternating rounds: 1.12x faster at a mean of 2 rows (16 tokens), 1.29x at 3, 1.44x at 4,
-# 1.41x at 8, 1.01x at 12 and 16, 0.95x at 32.
-AVX2_MANY_RUNS_MEAN = 16
+# with more than MANY_RUNS such experts only up to this mean. Fine-grained shape (E64 k8),
+# fp32, one product per expert against one _grouped_mm, alternating rounds: MoEMLP's forward
+# 1.12x faster at a mean of 2 rows (16 tokens), 1.29x at 3, 1.44x at 4, 1.41x at 8, 1.01x at
+# 12 and 16, 0.95x at 32; the decoder layer's (MoA's experts of 128 x 1024 weights too) 1.16x
+# at 8, but 0.87x at 16.
+AVX2_MANY_RUNS_MEAN = 8
 
 # Up to this many rows, an expert's product on a CPU that emulates its 16-bit dtype is torch's
 # own 16-bit mm, not the rows and the weight converted to fp32 (:func:`_mm`): that kernel also
