@@ -5,7 +5,6 @@ that have rows: gather that expert's rows of ``x`` (a small copy that stays in c
 ``mm`` (an ``mv`` for a single row; weight-first for a few 16-bit rows, WEIGHT_FIRST_ROWS, for
 some fp32 rows of a large expert, FP32_WEIGHT_FIRST_ROWS, and on an AVX2 CPU for 2-128 rows
 computed in fp32, AVX2_WEIGHT_FIRST_ROWS) into
-
 the grouped result; then, for ASSIGNMENT output, one gather into assignment order, or, for TOKEN
 output, each token's k rows gathered, times the gates and summed in fp32, a block of tokens at
 a time (:func:`gated_token_sum`), or, on CPU with one run per expert, when all T·k rows in
@@ -296,10 +295,9 @@ def _runs(
         weight is not None
         and _avx2_cpu()
         and _weight_first(mean, weight)
-        and not (_emulated(weight) and _takes_16_bit_mm(mean, weight))
         and (len(runs) <= MANY_RUNS or mean <= AVX2_MANY_RUNS_MEAN)
     ):
-        return runs  # AVX2_MANY_RUNS_MEAN
+        return runs  # our weight-first products beat _grouped_mm's: AVX2_MANY_RUNS_MEAN
     # where no product can be weight-first (fp32 runs below FP32_WEIGHT_FIRST_ROWS), the C++
     # loop of one _grouped_mm costs less than ours: with the caches cold, as in a decode step,
     # each Python-level mm cost ~50 us more (JetMoE fp32, 8 tokens: the first products of 8
@@ -364,7 +362,8 @@ def _weight_first(num_rows: int, weight: Tensor) -> bool:
     """Whether one expert's product of ``num_rows`` rows is computed as ``weight[e] @ rows.T``,
     for a row-major weight only: up to WEIGHT_FIRST_ROWS 16-bit rows where
     :func:`_weight_first_helps`; on an AVX2 CPU (:func:`_avx2_cpu`) AVX2_WEIGHT_FIRST_ROWS of a
-    product computed in fp32 (fp32, or an emulated 16-bit dtype converted: :func:`_mm`); in
+    product computed in fp32 (fp32, or an emulated 16-bit dtype converted: :func:`_mm`, not
+    torch's own 16-bit product, :func:`_takes_16_bit_mm`); in
     fp32 on other CPUs, FP32_WEIGHT_FIRST_ROWS of an expert of at least
     FP32_WEIGHT_FIRST_NUMEL weights (tuned on the AMX Xeon). The input gradient's
     ``weight.mT`` (column-major) was slower weight-first at every row count on the AMX Xeon:
@@ -376,7 +375,8 @@ def _weight_first(num_rows: int, weight: Tensor) -> bool:
         return num_rows <= WEIGHT_FIRST_ROWS
     if _avx2_cpu() and weight.is_cpu and (weight.dtype == torch.float32 or _emulated(weight)):
         low, high = AVX2_WEIGHT_FIRST_ROWS
-        return low <= num_rows <= high
+        in_fp32 = not (_emulated(weight) and _takes_16_bit_mm(num_rows, weight))
+        return in_fp32 and low <= num_rows <= high
     low, high = FP32_WEIGHT_FIRST_ROWS
     return (
         weight.device.type == "cpu"
@@ -435,10 +435,11 @@ def _expert_product(rows: Tensor, weight: Tensor) -> Callable[[Tensor, int, Tens
     microseconds more with the caches cold, and choosing per product cost a one-token MoEMLP
     step 1.0-1.7% of its time (JetMoE's and the fine-grained shape, fp32 and bf16, caches
     flushed before each call, alternating in one process)."""
-    if _emulated(rows) and _takes_16_bit_mm(rows.shape[0], weight):
-        return lambda rows, e, out: torch.mm(rows, weight[e].t(), out=out)
     if not _weight_first(rows.shape[0], weight):
-        return lambda rows, e, out: _mm(rows, weight[e].t(), out)
+        if _emulated(rows) and not _takes_16_bit_mm(rows.shape[0], weight):
+            return lambda rows, e, out: _mm(rows, weight[e].t(), out)
+        return lambda rows, e, out: torch.mm(rows, weight[e].t(), out=out)
+
     if rows.shape[0] == 1:
         # One 16-bit row (a decode step's expert): a matrix-vector product, which streams the
         # weight once; as a 1-row mm it took 1.65x the time (bf16, JetMoE's up projection,
