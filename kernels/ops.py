@@ -410,7 +410,7 @@ def routed_mlp(
     ):
         return None
     if plan.num_tokens == 1:  # a decode step of one token: the calls' one-token paths
-        slots, experts = plan.sorted_indices.tolist(), plan.sorted_experts.tolist()
+        slots, experts = plan.one_token_order()
         return torch_backend.one_token_mlp(x, w_in, w_out, activate, gates, slots, experts)
     return torch_backend.routed_mlp(
         x, w_in, w_out, activate, gates, plan.sorted_indices, plan.expert_offsets,

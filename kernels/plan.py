@@ -59,20 +59,61 @@ class DispatchPlan:
 
     Attributes:
         expert_idx: ``[T, k]`` int64, the routing it was built from.
-        sorted_indices: ``[T*k]`` int64, assignment ids in grouped order (experts non-decreasing).
+        num_experts: E.
+
+    Properties (the grouping, computed on ``expert_idx``'s device the first time one of them
+    is read, then kept; a one-token decode step on CPU reads none: its products take the
+    order from :meth:`one_token_order`, and the grouping's four small ops each cost 30-60 us
+    there, the caches cold from the weights streaming through):
+        sorted_indices: ``[T*k]`` int64, assignment ids in grouped order (experts
+            non-decreasing).
         sorted_experts: ``[T*k]`` int64, the expert of each grouped row.
         expert_offsets: ``[E+1]`` int64, grouped rows of expert ``e`` are
             ``expert_offsets[e]:expert_offsets[e+1]``.
         tokens_per_expert: ``[E]`` int64, assignments per expert.
-        num_experts: E.
     """
 
     expert_idx: Tensor
-    sorted_indices: Tensor
-    sorted_experts: Tensor
-    expert_offsets: Tensor
-    tokens_per_expert: Tensor
     num_experts: int
+
+    @property
+    def sorted_indices(self) -> Tensor:
+        return self._grouping()[0]
+
+    @property
+    def sorted_experts(self) -> Tensor:
+        return self._grouping()[1]
+
+    @property
+    def expert_offsets(self) -> Tensor:
+        return self._grouping()[2]
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        return self._grouping()[3]
+
+    def _grouping(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        grouping = self.__dict__.get("_grouped")
+        if grouping is None:
+            flat = self.expert_idx.reshape(-1)
+            sorted_experts, sorted_indices = torch.sort(flat, stable=True)
+            boundaries = torch.arange(self.num_experts + 1, device=flat.device, dtype=flat.dtype)
+            expert_offsets = torch.searchsorted(sorted_experts, boundaries)
+            grouping = (sorted_indices, sorted_experts, expert_offsets, expert_offsets.diff())
+            # kept on the (frozen) plan itself: torch.compile traces this, where Python 3.11's
+            # functools.cached_property takes a lock it cannot
+            object.__setattr__(self, "_grouped", grouping)
+        return grouping
+
+    def one_token_order(self) -> tuple[list[int], list[int]]:
+        """For a plan of one token: its slots in grouped order and their experts, as host
+        lists (``sorted_indices`` and ``sorted_experts``, read from ``expert_idx`` without
+        computing the grouping)."""
+        if self.num_tokens != 1:
+            raise ValueError(f"one_token_order needs a plan of one token, got {self.num_tokens}")
+        ids = self.expert_idx[0].tolist()
+        slots = sorted(range(len(ids)), key=ids.__getitem__)  # stable, as the grouping
+        return slots, [ids[slot] for slot in slots]
 
     @property
     def num_tokens(self) -> int:
@@ -92,7 +133,8 @@ class DispatchPlan:
 
 
 def plan_dispatch(expert_idx: Tensor, num_experts: int) -> DispatchPlan:
-    """Sort the assignments of ``expert_idx[T, k]`` by expert and count them per expert.
+    """The plan that sorts the assignments of ``expert_idx[T, k]`` by expert and counts them
+    per expert (when first read: :class:`DispatchPlan`).
 
     Everything is computed on ``expert_idx``'s device without reading values on the host. The
     range check ``0 <= expert_idx < num_experts`` raises ``ValueError`` on CPU; on other devices
@@ -121,16 +163,4 @@ def plan_valid_routing(expert_idx: Tensor, num_experts: int) -> DispatchPlan:
     ``[T, k]`` tensor of ids in ``[0, num_experts)``), without the checks, whose range check
     reads two values on the host (a decode step's router spends its time in such small
     steps)."""
-    expert_idx = expert_idx.to(torch.int64)
-    flat = expert_idx.reshape(-1)
-    sorted_experts, sorted_indices = torch.sort(flat, stable=True)
-    boundaries = torch.arange(num_experts + 1, device=flat.device, dtype=torch.int64)
-    expert_offsets = torch.searchsorted(sorted_experts, boundaries)
-    return DispatchPlan(
-        expert_idx=expert_idx,
-        sorted_indices=sorted_indices,
-        sorted_experts=sorted_experts,
-        expert_offsets=expert_offsets,
-        tokens_per_expert=expert_offsets.diff(),
-        num_experts=num_experts,
-    )
+    return DispatchPlan(expert_idx=expert_idx.to(torch.int64), num_experts=num_experts)

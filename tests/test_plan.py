@@ -42,6 +42,45 @@ def test_plan_is_stable_within_an_expert(routing):
         assert bool((ids[1:] > ids[:-1]).all())
 
 
+@given(routings(min_tokens=1, max_tokens=1))
+def test_a_one_token_plans_order_read_on_the_host_is_its_grouping(routing):
+    """``one_token_order`` (a decode step's products, read from ``expert_idx`` on the host)
+    lists the slots and experts of the plan's own grouping, repeated experts included; a plan
+    of another token count is refused."""
+    plan = plan_dispatch(routing.expert_idx, routing.num_experts)
+    slots, experts = plan.one_token_order()
+    assert slots == plan.sorted_indices.tolist()
+    assert experts == plan.sorted_experts.tolist()
+    repeated = plan_dispatch(torch.tensor([[2, 0, 2, 1, 0]]), 3)
+    assert repeated.one_token_order() == ([1, 4, 3, 0, 2], [0, 0, 1, 2, 2])
+    for tokens in (0, 2):
+        with pytest.raises(ValueError, match="one token"):
+            plan_dispatch(torch.zeros(tokens, 2, dtype=torch.long), 3).one_token_order()
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_a_one_token_decode_step_on_cpu_computes_no_grouping(tokens):
+    """A plan sorts its assignments only when its grouping is first read: a one-token
+    inference step on CPU reads none (its products take the order from the host, the router
+    counts the token's experts itself), so none of the grouping's small ops runs; with two
+    tokens the grouping is computed, once."""
+    from unittest import mock
+
+    from moe_blocks import MoEMLP
+
+    torch.manual_seed(0)
+    mlp = MoEMLP(16, 32, 6, 2, backend="torch").eval()
+    x = torch.randn(tokens, 16)
+    with mock.patch.object(torch, "searchsorted", wraps=torch.searchsorted) as grouping:
+        with torch.no_grad():
+            out = mlp(x)
+    assert grouping.call_count == (0 if tokens == 1 else 1)
+    reference = mlp(x.clone().requires_grad_())  # autograd: the kernel calls, which group
+    torch.testing.assert_close(out, reference.detach(), atol=0, rtol=0)
+    counts = torch.bincount(mlp.router(x).expert_idx.flatten(), minlength=6)
+    assert mlp.router.last_tokens_per_expert.tolist() == counts.tolist()
+
+
 def test_plan_accepts_any_integer_dtype():
     idx = torch.tensor([[0, 2], [1, 2]], dtype=torch.int32)
     plan = plan_dispatch(idx, 3)
