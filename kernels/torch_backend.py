@@ -76,6 +76,15 @@ AVX2_WEIGHT_FIRST_ROWS = (2, 128)
 # 12 and 16, 0.95x at 32; the decoder layer's (MoA's experts of 128 x 1024 weights too) 1.16x
 # at 8, but 0.87x at 16.
 AVX2_MANY_RUNS_MEAN = 8
+# There one fp32 row of an expert of at least FP32_WEIGHT_FIRST_NUMEL weights is multiplied as
+# the two halves of the expert's output rows in one torch.bmm (:func:`_halves_product`) when
+# torch runs at least this many threads: MKL's one-row product ran on one core (the same time
+# with one thread or two), the batched one on two. The AVX2 EPYC, caches flushed, ms, ``mm``
+# against the halves: [5632, 1024] 1.67/1.26, [7168, 1024] 2.06/1.64, [2048, 1024] 0.66/0.55,
+# [1024, 3584] 1.11/0.97, [1024, 2816] 0.79/0.67, [1536, 1024] 0.54/0.49, [1024, 1024]
+# 0.41/0.40, but [512, 1024] 0.21/0.23 and, with one thread, [5632, 1024] 1.71/2.12. Two rows
+# and more gain nothing so (a weight-first product of two rows 1.76 against 1.83).
+HALVED_ROW_THREADS = 2
 
 # Up to this many rows, an expert's product on a CPU that emulates its 16-bit dtype is torch's
 # own 16-bit mm, not the rows and the weight converted to fp32 (:func:`_mm`): that kernel also
@@ -438,6 +447,8 @@ def _expert_product(rows: Tensor, weight: Tensor) -> Callable[[Tensor, int, Tens
     if not _weight_first(rows.shape[0], weight):
         if _emulated(rows) and not _takes_16_bit_mm(rows.shape[0], weight):
             return lambda rows, e, out: _mm(rows, weight[e].t(), out)
+        if _halved_row_product(rows.shape[0], weight):
+            return lambda rows, e, out: _halves_product(rows, weight[e], out)
         return lambda rows, e, out: torch.mm(rows, weight[e].t(), out=out)
 
     if rows.shape[0] == 1:
@@ -446,6 +457,36 @@ def _expert_product(rows: Tensor, weight: Tensor) -> Callable[[Tensor, int, Tens
         # caches cold as between two layers). In fp32 the mm was faster.
         return lambda rows, e, out: _placed(torch.mv(weight[e], rows[0])[None], out)
     return lambda rows, e, out: _placed(_mm(weight[e], rows.t()).t(), out)
+
+
+def _halved_row_product(num_rows: int, weight: Tensor) -> bool:
+    """Whether one expert's product of ``num_rows`` rows through ``weight [E, out, in]`` is
+    :func:`_halves_product`'s: one fp32 row of a row-major expert of at least
+    FP32_WEIGHT_FIRST_NUMEL weights and an even number of output rows, on an AVX2 CPU
+    (:func:`_avx2_cpu`) running torch on more than one thread (HALVED_ROW_THREADS)."""
+    return (
+        num_rows == 1
+        and weight.is_cpu
+        and weight.dtype == torch.float32
+        and weight.stride(-1) == 1
+        and weight.shape[1] % 2 == 0
+        and weight[0].numel() >= FP32_WEIGHT_FIRST_NUMEL
+        and _avx2_cpu()
+        and torch.get_num_threads() >= HALVED_ROW_THREADS
+    )
+
+
+def _halves_product(row: Tensor, expert_weight: Tensor, out: Tensor | None) -> Tensor:
+    """``row [1, in] @ expert_weight[out, in].T`` as one ``torch.bmm`` of the weight's two
+    halves of output rows (each output its own dot product, so the split changes no sum; the
+    bits differ from ``mm``'s), written into ``out`` (a contiguous row) if given."""
+    num_out, num_in = expert_weight.shape
+    halves = expert_weight.view(2, num_out // 2, num_in)
+    column = row.t().expand(2, num_in, 1)
+    if out is None:
+        return torch.bmm(halves, column).view(1, num_out)
+    torch.bmm(halves, column, out=out.view(2, num_out // 2, 1))
+    return out
 
 
 def _placed(part: Tensor, out: Tensor | None) -> Tensor:

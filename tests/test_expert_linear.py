@@ -293,6 +293,7 @@ def test_fp32_rows_are_multiplied_weight_first_in_their_range(rows, avx2, monkey
     FP32_WEIGHT_FIRST_ROWS for an expert of FP32_WEIGHT_FIRST_NUMEL weights only (the CPU
     kind forced here). Either way the float64 reference's product, rounded."""
     monkeypatch.setattr(torch_backend, "_avx2_cpu", lambda: avx2)
+    monkeypatch.setattr(torch_backend, "HALVED_ROW_THREADS", 2**30)  # (one row: the next test)
     low, high = (
         torch_backend.AVX2_WEIGHT_FIRST_ROWS if avx2 else torch_backend.FP32_WEIGHT_FIRST_ROWS
     )
@@ -322,6 +323,58 @@ def test_fp32_rows_are_multiplied_weight_first_in_their_range(rows, avx2, monkey
         y = expert_linear(x, column_major, plan_dispatch(expert_idx, 2), backend="torch")
         assert products == [(rows, in_features)]
         torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("avx2", [False, True], ids=["other_cpu", "avx2_cpu"])
+def test_one_fp32_row_of_a_large_expert_is_multiplied_as_two_halves_on_an_avx2_cpu(
+    avx2, threads, monkeypatch
+):
+    """On an AVX2 CPU with torch on HALVED_ROW_THREADS threads or more, one fp32 row of a
+    row-major expert of FP32_WEIGHT_FIRST_NUMEL weights or more, with an even number of output
+    rows, is one ``torch.bmm`` over the two halves of those rows: a one-token step's k
+    products, and an expert's single row among other experts' rows; every other product is
+    not (the CPU kind and the thread count forced here). Each is the float64 reference's
+    product, rounded."""
+    monkeypatch.setattr(torch_backend, "_avx2_cpu", lambda: avx2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    bmm_calls = []
+    real_bmm = torch.bmm
+
+    def recorded_bmm(*args, **kwargs):
+        bmm_calls.append(args[0].shape)
+        return real_bmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", recorded_bmm)
+    large = torch_backend.FP32_WEIGHT_FIRST_NUMEL // 1024
+    cases = [  # (out, in), dtype, column-major: whether one row is halved
+        ((large, 1024), torch.float32, False, avx2 and threads >= 2),
+        ((large + 1, 1024), torch.float32, False, False),  # odd
+        ((large // 2, 1024), torch.float32, False, False),  # small
+        ((large, 1024), torch.float32, True, False),  # the input gradient's weight.mT
+        ((large, 1024), torch.bfloat16, False, False),
+    ]
+    one_token = torch.tensor([[1, 0]])  # one token's two 1-row products
+    among_others = torch.tensor([[1], [1], [1], [0]])  # expert 0's single row, expert 1's three
+    for (out_features, in_features), dtype, column_major, halved in cases:
+        padded = torch.randn(2, out_features, in_features + 8, dtype=dtype)
+        weight = padded[..., :in_features] / in_features**0.5  # rows strided past their width
+        if column_major:
+            weight = weight.mT.contiguous().mT
+        x = torch.randn(4, in_features, dtype=dtype)
+        for tokens, expert_idx, single_rows in ((x[:1], one_token, 2), (x, among_others, 1)):
+            bmm_calls.clear()
+            y = expert_linear(tokens, weight, plan_dispatch(expert_idx, 2), backend="torch")
+            if expert_idx is one_token or avx2:  # (elsewhere the 4 rows are one _grouped_mm)
+                halves = [(2, out_features // 2, in_features)] * single_rows
+                assert bmm_calls == (halves if halved else []), (out_features, dtype)
+            k = expert_idx.shape[1]
+            expected = torch.stack([  # assignment a: token a // k through its expert
+                tokens[a // k].double() @ weight[e].double().T
+                for a, e in enumerate(expert_idx.flatten().tolist())
+            ])  # fmt: skip
+            tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(y.double(), expected, atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 64, 65])
