@@ -4,7 +4,8 @@ On CPU (and on CUDA where ``torch._grouped_mm`` cannot run the dtype) it loops o
 that have rows: gather that expert's rows of ``x`` (a small copy that stays in cache), one
 ``mm`` (an ``mv`` for a single row; weight-first for a few 16-bit rows, WEIGHT_FIRST_ROWS, for
 some fp32 rows of a large expert, FP32_WEIGHT_FIRST_ROWS, and on an AVX2 CPU for 2-128 rows
-computed in fp32, AVX2_WEIGHT_FIRST_ROWS) into
+computed in fp32, AVX2_WEIGHT_FIRST_ROWS, where one fp32 row of a large expert is a ``bmm``
+over two halves of its weight, HALVED_ROW_THREADS) into
 the grouped result; then, for ASSIGNMENT output, one gather into assignment order, or, for TOKEN
 output, each token's k rows gathered, times the gates and summed in fp32, a block of tokens at
 a time (:func:`gated_token_sum`), or, on CPU with one run per expert, when all T·k rows in
@@ -463,7 +464,7 @@ def _halved_row_product(num_rows: int, weight: Tensor) -> bool:
     """Whether one expert's product of ``num_rows`` rows through ``weight [E, out, in]`` is
     :func:`_halves_product`'s: one fp32 row of a row-major expert of at least
     FP32_WEIGHT_FIRST_NUMEL weights and an even number of output rows, on an AVX2 CPU
-    (:func:`_avx2_cpu`) running torch on more than one thread (HALVED_ROW_THREADS)."""
+    (:func:`_avx2_cpu`) running torch on at least HALVED_ROW_THREADS threads."""
     return (
         num_rows == 1
         and weight.is_cpu

@@ -207,8 +207,8 @@ class TopKRouter(nn.Module):
             )
         elif expert_idx.shape[0] == 1:  # one token's k distinct experts, counted without the
             # plan's grouping, which a decode step on CPU never computes
-            ones = torch.zeros(self.num_experts, **counts)
-            tokens_per_expert = ones.index_fill_(0, expert_idx.view(-1), 1)
+            chosen = torch.zeros(self.num_experts, **counts)
+            tokens_per_expert = chosen.index_fill_(0, expert_idx.view(-1), 1)
         else:
             tokens_per_expert = plan.tokens_per_expert
         if self.reduce_tokens_per_expert is not None:  # e.g. every rank's (global balance)
