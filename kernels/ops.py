@@ -470,11 +470,19 @@ def expert_linear(
     else:
         y_layout = RowLayout.GROUPED if grouped_out else RowLayout.ASSIGNMENT
     gather_gemm = _OPS[name][0]
-    if no_autograd(x, weight, bias, gates):  # the same function, without the op's dispatch
+    direct = no_autograd(x, weight, bias, gates)
+    if direct:  # the same function, without the op's dispatch
         gather_gemm = _IMPLS[name].gather_gemm
+    flat_gates = None if gates is None else gates.contiguous().view(-1)
     with _autocast_off(device_type) if autocast else contextlib.nullcontext():
+        if direct and name == "torch" and device_type == "cpu" and plan.num_tokens == 1:
+            # a decode step of one token: the torch backend's one-token path, its order read
+            # on the host, so the plan's grouping is never computed (MoA's two calls a step)
+            slots, experts = plan.one_token_order()
+            return torch_backend.one_token_gather_gemm(
+                x, weight, bias, flat_gates, slots, experts, x_layout, y_layout
+            )
         return gather_gemm(
-            x, weight, bias, None if gates is None else gates.contiguous().view(-1),
-            plan.sorted_indices, plan.sorted_experts, plan.expert_offsets,
-            plan.top_k, int(x_layout), int(y_layout),
+            x, weight, bias, flat_gates, plan.sorted_indices, plan.sorted_experts,
+            plan.expert_offsets, plan.top_k, int(x_layout), int(y_layout),
         )  # fmt: skip

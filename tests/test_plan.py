@@ -58,27 +58,34 @@ def test_a_one_token_plans_order_read_on_the_host_is_its_grouping(routing):
             plan_dispatch(torch.zeros(tokens, 2, dtype=torch.long), 3).one_token_order()
 
 
+@pytest.mark.parametrize("block", ["MoEMLP", "MoA"])
 @pytest.mark.parametrize("tokens", [1, 2])
-def test_a_one_token_decode_step_on_cpu_computes_no_grouping(tokens):
+def test_a_one_token_decode_step_on_cpu_computes_no_grouping(tokens, block):
     """A plan sorts its assignments only when its grouping is first read: a one-token
     inference step on CPU reads none (its products take the order from the host, the router
-    counts the token's experts itself), so none of the grouping's small ops runs; with two
-    tokens the grouping is computed, once."""
+    counts the token's experts itself), so none of the grouping's small ops runs, in MoEMLP's
+    one pass as in MoA's two ``expert_linear`` calls; with two tokens each router's plan is
+    grouped once. Either way the bits of the autograd path (the kernel calls)."""
     from unittest import mock
 
-    from moe_blocks import MoEMLP
+    from moe_blocks import MoA, MoEMLP
 
     torch.manual_seed(0)
-    mlp = MoEMLP(16, 32, 6, 2, backend="torch").eval()
-    x = torch.randn(tokens, 16)
+    if block == "MoEMLP":
+        module, x = MoEMLP(16, 32, 6, 2, backend="torch"), torch.randn(tokens, 16)
+    else:
+        module = MoA(16, 6, 2, head_dim=4, num_kv_heads=2, backend="torch")
+        x = torch.randn(1, tokens, 16)
+    module.eval()
     with mock.patch.object(torch, "searchsorted", wraps=torch.searchsorted) as grouping:
         with torch.no_grad():
-            out = mlp(x)
+            out = module(x)
     assert grouping.call_count == (0 if tokens == 1 else 1)
-    reference = mlp(x.clone().requires_grad_())  # autograd: the kernel calls, which group
+    reference = module(x.clone().requires_grad_())  # autograd: the kernel calls, which group
     torch.testing.assert_close(out, reference.detach(), atol=0, rtol=0)
-    counts = torch.bincount(mlp.router(x).expert_idx.flatten(), minlength=6)
-    assert mlp.router.last_tokens_per_expert.tolist() == counts.tolist()
+    routed = module.router(x.reshape(-1, 16)).expert_idx.flatten()
+    counts = torch.bincount(routed, minlength=6)
+    assert module.router.last_tokens_per_expert.tolist() == counts.tolist()
 
 
 def test_plan_accepts_any_integer_dtype():
