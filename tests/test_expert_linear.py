@@ -361,7 +361,7 @@ def test_one_fp32_row_of_a_large_expert_is_multiplied_as_two_halves_on_an_avx2_c
         weight = padded[..., :in_features] / in_features**0.5  # rows strided past their width
         if column_major:
             weight = weight.mT.contiguous().mT
-        x = torch.randn(4, in_features, dtype=dtype)
+        x = torch.randn(in_features, 4, dtype=dtype).t()  # rows strided too (column-major)
         for tokens, expert_idx, single_rows in ((x[:1], one_token, 2), (x, among_others, 1)):
             bmm_calls.clear()
             y = expert_linear(tokens, weight, plan_dispatch(expert_idx, 2), backend="torch")
