@@ -205,8 +205,9 @@ class TopKRouter(nn.Module):
             tokens_per_expert = torch.zeros(self.num_experts, **counts).scatter_add_(
                 0, expert_idx.reshape(-1), real
             )
-        elif expert_idx.shape[0] == 1:  # one token's k distinct experts, counted without the
-            # plan's grouping, which a decode step on CPU never computes
+        elif expert_idx.shape[0] == 1 and x.is_cpu:  # one token's k distinct experts, counted
+            # without the plan's grouping, which a decode step on CPU never computes (elsewhere
+            # its kernels group the plan anyway, and the counts come with it)
             chosen = torch.zeros(self.num_experts, **counts)
             tokens_per_expert = chosen.index_fill_(0, expert_idx.view(-1), 1)
         else:
