@@ -259,7 +259,7 @@ def test_torch_backend_one_token_path_matches_reference(native, combination, dat
 @pytest.mark.parametrize("combination", COMBINATIONS)
 @pytest.mark.parametrize("weight_first_rows", [0, 2**62], ids=["rows_first", "weight_first"])
 @pytest.mark.parametrize("gather_once_bytes", [0, 2**62], ids=["gather_per_run", "gather_once"])
-@pytest.mark.parametrize("token_sums", ["per_token", "at_once", "added"])
+@pytest.mark.parametrize("token_sums", ["per_token", "placed", "gathered", "added"])
 @per_combination(2)
 @given(data=st.data())
 def test_torch_backend_matmul_orientations_gathers_and_sums_match_reference(
@@ -269,9 +269,12 @@ def test_torch_backend_matmul_orientations_gathers_and_sums_match_reference(
     CPU), else ``rows @ weight[e].T``; rows are gathered in one call up to GATHER_ONCE_BYTES,
     else per expert; a gated token sum takes SUM_BLOCK_BYTES of terms at a time (a token at a
     time, or all at once), or, above ADDED_SUMS_BYTES on CPU, adds each expert's gated rows
-    into the sums (``added``): every choice, forced here for every run, matches the oracle."""
+    into the sums (``added``); grouped rows go to assignment order (all at once, and ASSIGNMENT
+    outputs) placed by one ``index_copy_`` up to PLACED_BYTES, else gathered by the inverse
+    permutation: every choice, forced here for every run, matches the oracle."""
     sum_block_bytes = 0 if token_sums == "per_token" else 2**62
     added_sums_bytes = 0 if token_sums == "added" else 2**62
+    placed_bytes = 0 if token_sums == "gathered" else 2**62
     problem = data.draw(problems(combination, **TORCH_PROBLEMS))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_backend, "WEIGHT_FIRST_ROWS", weight_first_rows)
@@ -281,6 +284,7 @@ def test_torch_backend_matmul_orientations_gathers_and_sums_match_reference(
         patch.setattr(torch_backend, "GATHER_ONCE_BYTES", gather_once_bytes)
         patch.setattr(torch_backend, "SUM_BLOCK_BYTES", sum_block_bytes)
         patch.setattr(torch_backend, "ADDED_SUMS_BYTES", added_sums_bytes)
+        patch.setattr(torch_backend, "PLACED_BYTES", placed_bytes)
         check_against_reference(problem, "torch")
 
 
