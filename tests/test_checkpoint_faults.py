@@ -8,6 +8,7 @@ was already published)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -260,13 +261,17 @@ def test_keep_checkpoints_keeps_the_newest_k(keep, sharded, tmp_path, data, monk
     assert train(replace(settings, steps=8), resume=True, progress=False).log[-1]["step"] == 8
 
 
-def _save_steps(directory: Path, steps: list[int], keep: int | None) -> None:
-    """write_checkpoint of a checkpoint per step (its trainer_state.json), in order."""
+def _save_steps(
+    directory: Path, steps: list[int], keep: int | None, *, recorded: bool = False
+) -> None:
+    """write_checkpoint of a checkpoint per step (its trainer_state.json, which with
+    ``recorded`` also holds ``keep`` in its settings, as a training checkpoint's), in order."""
     for step in steps:
+        state = {"step": step} | ({"settings": {"keep_checkpoints": keep}} if recorded else {})
         run_folder.write_checkpoint(
             directory,
-            lambda folder, step=step: (folder / "trainer_state.json").write_text(
-                f'{{"step": {step}}}'
+            lambda folder, state=state: (folder / "trainer_state.json").write_text(
+                json.dumps(state)
             ),
             keep=keep,
         )
@@ -295,6 +300,33 @@ def test_kept_checkpoints_are_the_newest_of_earlier_steps_only(tmp_path):
     (tmp_path / "model.step-3").mkdir()
     _save_steps(export, [1, 2], keep=None)
     assert _kept(export) == ["model.step-3"]
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_a_save_killed_after_publishing_still_keeps_what_it_replaced(keep, tmp_path, monkeypatch):
+    """Killed once the new checkpoint is published but before the one it replaced became
+    ``checkpoint.step-N``: the next start's recovery (:func:`recover_checkpoint`, which
+    ``train`` runs first) keeps it as the save would have (``keep_checkpoints`` from the new
+    checkpoint's trainer state), so the run still holds its newest K. An export's
+    ``.previous`` (no trainer state) is deleted, as before."""
+    checkpoint = tmp_path / "checkpoint"
+    _save_steps(checkpoint, [2, 4], keep=keep, recorded=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(run_folder, "_keep_replaced", _fail_on_call(1, Killed(), None))
+        with pytest.raises(Killed):
+            _save_steps(checkpoint, [6], keep=keep, recorded=True)
+    assert (tmp_path / "checkpoint.previous").is_dir()
+    run_folder.recover_checkpoint(checkpoint)
+    assert _kept(checkpoint) == [f"checkpoint.step-{step}" for step in (2, 4)][3 - keep :]
+    assert run_folder.load_json(checkpoint / "trainer_state.json")["step"] == 6
+    assert not (tmp_path / "checkpoint.previous").exists()
+    _save_steps(checkpoint, [8], keep=keep, recorded=True)  # and the next save goes on
+    assert _kept(checkpoint) == [f"checkpoint.step-{step}" for step in (2, 4, 6)][4 - keep :]
+    export = tmp_path / "model"
+    _save_steps(export, [1, 2], keep=None)
+    (tmp_path / "model.previous").mkdir()
+    run_folder.recover_checkpoint(export)
+    assert not (tmp_path / "model.previous").exists() and _kept(export) == []
 
 
 def test_overwrite_removes_the_kept_checkpoints_of_the_run_it_replaces(tmp_path, data):

@@ -108,11 +108,19 @@ def write_export_step(folder: Path, step: int) -> None:
 
 def _recorded_step(path: Path) -> int | None:
     """The ``"step"`` a JSON file records, None when it is missing, unreadable or says none."""
+    return _recorded(path, "step")
+
+
+def _recorded(path: Path, *keys: str) -> int | None:
+    """The integer a JSON file records under ``keys`` (nested), None when it is missing,
+    unreadable or says none."""
     try:
-        step = load_json(path).get("step")
+        value = load_json(path)
+        for key in keys:
+            value = value.get(key)
     except (OSError, ValueError, AttributeError):
         return None
-    return step if is_int(step) else None
+    return value if is_int(value) else None
 
 
 def export_step(folder: Path) -> int | None:
@@ -276,11 +284,18 @@ def published(directory: Path) -> Path:
 def recover_checkpoint(directory: Path) -> None:
     """Undo what a crash inside :func:`write_checkpoint` left: a complete ``.previous`` with
     no ``directory`` (killed between its two renames) becomes ``directory`` again; a
-    ``.partial`` (never published) is deleted, and so is a ``.previous`` beside a published
-    ``directory``. Main process only, before anything reads the checkpoint."""
+    ``.partial`` (never published) is deleted. A ``.previous`` beside a published
+    ``directory`` (killed after publishing) is what that save replaced: kept as
+    ``<directory>.step-N`` where the save's ``keep_checkpoints`` (its ``trainer_state.json``
+    records it) would have kept it, else deleted. Main process only, before anything reads the
+    checkpoint."""
     partial, previous = sibling(directory, "partial"), sibling(directory, "previous")
     if previous.is_dir() and not directory.exists():
         previous.rename(directory)
+    elif previous.is_dir():  # the save's last step, as it would have done it
+        keep = _recorded(directory / "trainer_state.json", "settings", "keep_checkpoints")
+        if keep is not None:
+            _keep_replaced(directory, previous, keep)
     for leftover in (partial, previous):
         if leftover.exists():
             shutil.rmtree(leftover)
