@@ -139,6 +139,7 @@ def upcycle_weights(
             ``noise_std``, ``drop_ratio``, ``granularity``).
     """
     _check_dense(gate, up, down)
+    check_seed(seed)
     hidden, d_model = gate.shape
     chosen = UpcycleOptions(**options).checked(hidden, num_experts, top_k)
     method, drop_ratio, granularity = chosen.method, chosen.drop_ratio, chosen.granularity
@@ -181,6 +182,12 @@ def upcycle_weights(
     return UpcycledWeights(
         router=router.contiguous(), w_in=w_in.contiguous(), w_out=w_out.contiguous()
     )
+
+
+def check_seed(seed: object) -> None:
+    """TypeError naming ``seed`` unless it is an int or None."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
 
 
 def _statistics(weight: Tensor) -> tuple[float, float]:

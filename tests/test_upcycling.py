@@ -188,6 +188,16 @@ def test_bad_options_are_refused_naming_the_option(kwargs, message):
     assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())
 
 
+def test_a_seed_that_is_no_int_is_refused_naming_it():
+    from moe_blocks.integrations.transformers import upcycle
+
+    for seed in ("1", 1.5, True):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            upcycle_mlp(DenseGLU(8, 16), num_experts=2, top_k=1, seed=seed)
+        with pytest.raises(TypeError, match="seed must be an int"):
+            upcycle(dense_model("llama"), num_experts=2, top_k=1, seed=seed)
+
+
 def test_what_is_not_a_dense_glu_mlp_is_refused():
     with pytest.raises(TypeError, match="mlp must be a dense GLU MLP"):
         upcycle_mlp(nn.Linear(4, 4), num_experts=2, top_k=1)
@@ -264,6 +274,45 @@ def test_upcycled_transformers_model_gives_the_dense_logits(
         assert type(loaded).__name__ == FAMILIES[family][2]
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+# Attention per layer: a window on every layer (Mistral), on the layers ``layer_types`` marks
+# (Qwen2 and Qwen3: from max_window_layers on), on none; Qwen3's query/key/value biases.
+ATTENTION_VARIANTS = [
+    ("mistral", {"sliding_window": 3}),
+    ("mistral", {"sliding_window": None}),
+    ("llama", {"sliding_window": 3}),  # a stray field Llama ignores: so must Mixtral
+    *[
+        (family, {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": layers})
+        for family in ("qwen2", "qwen3")
+        for layers in (0, 1, 2)  # of the dense model's two layers: all, one, none sliding
+    ],
+    ("qwen3", {"attention_bias": True}),
+]
+
+
+@pytest.mark.parametrize("family, overrides", ATTENTION_VARIANTS)
+def test_upcycled_attention_is_the_dense_models_or_refused(family, overrides):
+    """Every layer's attention (its window, its biases) as in the dense model: equal logits
+    over 11 tokens (a window of 3 changes them) under both experts implementations, or a
+    ValueError naming what the MoE class cannot represent (Qwen3-MoE slides every layer or
+    none) before anything is built."""
+    from moe_blocks.integrations.transformers import upcycle
+
+    dense = dense_model(family, **overrides)
+    ids = torch.randint(0, 61, (2, 11))
+    with torch.no_grad():
+        expected = dense(ids).logits
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in dense.model.layers]
+    if family == "qwen3" and len(set(windows)) > 1:
+        with pytest.raises(ValueError, match="sliding window on some layers only"):
+            upcycle(dense, num_experts=4, top_k=2, seed=0)
+        return
+    moe = upcycle(dense, num_experts=4, top_k=2, seed=0)
+    for implementation in ("eager", "moe_blocks"):
+        moe.set_experts_implementation(implementation)
+        with torch.no_grad():
+            torch.testing.assert_close(moe(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_drop_upcycled_transformers_model_keeps_the_other_neurons():
@@ -443,6 +492,93 @@ def test_the_upcycle_command_refuses_what_is_not_a_dense_causal_lm(
         == 2
     )
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_the_upcycle_command_checks_bf16_experts_of_any_width(tmp_path, capsys):
+    """bf16 experts 12 wide (48 / granularity 4): 24-byte rows, which transformers' default
+    grouped_mm refuses; the command's logit check runs on our kernel and the model loads."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_blocks.models.cli import main
+
+    dense = dense_model("mistral").to(torch.bfloat16)
+    dense.save_pretrained(tmp_path / "dense")
+    out = tmp_path / "moe"
+    arguments = ["--experts", "4", "--top-k", "4", "--method", "granular", "--out", str(out)]
+    assert main(["upcycle", str(tmp_path / "dense"), *arguments]) == 0, capsys.readouterr().err
+    assert json.loads((out / "upcycle.json").read_text())["max_logit_change"] < 0.1
+    loaded = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager").eval()
+    ids = torch.randint(0, 61, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(ids).logits.float(), dense(ids).logits.float(), atol=0.1, rtol=0.05
+        )
+
+
+def test_a_dense_config_without_an_moe_equivalent_is_refused_before_any_weight(
+    dense_checkpoint, tmp_path, capsys
+):
+    """A config the MoE class cannot represent (Qwen3 sliding one of its two layers): one line
+    naming it, read from config.json alone (the folder holds no weights to load)."""
+    from moe_blocks.models.cli import main
+
+    config = json.loads((dense_checkpoint[1] / "config.json").read_text())
+    source = tmp_path / "half-sliding"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(config | {
+        "use_sliding_window": True, "sliding_window": 4,
+        "layer_types": ["full_attention", "sliding_attention"],
+    }))  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["upcycle", str(source), "--experts", "4", "--top-k", "2", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "sliding window on some layers only" in error, error
+    assert not out.exists()
+
+
+def test_the_upcycle_command_replaces_no_folder_that_holds_other_files(
+    dense_checkpoint, tmp_path, capsys
+):
+    from moe_blocks.models.cli import main
+
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    dense = str(dense_checkpoint[1])
+    for extra in ([], ["--overwrite"]):
+        arguments = ["--experts", "4", "--top-k", "2", "--out", str(out), *extra]
+        assert main(["upcycle", dense, *arguments]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "holds other files" in error, error
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["upcycle", dense, "--experts", "4", "--top-k", "2", "--out", str(empty)]) == 0
+    assert (empty / "config.json").is_file()
+
+
+def test_upcycling_registers_the_moe_blocks_experts_implementation(tmp_path):
+    """In a fresh process, without register(): the upcycled model saved, then loaded with
+    experts_implementation="moe_blocks", gives the dense logits."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from moe_blocks.integrations.transformers import upcycle
+torch.manual_seed(0)
+dense = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
+    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
+upcycle(dense, num_experts=4, top_k=2, seed=0).save_pretrained({str(tmp_path)!r})
+loaded = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r},
+    experts_implementation="moe_blocks").eval()
+ids = torch.randint(0, 61, (1, 7))
+with torch.no_grad():
+    torch.testing.assert_close(loaded(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-5)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------

@@ -208,14 +208,21 @@ def validate(
 
 
 def new_output_folder(path: str, overwrite: bool) -> Path:
-    """``--out`` as a Path, refused if it is a file or already holds a model (unless
-    ``overwrite``); checked before any work."""
+    """``--out`` as a Path, refused if it is a file, already holds a model (unless
+    ``overwrite``), or holds anything else (writing replaces the whole folder); checked before
+    any work."""
     check_path_given("--out", path, "a folder")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file, not a folder")
-    if (out / "config.json").exists() and not overwrite:
-        raise TrainingError(f"--out {out} already holds a model: choose another or --overwrite")
+    if (out / "config.json").exists():
+        if not overwrite:
+            raise TrainingError(f"--out {out} already holds a model: choose another or --overwrite")
+    elif out.is_dir() and any(out.iterdir()):
+        raise TrainingError(
+            f"--out {out} is a folder that holds other files, not a model: writing would "
+            f"replace them; choose a new or empty folder"
+        )
     return out
 
 
@@ -380,9 +387,9 @@ def upcycle_checkpoint(
     method, its options, and the largest change of the logits on random tokens). Every option
     and the checkpoint's config are checked before a weight is read; ``out`` is written in one
     step (:func:`write_checkpoint`): after an error nothing is there."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moe_blocks.integrations.transformers import UPCYCLE_FAMILIES, upcycle
+    from moe_blocks.integrations.transformers import UPCYCLE_FAMILIES, upcycle, upcycle_config
     from moe_blocks.upcycling import UpcycleOptions
 
     check_path_given("DENSE", dense, "a transformers checkpoint folder")
@@ -402,7 +409,7 @@ def upcycle_checkpoint(
         )
     try:
         options_given = {name: value for name, value in options.items() if name != "seed"}
-        UpcycleOptions(method=method, **options_given).checked(
+        chosen = UpcycleOptions(method=method, **options_given).checked(
             config.get("intermediate_size"), num_experts, top_k
         )
     except ValueError as error:
@@ -410,6 +417,14 @@ def upcycle_checkpoint(
         for name, flag in _UPCYCLE_FLAGS.items():
             message = message.replace(name, flag)
         raise TrainingError(message) from None
+    try:  # the MoE config (a dense config it cannot represent is refused here), no weights
+        dense_config = AutoConfig.from_pretrained(source)
+        upcycle_config(
+            dense_config, num_experts=num_experts, top_k=top_k,
+            expert_hidden=dense_config.intermediate_size // (chosen.granularity or 1),
+        )  # fmt: skip
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"DENSE {source}: {message_lines(error)[0]}") from None
     folder = new_output_folder(out, overwrite)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").eval()
@@ -419,6 +434,8 @@ def upcycle_checkpoint(
     ids = torch.randint(
         0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0)
     )
+    moe.set_experts_implementation("moe_blocks")  # any expert width and dtype (transformers'
+    # default grouped_mm refuses 16-bit rows whose stride is no multiple of 16 bytes)
     with torch.no_grad():
         change = (moe(ids).logits.float() - model(ids).logits.float()).abs().max().item()
     record = {

@@ -411,7 +411,10 @@ UPCYCLE_FAMILIES = {
 }
 # Dense config fields that the MoE class cannot represent, with the value it implies.
 _IMPLIED = {"mixtral": {"attention_bias": False, "mlp_bias": False}, "qwen2_moe": {},
-            "qwen3_moe": {"attention_bias": False}}  # fmt: skip
+            "qwen3_moe": {}}  # fmt: skip
+# The families that apply their ``sliding_window`` to every layer (Llama to none; the others
+# to the layers their ``layer_types`` marks "sliding_attention").
+_WINDOW_EVERY_LAYER = ("mistral", "mixtral", "qwen3_moe")
 _NOT_COPIED = ("architectures", "model_type", "transformers_version", "_name_or_path", "dtype",
                "pretraining_tp", "intermediate_size")  # fmt: skip
 
@@ -437,8 +440,19 @@ def upcycle_config(config, *, num_experts: int, top_k: int, expert_hidden: int):
                 f"model: {model_type} with {name}={fields[name]!r} has no {target} equivalent "
                 f"({target} has {name}={implied!r})"
             )
+    windows = _attention_windows(config)
     dense_hidden = config.intermediate_size
     fields = {key: value for key, value in fields.items() if key not in _NOT_COPIED}
+    if target in _WINDOW_EVERY_LAYER:
+        if len(set(windows)) > 1:
+            raise ValueError(
+                f"model: {model_type} with a sliding window on some layers only (layer_types "
+                f"{config.layer_types}) has no {target} equivalent ({target} applies its "
+                f"sliding_window to every layer)"
+            )
+        fields["sliding_window"] = windows[0]
+        if target == "qwen3_moe":
+            fields["use_sliding_window"] = windows[0] is not None
     fields["dtype"] = config.dtype
     if target == "mixtral":
         fields |= dict(intermediate_size=expert_hidden, num_local_experts=num_experts,
@@ -450,7 +464,24 @@ def upcycle_config(config, *, num_experts: int, top_k: int, expert_hidden: int):
     if target == "qwen2_moe":
         fields |= dict(shared_expert_intermediate_size=dense_hidden, qkv_bias=True)
     fields["num_experts_per_tok"] = top_k
-    return AutoConfig.for_model(target, **fields)
+    moe_config = AutoConfig.for_model(target, **fields)
+    if _attention_windows(moe_config) != windows:
+        raise ValueError(
+            f"model: {model_type}'s attention windows per layer {windows} have no {target} "
+            f"equivalent ({target} would use {_attention_windows(moe_config)})"
+        )
+    return moe_config
+
+
+def _attention_windows(config) -> list[int | None]:
+    """The sliding window of each layer's attention in a model of ``config`` (Llama, Mistral,
+    Mixtral, Qwen2(-MoE), Qwen3(-MoE)), None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "llama":
+        return [None] * config.num_hidden_layers
+    if config.model_type in _WINDOW_EVERY_LAYER:
+        return [window] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in config.layer_types]
 
 
 def upcycle(
@@ -469,11 +500,12 @@ def upcycle(
     the dense model's. Qwen2-MoE's shared expert is a copy of the dense MLP with a zero
     ``shared_expert_gate`` (sigmoid 0 = 1/2) and the routed experts' output weights are halved:
     each layer computes ½·routed + ½·shared = the dense MLP. ``model`` is not modified; the
-    new model is on its device, in its dtype, in eval mode if ``model`` was."""
+    new model is on its device, in its dtype, in eval mode if ``model`` was. Calls
+    :func:`register`, so ``experts_implementation="moe_blocks"`` is accepted afterwards."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from ..upcycling import UpcycleOptions, upcycle_weights
+    from ..upcycling import UpcycleOptions, check_seed, upcycle_weights
 
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
@@ -484,6 +516,8 @@ def upcycle(
             f"model must be a dense causal LM (e.g. LlamaForCausalLM), got {type(model).__name__}"
         )
     seed = options.pop("seed", None)
+    check_seed(seed)
+    register()
     chosen = UpcycleOptions(method=method, **options).checked(
         config.intermediate_size, num_experts, top_k
     )
