@@ -247,6 +247,7 @@ def test_activation_checkpointing_trains_alike(tmp_path, corpus, hf_checkpoint):
         (["FROM", "--lora-rank", "0"], "--lora-rank must be a positive integer"),
         (["FROM", "--lora-rank", "2", "--lora-targets", "mlp"], "--lora-targets must name"),
         (["FROM", "--lora-rank", "2", "--lora-targets", "experts,experts"], "each once"),
+        (["FROM", "--lora-rank", "2", "--lora-targets", ""], "--lora-targets must name"),
         (
             ["FROM", "--lora-rank", "2", "--lora-alpha", "-1"],
             "--lora-alpha must be a positive number",

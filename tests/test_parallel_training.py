@@ -242,6 +242,14 @@ def test_parallelize_is_importable_as_issue_11_names_it():
     assert parallelize is parallel_module.parallelize
 
 
+def test_clip_grad_norm_is_importable_where_the_trainer_docs_named_it():
+    """Issue 19 names ``moe_blocks.models.parallel.clip_grad_norm_``: the library's own."""
+    import moe_blocks.parallel
+    from moe_blocks.models.parallel import clip_grad_norm_
+
+    assert clip_grad_norm_ is moe_blocks.parallel.clip_grad_norm_
+
+
 def _character_tokenizer(folder) -> None:
     """A transformers tokenizer of the printable ASCII characters (97 ids with end and unknown
     tokens: a vocabulary under 256), saved in ``folder``."""

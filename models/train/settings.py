@@ -94,7 +94,8 @@ class TrainSettings:
     @property
     def lora_target_names(self) -> list[str]:
         """``lora_targets`` as a list (by default attention and experts)."""
-        return [part.strip() for part in (self.lora_targets or "attention,experts").split(",")]
+        targets = "attention,experts" if self.lora_targets is None else self.lora_targets
+        return [part.strip() for part in targets.split(",")]
 
     @property
     def lora_scale_alpha(self) -> float:
@@ -186,11 +187,7 @@ class TrainSettings:
         if alpha is not None and not (isinstance(alpha, (int, float)) and 0 < alpha < math.inf):
             raise TrainingError(f"--lora-alpha must be a positive number, got {alpha}")
         names = self.lora_target_names
-        if (
-            not names
-            or any(name not in LORA_TARGETS for name in names)
-            or len(set(names)) < len(names)
-        ):
+        if any(name not in LORA_TARGETS for name in names) or len(set(names)) < len(names):
             raise TrainingError(
                 f"--lora-targets must name some of {', '.join(LORA_TARGETS)} (comma-separated, "
                 f"each once), got {self.lora_targets!r}"
