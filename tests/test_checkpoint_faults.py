@@ -413,26 +413,44 @@ def test_a_fault_during_a_sharded_save_never_mixes_two_steps(fault, tmp_path, da
     assert not [p.name for p in run.iterdir() if p.name.endswith((".partial", ".previous"))]
 
 
-@pytest.mark.parametrize("damage", [".metadata deleted", "a shard truncated"])
+def _first_shard(checkpoint):
+    return next(checkpoint.glob("*.distcp"))
+
+
+SHARD_DAMAGES = {  # what is done to the checkpoint, and what the one line must name
+    ".metadata deleted": (lambda c: (c / ".metadata").unlink(), "no .metadata"),
+    ".metadata garbage": (lambda c: (c / ".metadata").write_bytes(b"garbage"), ".metadata is"),
+    "a shard deleted": (lambda c: _first_shard(c).unlink(), ".distcp is missing"),
+    "a shard truncated": (
+        lambda c: _first_shard(c).write_bytes(_first_shard(c).read_bytes()[:100]),
+        ".distcp is cut short",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", SHARD_DAMAGES)
 def test_a_damaged_sharded_checkpoint_is_one_line(damage, tmp_path, data, capsys):
-    """A sharded checkpoint (written by a one-process torchrun-style run) with its .metadata
-    deleted or a shard cut short: --resume exits 2 with one line naming the folder and what to
-    do, not DCP's traceback (16 to 60 lines before)."""
+    """A sharded checkpoint with its .metadata deleted or garbled, or a shard deleted or cut
+    short: --resume exits 2 with one line naming the file (or the folder) and what to do, not
+    DCP's traceback (16 to 60 lines before); the same under torchrun (train_sharded), where a
+    missing .metadata was said to be a one-process run's checkpoint."""
     from moe_blocks.models.cli import main
 
     train_sharded(_settings(tmp_path / "run", data, steps=2), progress=False)
     checkpoint = tmp_path / "run" / "checkpoint"
-    if damage == ".metadata deleted":
-        (checkpoint / ".metadata").unlink()
-    else:
-        shard = next(checkpoint.glob("*.distcp"))
-        shard.write_bytes(shard.read_bytes()[:100])
+    damaging, named = SHARD_DAMAGES[damage]
+    damaging(checkpoint)
     capsys.readouterr()
     args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--resume",
             "--steps", "3", "--quiet"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(checkpoint) in err[0] and "--overwrite" in err[0], err
+    assert named in err[0], err
+    with pytest.raises(TrainingError, match="--overwrite") as raised:
+        train_sharded(_settings(tmp_path / "run", data, steps=3), resume=True, progress=False)
+    assert named in str(raised.value) and "one-process" not in str(raised.value)
+    assert not capsys.readouterr().err  # no rank's traceback
 
 
 def test_a_lagging_model_export_is_said_and_rebuilt(tmp_path, data, monkeypatch, capsys):

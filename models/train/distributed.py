@@ -37,6 +37,7 @@ from ..jetmoe.sharding import parallelize
 from .continual import starting_model
 from .run_folder import (
     CHECKPOINT_FORMAT,
+    check_shards_readable,
     is_sharded_checkpoint,
     write_checkpoint,
     write_export_step,
@@ -140,6 +141,32 @@ def export_hf(
     dist.barrier()
 
 
+def _check_shard_files(checkpoint: Path) -> None:
+    """TrainingError (for ``--resume``) naming the file, unless ``checkpoint``'s ``.metadata``
+    reads and every shard file it names is there with as many bytes as it says: what DCP would
+    otherwise fail on with every rank's traceback."""
+    damaged = "restore the folder, or start over with --overwrite"
+    try:
+        metadata = dcp.FileSystemReader(checkpoint).read_metadata()
+    except Exception as error:
+        raise TrainingError(
+            f"--resume: {checkpoint / '.metadata'} is damaged ({_last_line(error)}): {damaged}"
+        ) from None
+    ends: dict[str, int] = {}
+    for item in metadata.storage_data.values():
+        end = item.offset + item.length
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), end)
+    for name, end in sorted(ends.items()):
+        shard = checkpoint / name
+        if not shard.is_file():
+            raise TrainingError(f"--resume: {shard} is missing: {damaged}")
+        size = shard.stat().st_size
+        if size < end:
+            raise TrainingError(
+                f"--resume: {shard} is cut short ({size:,} of {end:,} bytes): {damaged}"
+            )
+
+
 def _any_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on any rank of the default group (collective)."""
     flags = [None] * dist.get_world_size()
@@ -207,7 +234,10 @@ class Ranks:
         dist.barrier()
 
     def check_checkpoint(self, state, checkpoint: Path) -> None:
-        if state is not None and not is_sharded_checkpoint(checkpoint):
+        if state is None:
+            return
+        check_shards_readable(checkpoint)
+        if not is_sharded_checkpoint(checkpoint):
             raise TrainingError(
                 f"--resume: {checkpoint} was written by a one-process run; continue it with "
                 "moe-blocks train --resume (without torchrun)"
@@ -233,6 +263,7 @@ class Ranks:
         parallelize(model, self.mesh)
 
     def restore(self, checkpoint: Path, model, optimizer) -> None:
+        _check_shard_files(checkpoint)
         try:
             load_sharded(checkpoint, model, optimizer)
         except (Exception, CheckpointException) as error:  # DCP's is a BaseException

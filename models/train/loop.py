@@ -32,6 +32,7 @@ from .lora import attach_lora, describe_lora, load_adapters, lora_config
 from .run_folder import (
     TrainerState,
     check_output,
+    check_shards_readable,
     check_space,
     checkpoint_folder,
     export_lora,
@@ -42,7 +43,7 @@ from .run_folder import (
     restore_optimizer,
     save_checkpoint,
 )
-from .settings import TrainingError, TrainSettings, learning_rate
+from .settings import TrainSettings, learning_rate
 from .tokens import check_vocabulary, load_tokenizer
 
 
@@ -255,12 +256,7 @@ class OneProcess:
 
     def check_checkpoint(self, state: TrainerState | None, checkpoint: Path) -> None:
         if state is not None and not (checkpoint / "config.json").exists():
-            if any(checkpoint.glob("*.distcp")):
-                raise TrainingError(
-                    f"--resume: {checkpoint} holds the shards of a torchrun run but no "
-                    ".metadata (deleted: a save never publishes without it); the checkpoint "
-                    "cannot be read: restore the file, or start over with --overwrite"
-                )
+            check_shards_readable(checkpoint)
 
     def check(self, settings: TrainSettings, model) -> None:
         pass

@@ -96,6 +96,17 @@ def is_sharded_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / ".metadata").is_file()
 
 
+def check_shards_readable(checkpoint: Path) -> None:
+    """TrainingError (for ``--resume``) if ``checkpoint`` holds a torchrun run's shards but no
+    ``.metadata``, without which DCP reads none of them."""
+    if not is_sharded_checkpoint(checkpoint) and any(checkpoint.glob("*.distcp")):
+        raise TrainingError(
+            f"--resume: {checkpoint} holds the shards of a torchrun run but no .metadata "
+            "(deleted: a save never publishes without it); the checkpoint cannot be read: "
+            "restore the file, or start over with --overwrite"
+        )
+
+
 def exports_model(directory: Path) -> bool:
     """Whether the checkpoint in ``directory`` is not itself the model, which the run writes
     to ``model/`` at its end: a torchrun run's (shards) or a LoRA run's (adapters)."""
