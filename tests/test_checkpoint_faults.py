@@ -453,6 +453,30 @@ def test_a_damaged_sharded_checkpoint_is_one_line(damage, tmp_path, data, capsys
     assert not capsys.readouterr().err  # no rank's traceback
 
 
+def test_a_missing_model_export_is_said_and_rebuilt(tmp_path, data, capsys):
+    """A torchrun run without its model/ export (stopped before the first, or deleted): every
+    reader says so with the command that rebuilds it (they said "config.json not found"), and
+    that command does."""
+    import shutil
+
+    from moe_blocks.models.cli import main
+    from moe_blocks.models.train import export_step
+
+    run = tmp_path / "run"
+    train_sharded(_settings(run, data, steps=2), progress=False)
+    shutil.rmtree(run / "model")
+    rebuild = f"moe-blocks train --out {run} --resume --steps 2"
+    for command in (["generate", "--checkpoint", str(run), "--max-new-tokens", "2"],
+                    ["extend", str(run), "--add", "1", "--out", str(tmp_path / "x")]):  # fmt: skip
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "model/ export is missing" in err[0] and rebuild in err[0], err
+    args = ["train", "--data", str(data), "--out", str(run), "--resume", "--steps", "2",
+            "--quiet", "--batch-size", "4", "--seq-len", "16"]  # fmt: skip
+    assert main(args) == 0
+    assert export_step(run / "model") == 2 and checkpoint_folder(run) == run / "model"
+
+
 def test_a_lagging_model_export_is_said_and_rebuilt(tmp_path, data, monkeypatch, capsys):
     """A torchrun run killed after its checkpoint but before its model/ export: readers of the
     run folder are told which step each holds, and train --resume --steps STEP (the

@@ -151,7 +151,8 @@ def checkpoint_folder(path: str | Path) -> Path:
     ``checkpoint/``, or for a sharded (torchrun) or LoRA run, whose ``checkpoint/`` holds
     shards or adapters, its export ``model/`` (the model in the Hugging Face layout, or LoRA
     adapters: :func:`load_model` reads either); read-only commands read a ``.previous`` that a
-    killed save left (:func:`recover_checkpoint` puts it back at the next ``train``)."""
+    killed save left (:func:`recover_checkpoint` puts it back at the next ``train``). A
+    torchrun run without its export: TrainingError saying how to rebuild it."""
     path = Path(path)
     if is_model_folder(path):
         if path.name == "model" and (path.parent / "checkpoint").is_dir():  # a run's export
@@ -165,7 +166,15 @@ def checkpoint_folder(path: str | Path) -> Path:
             if name.startswith("model"):
                 _warn_if_export_lags(path, path / name)
             return path / name
-    return path / "checkpoint" if (path / "checkpoint").is_dir() else path
+    checkpoint = path / "checkpoint"
+    if is_sharded_checkpoint(checkpoint):  # no model/: stopped before exporting, or deleted
+        step = _recorded_step(checkpoint / "trainer_state.json")
+        raise TrainingError(
+            f"{path} is a torchrun run whose model/ export is missing (its {checkpoint} holds "
+            f"shards only): rebuild it with moe-blocks train --out {path} --resume --steps "
+            f"{step if step is not None else 'STEP'}"
+        )
+    return checkpoint if checkpoint.is_dir() else path
 
 
 def is_model_folder(folder: Path) -> bool:
