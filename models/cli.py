@@ -211,7 +211,7 @@ def extend_command(args: argparse.Namespace) -> int:
 
     done = extend_checkpoint(
         args.checkpoint, args.out, add=args.add, init=args.init, data=args.data,
-        seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite,
+        seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite, tokenizer=args.tokenizer,
     )  # fmt: skip
     print(
         f"experts: {done.base_experts} -> {done.experts} in each of {done.blocks} blocks (MoA "
@@ -219,7 +219,7 @@ def extend_command(args: argparse.Namespace) -> int:
     )
     print(
         f"new experts {done.base_experts}..{done.experts - 1} are closed (prior 0): "
-        f"max |change in logits| on {done.checked_bytes:,} bytes = {done.max_logit_change:.2g}"
+        f"max |change in logits| on {done.checked_tokens:,} tokens = {done.max_logit_change:.2g}"
     )
     print(f"wrote {done.out}; train them with: moe-blocks train --resume-from {done.out} "
           "--train-new-experts-only --data NEW --out RUN")  # fmt: skip
@@ -232,7 +232,7 @@ def prune_command(args: argparse.Namespace) -> int:
     done = prune_checkpoint(
         args.checkpoint, args.out, keep_fraction=args.keep_fraction, data=args.data,
         batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, tokenizer=args.tokenizer,
     )  # fmt: skip
     report, lost = done.report, done.report["share_of_assignments_lost"]
     kept = report["kept_experts"]
@@ -277,7 +277,14 @@ def _model_command(commands, name: str, summary: str, handler) -> argparse.Argum
     parser = commands.add_parser(name, help=summary)
     parser.add_argument("checkpoint", help="a run folder (train's --out) or checkpoint")
     parser.add_argument("--out", required=True, help="folder for the new model")
-    parser.add_argument("--seq-len", type=int, default=128, help="bytes per window")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    parser.add_argument(
+        "--tokenizer",
+        type=_tokenizer_option,
+        metavar="DIR|bytes",
+        help="how the text becomes ids, as for train (default: the checkpoint's own tokenizer "
+        "when it has one, else bytes); written beside the new model",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a model in OUT")
     parser.set_defaults(handler=handler)
     return parser

@@ -285,3 +285,24 @@ def test_sharded_training_with_a_tokenizer_equals_one_process_and_exports_it(tmp
             tokenizer / "tokenizer.json"
         ).read_bytes()
         assert json.loads((folder / "config.json").read_text())["vocab_size"] == 97
+    _extend_and_prune_keep_the_tokenizer(tmp_path / "two", data, tokenizer, tmp_path)
+
+
+def _extend_and_prune_keep_the_tokenizer(run, data, tokenizer, tmp_path) -> None:
+    """extend and prune on a torchrun run folder whose model has a 97-token tokenizer: the run's
+    corpus is known (from its checkpoint's trainer state: it was "unknown" through model/), the
+    text is read as its tokens (as bytes before, ids past the vocabulary: a traceback), and the
+    tokenizer goes with the new model."""
+    from moe_blocks.models.cli import main
+
+    extended, pruned = tmp_path / "extended", tmp_path / "pruned"
+    assert main(["extend", str(run), "--add", "1", "--seq-len", "8", "--out", str(extended)]) == 0
+    record = json.loads((extended / "extension.json").read_text())
+    assert record["previous_data"] == str(data)
+    small = ["--batches", "1", "--batch-size", "2", "--seq-len", "8", "--data", str(data)]
+    assert main(["prune", str(run), "--keep-fraction", "0.5", *small, "--out", str(pruned)]) == 0
+    for folder in (extended, pruned):
+        assert (folder / "tokenizer.json").read_bytes() == (
+            tokenizer / "tokenizer.json"
+        ).read_bytes()
+        assert json.loads((folder / "config.json").read_text())["vocab_size"] == 97

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from .settings import (
     is_int,
     message_lines,
 )
-from .tokens import TOKENIZER_FILES
+from .tokens import check_vocabulary, copy_tokenizer_files, load_tokenizer
 
 
 def starting_model(settings: TrainSettings, origin: Origin | None) -> JetMoEForCausalLM:
@@ -93,8 +92,11 @@ def previous_data(checkpoint: Path) -> tuple[bool, str | None]:
     extension = read_extension(checkpoint)
     if extension is not None and "previous_data" in extension:
         return True, extension["previous_data"]
-    if (checkpoint / "trainer_state.json").is_file():
-        return True, load_trainer_state(checkpoint).settings.data
+    state = checkpoint
+    if checkpoint.name == "model" and not (checkpoint / "trainer_state.json").is_file():
+        state = checkpoint.parent / "checkpoint"  # a torchrun or LoRA run's export: its run's
+    if (state / "trainer_state.json").is_file():
+        return True, load_trainer_state(state).settings.data
     return False, None
 
 
@@ -226,10 +228,11 @@ def new_output_folder(path: str, overwrite: bool) -> Path:
     return out
 
 
-def validation_windows(data: str | None, seq_len: int) -> list[torch.Tensor]:
-    """A few input windows ``[batch, seq_len]`` from the validation text of ``data``."""
+def validation_windows(data: str | None, seq_len: int, tokenizer) -> list[torch.Tensor]:
+    """A few input windows ``[batch, seq_len]`` from the validation text of ``data``, as the
+    ids of ``tokenizer`` (None: bytes)."""
     settings = TrainSettings(batch_size=8, seq_len=seq_len, eval_batches=4)
-    corpus = load_corpus(data, settings.seq_len)
+    corpus = load_corpus(data, settings.seq_len, tokenizer=tokenizer)
     return [
         windows(corpus.validation, starts, settings.seq_len)[:, :-1]
         for starts in validation_starts(corpus, settings)
@@ -239,7 +242,7 @@ def validation_windows(data: str | None, seq_len: int) -> list[torch.Tensor]:
 @dataclass
 class Extension:
     """What :func:`extend_checkpoint` did: the expert counts, the blocks, the parameter counts,
-    and the largest change of the logits on ``checked_bytes`` bytes (closed experts: ~0)."""
+    and the largest change of the logits on ``checked_tokens`` tokens (closed experts: ~0)."""
 
     out: Path
     base_experts: int
@@ -247,27 +250,58 @@ class Extension:
     blocks: int
     parameters_before: int
     parameters_after: int
-    checked_bytes: int
+    checked_tokens: int
     max_logit_change: float
+
+
+def model_and_tokenizer(checkpoint: str, tokenizer: str | None) -> tuple[Path, object, object]:
+    """The folder, model and tokenizer (None: bytes) of ``extend``'s and ``prune``'s
+    CHECKPOINT: ``tokenizer`` as ``train --tokenizer`` (None: the checkpoint's own when it has
+    one), checked against the model's vocabulary."""
+    source = checkpoint_folder(checkpoint)
+    model = load_model(source, "CHECKPOINT")
+    text_tokenizer = load_tokenizer(tokenizer, source)
+    check_vocabulary(text_tokenizer, model.config.vocab_size, f"CHECKPOINT {source}")
+    return source, model, text_tokenizer
+
+
+def _write_model(
+    folder: Path, model, tokenizer_folder: str | None, record_name: str, record: dict
+) -> None:
+    """Write ``model``, the tokenizer files found in ``tokenizer_folder`` (None: none) and the
+    JSON ``record`` as ``folder`` in one step (:func:`write_checkpoint`): extend's, prune's
+    and upcycle's output."""
+
+    def write(target: Path) -> None:
+        model.save_pretrained(target)
+        copy_tokenizer_files(tokenizer_folder, target)
+        (target / record_name).write_text(json.dumps(record, indent=1) + "\n")
+
+    write_checkpoint(folder, write)
+
+
+def _name(tokenizer) -> str | None:
+    """The folder ``tokenizer`` was loaded from (None: bytes)."""
+    return None if tokenizer is None else tokenizer.name_or_path
 
 
 def extend_checkpoint(
     checkpoint: str, out: str, *, add: int, init: str = "copy", data: str | None = None,
-    seq_len: int = 128, seed: int = 0, overwrite: bool = False,
+    seq_len: int = 128, seed: int = 0, overwrite: bool = False, tokenizer: str | None = None,
 ) -> Extension:  # fmt: skip
     """Add ``add`` closed experts (prior 0: the outputs stay the same) to every MoA and MoE of
-    ``checkpoint`` and write the model with its ``extension.json`` record to ``out``; ``init``
-    "copy" copies the experts the validation text of ``data`` (default: the checkpoint's
-    corpus) uses most, "random" draws new ones (seeded by ``seed``)."""
+    ``checkpoint`` and write the model with its ``extension.json`` record (and its tokenizer,
+    :func:`model_and_tokenizer`) to ``out``; ``init`` "copy" copies the experts the validation
+    text of ``data`` (default: the checkpoint's corpus) uses most, "random" draws new ones
+    (seeded by ``seed``)."""
     check_positive_int("--add", add)
     check_positive_int("--seq-len", seq_len)
-    source = checkpoint_folder(checkpoint)
     folder = new_output_folder(out, overwrite)
-    model = load_model(source, "CHECKPOINT")
+    source, model, text_tokenizer = model_and_tokenizer(checkpoint, tokenizer)
     known, previous = previous_data(source)
     blocks = expert_blocks(model)
     base_experts = model.config.num_local_experts
-    sample = validation_windows(previous if data is None else data, seq_len)
+    sample = validation_windows(previous if data is None else data, seq_len, text_tokenizer)
     sources = {}
     if init == "copy":
         if data is None and not known:
@@ -287,14 +321,13 @@ def extend_checkpoint(
     model.config.expert_prior = True
     with torch.no_grad():
         change = (model(sample[0]).logits - before).abs().max().item()
-    model.save_pretrained(folder)
     record = {
         "format": EXTENSION_FORMAT, "base_experts": base_experts, "added": add, "init": init,
         "sources": sources, "base_checkpoint": str(source),
     }  # fmt: skip
     if known:
         record["previous_data"] = previous
-    (folder / EXTENSION_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    _write_model(folder, model, _name(text_tokenizer), EXTENSION_FILE, record)
     return Extension(folder, base_experts, model.config.num_local_experts, len(blocks),
                      parameters, model.num_parameters(), sample[0].numel(), change)  # fmt: skip
 
@@ -310,20 +343,20 @@ class Pruning:
 def prune_checkpoint(
     checkpoint: str, out: str, *, keep_fraction: float, data: str | None = None,
     batches: int = 8, batch_size: int = 16, seq_len: int = 128, overwrite: bool = False,
+    tokenizer: str | None = None,
 ) -> Pruning:  # fmt: skip
     """Keep the ``keep_fraction`` of each block's experts that ``batches`` training batches of
     ``data`` (default: the standard library) use most, write the smaller model and
     ``prune.json`` (kept experts, usage, the share of assignments lost, validation before and
-    after, parameter counts) to ``out``. A router left with every prior at 1 becomes the plain
-    router (no prior), exactly."""
+    after, parameter counts), and its tokenizer (:func:`model_and_tokenizer`), to ``out``. A
+    router left with every prior at 1 becomes the plain router (no prior), exactly."""
     for flag, value in (("--batches", batches), ("--batch-size", batch_size),
                         ("--seq-len", seq_len)):  # fmt: skip
         check_positive_int(flag, value)
     if not 0 < keep_fraction <= 1:
         raise TrainingError(f"--keep-fraction must lie in (0, 1], got {keep_fraction}")
-    source = checkpoint_folder(checkpoint)
     folder = new_output_folder(out, overwrite)
-    model = load_model(source, "CHECKPOINT")
+    _, model, text_tokenizer = model_and_tokenizer(checkpoint, tokenizer)
     config = model.config
     keep = round(config.num_local_experts * keep_fraction)
     if keep < config.num_experts_per_tok:
@@ -332,7 +365,7 @@ def prune_checkpoint(
             f"experts, fewer than the {config.num_experts_per_tok} each token uses"
         )
     settings = TrainSettings(batch_size=batch_size, seq_len=seq_len, eval_batches=batches)
-    corpus = load_corpus(data, seq_len)
+    corpus = load_corpus(data, seq_len, tokenizer=text_tokenizer)
     usage = expert_usage(
         model,
         [batch_at(corpus.train, step, 0, batch_size, seq_len)[:, :-1] for step in range(batches)],
@@ -351,7 +384,6 @@ def prune_checkpoint(
     config.num_local_experts = keep
     config.expert_prior = any(r.expert_prior is not None for r in named_routers(model).values())
     bpb_after = evaluate(model, corpus, settings)
-    model.save_pretrained(folder)
     report = {
         "data": data, "keep_fraction": keep_fraction, "kept_experts": kept,
         "usage": {name: counts.tolist() for name, counts in usage.items()},
@@ -359,7 +391,7 @@ def prune_checkpoint(
         "val_bpb_after": bpb_after, "parameters_before": parameters,
         "parameters_after": model.num_parameters(),
     }  # fmt: skip
-    (folder / "prune.json").write_text(json.dumps(report, indent=1) + "\n")
+    _write_model(folder, model, _name(text_tokenizer), "prune.json", report)
     return Pruning(folder, report)
 
 
@@ -444,13 +476,5 @@ def upcycle_checkpoint(
         "method": method, "options": options, "checked_tokens": ids.numel(),
         "max_logit_change": change,
     }  # fmt: skip
-
-    def write(target: Path) -> None:
-        moe.save_pretrained(target)
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, target / name)
-        (target / UPCYCLE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-
-    write_checkpoint(folder, write)
+    _write_model(folder, moe, str(source), UPCYCLE_FILE, record)
     return Upcycling(folder, record)
