@@ -453,6 +453,47 @@ def test_a_damaged_sharded_checkpoint_is_one_line(damage, tmp_path, data, capsys
     assert not capsys.readouterr().err  # no rank's traceback
 
 
+@pytest.mark.parametrize("fault", ["training.png", "log.json"])
+def test_a_full_disk_after_the_last_checkpoint_is_one_line_and_resume_writes_the_log(
+    fault, tmp_path, data, monkeypatch, capsys
+):
+    """The disk fills after the last checkpoint, writing the run's plot or its log.json: one
+    line (a traceback before) saying the checkpoint is complete and how to write them; that
+    command (--resume at the checkpoint's step, refused before: "must be above it") writes
+    the checkpoint's log, and once written the same step is refused again."""
+    from moe_blocks.models.cli import main
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--steps", "4", "--quiet",
+            "--batch-size", "4", "--seq-len", "16", "--checkpoint-every", "2"]  # fmt: skip
+    write_text = Path.write_text
+
+    def fails(path, *args, **kwargs):
+        if path in (run / fault, run / f"{fault}.partial"):  # not the checkpoint's log.json
+            raise full
+        return write_text(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        if fault == "training.png":
+            patch.setattr(report, "plot_run", lambda log, path: fails(path))
+        patch.setattr(Path, "write_text", fails)
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    resume = f"moe-blocks train --out {run} --resume --steps 4 writes them"
+    assert len(err) == 1 and "No space left on device" in err[0] and resume in err[0], err
+    assert load_trainer_state(run / "checkpoint").step == 4
+    assert not (run / "log.json").exists() and not (run / "log.json.partial").exists()
+    resumed = ["train", "--out", str(run), "--resume", "--steps", "4", "--quiet"]
+    assert main(resumed) == 0
+    log = run_folder.read_json(run / "log.json", list)
+    assert log == run_folder.read_json(run / "checkpoint" / "log.json", list)
+    assert log[-1]["step"] == 4
+    capsys.readouterr()
+    assert main(resumed) == 2
+    assert "must be above it" in capsys.readouterr().err
+
+
 def test_a_missing_model_export_is_said_and_rebuilt(tmp_path, data, capsys):
     """A torchrun run without its model/ export (stopped before the first, or deleted): every
     reader says so with the command that rebuilds it (they said "config.json not found"), and

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -43,7 +44,7 @@ from .run_folder import (
     restore_optimizer,
     save_checkpoint,
 )
-from .settings import TrainSettings, learning_rate
+from .settings import TrainingError, TrainSettings, learning_rate
 from .tokens import check_vocabulary, load_tokenizer
 
 
@@ -215,6 +216,24 @@ def run_steps(
     return step, stopped
 
 
+def _write_run_log(out: Path, log: list[dict], step: int) -> None:
+    """``training.png``, then ``log.json`` in one step (a new file renamed over the old: a
+    current log.json says both are written, :func:`run_outputs_lag`); a TrainingError saying
+    how to write them again when the disk refuses."""
+    partial = out / "log.json.partial"
+    try:
+        report.plot_run(log, out / "training.png")
+        partial.write_text(json.dumps(log) + "\n")
+        os.replace(partial, out / "log.json")
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise TrainingError(
+            f"--out {out}: cannot write training.png and log.json ({error.strerror or error}); "
+            f"the checkpoint of step {step} is complete: free space, then moe-blocks train "
+            f"--out {out} --resume --steps {step} writes them"
+        ) from None
+
+
 @dataclass
 class TrainResult:
     """A finished (or interrupted) run: its folder and log; ``main``: this process wrote the
@@ -382,6 +401,5 @@ def run_training(
         if lora is not None:
             export_lora(lora, out, settings, step)
     if processes.main:
-        (out / "log.json").write_text(json.dumps(log) + "\n")
-        report.plot_run(log, out / "training.png")
+        _write_run_log(out, log, step)
     return TrainResult(out, log, interrupted, processes.main, processes.sharded)

@@ -146,6 +146,19 @@ def export_lags(out: Path, step: int) -> bool:
     return exports_model(out / "checkpoint") and export_step(out / "model") != step
 
 
+def run_outputs_lag(out: Path, step: int) -> bool:
+    """Whether the run in ``out``, whose checkpoint is at ``step``, lacks what its end writes
+    beside the checkpoint: a current ``model/`` export (:func:`export_lags`), or the
+    ``log.json`` of that step (written after ``training.png``: a full disk or a kill there)."""
+    if export_lags(out, step):
+        return True
+    try:
+        log = read_json(out / "log.json", list)
+    except TrainingError:
+        return True
+    return not log or not isinstance(log[-1], dict) or log[-1].get("step") != step
+
+
 def checkpoint_folder(path: str | Path) -> Path:
     """The model folder given either itself or the run folder (``--out``) holding it: the run's
     ``checkpoint/``, or for a sharded (torchrun) or LoRA run, whose ``checkpoint/`` holds
@@ -567,8 +580,8 @@ def check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> T
                 f"({theirs}); leave it out to keep the checkpoint's"
             )
     if settings.steps < state.step or (
-        settings.steps == state.step and not export_lags(out, state.step)
-    ):  # the same step again only rebuilds a torchrun run's lagging model/ export
+        settings.steps == state.step and not run_outputs_lag(out, state.step)
+    ):  # the same step again only writes what the run's end did not (export, log, plot)
         raise TrainingError(
             f"--resume: the checkpoint is at step {state.step}; --steps {settings.steps} "
             "must be above it to train further"
