@@ -262,10 +262,11 @@ class FrozenExperts:
     Sharded models: the rows are held as (module, parameter name, expert ids), not as tensor
     objects, because ``ExpertParallel`` and FSDP2's ``fully_shard`` replace a module's
     parameters by DTensors. Whatever a module holds when an optimiser steps (or when
-    :func:`moe_blocks.parallel.parallelize` finishes) gets the hooks, and a DTensor's frozen rows
-    are found in this rank's shard. So freezing works before or after parallelising; wrapped by
-    hand after freezing, a model's first gradients keep their frozen rows until the first
-    optimiser step, which zeroes them before it updates anything."""
+    :func:`moe_blocks.parallel.parallelize` or ``ExpertParallel`` finishes) gets the hooks, and
+    a DTensor's frozen rows are found in this rank's shard. So freezing works before or after
+    parallelising. Wrapped by hand in ``fully_shard`` after freezing, a model's first gradients
+    keep their frozen rows until :func:`moe_blocks.parallel.clip_grad_norm_` or the first
+    optimiser step, each of which zeroes them first."""
 
     def __init__(self, rows: list[tuple[nn.Module, str, list[int]]]) -> None:
         self.rows = rows
@@ -333,10 +334,15 @@ class FrozenExperts:
 _LIVE: weakref.WeakSet[FrozenExperts] = weakref.WeakSet()
 
 
-def refresh_frozen_experts() -> None:
-    """Hook the tensors that modules with frozen experts hold now (after sharding them)."""
+def refresh_frozen_experts(zero_gradients: bool = False) -> None:
+    """Hook the tensors that modules with frozen experts hold now (after sharding them); with
+    ``zero_gradients``, also zero the frozen rows of the gradients those tensors hold already
+    (made before they were hooked: a model wrapped by hand after freezing, before its first
+    optimiser step)."""
     for frozen in list(_LIVE):
-        frozen.refresh()
+        for param, index in frozen.refresh():
+            if zero_gradients:
+                _zero_gradient_rows(param, index)
 
 
 def _zero_gradient_rows(param: Tensor, index: Tensor) -> None:

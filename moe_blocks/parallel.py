@@ -124,6 +124,7 @@ class ExpertParallel(ParallelStyle):
             module.router.reduce_tokens_per_expert = GroupSum(
                 self.balance_group or dist.group.WORLD
             )
+        refresh_frozen_experts()  # experts frozen before: their tensors are new DTensors
         return module
 
     def _shard_experts(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
@@ -250,6 +251,7 @@ def clip_grad_norm_(parameters: nn.Module | Iterable[Tensor] | Tensor, max_norm:
         parameters = parameters.parameters()
     elif isinstance(parameters, Tensor):
         parameters = [parameters]
+    refresh_frozen_experts(zero_gradients=True)  # frozen rows a hand wrap left unhooked
     by_mesh: dict[DeviceMesh | None, list[Tensor]] = {}
     for param in parameters:
         if param.grad is not None:

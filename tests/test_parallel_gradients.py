@@ -219,11 +219,60 @@ def _check_errors(world_size: int) -> None:
         parallelize_jetmoe(reference.model, ep_mesh)
 
 
+def _check_hand_wrapped_freezing(rank: int, world_size: int) -> None:
+    """Experts frozen before a user's own wrapping: ExpertParallel alone (the frozen rows of
+    the first gradients are zero straight after backward: ExpertParallel hooks the tensors it
+    makes), and ExpertParallel over "ep", then fully_shard of the experts over "dp" (their
+    gradient divided by the world size, as parallelize sets it) and of the model over both
+    (clip_grad_norm_ zeroes the first gradients' frozen rows, which fully_shard's new tensors
+    kept: its total is the one-process norm of the frozen model)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from moe_blocks import ExpertParallel
+    from moe_blocks.parallel import clip_grad_norm_
+
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+    mine = ids.tensor_split(world_size)[rank]
+    mesh = _mesh((1, world_size))
+    for wrapping in ("ExpertParallel", "ExpertParallel + fully_shard"):
+        reference, model = _models("user", 0.01)
+        initial = {k: v.clone() for k, v in reference.state_dict().items()}
+        frozen_reference = freeze_experts(reference, experts=[0, 3])
+        frozen = freeze_experts(model, experts=[0, 3])
+        for layer in model.layers:
+            parallelize_module(layer.mlp, mesh["ep"], ExpertParallel())
+            if wrapping != "ExpertParallel":
+                experts = [layer.mlp.input_linear, layer.mlp.output_linear]
+                fully_shard(experts, mesh=mesh["dp"])[0].set_gradient_divide_factor(world_size)
+        if wrapping != "ExpertParallel":
+            fully_shard(model, mesh=mesh._flatten("dp_ep"))
+        _loss(reference, ids).backward()
+        _loss(model, mine).backward()
+        if wrapping == "ExpertParallel":
+            for layer in model.layers:
+                for experts in (layer.mlp.input_linear, layer.mlp.output_linear):
+                    grad = experts.weight.grad.full_tensor()
+                    assert not grad[[0, 3]].any() and grad[[1, 2]].any(), wrapping
+            continue
+        expected = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+        error = _relative_error(clip_grad_norm_(model, 1e9), expected)
+        assert error <= RELATIVE, f"{wrapping}: clip_grad_norm_ relative error {error:.1e}"
+        optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+                      for m in (reference, model)]  # fmt: skip
+        for optimizer in optimizers:
+            optimizer.step()
+        _check_frozen_rows(model, reference, initial, wrapping)
+        frozen.remove()
+        frozen_reference.remove()
+
+
 def _grid(rank: int, world_size: int) -> None:
     _check_gradients(rank, world_size)
     _check_freezing(rank, world_size)
     if world_size == 2:
         _check_errors(world_size)
+        _check_hand_wrapped_freezing(rank, world_size)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
