@@ -163,6 +163,31 @@ def test_sigterm_in_one_process_saves_the_last_step(tmp_path, data, monkeypatch)
     assert _losses(resumed.log) == _losses(reference.log)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_last_save_in_one_process_waits_for_it(signum, tmp_path, data):
+    """Ctrl-C or SIGTERM while the run's last checkpoint is written (one process): the save
+    completes and the run ends as asked, as under torchrun, where a signal only asks to stop.
+    It was an interrupt that abandoned the save: the checkpoint stayed at the step before,
+    with a checkpoint.partial beside it."""
+    run = tmp_path / "run"
+    save_file = run_folder.save_file
+    calls = []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the last save (step 2 saved the first), its optimizer state
+            os.kill(os.getpid(), signum)
+        return save_file(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_folder, "save_file", signalled)
+        result = train(_settings(run, data, steps=4), progress=False)
+    assert len(calls) == 2 and result.interrupted
+    assert load_trainer_state(run / "checkpoint").step == 4
+    assert run_folder.read_json(run / "log.json", list)[-1]["step"] == 4
+    assert not [p.name for p in run.iterdir() if p.name.endswith((".partial", ".previous"))]
+
+
 def _interrupting(signum: int, when):
     """An optimizer step post-hook that sends ``signum`` to this process after the update
     ``when(updates)`` names: the signal lands between the weights' update and the step's

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import sys
 import tempfile
 from datetime import timedelta
@@ -35,6 +34,7 @@ from moe_blocks.router import TopKRouter, named_routers
 from ..jetmoe import JetMoEForCausalLM
 from ..jetmoe.sharding import parallelize
 from .continual import starting_model
+from .loop import StopRequest
 from .run_folder import (
     CHECKPOINT_FORMAT,
     check_shards_readable,
@@ -228,7 +228,7 @@ class Ranks:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.main, self.sharded = self.rank == 0, True
         self.evaluation = {"sharded": True, "device": device}
-        self._stop = _StopRequest()
+        self._stop = StopRequest()
 
     def barrier(self) -> None:
         dist.barrier()
@@ -307,7 +307,7 @@ class Ranks:
     def finish(self, model, out: Path, step: int, tokenizer: str | None) -> None:
         export_hf(model, out / "model", step=step, tokenizer=tokenizer)
 
-    def stopping(self) -> _StopRequest:
+    def stopping(self) -> StopRequest:
         return self._stop
 
     def stop_requested(self) -> bool:
@@ -333,26 +333,3 @@ def _reduce_step(routers: list[TopKRouter], output, stop: bool):
     shared = torch.tensor([r.reduce_tokens_per_expert is not None for r in routers])
     loads[shared] /= world
     return losses, loads.round().long().tolist(), bool(local[-1] > 0)
-
-
-class _StopRequest:
-    """While entered, SIGINT and SIGTERM set ``requested`` instead of interrupting: the
-    training loop stops after the step in which any rank saw one (ranks agree through the
-    per-step all-reduce), so every rank saves the same step."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __enter__(self) -> _StopRequest:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

@@ -67,6 +67,34 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class StopRequest:
+    """While entered, SIGINT and SIGTERM set ``requested`` instead of interrupting. A torchrun
+    rank's whole run: the training loop stops after the step in which any rank saw one (ranks
+    agree through the per-step all-reduce), so every rank saves the same step. Every run's
+    end (its last checkpoint, export and log): a signal then waits for them to be written,
+    in one process as under torchrun. (Only the main thread can take signals; elsewhere
+    nothing changes.)"""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
     """Inside, SIGINT and SIGTERM wait: once the block has run they go, in the order they came,
@@ -394,12 +422,14 @@ def run_training(
             model, optimizer, settings, corpus, log, start_step, steps,
             progress=progress and processes.main, decay=decay,
         )  # fmt: skip
-        if frozen is not None:
-            frozen.remove()  # the model is not used here after training
+    if frozen is not None:
+        frozen.remove()  # the model is not used here after training
+    with StopRequest() as late:  # SIGINT/SIGTERM now: the run ends once all is written
         save(step)
         processes.finish(model, out, step, settings.tokenizer)
         if lora is not None:
             export_lora(lora, out, settings, step)
-    if processes.main:
-        _write_run_log(out, log, step)
+        if processes.main:
+            _write_run_log(out, log, step)
+    interrupted = interrupted or late.requested
     return TrainResult(out, log, interrupted, processes.main, processes.sharded)
