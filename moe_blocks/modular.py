@@ -28,7 +28,7 @@ from torch.optim.optimizer import (
 
 from .experts import ParallelExperts, local_tensor
 from .kernels.checks import check_positive_int
-from .router import TopKRouter
+from .router import TopKRouter, named_modules_of
 
 INITS = ("copy", "random")
 # Router buffers with one entry per expert, and what a new expert's entry starts at (0).
@@ -52,13 +52,9 @@ class ModularBlock:
 
 
 def expert_blocks(module: nn.Module) -> dict[str, ModularBlock]:
-    """The :class:`MoEMLP` and :class:`MoA` blocks in ``module`` (itself included, under the
-    name ``""``), by module name without the ``_orig_mod.`` that ``torch.compile`` adds."""
-    return {
-        name.replace("_orig_mod.", ""): block
-        for name, block in module.named_modules()
-        if isinstance(block, ModularBlock)
-    }
+    """The :class:`MoEMLP` and :class:`MoA` blocks in ``module``, by name
+    (:func:`~moe_blocks.router.named_modules_of`)."""
+    return named_modules_of(module, ModularBlock)
 
 
 # --------------------------------------------------------------------------------------------

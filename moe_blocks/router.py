@@ -347,14 +347,20 @@ def _log_prior(prior: Tensor) -> Tensor:
     return torch.where(prior > 0, prior.clamp_min(tiny).log(), float("-inf"))
 
 
-def named_routers(model: nn.Module) -> dict[str, TopKRouter]:
-    """Every :class:`TopKRouter` in ``model`` in module order, by its name in
-    ``model.named_modules()`` without the ``_orig_mod.`` that ``torch.compile`` adds."""
+def named_modules_of(model: nn.Module, kind: type | tuple[type, ...]) -> dict[str, nn.Module]:
+    """Every module of type ``kind`` in ``model`` (itself included, under the name ``""``) in
+    module order, by its name in ``model.named_modules()`` without the ``_orig_mod.`` that
+    ``torch.compile`` adds."""
     return {
         name.replace("_orig_mod.", ""): module
         for name, module in model.named_modules()
-        if isinstance(module, TopKRouter)
+        if isinstance(module, kind)
     }
+
+
+def named_routers(model: nn.Module) -> dict[str, TopKRouter]:
+    """Every :class:`TopKRouter` in ``model``, by name (:func:`named_modules_of`)."""
+    return named_modules_of(model, TopKRouter)
 
 
 def router_stats(model: nn.Module) -> dict:
