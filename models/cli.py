@@ -110,50 +110,16 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from .train import TrainingError, checkpoint_folder
-    from .train.run_folder import load_model
-    from .train.settings import check_positive_int, check_seed
-    from .train.tokens import check_vocabulary, load_tokenizer
+    from .train.sample import generate_text
+    from .train.settings import check_positive_int
 
-    if not args.temperature >= 0:
-        raise TrainingError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.threads is not None:
         check_positive_int("--threads", args.threads)
         torch.set_num_threads(args.threads)
-    if not args.prompt:
-        raise TrainingError("--prompt must not be empty")
-    folder = checkpoint_folder(args.checkpoint)
-    model = load_model(folder, "--checkpoint").eval()
-    tokenizer = load_tokenizer(None, folder)  # the checkpoint's own (train --tokenizer), or bytes
-    if tokenizer is None and model.config.vocab_size != 256:
-        raise TrainingError(
-            f"--checkpoint {args.checkpoint}: vocabulary {model.config.vocab_size} and no "
-            "tokenizer beside it: not a byte-level model, nor one trained with --tokenizer"
-        )
-    check_vocabulary(tokenizer, model.config.vocab_size, f"--checkpoint {args.checkpoint}")
-    if tokenizer is None:
-        ids = torch.tensor([list(args.prompt.encode())])
-    else:
-        ids = torch.tensor([tokenizer.encode(args.prompt, add_special_tokens=False)])
-    check_seed("--seed", args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    try:
-        out = model.generate(
-            ids,
-            args.max_new_tokens,
-            do_sample=args.temperature > 0,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            generator=generator,
-            # bytes: no end token (older runs' configs name byte 2); a tokenizer: its own
-            eos_token_id=None if tokenizer is None else tokenizer.eos_token_id,
-        )
-    except ValueError as error:
-        raise TrainingError(str(error)) from None
-    if tokenizer is None:
-        text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
-    else:
-        text = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+    text = generate_text(
+        args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+    )  # fmt: skip
     sys.stdout.write(text + "\n")
     return 0
 

@@ -9,8 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = {  # each room may import only the rooms before it in its list
-    "train": ["settings", "tokens", "data", "lora", "run_folder", "continual", "report", "loop",
-              "distributed", "run"],
+    "train": ["settings", "tokens", "data", "lora", "run_folder", "continual", "sample", "report",
+              "loop", "distributed", "run"],
     "bench": ["cases", "baselines", "measure", "ep", "report"],
 }  # fmt: skip
 LAYERS = [  # (folder, what it may not import)

@@ -10,6 +10,7 @@ Its rooms, each importing only those above it in this list:
   trainer state, the log, the model export's step);
 - :mod:`.continual`: starting from another model (``--resume-from``,
   ``--train-new-experts-only``, ``--balance-loss``) and the ``extend``/``prune`` workflows;
+- :mod:`.sample`: ``moe-blocks generate``, text sampled from a checkpoint;
 - :mod:`.report`: the summary, progress bar, validations and plot of a run;
 - :mod:`.loop`: the one trainer (:func:`run_training`, :func:`run_steps`) and how one process
   trains (:class:`OneProcess`);
