@@ -69,19 +69,24 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.key is None else self.key.shape[1]
 
-    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``key``/``value`` ``[B, T_new, kv, hd]``; return everything cached.
-        ValueError naming ``kv_cache`` when the cache holds another batch size or other heads
-        (a cache filled by another batch, or by a block with other KV heads)."""
+    def check(self, batch: int, kv_heads: int, head_dim: int) -> None:
+        """ValueError naming ``kv_cache`` when the cache holds another batch size or other heads
+        than keys of ``batch`` sequences and ``kv_heads`` heads of ``head_dim`` (a cache filled
+        by another batch, or by a block with other KV heads)."""
         if self.key is not None:
             cached = (self.key.shape[0], *self.key.shape[2:])
-            given = (key.shape[0], *key.shape[2:])
+            given = (batch, kv_heads, head_dim)
             if cached != given:
                 raise ValueError(
                     "kv_cache holds keys of batch size {}, {} KV heads of {} features; this "
                     "forward has batch size {}, {} KV heads of {} (use one KVCache per layer "
                     "and sequence batch)".format(*cached, *given)
                 )
+
+    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``key``/``value`` ``[B, T_new, kv, hd]`` (:meth:`check`: they must fit); return
+        everything cached."""
+        self.check(key.shape[0], *key.shape[2:])
         if self.key is None:
             self.key, self.value = key, value
         else:
@@ -222,8 +227,11 @@ class MoA(ModularBlock, nn.Module):
         batch, length, _ = x.shape
         if kv_cache is not None and not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache must be a KVCache or None, got {type(kv_cache).__name__}")
-        past = kv_cache.length if kv_cache is not None else 0
         kv_heads, head_dim, top_k = self.num_kv_heads, self.head_dim, self.top_k
+        past = 0
+        if kv_cache is not None:  # (checked before the router counts anything)
+            kv_cache.check(batch, kv_heads, head_dim)
+            past = kv_cache.length
 
         if attention_mask is not None:
             attention_mask = check_keep_mask(

@@ -357,11 +357,16 @@ def test_moa_errors_name_the_argument():
         moa(x, position_ids=torch.arange(3.0))
     cache = KVCache()
     moa(x, kv_cache=cache)
+    load = moa.router.last_tokens_per_expert.clone()
     with pytest.raises(ValueError, match="kv_cache holds keys of batch size 2"):
         moa(torch.randn(3, 1, D), kv_cache=cache)
     other = MoA(D, 4, 2, head_dim=2, num_kv_heads=3)
+    other_load = other.router.last_tokens_per_expert.clone()
     with pytest.raises(ValueError, match="kv_cache holds keys of batch size 2, 2 KV heads"):
         other(torch.randn(2, 1, D), kv_cache=cache)
+    # refused before the router counted the tokens of the forward that failed
+    assert torch.equal(moa.router.last_tokens_per_expert, load)
+    assert torch.equal(other.router.last_tokens_per_expert, other_load)
     with pytest.raises(
         ValueError, match=r"attention_mask values must lie in \[0, 2\), got .*\[0, 2\]"
     ):
