@@ -255,17 +255,31 @@ def _tuned(kernel: str, dtype: torch.dtype):
     return TUNED[kernel + "_fp32" if dtype == torch.float32 else kernel]
 
 
-def _narrow_columns(t: Tensor) -> Tensor:
+def _narrow_columns(t: Tensor, name: str) -> Tensor:
     """``t``, or a contiguous copy of it where an element offset along the dimensions after the
     first passes 2**31: the kernels address rows and experts in int64 but columns in int32
-    (cheaper, and enough for any contiguous operand); a transposed ``x`` of 2**31 elements or a
-    permuted ``[out, E, in]`` weight are rare enough to be copied."""
-    extent = sum(
+    (cheaper, and enough for any operand whose rows, or experts, are below 2**31 elements); a
+    transposed ``x`` of 2**31 elements or a permuted ``[out, E, in]`` weight are rare enough to
+    be copied. An expert of more than 2**31 elements (8 GiB in bf16) is a ValueError naming
+    ``name``."""
+    if _column_extent(t) < 2**31:
+        return t
+    t = t.contiguous()
+    if _column_extent(t) >= 2**31:
+        raise ValueError(
+            f"{name}: rows of {t[0].numel():,} elements, beyond the Triton kernels' int32 "
+            "column offsets (2**31 - 1 at most); use backend='torch'"
+        )
+    return t
+
+
+def _column_extent(t: Tensor) -> int:
+    """The largest element offset within one row (one expert) of ``t``."""
+    return sum(
         (size - 1) * stride
         for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True)
         if size
     )
-    return t.contiguous() if extent >= 2**31 else t
 
 
 def _rows_bucket(num_rows: int, num_experts: int) -> int:
@@ -313,7 +327,7 @@ def gather_gemm(
     TOKEN output: the kernel writes each assignment's gated row in fp32, then a token's k rows
     are summed and rounded once to x's dtype."""
     del sorted_experts
-    x, weight = _narrow_columns(x), _narrow_columns(weight)
+    x, weight = _narrow_columns(x, "x"), _narrow_columns(weight, "weight")
     num_rows = sorted_indices.shape[0]
     num_experts, num_out, num_in = weight.shape
     token_output = y_layout == RowLayout.TOKEN
@@ -354,7 +368,7 @@ def weight_grad(
     y_layout: int,
 ) -> Tensor:
     """Same contract as :func:`torch_backend.weight_grad`."""
-    x, dy = _narrow_columns(x), _narrow_columns(dy)
+    x, dy = _narrow_columns(x, "x"), _narrow_columns(dy, "grad_output")
     num_rows = sorted_indices.shape[0]
     num_out, num_in = dy.shape[1], x.shape[1]
     dw = torch.zeros(num_experts, num_out, num_in, device=x.device, dtype=torch.float32)

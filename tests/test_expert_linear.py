@@ -747,3 +747,18 @@ def test_added_sums_equal_the_slot_order_sums_to_the_bit_for_k_up_to_2(
         results.append([out] + [t.grad for t in inputs.values() if t is not None])
     for added, placed in zip(*results, strict=True):
         assert torch.equal(added, placed)
+
+
+def test_triton_operands_past_int32_column_offsets_are_copied_or_refused():
+    """The Triton kernels address columns in int32: an operand whose offsets within a row pass
+    2**31 only through its strides is made contiguous; an expert of more than 2**31 elements,
+    which no copy narrows, is a ValueError naming the operand (the offsets would wrap around).
+    Shapes only: meta tensors, nothing allocated."""
+    wide = torch.empty(65536, 32769, device="meta").t()  # x [32769, 65536], transposed
+    assert not wide.is_contiguous()
+    assert triton_backend._narrow_columns(wide, "x").is_contiguous()
+    fits = torch.empty(2, 65536, 32768, device="meta", dtype=torch.bfloat16)
+    assert triton_backend._narrow_columns(fits, "weight") is fits  # offsets up to 2**31 - 1
+    huge = torch.empty(2, 65537, 32768, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"weight: rows of 2,147,516,416 elements"):
+        triton_backend._narrow_columns(huge, "weight")
