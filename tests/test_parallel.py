@@ -226,10 +226,13 @@ def test_expert_parallel_rejects_unknown_balance():
         ExpertParallel(balance="per-expert")
 
 
-def test_ep_bench_runs_the_plain_block_and_each_ep_size():
+def test_ep_bench_runs_the_plain_block_and_each_ep_size(tmp_path):
     """``run_ep`` (what ``moe-blocks bench --suite ep`` runs): the plain block, then one spawn
     per EP size, whose measured exchange volume is the arithmetic one; tokens that an EP size
-    does not divide are refused before anything runs."""
+    does not divide are refused before anything runs; the command's JSON holds every row
+    (writing it raised AttributeError after the table was printed)."""
+    import json
+
     from moe_blocks.models import bench
 
     with pytest.raises(ValueError, match="divisible"):
@@ -243,3 +246,7 @@ def test_ep_bench_runs_the_plain_block_and_each_ep_size():
     assert parallel.expected_bytes == 2 * 16 * 2 * bench.TINY_SHAPES["jetmoe-8b"][0] * 4
     table = bench.format_ep_table(results).splitlines()
     assert len(table) == 4 and table[3].split()[4] == "2"
+    (written,) = bench.write_results(results, "ep", tmp_path)
+    rows = json.loads(written.read_text())
+    assert [row["ep"] for row in rows] == [0, 2]
+    assert rows[1]["forward_bytes"] == parallel.expected_bytes

@@ -87,9 +87,12 @@ def plot(results: list[Result], path) -> None:
     plt.close(figure)
 
 
-def to_json(results: list[Result]) -> list[dict]:
-    """The results as dicts: their fields and ``memory_measure``."""
-    return [asdict(r) | {"memory_measure": r.memory_measure} for r in results]
+def to_json(results: list[Result] | list[EPResult]) -> list[dict]:
+    """The results as dicts: their fields, and a block suite's ``memory_measure``."""
+    return [
+        asdict(r) | ({"memory_measure": r.memory_measure} if isinstance(r, Result) else {})
+        for r in results
+    ]
 
 
 def format_ep_table(results: list[EPResult]) -> str:
