@@ -175,10 +175,12 @@ class MoEMLP(ModularBlock, nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initialise the whole block: router, experts and shared experts (as ``nn.Linear``),
-        bias 0 (e.g. after
-        building on the meta device and ``to_empty``)."""
+        an ``activation`` module that has ``reset_parameters`` (``nn.PReLU``; ``nn.GELU`` has
+        nothing to reset), bias 0 (e.g. after building on the meta device and ``to_empty``)."""
         for module in self.children():
-            module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if reset is not None:
+                reset()
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from moe_blocks import MoA, MoEMLP, ParallelExperts, TopKRouter, router_stats
 
@@ -164,6 +165,20 @@ def test_reset_parameters_after_a_meta_build_and_to_empty(kind):
         assert torch.equal(buffer, torch.zeros_like(buffer)), name
     out = block(torch.randn(shape))
     assert torch.isfinite(out.logits if kind == "TopKRouter" else out).all()
+
+
+def test_reset_parameters_with_an_activation_module():
+    """An activation given as a module is a child of the block: one without parameters
+    (``nn.GELU``) is left alone (it raised AttributeError), one with them (``nn.PReLU``) is
+    re-initialised too."""
+    for activation, parameters in ((nn.GELU(), 0), (nn.PReLU(), 1)):
+        block = MoEMLP(8, 6, 4, 2, activation=activation)
+        for tensor in block.parameters():
+            tensor.data.fill_(math.nan)
+        block.reset_parameters()
+        assert all(torch.isfinite(p).all() for p in block.parameters())
+        assert len(list(activation.parameters())) == parameters
+        assert torch.isfinite(block(torch.randn(5, 8))).all()
 
 
 def test_router_stats_aux_loss_is_weighted_like_the_gradient_and_names_survive_compile():
