@@ -310,17 +310,22 @@ def attach_aux_loss(output: Tensor, aux_loss: Tensor) -> Tensor:
     modifying in place; so attach the loss to a tensor inside the block that every backward
     pass through its output reaches (MoEMLP and MoA attach it to their gates), not to the
     output callers receive and may modify (``y += x``)."""
+    return _attach(output, aux_loss, _aux_loss_scale)
+
+
+def _attach(output: Tensor, aux_loss: Tensor, scale: float | Tensor | None) -> Tensor:
+    """:func:`attach_aux_loss` at ``scale`` (None: no :func:`aux_loss_scale` context, 1)."""
     if not (torch.is_grad_enabled() and aux_loss.requires_grad):
         return output
     device = output.device.type
     unscaled_fp16 = (
-        _aux_loss_scale is None
+        scale is None
         and torch.amp.is_autocast_available(device)
         and torch.is_autocast_enabled(device)
         and torch.get_autocast_dtype(device) == torch.float16
     )
-    scale = 1.0 if _aux_loss_scale is None else _aux_loss_scale
-    return _AddAuxLossGradient.apply(output, aux_loss * scale, unscaled_fp16)
+    factor = 1.0 if scale is None else scale
+    return _AddAuxLossGradient.apply(output, aux_loss * factor, unscaled_fp16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,10 +378,18 @@ class _RequireCollected(torch.autograd.Function):
 
 def route_aux_loss(block, gates: Tensor, aux_loss: Tensor) -> Tensor:
     """What a block does with its router's ``aux_loss`` in forward, by ``block.aux_loss_mode``:
-    ``"attach"``: :func:`attach_aux_loss` to the gates; ``"collect"``: keep it for
+    ``"attach"``: :func:`attach_aux_loss` to the gates, at the :func:`aux_loss_scale` of the
+    block's forward (reentrant activation checkpointing runs it again in backward, where that
+    context has usually closed: the recomputed forward, whose graph the backward then takes,
+    attaches at the scale the first one saw); ``"collect"``: keep it for
     :func:`collect_aux_loss` (and return gates whose backward checks that it was collected)."""
     if block.aux_loss_mode == "attach":
-        return attach_aux_loss(gates, aux_loss)
+        scale = _aux_loss_scale
+        if recomputing():
+            scale = getattr(block, "_aux_loss_scale_seen", scale)
+        elif not torch.compiler.is_compiling():  # (compiled: never recomputing, see there)
+            block._aux_loss_scale_seen = scale
+        return _attach(gates, aux_loss, scale)
     if recomputing():  # the first forward's loss is the one that was collected
         return gates
     record = _AuxLossRecord(aux_loss)

@@ -76,6 +76,27 @@ def test_gradient_accumulation_equals_adding_the_aux_loss(kind, micro_batches):
     _assert_grads_equal(accumulated, _grads(one_pass))
 
 
+@pytest.mark.parametrize("kind", BLOCKS)
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_accumulation_under_activation_checkpointing_equals_adding_the_aux_loss(kind, reentrant):
+    """As above, each micro-batch's forward through torch.utils.checkpoint, the scale's context
+    closed before backward (as the docs' loop has it): reentrant checkpointing runs the block's
+    forward again in backward, outside the context, and attached the aux loss at scale 1 (n
+    times too much), silently."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    block = BLOCKS[kind]()
+    batches = [torch.randn(1, 6, 12) for _ in range(3)]
+    targets = [torch.randn(1, 6, 12) for _ in range(3)]
+    for x_micro, target in zip(batches, targets, strict=True):
+        x_micro = x_micro.requires_grad_(reentrant)  # reentrant needs an input that does
+        with aux_loss_scale(1 / 3):
+            out = checkpoint(block, x_micro, use_reentrant=reentrant)
+        (_task_loss(out, target) / 3).backward()
+    _assert_grads_equal(_grads(block), _explicit_grads(block, batches, targets))
+
+
 def _block_and_plain_run(kind, seed):
     """A block, an input and target, and the gradients of a plain unscaled run of a copy."""
     torch.manual_seed(seed)
