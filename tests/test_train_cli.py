@@ -461,6 +461,16 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     assert message in one_line_error(capsys)
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_an_out_that_is_a_file_is_said_so(resume, tmp_path, capsys):
+    """With --resume too (it said the file's checkpoint/ held no checkpoint)."""
+    out = tmp_path / "a-file"
+    out.write_text("mine\n")
+    assert main(["train", "--out", str(out), *resume, "--quiet"]) == 2
+    assert f"--out {out} is a file, not a folder" in one_line_error(capsys)
+    assert out.read_text() == "mine\n"
+
+
 @pytest.mark.parametrize("flag", ["--data", "--out", "--resume-from"])
 def test_an_empty_path_is_an_error_not_the_current_folder(
     flag, tmp_path, corpus, capsys, monkeypatch, no_training

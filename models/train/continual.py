@@ -32,6 +32,7 @@ from .data import (
     windows,
 )
 from .run_folder import (
+    check_not_a_file,
     checkpoint_folder,
     is_model_folder,
     load_model,
@@ -215,8 +216,7 @@ def new_output_folder(path: str, overwrite: bool) -> Path:
     any work."""
     check_path_given("--out", path, "a folder")
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file, not a folder")
+    check_not_a_file(out)
     if (out / "config.json").exists():
         if not overwrite:
             raise TrainingError(f"--out {out} already holds a model: choose another or --overwrite")

@@ -548,14 +548,19 @@ def restore_optimizer(directory: Path, model, optimizer) -> None:
         optimizer.state[params[name]][state_key] = value.to(param.device, copy=True)
 
 
+def check_not_a_file(out: Path) -> None:
+    """TrainingError naming ``--out`` when ``out`` is a file: a folder (or nothing) it must be."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a folder")
+
+
 def check_output(settings: TrainSettings, *, resume: bool, overwrite: bool) -> TrainerState | None:
     """Refuse an ``out`` that would fail after training or lose a run; with ``resume``, return
     the checkpoint's trainer state once it agrees with ``settings``."""
     out = Path(settings.out)
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite exclude each other: continue or replace")
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file, not a folder")
+    check_not_a_file(out)
     if not resume:
         found = [name for name in RUN_FILES if (out / name).exists()]
         found += [path.name for path in kept_checkpoints(out / "checkpoint")]
@@ -593,6 +598,7 @@ def resumed_settings(out: str, given: dict) -> TrainSettings:
     """The settings of the run in ``out`` (its checkpoint's) with ``given`` (the options on
     the command line) in place of theirs; :func:`train` refuses a given one that changes the
     data or the model."""
+    check_not_a_file(Path(out))
     checkpoint = Path(out) / "checkpoint"
     try:
         state = load_trainer_state(published(checkpoint))
