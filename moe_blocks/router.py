@@ -349,10 +349,10 @@ def _log_prior(prior: Tensor) -> Tensor:
 
 def named_modules_of(model: nn.Module, kind: type | tuple[type, ...]) -> dict[str, nn.Module]:
     """Every module of type ``kind`` in ``model`` (itself included, under the name ``""``) in
-    module order, by its name in ``model.named_modules()`` without the ``_orig_mod.`` that
-    ``torch.compile`` adds."""
+    module order, by its name in ``model.named_modules()`` without the ``_orig_mod`` parts that
+    ``torch.compile`` adds (a compiled router itself: ``""`` as in eager)."""
     return {
-        name.replace("_orig_mod.", ""): module
+        ".".join(part for part in name.split(".") if part != "_orig_mod"): module
         for name, module in model.named_modules()
         if isinstance(module, kind)
     }

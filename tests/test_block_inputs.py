@@ -201,3 +201,6 @@ def test_router_stats_aux_loss_is_weighted_like_the_gradient_and_names_survive_c
     compiled(x)
     names = router_stats(torch.nn.ModuleDict({"a": compiled}))["tokens_per_expert"]
     assert list(names) == ["a.router"]
+    router = TopKRouter(8, 4, 2)  # compiled itself: its name is "" as in eager ("_orig_mod")
+    assert list(router_stats(torch.compile(router, backend="eager"))["tokens_per_expert"]) == [""]
+    assert list(router_stats(router)["tokens_per_expert"]) == [""]
