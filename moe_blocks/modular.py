@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 
@@ -92,7 +93,8 @@ def add_experts(
 
     The block's weights, gate and prior become new ``nn.Parameter`` objects: rebuild any
     optimiser that holds the old ones. Raises ValueError (naming the argument) and leaves the
-    block unchanged on a bad argument.
+    block unchanged on a bad argument. Warns when the router's balance loss is not the Switch
+    loss, or its ``aux_loss_coef`` is 0: nothing then opens the new experts.
     """
     router = _check_block(block)
     check_positive_int("n", n)
@@ -119,6 +121,15 @@ def add_experts(
             new = torch.randn((n, *tensor.shape[1:]), device=tensor.device) * std
         return torch.cat((tensor.detach(), new.to(tensor.dtype)))
 
+    if router.balance_loss != "switch" or router.aux_loss_coef == 0:
+        warnings.warn(
+            f"add_experts: the new experts enter closed (prior 0) and only the Switch balance "
+            f"loss's gradient opens them; this router has balance_loss={router.balance_loss!r}, "
+            f"aux_loss_coef={router.aux_loss_coef}: they will stay closed. Train them with "
+            f"router.balance_loss = 'switch' and aux_loss_coef > 0",
+            UserWarning,
+            stacklevel=2,
+        )
     prior = _prior(router)
     closed = torch.zeros(n, device=prior.device, dtype=prior.dtype)
     _replace(

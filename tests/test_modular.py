@@ -742,3 +742,24 @@ def test_freezing_follows_a_replaced_weight_and_lets_the_old_one_go():
     grad = block.input_linear.weight.grad
     assert not grad[0].any() and grad[1:].any()
     frozen.remove()
+
+
+@pytest.mark.parametrize(
+    "balance_loss, coef, warns",
+    [("switch", 0.01, False), ("switch", 0.0, True), ("mutual_information", 0.01, True),
+     ("load_concentration", 0.01, True), ("none", 0.01, True)],
+)  # fmt: skip
+def test_adding_experts_that_nothing_will_open_warns(balance_loss, coef, warns):
+    """Only the Switch loss's gradient opens closed experts: with another balance loss, or none
+    weighted, add_experts says they will stay closed (the output is unchanged either way)."""
+    import warnings
+
+    block = MoEMLP(8, 6, 4, 2, balance_loss=balance_loss, aux_loss_coef=coef)
+    x = torch.randn(5, 8)
+    before = block(x).detach()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_experts(block, 2)
+    said = [str(w.message) for w in caught if "stay closed" in str(w.message)]
+    assert len(said) == int(warns) and (not warns or balance_loss in said[0])
+    assert torch.equal(block(x), before)
