@@ -264,17 +264,17 @@ def _narrow_columns(t: Tensor, name: str) -> Tensor:
     ``name``."""
     if _column_extent(t) < 2**31:
         return t
-    t = t.contiguous()
-    if _column_extent(t) >= 2**31:
+    if t[0].numel() > 2**31:  # (decided before copying: the copy would not narrow it)
         raise ValueError(
             f"{name}: rows of {t[0].numel():,} elements, beyond the Triton kernels' int32 "
             "column offsets (2**31 - 1 at most); use backend='torch'"
         )
-    return t
+    return t.contiguous()
 
 
 def _column_extent(t: Tensor) -> int:
-    """The largest element offset within one row (one expert) of ``t``."""
+    """The largest element offset within one row (one expert) of ``t``: ``t[0].numel() - 1``
+    when contiguous."""
     return sum(
         (size - 1) * stride
         for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True)

@@ -379,16 +379,17 @@ class _RequireCollected(torch.autograd.Function):
 def route_aux_loss(block, gates: Tensor, aux_loss: Tensor) -> Tensor:
     """What a block does with its router's ``aux_loss`` in forward, by ``block.aux_loss_mode``:
     ``"attach"``: :func:`attach_aux_loss` to the gates, at the :func:`aux_loss_scale` of the
-    block's forward (reentrant activation checkpointing runs it again in backward, where that
-    context has usually closed: the recomputed forward, whose graph the backward then takes,
-    attaches at the scale the first one saw); ``"collect"``: keep it for
+    block's forward. Reentrant activation checkpointing runs that forward again in backward,
+    where the context has usually closed: the recomputed forward, whose graph the backward
+    then takes, attaches at the scale of the block's last training-mode forward (eager only:
+    a compiled block reads the context when it runs); ``"collect"``: keep it for
     :func:`collect_aux_loss` (and return gates whose backward checks that it was collected)."""
     if block.aux_loss_mode == "attach":
         scale = _aux_loss_scale
         if recomputing():
             scale = getattr(block, "_aux_loss_scale_seen", scale)
-        elif not torch.compiler.is_compiling():  # (compiled: never recomputing, see there)
-            block._aux_loss_scale_seen = scale
+        elif block.training and not torch.compiler.is_compiling():
+            block._aux_loss_scale_seen = scale  # (an evaluation between keeps it)
         return _attach(gates, aux_loss, scale)
     if recomputing():  # the first forward's loss is the one that was collected
         return gates

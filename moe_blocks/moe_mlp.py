@@ -175,12 +175,19 @@ class MoEMLP(ModularBlock, nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initialise the whole block: router, experts and shared experts (as ``nn.Linear``),
-        an ``activation`` module that has ``reset_parameters`` (``nn.PReLU``; ``nn.GELU`` has
-        nothing to reset), bias 0 (e.g. after building on the meta device and ``to_empty``)."""
-        for module in self.children():
+        an ``activation`` module through its ``reset_parameters`` (``nn.PReLU``; ``nn.GELU``
+        has nothing to reset), bias 0 (e.g. after building on the meta device and
+        ``to_empty``). An activation module with parameters but no ``reset_parameters`` is a
+        TypeError naming it (its parameters would stay what ``to_empty`` left)."""
+        for name, module in self.named_children():
             reset = getattr(module, "reset_parameters", None)
             if reset is not None:
                 reset()
+            elif any(True for _ in module.parameters()):
+                raise TypeError(
+                    f"{name} ({type(module).__name__}) has parameters but no reset_parameters: "
+                    "give it one, or re-initialise its parameters yourself"
+                )
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 

@@ -78,11 +78,15 @@ def test_gradient_accumulation_equals_adding_the_aux_loss(kind, micro_batches):
 
 @pytest.mark.parametrize("kind", BLOCKS)
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_accumulation_under_activation_checkpointing_equals_adding_the_aux_loss(kind, reentrant):
+@pytest.mark.parametrize("evaluated", [False, True])
+def test_accumulation_under_activation_checkpointing_equals_adding_the_aux_loss(
+    kind, reentrant, evaluated
+):
     """As above, each micro-batch's forward through torch.utils.checkpoint, the scale's context
     closed before backward (as the docs' loop has it): reentrant checkpointing runs the block's
     forward again in backward, outside the context, and attached the aux loss at scale 1 (n
-    times too much), silently."""
+    times too much), silently. With an evaluation forward (eval mode, no grad) between a
+    forward and its backward too."""
     from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(3)
@@ -93,6 +97,11 @@ def test_accumulation_under_activation_checkpointing_equals_adding_the_aux_loss(
         x_micro = x_micro.requires_grad_(reentrant)  # reentrant needs an input that does
         with aux_loss_scale(1 / 3):
             out = checkpoint(block, x_micro, use_reentrant=reentrant)
+        if evaluated:
+            block.eval()
+            with torch.no_grad():
+                block(torch.randn(1, 6, 12))
+            block.train()
         (_task_loss(out, target) / 3).backward()
     _assert_grads_equal(_grads(block), _explicit_grads(block, batches, targets))
 

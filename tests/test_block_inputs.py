@@ -170,7 +170,7 @@ def test_reset_parameters_after_a_meta_build_and_to_empty(kind):
 def test_reset_parameters_with_an_activation_module():
     """An activation given as a module is a child of the block: one without parameters
     (``nn.GELU``) is left alone (it raised AttributeError), one with them (``nn.PReLU``) is
-    re-initialised too."""
+    re-initialised too, and one with parameters it cannot reset is a TypeError naming it."""
     for activation, parameters in ((nn.GELU(), 0), (nn.PReLU(), 1)):
         block = MoEMLP(8, 6, 4, 2, activation=activation)
         for tensor in block.parameters():
@@ -179,6 +179,17 @@ def test_reset_parameters_with_an_activation_module():
         assert all(torch.isfinite(p).all() for p in block.parameters())
         assert len(list(activation.parameters())) == parameters
         assert torch.isfinite(block(torch.randn(5, 8))).all()
+
+    class Swish(nn.Module):  # a learned beta, no reset_parameters
+        def __init__(self):
+            super().__init__()
+            self.beta = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return x * torch.sigmoid(self.beta * x)
+
+    with pytest.raises(TypeError, match=r"activation \(Swish\) has parameters but no reset"):
+        MoEMLP(8, 6, 4, 2, activation=Swish()).reset_parameters()
 
 
 def test_router_stats_aux_loss_is_weighted_like_the_gradient_and_names_survive_compile():

@@ -188,6 +188,31 @@ def test_a_signal_during_the_last_save_in_one_process_waits_for_it(signum, tmp_p
     assert not [p.name for p in run.iterdir() if p.name.endswith((".partial", ".previous"))]
 
 
+def test_a_second_signal_during_the_last_save_interrupts_it(tmp_path, data):
+    """Twice Ctrl-C while the last checkpoint is written: the second interrupts (a save that
+    hangs can be stopped); the last complete checkpoint is kept and --resume ends as an
+    uninterrupted run."""
+    reference = train(_settings(tmp_path / "reference", data, steps=4), progress=False)
+    run = tmp_path / "run"
+    save_file = run_folder.save_file
+    calls = []
+
+    def signalled_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the last save (step 2 saved the first)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return save_file(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_folder, "save_file", signalled_twice)
+        with pytest.raises(KeyboardInterrupt, match="interrupted twice"):
+            train(_settings(run, data, steps=4), progress=False)
+    assert load_trainer_state(run / "checkpoint").step == 2
+    resumed = train(_settings(run, data, steps=4), resume=True, progress=False)
+    assert _losses(resumed.log) == _losses(reference.log)
+
+
 def _interrupting(signum: int, when):
     """An optimizer step post-hook that sends ``signum`` to this process after the update
     ``when(updates)`` names: the signal lands between the weights' update and the step's

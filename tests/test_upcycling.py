@@ -539,22 +539,32 @@ def test_a_dense_config_without_an_moe_equivalent_is_refused_before_any_weight(
 def test_the_upcycle_command_replaces_no_folder_that_holds_other_files(
     dense_checkpoint, tmp_path, capsys
 ):
+    """Writing replaces the whole --out folder: one holding files that are not a model's is
+    refused, with or without --overwrite, a model beside them too (a cloned model repository's
+    README); an empty folder, or one that holds only a model with --overwrite, is written."""
     from moe_blocks.models.cli import main
 
-    out = tmp_path / "notes"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine\n")
     dense = str(dense_checkpoint[1])
-    for extra in ([], ["--overwrite"]):
-        arguments = ["--experts", "4", "--top-k", "2", "--out", str(out), *extra]
-        assert main(["upcycle", dense, *arguments]) == 2
-        error = capsys.readouterr().err
-        assert error.count("\n") == 1 and "holds other files" in error, error
-        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine\n")
+    beside = tmp_path / "beside"
+    dense_checkpoint[0].save_pretrained(beside)
+    (beside / "README.md").write_text("mine\n")
+    capsys.readouterr()
+    for out, kept in ((notes, "notes.txt"), (beside, "README.md")):
+        for extra in ([], ["--overwrite"]) if out == notes else (["--overwrite"],):
+            arguments = ["--experts", "4", "--top-k", "2", "--out", str(out), *extra]
+            assert main(["upcycle", dense, *arguments]) == 2
+            error = capsys.readouterr().err
+            assert error.count("\n") == 1 and f"holds {kept}, not a model's files" in error
+            assert (out / kept).read_text() == "mine\n"
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["upcycle", dense, "--experts", "4", "--top-k", "2", "--out", str(empty)]) == 0
-    assert (empty / "config.json").is_file()
+    for extra in ([], ["--overwrite"]):
+        arguments = ["--experts", "4", "--top-k", "2", "--out", str(empty), *extra]
+        assert main(["upcycle", dense, *arguments]) == 0
+        assert (empty / "config.json").is_file()
 
 
 def test_upcycling_registers_the_moe_blocks_experts_implementation(tmp_path):

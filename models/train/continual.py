@@ -31,7 +31,9 @@ from .data import (
     validation_starts,
     windows,
 )
+from .lora import ADAPTER_CONFIG
 from .run_folder import (
+    EXPORT_FILE,
     check_not_a_file,
     checkpoint_folder,
     is_model_folder,
@@ -48,7 +50,7 @@ from .settings import (
     is_int,
     message_lines,
 )
-from .tokens import check_vocabulary, copy_tokenizer_files, load_tokenizer
+from .tokens import TOKENIZER_FILES, check_vocabulary, copy_tokenizer_files, load_tokenizer
 
 
 def starting_model(settings: TrainSettings, origin: Origin | None) -> JetMoEForCausalLM:
@@ -94,7 +96,10 @@ def previous_data(checkpoint: Path) -> tuple[bool, str | None]:
     if extension is not None and "previous_data" in extension:
         return True, extension["previous_data"]
     state = checkpoint
-    if checkpoint.name == "model" and not (checkpoint / "trainer_state.json").is_file():
+    if (
+        checkpoint.name in ("model", "model.previous")
+        and not (checkpoint / "trainer_state.json").is_file()
+    ):
         state = checkpoint.parent / "checkpoint"  # a torchrun or LoRA run's export: its run's
     if (state / "trainer_state.json").is_file():
         return True, load_trainer_state(state).settings.data
@@ -212,20 +217,42 @@ def validate(
 
 def new_output_folder(path: str, overwrite: bool) -> Path:
     """``--out`` as a Path, refused if it is a file, already holds a model (unless
-    ``overwrite``), or holds anything else (writing replaces the whole folder); checked before
-    any work."""
+    ``overwrite``), or holds files that are not a model's (writing replaces the whole folder,
+    :func:`write_checkpoint`); checked before any work."""
     check_path_given("--out", path, "a folder")
     out = Path(path)
     check_not_a_file(out)
-    if (out / "config.json").exists():
-        if not overwrite:
-            raise TrainingError(f"--out {out} already holds a model: choose another or --overwrite")
-    elif out.is_dir() and any(out.iterdir()):
+    if not out.is_dir():
+        return out
+    if is_model_folder(out) and not overwrite:
+        raise TrainingError(f"--out {out} already holds a model: choose another or --overwrite")
+    others = sorted(p.name for p in out.iterdir() if not _model_file(p))
+    if others:
         raise TrainingError(
-            f"--out {out} is a folder that holds other files, not a model: writing would "
-            f"replace them; choose a new or empty folder"
+            f"--out {out} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, "
+            "not a model's files: writing replaces the whole folder; choose a new or empty one"
         )
     return out
+
+
+def _model_file(path: Path) -> bool:
+    """Whether ``path`` is a file that the model folders written here hold (weights, configs,
+    tokenizer files, the records of extend, prune, upcycle and a run's export)."""
+    name = path.name
+    return path.is_file() and (
+        name.endswith((".safetensors", ".safetensors.index.json"))
+        or name
+        in {
+            "config.json",
+            "generation_config.json",
+            ADAPTER_CONFIG,
+            EXPORT_FILE,
+            EXTENSION_FILE,
+            "prune.json",
+            UPCYCLE_FILE,
+            *TOKENIZER_FILES,
+        }  # fmt: skip
+    )
 
 
 def validation_windows(data: str | None, seq_len: int, tokenizer) -> list[torch.Tensor]:

@@ -71,17 +71,22 @@ class StopRequest:
     """While entered, SIGINT and SIGTERM set ``requested`` instead of interrupting. A torchrun
     rank's whole run: the training loop stops after the step in which any rank saw one (ranks
     agree through the per-step all-reduce), so every rank saves the same step. Every run's
-    end (its last checkpoint, export and log): a signal then waits for them to be written,
-    in one process as under torchrun. (Only the main thread can take signals; elsewhere
-    nothing changes.)"""
+    end (its last checkpoint, export and log; ``second_interrupts``): the first signal waits
+    for them to be written, in one process as under torchrun, and a second one interrupts
+    (KeyboardInterrupt: a save that hangs can still be stopped; the writer leaves the last
+    complete checkpoint). (Only the main thread can take signals; elsewhere nothing
+    changes.)"""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, *, second_interrupts: bool = False) -> None:
         self.requested = False
+        self.second_interrupts = second_interrupts
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        if self.requested and self.second_interrupts:
+            raise KeyboardInterrupt("interrupted twice while the run's end was written")
         self.requested = True
 
     def __enter__(self) -> StopRequest:
@@ -90,8 +95,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in self._previous.items():  # (None: a handler not set from Python)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._previous = {}
 
 
@@ -250,9 +255,14 @@ def _write_run_log(out: Path, log: list[dict], step: int) -> None:
     how to write them again when the disk refuses."""
     partial = out / "log.json.partial"
     try:
-        report.plot_run(log, out / "training.png")
-        partial.write_text(json.dumps(log) + "\n")
-        os.replace(partial, out / "log.json")
+        try:
+            report.plot_run(log, out / "training.png")
+        except OSError:
+            raise
+        except Exception:  # a plot that fails otherwise loses no log (the error propagates)
+            _replace_file(partial, out / "log.json", json.dumps(log) + "\n")
+            raise
+        _replace_file(partial, out / "log.json", json.dumps(log) + "\n")
     except OSError as error:
         partial.unlink(missing_ok=True)
         raise TrainingError(
@@ -260,6 +270,12 @@ def _write_run_log(out: Path, log: list[dict], step: int) -> None:
             f"the checkpoint of step {step} is complete: free space, then moe-blocks train "
             f"--out {out} --resume --steps {step} writes them"
         ) from None
+
+
+def _replace_file(partial: Path, path: Path, text: str) -> None:
+    """Write ``text`` to ``partial``, then rename it over ``path`` (one step)."""
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 @dataclass
@@ -422,14 +438,15 @@ def run_training(
             model, optimizer, settings, corpus, log, start_step, steps,
             progress=progress and processes.main, decay=decay,
         )  # fmt: skip
-    if frozen is not None:
-        frozen.remove()  # the model is not used here after training
-    with StopRequest() as late:  # SIGINT/SIGTERM now: the run ends once all is written
-        save(step)
-        processes.finish(model, out, step, settings.tokenizer)
-        if lora is not None:
-            export_lora(lora, out, settings, step)
-        if processes.main:
-            _write_run_log(out, log, step)
+        # SIGINT/SIGTERM from here: the run ends once all is written (a second: at once)
+        with StopRequest(second_interrupts=True) as late:
+            if frozen is not None:
+                frozen.remove()  # the model is not used here after training
+            save(step)
+            processes.finish(model, out, step, settings.tokenizer)
+            if lora is not None:
+                export_lora(lora, out, settings, step)
+            if processes.main:
+                _write_run_log(out, log, step)
     interrupted = interrupted or late.requested
     return TrainResult(out, log, interrupted, processes.main, processes.sharded)

@@ -419,6 +419,8 @@ def _settings_from_json(saved: dict, state_file: Path) -> TrainSettings:
                 f"{state_file}: setting {name} is {value!r}, not "
                 f"{TrainSettings.__annotations__[name]}"
             )
+    if saved.get("lora_targets") == "":  # written before "" was refused: it meant both
+        saved = saved | {"lora_targets": None}
     settings = TrainSettings(**saved)
     try:
         settings.check()

@@ -44,7 +44,7 @@ def load_tokenizer(spec: str | None, checkpoint: Path | None):
     folder = Path(spec) if spec is not None else checkpoint
     if folder is None or (spec is None and not has_tokenizer(folder)):
         return None
-    flag = "--tokenizer" if spec is not None else f"the tokenizer beside the model ({folder})"
+    flag = "--tokenizer" if spec is not None else "the tokenizer beside the model in"
     if not folder.is_dir() or not has_tokenizer(folder):
         raise TrainingError(f"{flag} {folder}: no transformers tokenizer there (tokenizer.json "
                             "or tokenizer_config.json); or give --tokenizer bytes")  # fmt: skip
