@@ -37,6 +37,7 @@ from .continual import starting_model
 from .loop import StopRequest
 from .run_folder import (
     CHECKPOINT_FORMAT,
+    RESUME_ADVICE,
     check_shards_readable,
     is_sharded_checkpoint,
     write_checkpoint,
@@ -145,12 +146,12 @@ def _check_shard_files(checkpoint: Path) -> None:
     """TrainingError (for ``--resume``) naming the file, unless ``checkpoint``'s ``.metadata``
     reads and every shard file it names is there with as many bytes as it says: what DCP would
     otherwise fail on with every rank's traceback."""
-    damaged = "restore the folder, or start over with --overwrite"
     try:
         metadata = dcp.FileSystemReader(checkpoint).read_metadata()
     except Exception as error:
         raise TrainingError(
-            f"--resume: {checkpoint / '.metadata'} is damaged ({_last_line(error)}): {damaged}"
+            f"--resume: {checkpoint / '.metadata'} is damaged ({_last_line(error)}); "
+            + RESUME_ADVICE
         ) from None
     ends: dict[str, int] = {}
     for item in metadata.storage_data.values():
@@ -159,11 +160,11 @@ def _check_shard_files(checkpoint: Path) -> None:
     for name, end in sorted(ends.items()):
         shard = checkpoint / name
         if not shard.is_file():
-            raise TrainingError(f"--resume: {shard} is missing: {damaged}")
+            raise TrainingError(f"--resume: {shard} is missing; {RESUME_ADVICE}")
         size = shard.stat().st_size
         if size < end:
             raise TrainingError(
-                f"--resume: {shard} is cut short ({size:,} of {end:,} bytes): {damaged}"
+                f"--resume: {shard} is cut short ({size:,} of {end:,} bytes); {RESUME_ADVICE}"
             )
 
 
@@ -269,8 +270,8 @@ class Ranks:
         except (Exception, CheckpointException) as error:  # DCP's is a BaseException
             reason = _last_line(error)
             raise TrainingError(
-                f"--resume: {checkpoint} is damaged, a shard cannot be read ({reason}): "
-                "restore the folder, or start over with --overwrite"
+                f"--resume: {checkpoint} is damaged, a shard cannot be read ({reason}); "
+                + RESUME_ADVICE
             ) from None
 
     def describe(self) -> str:
